@@ -1,0 +1,100 @@
+//! A bounded cache of verified tokens, keyed by SHA-256 of the token.
+//!
+//! It only saves the parse and the signature check: every time and rule check still runs on a
+//! hit, and an entry is dropped once its token expires, so the cache never changes a decision.
+
+use std::collections::{HashMap, VecDeque};
+
+pub struct TokenCache<V> {
+    cap: usize,
+    map: HashMap<[u8; 32], (V, u64)>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl<V: Clone> TokenCache<V> {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The entry for `key`, unless it is missing or expired (`now >= deadline`).
+    pub fn get(&mut self, key: &[u8; 32], now: u64) -> Option<V> {
+        match self.map.get(key) {
+            Some((v, deadline)) if now < *deadline => Some(v.clone()),
+            Some(_) => {
+                self.map.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Insert `value`, valid until `deadline`. When full, expired entries go first, then the
+    /// oldest.
+    pub fn insert(&mut self, key: [u8; 32], value: V, deadline: u64, now: u64) {
+        if self.cap == 0 || now >= deadline {
+            return;
+        }
+        if self.map.len() >= self.cap {
+            self.map.retain(|_, (_, d)| now < *d);
+            let map = &self.map;
+            self.order.retain(|k| map.contains_key(k));
+        }
+        while self.map.len() >= self.cap {
+            match self.order.pop_front() {
+                Some(oldest) => {
+                    self.map.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        if self.map.insert(key, (value, deadline)).is_none() {
+            self.order.push_back(key);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_and_expiring() {
+        let mut c = TokenCache::new(2);
+        c.insert([1; 32], "a", 100, 0);
+        c.insert([2; 32], "b", 50, 0);
+        assert_eq!(c.get(&[1; 32], 10), Some("a"));
+        c.insert([3; 32], "c", 100, 10); // evicts the oldest
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.get(&[1; 32], 10), None);
+        assert_eq!(c.get(&[2; 32], 50), None, "expired at its deadline");
+        c.insert([4; 32], "d", 100, 60); // room after dropping the expired one
+        assert_eq!(c.get(&[3; 32], 60), Some("c"));
+        assert_eq!(c.get(&[4; 32], 60), Some("d"));
+        c.insert([5; 32], "e", 10, 20); // already expired: not stored
+        assert_eq!(c.get(&[5; 32], 0), None);
+    }
+
+    #[test]
+    fn zero_capacity_disables() {
+        let mut c = TokenCache::new(0);
+        c.insert([1; 32], 1, 100, 0);
+        assert!(c.is_empty());
+    }
+}

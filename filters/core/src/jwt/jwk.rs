@@ -1,0 +1,245 @@
+//! JWK / JWKS parsing into verifying keys. Each key carries exactly one algorithm.
+
+use super::Alg;
+use crate::b64url_decode;
+use crate::config::ConfigError;
+use hmac::{Hmac, KeyInit, Mac};
+use rsa::signature::Verifier;
+use serde::Deserialize;
+use sha2::Sha256;
+use std::sync::Arc;
+
+enum Material {
+    Rs256(rsa::pkcs1v15::VerifyingKey<Sha256>),
+    Ps256(rsa::pss::VerifyingKey<Sha256>),
+    Es256(p256::ecdsa::VerifyingKey),
+    EdDsa(ed25519_compact::PublicKey),
+    Hs256(Vec<u8>),
+}
+
+/// One public key (or HS256 secret) with its `kid` and the one algorithm it verifies.
+pub struct VerifyingKey {
+    pub kid: Option<String>,
+    pub alg: Alg,
+    material: Material,
+}
+
+impl std::fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyingKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VerifyingKey {
+    /// Check `signature` over `signing_input` (the ASCII `header.payload`).
+    pub fn verify(&self, signing_input: &[u8], signature: &[u8]) -> bool {
+        match &self.material {
+            Material::Rs256(key) => rsa::pkcs1v15::Signature::try_from(signature)
+                .map(|sig| key.verify(signing_input, &sig).is_ok())
+                .unwrap_or(false),
+            Material::Ps256(key) => rsa::pss::Signature::try_from(signature)
+                .map(|sig| key.verify(signing_input, &sig).is_ok())
+                .unwrap_or(false),
+            Material::Es256(key) => p256::ecdsa::Signature::from_slice(signature)
+                .map(|sig| key.verify(signing_input, &sig).is_ok())
+                .unwrap_or(false),
+            Material::EdDsa(key) => ed25519_compact::Signature::from_slice(signature)
+                .map(|sig| key.verify(signing_input, &sig).is_ok())
+                .unwrap_or(false),
+            Material::Hs256(secret) => match <Hmac<Sha256> as KeyInit>::new_from_slice(secret) {
+                Ok(mut mac) => {
+                    mac.update(signing_input);
+                    mac.verify_slice(signature).is_ok()
+                }
+                Err(_) => false,
+            },
+        }
+    }
+
+    /// An HS256 secret, only ever from explicit configuration (never from a JWKS).
+    pub fn hs256(kid: Option<String>, secret: Vec<u8>) -> Result<Self, ConfigError> {
+        if secret.len() < 32 {
+            return Err(ConfigError::new(
+                "secret_base64url",
+                "an HS256 secret must be at least 32 bytes",
+            ));
+        }
+        Ok(Self {
+            kid,
+            alg: Alg::Hs256,
+            material: Material::Hs256(secret),
+        })
+    }
+
+    /// Parse one JWK. Errors name the field within the key.
+    pub fn from_jwk(value: &serde_json::Value) -> Result<Self, ConfigError> {
+        let jwk: Jwk = serde_json::from_value(value.clone())
+            .map_err(|e| ConfigError::new("", format!("not a JWK: {e}")))?;
+        if let Some(u) = jwk.use_.as_deref() {
+            if u != "sig" {
+                return Err(ConfigError::new(
+                    "use",
+                    format!("`{u}` keys do not verify signatures"),
+                ));
+            }
+        }
+        let declared = match jwk.alg.as_deref() {
+            None => None,
+            Some(name) => Some(Alg::from_name(name).ok_or_else(|| {
+                ConfigError::new("alg", format!("unsupported algorithm `{name}`"))
+            })?),
+        };
+        let field = |name: &'static str, v: &Option<String>| -> Result<Vec<u8>, ConfigError> {
+            let s = v
+                .as_deref()
+                .ok_or_else(|| ConfigError::new(name, "missing"))?;
+            b64url_decode(s).ok_or_else(|| ConfigError::new(name, "not base64url"))
+        };
+        let (alg, material) = match jwk.kty.as_str() {
+            "RSA" => {
+                let n = field("n", &jwk.n)?;
+                let e = field("e", &jwk.e)?;
+                let key = rsa::PublicKey::new(
+                    rsa::BoxedUint::from_be_slice_vartime(&n),
+                    rsa::BoxedUint::from_be_slice_vartime(&e),
+                )
+                .map_err(|err| ConfigError::new("n", format!("not a usable RSA key: {err}")))?;
+                match declared.unwrap_or(Alg::Rs256) {
+                    Alg::Rs256 => (Alg::Rs256, Material::Rs256(rsa::pkcs1v15::VerifyingKey::new(key))),
+                    // RFC 7518 3.5: the salt is as long as the hash.
+                    Alg::Ps256 => (
+                        Alg::Ps256,
+                        Material::Ps256(rsa::pss::VerifyingKey::new_with_salt_len(key, 32)),
+                    ),
+                    other => return Err(mismatch(other, "RSA")),
+                }
+            }
+            "EC" => {
+                if jwk.crv.as_deref() != Some("P-256") {
+                    return Err(ConfigError::new("crv", "only P-256 EC keys are supported"));
+                }
+                let x = field("x", &jwk.x)?;
+                let y = field("y", &jwk.y)?;
+                if x.len() != 32 || y.len() != 32 {
+                    return Err(ConfigError::new("x", "P-256 coordinates are 32 bytes"));
+                }
+                let mut sec1 = Vec::with_capacity(65);
+                sec1.push(0x04);
+                sec1.extend_from_slice(&x);
+                sec1.extend_from_slice(&y);
+                let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
+                    .map_err(|_| ConfigError::new("x", "not a point on P-256"))?;
+                match declared.unwrap_or(Alg::Es256) {
+                    Alg::Es256 => (Alg::Es256, Material::Es256(key)),
+                    other => return Err(mismatch(other, "EC")),
+                }
+            }
+            "OKP" => {
+                if jwk.crv.as_deref() != Some("Ed25519") {
+                    return Err(ConfigError::new("crv", "only Ed25519 OKP keys are supported"));
+                }
+                let x = field("x", &jwk.x)?;
+                let key = ed25519_compact::PublicKey::from_slice(&x)
+                    .map_err(|_| ConfigError::new("x", "not an Ed25519 public key"))?;
+                match declared.unwrap_or(Alg::EdDsa) {
+                    Alg::EdDsa => (Alg::EdDsa, Material::EdDsa(key)),
+                    other => return Err(mismatch(other, "OKP")),
+                }
+            }
+            "oct" => {
+                return Err(ConfigError::new(
+                    "kty",
+                    "symmetric (oct) keys are not accepted in a JWKS; configure hs256_secrets explicitly",
+                ))
+            }
+            other => return Err(ConfigError::new("kty", format!("unsupported key type `{other}`"))),
+        };
+        Ok(Self {
+            kid: jwk.kid,
+            alg,
+            material,
+        })
+    }
+}
+
+fn mismatch(alg: Alg, kty: &str) -> ConfigError {
+    ConfigError::new("alg", format!("`{}` does not fit a {kty} key", alg.name()))
+}
+
+#[derive(Deserialize)]
+struct Jwk {
+    kty: String,
+    kid: Option<String>,
+    alg: Option<String>,
+    #[serde(rename = "use")]
+    use_: Option<String>,
+    crv: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+    x: Option<String>,
+    y: Option<String>,
+}
+
+/// The keys of one provider. Cheap to clone (keys are shared).
+#[derive(Clone, Debug, Default)]
+pub struct KeySet {
+    keys: Vec<Arc<VerifyingKey>>,
+}
+
+impl KeySet {
+    pub fn new(keys: Vec<VerifyingKey>) -> Self {
+        Self {
+            keys: keys.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn extend(&mut self, other: &KeySet) {
+        self.keys.extend(other.keys.iter().cloned());
+    }
+
+    /// Parse a JWKS (`{"keys": [...]}`). `strict` (inline config): every key must be usable.
+    /// Not strict (a fetched JWKS): unusable keys are skipped and counted, so one exotic key
+    /// in an identity provider's JWKS does not take the others down.
+    pub fn from_jwks(
+        value: &serde_json::Value,
+        strict: bool,
+    ) -> Result<(Self, usize), ConfigError> {
+        let keys = value
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .ok_or_else(|| ConfigError::new("keys", "a JWKS needs a `keys` list"))?;
+        let mut out = Vec::with_capacity(keys.len());
+        let mut skipped = 0;
+        for (i, key) in keys.iter().enumerate() {
+            match VerifyingKey::from_jwk(key) {
+                Ok(k) => out.push(k),
+                Err(e) if strict => return Err(e.within(&format!("keys[{i}]"))),
+                Err(_) => skipped += 1,
+            }
+        }
+        Ok((Self::new(out), skipped))
+    }
+
+    /// The keys a token may be checked against: the one with its `kid`, or, for a token without
+    /// `kid`, every key of the token's algorithm.
+    pub fn candidates<'a>(
+        &'a self,
+        kid: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a VerifyingKey> + 'a {
+        self.keys
+            .iter()
+            .map(|k| k.as_ref())
+            .filter(move |k| kid.is_none() || k.kid.as_deref() == kid)
+    }
+}

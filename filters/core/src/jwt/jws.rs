@@ -1,0 +1,87 @@
+//! Compact JWS parsing, bounded before any decoding, and verification against a key set.
+
+use super::{Alg, KeySet, TokenError};
+use crate::b64url_decode;
+use serde::Deserialize;
+
+/// A parsed, not yet verified, compact JWS.
+#[derive(Debug)]
+pub struct Jws<'a> {
+    pub alg: Alg,
+    pub kid: Option<String>,
+    /// `header.payload`, the bytes the signature covers.
+    pub signing_input: &'a [u8],
+    /// The decoded payload (JSON).
+    pub payload: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    kid: Option<String>,
+    crit: Option<serde_json::Value>,
+}
+
+fn is_b64url(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl<'a> Jws<'a> {
+    /// Parse `token`; refuses anything longer than `max_bytes` before looking inside.
+    pub fn parse(token: &'a str, max_bytes: usize) -> Result<Self, TokenError> {
+        if token.len() > max_bytes {
+            return Err(TokenError::TooLarge);
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        if !is_b64url(h) || !is_b64url(p) || !is_b64url(s) {
+            return Err(TokenError::Malformed);
+        }
+        let header_json = b64url_decode(h).ok_or(TokenError::Malformed)?;
+        let header: Header =
+            serde_json::from_slice(&header_json).map_err(|_| TokenError::Malformed)?;
+        // RFC 7515 4.1.11: we understand no extension, so any `crit` makes the token unusable.
+        if header.crit.is_some() {
+            return Err(TokenError::Malformed);
+        }
+        let alg = Alg::from_name(&header.alg).ok_or(TokenError::Algorithm)?;
+        let payload = b64url_decode(p).ok_or(TokenError::Malformed)?;
+        let signature = b64url_decode(s).ok_or(TokenError::Malformed)?;
+        Ok(Self {
+            alg,
+            kid: header.kid,
+            signing_input: &token.as_bytes()[..h.len() + 1 + p.len()],
+            payload,
+            signature,
+        })
+    }
+
+    /// Verify against `keys`. The key's algorithm must equal the header's: a token cannot pick
+    /// HS256 to have an RSA public key used as an HMAC secret.
+    pub fn verify(&self, keys: &KeySet) -> Result<(), TokenError> {
+        let mut saw_key = false;
+        let mut saw_alg = false;
+        for key in keys.candidates(self.kid.as_deref()) {
+            saw_key = true;
+            if key.alg != self.alg {
+                continue;
+            }
+            saw_alg = true;
+            if key.verify(self.signing_input, &self.signature) {
+                return Ok(());
+            }
+        }
+        Err(match (saw_key, saw_alg) {
+            (false, _) => TokenError::UnknownKey,
+            (true, false) => TokenError::Algorithm,
+            (true, true) => TokenError::Signature,
+        })
+    }
+}

@@ -1,0 +1,86 @@
+//! JWT verification: JWK parsing (`jwk`), compact JWS parsing and signature checks (`jws`), and
+//! claim checks (`claims`). The key fixes the algorithm; the token header never chooses it.
+
+pub mod claims;
+pub mod jwk;
+pub mod jws;
+
+pub use claims::{Claims, TimeRules, TokenTimes};
+pub use jwk::{KeySet, VerifyingKey};
+pub use jws::Jws;
+
+/// The signature algorithms gatehouse accepts. `none` is not one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alg {
+    Rs256,
+    Ps256,
+    Es256,
+    EdDsa,
+    Hs256,
+}
+
+impl Alg {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "RS256" => Alg::Rs256,
+            "PS256" => Alg::Ps256,
+            "ES256" => Alg::Es256,
+            "EdDSA" => Alg::EdDsa,
+            "HS256" => Alg::Hs256,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Alg::Rs256 => "RS256",
+            Alg::Ps256 => "PS256",
+            Alg::Es256 => "ES256",
+            Alg::EdDsa => "EdDSA",
+            Alg::Hs256 => "HS256",
+        }
+    }
+}
+
+/// Why a token was refused. `reason()` is the stat suffix and the word in the log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenError {
+    /// Longer than the configured cap; refused before any parsing.
+    TooLarge,
+    /// Not three base64url parts, not JSON, a `crit` header, a non-numeric time claim…
+    Malformed,
+    /// `alg` is `none`, unknown, or differs from the key's algorithm.
+    Algorithm,
+    /// No key with the token's `kid` (or no key of its algorithm).
+    UnknownKey,
+    Signature,
+    /// A required claim (`exp`, or `iat` when an age or lifetime limit is set) is absent.
+    MissingClaim,
+    Expired,
+    NotYetValid,
+    /// `now - iat` exceeds `max_age_seconds`.
+    TooOld,
+    /// `exp - iat` exceeds `max_lifetime_seconds`, or `iat` lies in the future.
+    Lifetime,
+    Issuer,
+    Audience,
+}
+
+impl TokenError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            TokenError::TooLarge => "too_large",
+            TokenError::Malformed => "malformed",
+            TokenError::Algorithm => "algorithm",
+            TokenError::UnknownKey => "unknown_key",
+            TokenError::Signature => "signature",
+            TokenError::MissingClaim => "missing_claim",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not_yet_valid",
+            TokenError::TooOld => "too_old",
+            TokenError::Lifetime => "lifetime",
+            TokenError::Issuer => "issuer",
+            TokenError::Audience => "audience",
+        }
+    }
+}

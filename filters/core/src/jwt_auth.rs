@@ -1,0 +1,927 @@
+//! jwt-auth: config (raw serde structs → compiled config) and the per-request decision.
+//!
+//! The shell gathers the request facts into [`Request`], calls [`JwtAuth::decide`] with `now`,
+//! and applies the [`Decision`]: header edits and filter state, a local reply, or a JWKS fetch
+//! after which it decides again.
+
+use crate::cache::TokenCache;
+use crate::config::{parse_json, ConfigError};
+use crate::jwt::claims::{check_audience, claim_text};
+use crate::jwt::{Claims, Jws, KeySet, TimeRules, TokenError, TokenTimes, VerifyingKey};
+use crate::reply::{LocalReply, Refusal, WsHandshake};
+use crate::{b64url_decode, cookie, sha256, ws};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The filter-state property under which verified claims are published.
+pub const CLAIMS_PROPERTY: &str = "gatehouse.jwt_auth.claims";
+
+// ---------------------------------------------------------------------------------------------
+// Raw config: exactly the JSON users write. Unknown fields are errors.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    providers: Vec<RawProvider>,
+    sources: Option<Vec<RawSource>>,
+    refused_query_params: Option<Vec<String>>,
+    #[serde(default = "default_skew")]
+    clock_skew_seconds: u64,
+    max_lifetime_seconds: Option<u64>,
+    max_age_seconds: Option<u64>,
+    #[serde(default = "default_max_token_bytes")]
+    max_token_bytes: usize,
+    #[serde(default)]
+    require: Vec<RawRequirement>,
+    #[serde(default)]
+    allow_missing: bool,
+    #[serde(default)]
+    forward_claims: BTreeMap<String, String>,
+    #[serde(default = "default_cache_entries")]
+    cache_entries: usize,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+fn default_skew() -> u64 {
+    30
+}
+fn default_max_token_bytes() -> usize {
+    8192
+}
+fn default_cache_entries() -> usize {
+    1024
+}
+fn default_prefix() -> String {
+    "bearer.".to_string()
+}
+fn default_refresh() -> u64 {
+    300
+}
+fn default_timeout() -> u64 {
+    2000
+}
+fn default_min_refetch() -> u64 {
+    10
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: String,
+    issuer: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    jwks: Option<RawJwks>,
+    #[serde(default)]
+    hs256_secrets: Vec<RawSecret>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum RawJwks {
+    Inline(Value),
+    Remote(RawRemote),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRemote {
+    cluster: String,
+    path: String,
+    authority: Option<String>,
+    #[serde(default = "default_refresh")]
+    refresh_seconds: u64,
+    #[serde(default = "default_timeout")]
+    timeout_ms: u64,
+    #[serde(default = "default_min_refetch")]
+    min_refetch_seconds: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    kid: Option<String>,
+    secret_base64url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum RawSource {
+    WebsocketProtocol {
+        #[serde(default = "default_prefix")]
+        prefix: String,
+    },
+    Authorization {},
+    Cookie {
+        name: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequirement {
+    claim: String,
+    contains: Option<String>,
+    equals: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(rename = "match")]
+    matcher: RawMatch,
+    providers: Option<Vec<String>>,
+    require: Option<Vec<RawRequirement>>,
+    allow_missing: Option<bool>,
+    max_age_seconds: Option<u64>,
+    max_lifetime_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum RawMatch {
+    Route(String),
+    Prefix(String),
+    Host(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compiled config.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteJwks {
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    pub refresh_seconds: u64,
+    pub timeout_ms: u64,
+    pub min_refetch_seconds: u64,
+}
+
+#[derive(Debug)]
+pub struct Provider {
+    pub name: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// Inline JWKS keys and HS256 secrets.
+    pub static_keys: KeySet,
+    pub remote: Option<RemoteJwks>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    WebsocketProtocol { prefix: String },
+    Authorization,
+    Cookie { name: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requirement {
+    Present(String),
+    Equals(String, String),
+    Contains(String, String),
+}
+
+impl Requirement {
+    fn claim(&self) -> &str {
+        match self {
+            Requirement::Present(c) | Requirement::Equals(c, _) | Requirement::Contains(c, _) => c,
+        }
+    }
+
+    pub fn is_met(&self, claims: &Claims) -> bool {
+        let Some(value) = claims.get(self.claim()) else {
+            return false;
+        };
+        match self {
+            Requirement::Present(_) => !value.is_null(),
+            Requirement::Equals(_, want) => match value {
+                Value::String(_) | Value::Number(_) | Value::Bool(_) => claim_text(value) == *want,
+                _ => false,
+            },
+            Requirement::Contains(_, want) => match value {
+                Value::String(s) => s.split(' ').any(|part| part == want),
+                Value::Array(list) => list.iter().any(|v| v.as_str() == Some(want.as_str())),
+                _ => false,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matcher {
+    Route(String),
+    Prefix(String),
+    Host(String),
+}
+
+/// What applies to one request: the global settings or a rule's overrides of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Indexes into `JwtAuthConfig::providers`.
+    pub providers: Vec<usize>,
+    pub require: Vec<Requirement>,
+    pub allow_missing: bool,
+    pub time: TimeRules,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub matcher: Matcher,
+    pub policy: Policy,
+}
+
+#[derive(Debug)]
+pub struct JwtAuthConfig {
+    pub providers: Vec<Provider>,
+    pub sources: Vec<Source>,
+    pub refused_query_params: Vec<String>,
+    pub max_token_bytes: usize,
+    /// `(claim, lowercase header name)`.
+    pub forward_claims: Vec<(String, String)>,
+    pub cache_entries: usize,
+    pub default_policy: Policy,
+    pub rules: Vec<Rule>,
+}
+
+fn compile_requirements(
+    raw: Vec<RawRequirement>,
+    path: &str,
+) -> Result<Vec<Requirement>, ConfigError> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if r.claim.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{path}[{i}].claim"),
+                    "must not be empty",
+                ));
+            }
+            Ok(match (r.contains, r.equals) {
+                (None, None) => Requirement::Present(r.claim),
+                (Some(c), None) => Requirement::Contains(r.claim, c),
+                (None, Some(e)) => Requirement::Equals(r.claim, e),
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        format!("{path}[{i}]"),
+                        "give either `contains` or `equals`, not both",
+                    ))
+                }
+            })
+        })
+        .collect()
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn compile_provider(i: usize, raw: RawProvider) -> Result<Provider, ConfigError> {
+    let at = |field: &str| format!("providers[{i}].{field}");
+    if raw.name.is_empty() {
+        return Err(ConfigError::new(at("name"), "must not be empty"));
+    }
+    if raw.issuer.is_empty() {
+        return Err(ConfigError::new(at("issuer"), "must not be empty"));
+    }
+    let mut static_keys = KeySet::default();
+    let mut remote = None;
+    match raw.jwks {
+        Some(RawJwks::Inline(jwks)) => {
+            let (keys, _) =
+                KeySet::from_jwks(&jwks, true).map_err(|e| e.within(&at("jwks.inline")))?;
+            if keys.is_empty() {
+                return Err(ConfigError::new(at("jwks.inline.keys"), "has no keys"));
+            }
+            static_keys = keys;
+        }
+        Some(RawJwks::Remote(r)) => {
+            if r.cluster.is_empty() {
+                return Err(ConfigError::new(
+                    at("jwks.remote.cluster"),
+                    "must not be empty",
+                ));
+            }
+            if !r.path.starts_with('/') {
+                return Err(ConfigError::new(
+                    at("jwks.remote.path"),
+                    "must start with `/`",
+                ));
+            }
+            if r.refresh_seconds == 0 {
+                return Err(ConfigError::new(
+                    at("jwks.remote.refresh_seconds"),
+                    "must be at least 1",
+                ));
+            }
+            if r.timeout_ms == 0 {
+                return Err(ConfigError::new(
+                    at("jwks.remote.timeout_ms"),
+                    "must be at least 1",
+                ));
+            }
+            remote = Some(RemoteJwks {
+                authority: r.authority.unwrap_or_else(|| r.cluster.clone()),
+                cluster: r.cluster,
+                path: r.path,
+                refresh_seconds: r.refresh_seconds,
+                timeout_ms: r.timeout_ms,
+                min_refetch_seconds: r.min_refetch_seconds,
+            });
+        }
+        None => {}
+    }
+    let mut secrets = Vec::new();
+    for (j, s) in raw.hs256_secrets.into_iter().enumerate() {
+        let path = at(&format!("hs256_secrets[{j}]"));
+        let bytes = b64url_decode(&s.secret_base64url)
+            .ok_or_else(|| ConfigError::new(format!("{path}.secret_base64url"), "not base64url"))?;
+        secrets.push(VerifyingKey::hs256(s.kid, bytes).map_err(|e| e.within(&path))?);
+    }
+    static_keys.extend(&KeySet::new(secrets));
+    if static_keys.is_empty() && remote.is_none() {
+        return Err(ConfigError::new(
+            at("jwks"),
+            "a provider needs `jwks` (inline or remote) or `hs256_secrets`",
+        ));
+    }
+    Ok(Provider {
+        name: raw.name,
+        issuer: raw.issuer,
+        audiences: raw.audiences,
+        static_keys,
+        remote,
+    })
+}
+
+impl JwtAuthConfig {
+    /// Parse and compile the filter's JSON config. Every problem is reported with the path of
+    /// the field.
+    pub fn compile(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let raw: RawConfig = parse_json(bytes)?;
+        if raw.providers.is_empty() {
+            return Err(ConfigError::new(
+                "providers",
+                "at least one provider is required",
+            ));
+        }
+        let mut providers = Vec::with_capacity(raw.providers.len());
+        for (i, p) in raw.providers.into_iter().enumerate() {
+            if providers.iter().any(|q: &Provider| q.name == p.name) {
+                return Err(ConfigError::new(
+                    format!("providers[{i}].name"),
+                    "duplicate name",
+                ));
+            }
+            providers.push(compile_provider(i, p)?);
+        }
+        let sources = match raw.sources {
+            None => vec![
+                Source::WebsocketProtocol {
+                    prefix: default_prefix(),
+                },
+                Source::Authorization,
+            ],
+            Some(list) => {
+                if list.is_empty() {
+                    return Err(ConfigError::new(
+                        "sources",
+                        "at least one source is required",
+                    ));
+                }
+                list.into_iter()
+                    .enumerate()
+                    .map(|(i, s)| match s {
+                        RawSource::WebsocketProtocol { prefix } if prefix.is_empty() => {
+                            Err(ConfigError::new(
+                                format!("sources[{i}].websocket_protocol.prefix"),
+                                "must not be empty",
+                            ))
+                        }
+                        RawSource::WebsocketProtocol { prefix } => {
+                            Ok(Source::WebsocketProtocol { prefix })
+                        }
+                        RawSource::Authorization {} => Ok(Source::Authorization),
+                        RawSource::Cookie { name } if name.is_empty() => Err(ConfigError::new(
+                            format!("sources[{i}].cookie.name"),
+                            "must not be empty",
+                        )),
+                        RawSource::Cookie { name } => Ok(Source::Cookie { name }),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        let mut forward_claims = Vec::new();
+        for (claim, header) in raw.forward_claims {
+            if !valid_header_name(&header) {
+                return Err(ConfigError::new(
+                    format!("forward_claims.{claim}"),
+                    "not a valid header name",
+                ));
+            }
+            let header = header.to_ascii_lowercase();
+            if header.starts_with(':')
+                || ["authorization", "cookie", "host", "sec-websocket-protocol"]
+                    .contains(&header.as_str())
+            {
+                return Err(ConfigError::new(
+                    format!("forward_claims.{claim}"),
+                    "may not overwrite this header",
+                ));
+            }
+            forward_claims.push((claim, header));
+        }
+        let time = TimeRules {
+            skew: raw.clock_skew_seconds,
+            max_age: raw.max_age_seconds,
+            max_lifetime: raw.max_lifetime_seconds,
+        };
+        let default_policy = Policy {
+            providers: (0..providers.len()).collect(),
+            require: compile_requirements(raw.require, "require")?,
+            allow_missing: raw.allow_missing,
+            time,
+        };
+        let mut rules = Vec::with_capacity(raw.rules.len());
+        for (i, r) in raw.rules.into_iter().enumerate() {
+            let at = |f: &str| format!("rules[{i}].{f}");
+            let matcher = match r.matcher {
+                RawMatch::Route(s) if !s.is_empty() => Matcher::Route(s),
+                RawMatch::Prefix(s) if s.starts_with('/') => Matcher::Prefix(s),
+                RawMatch::Host(s) if !s.is_empty() => Matcher::Host(s.to_ascii_lowercase()),
+                RawMatch::Prefix(_) => {
+                    return Err(ConfigError::new(at("match.prefix"), "must start with `/`"))
+                }
+                _ => return Err(ConfigError::new(at("match"), "must not be empty")),
+            };
+            let mut policy = default_policy.clone();
+            if let Some(names) = r.providers {
+                if names.is_empty() {
+                    return Err(ConfigError::new(
+                        at("providers"),
+                        "must name at least one provider",
+                    ));
+                }
+                policy.providers = names
+                    .iter()
+                    .enumerate()
+                    .map(|(j, n)| {
+                        providers.iter().position(|p| &p.name == n).ok_or_else(|| {
+                            ConfigError::new(
+                                format!("rules[{i}].providers[{j}]"),
+                                format!("no provider named `{n}`"),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            if let Some(req) = r.require {
+                policy.require = compile_requirements(req, &at("require"))?;
+            }
+            if let Some(a) = r.allow_missing {
+                policy.allow_missing = a;
+            }
+            if r.max_age_seconds.is_some() {
+                policy.time.max_age = r.max_age_seconds;
+            }
+            if r.max_lifetime_seconds.is_some() {
+                policy.time.max_lifetime = r.max_lifetime_seconds;
+            }
+            rules.push(Rule { matcher, policy });
+        }
+        Ok(Self {
+            providers,
+            sources,
+            refused_query_params: raw.refused_query_params.unwrap_or_else(|| {
+                ["access_token", "token", "jwt", "id_token"]
+                    .map(String::from)
+                    .to_vec()
+            }),
+            max_token_bytes: raw.max_token_bytes,
+            forward_claims,
+            cache_entries: raw.cache_entries,
+            default_policy,
+            rules,
+        })
+    }
+
+    /// The policy for a request: the first matching rule's, else the global one.
+    pub fn policy_for(&self, route: Option<&str>, path: &str, host: &str) -> &Policy {
+        let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        });
+        self.rules
+            .iter()
+            .find(|r| match &r.matcher {
+                Matcher::Route(name) => route == Some(name.as_str()),
+                Matcher::Prefix(p) => path.starts_with(p.as_str()),
+                Matcher::Host(h) => host.eq_ignore_ascii_case(h),
+            })
+            .map_or(&self.default_policy, |r| &r.policy)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests and decisions.
+
+/// The request facts the decision needs; the shell reads them from the host.
+#[derive(Debug, Default, Clone)]
+pub struct Request<'a> {
+    /// `:path`, with the query string.
+    pub path: &'a str,
+    pub host: &'a str,
+    /// Envoy's `xds.route_name`.
+    pub route_name: Option<&'a str>,
+    /// `Upgrade: websocket` was asked for.
+    pub websocket: bool,
+    pub ws_key: Option<&'a str>,
+    pub ws_protocols: Option<&'a str>,
+    pub authorization: Option<&'a str>,
+    pub cookie: Option<&'a str>,
+}
+
+/// A header change for the request that goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderEdit {
+    Remove(String),
+    Set(String, String),
+}
+
+/// A verified token.
+#[derive(Debug)]
+pub struct Verified {
+    pub provider: usize,
+    pub claims: Claims,
+    /// The decoded payload, exactly as signed: what goes into filter state.
+    pub payload: Vec<u8>,
+    pub times: TokenTimes,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    Missing,
+    /// A token in the query string.
+    QueryToken,
+    /// The token subprotocol was the only one offered, or the upgrade had no key.
+    WsProtocol,
+    Token(TokenError),
+    /// A valid token that a requirement refuses.
+    Forbidden,
+}
+
+impl Denial {
+    /// The stat suffix: `gatehouse.jwt_auth.denied.<reason>`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Denial::Missing => "missing",
+            Denial::QueryToken => "query_token",
+            Denial::WsProtocol => "ws_protocol",
+            Denial::Token(e) => e.reason(),
+            Denial::Forbidden => "forbidden",
+        }
+    }
+
+    pub fn refusal(self) -> Refusal {
+        match self {
+            Denial::Missing => Refusal::MissingCredentials,
+            Denial::QueryToken | Denial::WsProtocol => Refusal::BadRequest,
+            Denial::Token(_) => Refusal::InvalidCredentials,
+            Denial::Forbidden => Refusal::Forbidden,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Decision {
+    /// Forward, after applying `edits`. `token` is `None` when a missing token was allowed.
+    Allow {
+        edits: Vec<HeaderEdit>,
+        token: Option<Arc<Verified>>,
+        /// When the token stops counting (exp + skew): the deadline of a live socket.
+        deadline: Option<u64>,
+        cache_hit: bool,
+    },
+    Deny {
+        denial: Denial,
+        reply: LocalReply,
+    },
+    /// The token names a key we do not have for a remote-JWKS provider: fetch that JWKS, then
+    /// decide again with `may_fetch = false`.
+    FetchJwks {
+        provider: usize,
+    },
+}
+
+/// Everything jwt-auth keeps per worker: the compiled config, the fetched keys, the cache.
+pub struct JwtAuth {
+    pub config: JwtAuthConfig,
+    remote_keys: Vec<Option<KeySet>>,
+    last_fetch: Vec<Option<u64>>,
+    cache: TokenCache<Arc<Verified>>,
+}
+
+impl JwtAuth {
+    pub fn new(config: JwtAuthConfig) -> Self {
+        let n = config.providers.len();
+        Self {
+            cache: TokenCache::new(config.cache_entries),
+            config,
+            remote_keys: vec![None; n],
+            last_fetch: vec![None; n],
+        }
+    }
+
+    /// Replace a provider's fetched keys. The cache is cleared: a decision must never rest on a
+    /// key that is no longer published.
+    pub fn set_remote_keys(&mut self, provider: usize, keys: KeySet) {
+        if let Some(slot) = self.remote_keys.get_mut(provider) {
+            *slot = Some(keys);
+            self.cache.clear();
+        }
+    }
+
+    pub fn has_remote_keys(&self, provider: usize) -> bool {
+        matches!(self.remote_keys.get(provider), Some(Some(_)))
+    }
+
+    /// Record that a fetch of `provider`'s JWKS started at `now` (for the refetch rate limit).
+    pub fn note_fetch(&mut self, provider: usize, now: u64) {
+        if let Some(slot) = self.last_fetch.get_mut(provider) {
+            *slot = Some(now);
+        }
+    }
+
+    fn may_refetch(&self, provider: usize, now: u64) -> bool {
+        let Some(remote) = self
+            .config
+            .providers
+            .get(provider)
+            .and_then(|p| p.remote.as_ref())
+        else {
+            return false;
+        };
+        match self.last_fetch.get(provider).copied().flatten() {
+            None => true,
+            Some(t) => now >= t.saturating_add(remote.min_refetch_seconds),
+        }
+    }
+
+    fn keys_of(&self, provider: usize) -> KeySet {
+        let mut keys = self
+            .config
+            .providers
+            .get(provider)
+            .map(|p| p.static_keys.clone())
+            .unwrap_or_default();
+        if let Some(Some(remote)) = self.remote_keys.get(provider) {
+            keys.extend(remote);
+        }
+        keys
+    }
+
+    /// Decide what happens to a request at `now`.
+    pub fn decide(&mut self, req: &Request<'_>, now: u64, may_fetch: bool) -> Decision {
+        let policy = self
+            .config
+            .policy_for(req.route_name, req.path, req.host)
+            .clone();
+        // Client-sent copies of forwarded-claim headers never reach the upstream.
+        let mut edits: Vec<HeaderEdit> = self
+            .config
+            .forward_claims
+            .iter()
+            .map(|(_, h)| HeaderEdit::Remove(h.clone()))
+            .collect();
+
+        let handshake = |protocol: Option<String>| {
+            req.ws_key.map(|key| WsHandshake {
+                accept: ws::accept_key(key),
+                protocol,
+            })
+        };
+        let first_protocol = |skip_prefix: Option<&str>| {
+            req.ws_protocols.and_then(|h| {
+                ws::protocols(h)
+                    .find(|p| skip_prefix.is_none_or(|pre| !p.starts_with(pre)))
+                    .map(str::to_string)
+            })
+        };
+        let token_prefix = self.config.sources.iter().find_map(|s| match s {
+            Source::WebsocketProtocol { prefix } => Some(prefix.as_str()),
+            _ => None,
+        });
+        let deny = |denial: Denial, protocol: Option<String>| {
+            let hs = if req.websocket {
+                handshake(protocol)
+            } else {
+                None
+            };
+            Decision::Deny {
+                denial,
+                reply: denial.refusal().reply(hs.as_ref()),
+            }
+        };
+
+        if req.websocket && req.ws_key.is_none() {
+            // Without a key the handshake cannot be completed: plain 400.
+            return Decision::Deny {
+                denial: Denial::WsProtocol,
+                reply: Refusal::BadRequest.reply(None),
+            };
+        }
+        if self.query_has_token(req.path) {
+            return deny(Denial::QueryToken, first_protocol(token_prefix));
+        }
+
+        // Find the token: the first configured source that is present.
+        let mut token: Option<&str> = None;
+        for source in &self.config.sources {
+            match source {
+                Source::WebsocketProtocol { prefix } => {
+                    let Some(header) = req.ws_protocols else {
+                        continue;
+                    };
+                    let mut found = None;
+                    let mut others = Vec::new();
+                    for p in ws::protocols(header) {
+                        match p.strip_prefix(prefix.as_str()) {
+                            Some(t) if found.is_none() => found = Some(t),
+                            Some(_) => {} // a second token entry is dropped too
+                            None => others.push(p),
+                        }
+                    }
+                    let Some(t) = found else { continue };
+                    if others.is_empty() {
+                        // Nothing to select but the token: the browser needs an app protocol.
+                        let only = ws::protocols(header).next().map(str::to_string);
+                        return deny(Denial::WsProtocol, only);
+                    }
+                    edits.push(HeaderEdit::Set(
+                        "sec-websocket-protocol".into(),
+                        others.join(", "),
+                    ));
+                    token = Some(t);
+                    break;
+                }
+                Source::Authorization => {
+                    let Some(value) = req.authorization else {
+                        continue;
+                    };
+                    let Some((scheme, t)) = value.trim().split_once(' ') else {
+                        continue;
+                    };
+                    if !scheme.eq_ignore_ascii_case("bearer") {
+                        continue;
+                    }
+                    edits.push(HeaderEdit::Remove("authorization".into()));
+                    token = Some(t.trim());
+                    break;
+                }
+                Source::Cookie { name } => {
+                    let Some(header) = req.cookie else { continue };
+                    let Some(t) = cookie::get(header, name) else {
+                        continue;
+                    };
+                    edits.push(match cookie::without(header, &[name.as_str()]) {
+                        Some(rest) => HeaderEdit::Set("cookie".into(), rest),
+                        None => HeaderEdit::Remove("cookie".into()),
+                    });
+                    token = Some(t);
+                    break;
+                }
+            }
+        }
+        let protocol = first_protocol(token_prefix);
+
+        let Some(token) = token else {
+            if policy.allow_missing {
+                return Decision::Allow {
+                    edits,
+                    token: None,
+                    deadline: None,
+                    cache_hit: false,
+                };
+            }
+            return deny(Denial::Missing, protocol);
+        };
+
+        let (verified, cache_hit) = match self.verify(token, &policy, now, may_fetch) {
+            Ok(v) => v,
+            Err(VerifyError::Fetch(provider)) => return Decision::FetchJwks { provider },
+            Err(VerifyError::Token(e)) => return deny(Denial::Token(e), protocol),
+        };
+        if !policy.require.iter().all(|r| r.is_met(&verified.claims)) {
+            return deny(Denial::Forbidden, protocol);
+        }
+        for (claim, header) in &self.config.forward_claims {
+            if let Some(value) = verified.claims.get(claim) {
+                let text = claim_text(value);
+                // A claim that cannot be a header value is not forwarded (never mangled).
+                if !text.bytes().any(|b| b.is_ascii_control()) {
+                    edits.push(HeaderEdit::Set(header.clone(), text));
+                }
+            }
+        }
+        Decision::Allow {
+            edits,
+            deadline: Some(verified.times.deadline(policy.time.skew)),
+            token: Some(verified),
+            cache_hit,
+        }
+    }
+
+    fn query_has_token(&self, path: &str) -> bool {
+        let Some((_, query)) = path.split_once('?') else {
+            return false;
+        };
+        let query = query.split('#').next().unwrap_or(query);
+        form_urlencoded::parse(query.as_bytes()).any(|(k, _)| {
+            self.config
+                .refused_query_params
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(&k))
+        })
+    }
+
+    fn verify(
+        &mut self,
+        token: &str,
+        policy: &Policy,
+        now: u64,
+        may_fetch: bool,
+    ) -> Result<(Arc<Verified>, bool), VerifyError> {
+        if token.len() > self.config.max_token_bytes {
+            return Err(VerifyError::Token(TokenError::TooLarge));
+        }
+        let key = sha256(token.as_bytes());
+        if let Some(v) = self.cache.get(&key, now) {
+            // A hit saves the signature check only; time and policy checks run as on a miss.
+            if !policy.providers.contains(&v.provider) {
+                return Err(VerifyError::Token(TokenError::Issuer));
+            }
+            v.times
+                .check(now, &policy.time)
+                .map_err(VerifyError::Token)?;
+            return Ok((v, true));
+        }
+        let jws = Jws::parse(token, self.config.max_token_bytes).map_err(VerifyError::Token)?;
+        let claims: Claims = match serde_json::from_slice(&jws.payload) {
+            Ok(Value::Object(map)) => map,
+            _ => return Err(VerifyError::Token(TokenError::Malformed)),
+        };
+        // The issuer picks the provider (among those the policy allows).
+        let iss = claims.get("iss").and_then(Value::as_str);
+        let provider = policy
+            .providers
+            .iter()
+            .copied()
+            .find(|&p| {
+                self.config
+                    .providers
+                    .get(p)
+                    .is_some_and(|pr| Some(pr.issuer.as_str()) == iss)
+            })
+            .ok_or(VerifyError::Token(TokenError::Issuer))?;
+        match jws.verify(&self.keys_of(provider)) {
+            Ok(()) => {}
+            Err(TokenError::UnknownKey) if may_fetch && self.may_refetch(provider, now) => {
+                return Err(VerifyError::Fetch(provider));
+            }
+            Err(e) => return Err(VerifyError::Token(e)),
+        }
+        let times = TokenTimes::read(&claims).map_err(VerifyError::Token)?;
+        if let Some(p) = self.config.providers.get(provider) {
+            check_audience(&claims, &p.audiences).map_err(VerifyError::Token)?;
+        }
+        let verified = Arc::new(Verified {
+            provider,
+            claims,
+            payload: jws.payload,
+            times,
+        });
+        // Cached before the time check: validity is re-checked on every hit anyway.
+        self.cache
+            .insert(key, verified.clone(), times.deadline(policy.time.skew), now);
+        times.check(now, &policy.time).map_err(VerifyError::Token)?;
+        Ok((verified, false))
+    }
+}
+
+enum VerifyError {
+    Token(TokenError),
+    Fetch(usize),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,531 @@
+//! Decision tests with real signatures: EdDSA and HS256 minted here, RS256/PS256/ES256 vectors
+//! minted by PyJWT (an independent implementation) in `tests/data/pyjwt_vectors.json`.
+
+use super::*;
+use base64::Engine;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::json;
+
+const NOW: u64 = 1_700_000_100;
+const ISS: &str = "https://issuer.test";
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+fn keypair() -> ed25519_compact::KeyPair {
+    ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new([7; 32]))
+}
+
+fn ed_jwk(kid: &str) -> Value {
+    json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(keypair().pk.as_ref())})
+}
+
+fn sign_ed(header: Value, claims: Value) -> String {
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = keypair().sk.sign(input.as_bytes(), None);
+    format!("{input}.{}", b64(sig.as_ref()))
+}
+
+fn sign_hs(secret: &[u8], header: Value, claims: Value) -> String {
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secret).unwrap();
+    mac.update(input.as_bytes());
+    format!("{input}.{}", b64(&mac.finalize().into_bytes()))
+}
+
+fn claims() -> Value {
+    json!({"iss": ISS, "aud": "api", "sub": "alice", "iat": NOW - 100, "exp": NOW + 200, "scope": "phone:call read"})
+}
+
+fn token() -> String {
+    sign_ed(
+        json!({"alg": "EdDSA", "kid": "ed1", "typ": "JWT"}),
+        claims(),
+    )
+}
+
+fn config(extra: Value) -> JwtAuth {
+    let mut base = json!({
+        "providers": [{"name": "main", "issuer": ISS, "audiences": ["api"], "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
+        "clock_skew_seconds": 0,
+    });
+    if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    JwtAuth::new(JwtAuthConfig::compile(base.to_string().as_bytes()).unwrap())
+}
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+fn http<'a>(auth: Option<&'a str>) -> Request<'a> {
+    Request {
+        path: "/api/echo",
+        host: "gw.test",
+        authorization: auth,
+        ..Default::default()
+    }
+}
+
+fn denial(d: Decision) -> Denial {
+    match d {
+        Decision::Deny { denial, .. } => denial,
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+fn allowed(d: Decision) -> (Vec<HeaderEdit>, Option<Arc<Verified>>, Option<u64>, bool) {
+    match d {
+        Decision::Allow {
+            edits,
+            token,
+            deadline,
+            cache_hit,
+        } => (edits, token, deadline, cache_hit),
+        other => panic!("expected allow, got {other:?}"),
+    }
+}
+
+#[test]
+fn valid_bearer_is_allowed_and_stripped() {
+    let mut f = config(json!({}));
+    let auth = bearer(&token());
+    let (edits, tok, deadline, hit) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+    assert!(edits.contains(&HeaderEdit::Remove("authorization".into())));
+    let tok = tok.unwrap();
+    assert_eq!(tok.claims["sub"], "alice");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&tok.payload).unwrap(),
+        claims()
+    );
+    assert_eq!(deadline, Some(NOW + 200));
+    assert!(!hit);
+    let (_, _, _, hit) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+    assert!(hit, "second decision comes from the cache");
+}
+
+#[test]
+fn refusals_each_with_their_reason() {
+    let mut f = config(json!({"max_token_bytes": 4096}));
+    let t = |c: Value| sign_ed(json!({"alg": "EdDSA", "kid": "ed1"}), c);
+    let mut c = claims();
+    c["exp"] = json!(NOW - 1);
+    let expired = t(c);
+    let mut c = claims();
+    c["iss"] = json!("https://evil.test");
+    let wrong_iss = t(c);
+    let mut c = claims();
+    c["aud"] = json!("other");
+    let wrong_aud = t(c);
+    let mut c = claims();
+    c["nbf"] = json!(NOW + 60);
+    let future = t(c);
+    let good = token();
+    let mut bad_sig = good.clone();
+    bad_sig.pop();
+    bad_sig.push(if good.ends_with('A') { 'B' } else { 'A' });
+    let none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none"}"#),
+        b64(claims().to_string().as_bytes())
+    );
+    let none_sig = format!("{none}c2ln");
+    let unknown_kid = sign_ed(json!({"alg": "EdDSA", "kid": "nope"}), claims());
+    let crit = sign_ed(
+        json!({"alg": "EdDSA", "kid": "ed1", "crit": ["exp"]}),
+        claims(),
+    );
+    let huge = "a".repeat(5000);
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("exp");
+    let no_exp = t(c);
+    let cases: Vec<(String, Denial)> = vec![
+        (expired, Denial::Token(TokenError::Expired)),
+        (wrong_iss, Denial::Token(TokenError::Issuer)),
+        (wrong_aud, Denial::Token(TokenError::Audience)),
+        (future, Denial::Token(TokenError::NotYetValid)),
+        (bad_sig, Denial::Token(TokenError::Signature)),
+        (none, Denial::Token(TokenError::Malformed)),
+        (none_sig, Denial::Token(TokenError::Algorithm)),
+        (unknown_kid, Denial::Token(TokenError::UnknownKey)),
+        (crit, Denial::Token(TokenError::Malformed)),
+        (huge, Denial::Token(TokenError::TooLarge)),
+        ("garbage".into(), Denial::Token(TokenError::Malformed)),
+        ("a.b.c.d".into(), Denial::Token(TokenError::Malformed)),
+        (no_exp, Denial::Token(TokenError::MissingClaim)),
+    ];
+    for (tok, want) in cases {
+        let auth = bearer(&tok);
+        let d = f.decide(&http(Some(&auth)), NOW, true);
+        let Decision::Deny { denial, reply } = d else {
+            panic!("{want:?} was allowed")
+        };
+        assert_eq!(denial, want, "token {tok}");
+        assert_eq!(reply.status, 401);
+        assert!(
+            !String::from_utf8_lossy(&reply.body).contains(&tok[..tok.len().min(40)]),
+            "body echoes the token"
+        );
+    }
+    assert_eq!(denial(f.decide(&http(None), NOW, true)), Denial::Missing);
+}
+
+#[test]
+fn key_confusion_hs256_with_public_key_bytes_is_refused() {
+    let mut f = config(json!({}));
+    // The attacker HMACs with the public key (as bytes and as its JWK text).
+    for secret in [
+        keypair().pk.as_ref().to_vec(),
+        ed_jwk("ed1").to_string().into_bytes(),
+    ] {
+        let tok = sign_hs(&secret, json!({"alg": "HS256", "kid": "ed1"}), claims());
+        let auth = bearer(&tok);
+        assert_eq!(
+            denial(f.decide(&http(Some(&auth)), NOW, true)),
+            Denial::Token(TokenError::Algorithm)
+        );
+    }
+}
+
+#[test]
+fn hs256_only_with_configured_secret() {
+    let secret = [42u8; 32];
+    let mut f = JwtAuth::new(
+        JwtAuthConfig::compile(
+            json!({"providers": [{"name": "h", "issuer": ISS, "hs256_secrets": [{"kid": "h1", "secret_base64url": b64(&secret)}]}]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap(),
+    );
+    let tok = sign_hs(&secret, json!({"alg": "HS256", "kid": "h1"}), claims());
+    let auth = bearer(&tok);
+    allowed(f.decide(&http(Some(&auth)), NOW, true));
+    let err = JwtAuthConfig::compile(
+        json!({"providers": [{"name": "h", "issuer": ISS, "hs256_secrets": [{"secret_base64url": b64(&[1; 16])}]}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("providers[0].hs256_secrets[0]"),
+        "{err}"
+    );
+    let err = JwtAuthConfig::compile(
+        json!({"providers": [{"name": "h", "issuer": ISS, "jwks": {"inline": {"keys": [{"kty": "oct", "k": b64(&secret)}]}}}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap_err();
+    assert_eq!(err.path, "providers[0].jwks.inline.keys[0].kty");
+}
+
+#[test]
+fn pyjwt_vectors_verify() {
+    let v: Value =
+        serde_json::from_str(include_str!("../../tests/data/pyjwt_vectors.json")).unwrap();
+    let mut rsa_jwk = v["jwk"].clone();
+    rsa_jwk["kid"] = json!("rsa1");
+    let mut ps_jwk = rsa_jwk.clone();
+    ps_jwk["kid"] = json!("rsa1");
+    ps_jwk["alg"] = json!("PS256");
+    let mut ec_jwk = v["ec_jwk"].clone();
+    ec_jwk["kid"] = json!("ec1");
+    for (jwk, tok) in [
+        (rsa_jwk.clone(), "rs256"),
+        (ps_jwk, "ps256"),
+        (ec_jwk, "es256"),
+    ] {
+        let mut f = JwtAuth::new(
+            JwtAuthConfig::compile(
+                json!({"providers": [{"name": "p", "issuer": ISS, "audiences": ["api"], "jwks": {"inline": {"keys": [jwk]}}}]})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap(),
+        );
+        let auth = bearer(v[tok].as_str().unwrap());
+        let (_, t, _, _) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+        assert_eq!(t.unwrap().claims["sub"], "alice", "{tok}");
+    }
+    // A PS256 token does not verify with the RS256 key, and vice versa: the key fixes the alg.
+    let mut f = JwtAuth::new(
+        JwtAuthConfig::compile(
+            json!({"providers": [{"name": "p", "issuer": ISS, "jwks": {"inline": {"keys": [rsa_jwk]}}}]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap(),
+    );
+    let auth = bearer(v["ps256"].as_str().unwrap());
+    assert_eq!(
+        denial(f.decide(&http(Some(&auth)), NOW, true)),
+        Denial::Token(TokenError::Algorithm)
+    );
+    // A flipped byte in an RS256 signature.
+    let mut t = v["rs256"].as_str().unwrap().to_string();
+    let last = t.pop().unwrap();
+    t.push(if last == 'A' { 'B' } else { 'A' });
+    let auth = bearer(&t);
+    assert_eq!(
+        denial(f.decide(&http(Some(&auth)), NOW, true)),
+        Denial::Token(TokenError::Signature)
+    );
+}
+
+#[test]
+fn websocket_protocol_token() {
+    let mut f = config(json!({}));
+    let proto = format!("sip, bearer.{}", token());
+    let req = Request {
+        websocket: true,
+        ws_key: Some("dGhlIHNhbXBsZSBub25jZQ=="),
+        ws_protocols: Some(&proto),
+        ..http(None)
+    };
+    let (edits, tok, _, _) = allowed(f.decide(&req, NOW, true));
+    assert!(tok.is_some());
+    assert!(edits.contains(&HeaderEdit::Set(
+        "sec-websocket-protocol".into(),
+        "sip".into()
+    )));
+
+    // Only the token offered: 4400, and the handshake selects what was offered.
+    let only = format!("bearer.{}", token());
+    let req = Request {
+        ws_protocols: Some(&only),
+        ..req.clone()
+    };
+    let Decision::Deny { denial, reply } = f.decide(&req, NOW, true) else {
+        panic!()
+    };
+    assert_eq!(denial, Denial::WsProtocol);
+    assert_eq!(reply.status, 101);
+    assert_eq!(&reply.body[2..4], &4400u16.to_be_bytes());
+
+    // A bad token: 101 + close 4401, accept key per RFC 6455, `sip` selected.
+    let bad = "sip, bearer.garbage".to_string();
+    let req = Request {
+        ws_protocols: Some(&bad),
+        ..req
+    };
+    let Decision::Deny { reply, .. } = f.decide(&req, NOW, true) else {
+        panic!()
+    };
+    assert_eq!(reply.status, 101);
+    assert!(reply.headers.contains(&(
+        "sec-websocket-accept".into(),
+        "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into()
+    )));
+    assert!(reply
+        .headers
+        .contains(&("sec-websocket-protocol".into(), "sip".into())));
+    assert_eq!(&reply.body[2..4], &4401u16.to_be_bytes());
+
+    // An upgrade without a key cannot be answered with a handshake.
+    let req = Request {
+        ws_key: None,
+        ..req
+    };
+    let Decision::Deny { reply, .. } = f.decide(&req, NOW, true) else {
+        panic!()
+    };
+    assert_eq!(reply.status, 400);
+}
+
+#[test]
+fn query_string_tokens_are_refused() {
+    let mut f = config(json!({}));
+    for path in [
+        "/api/echo?access_token=x",
+        "/api/echo?a=1&Token=x",
+        "/api/echo?jwt",
+    ] {
+        let req = Request { path, ..http(None) };
+        let Decision::Deny { denial, reply } = f.decide(&req, NOW, true) else {
+            panic!()
+        };
+        assert_eq!(denial, Denial::QueryToken, "{path}");
+        assert_eq!(reply.status, 400);
+    }
+    let req = Request {
+        path: "/api/echo?tokens_total=1",
+        ..http(None)
+    };
+    assert_eq!(denial(f.decide(&req, NOW, true)), Denial::Missing);
+}
+
+#[test]
+fn cookie_source_and_forwarded_claims() {
+    let mut f = config(json!({
+        "sources": [{"cookie": {"name": "gh_jwt"}}],
+        "forward_claims": {"sub": "X-Gatehouse-Sub"},
+    }));
+    let cookie = format!("a=1; gh_jwt={}; b=2", token());
+    let req = Request {
+        cookie: Some(&cookie),
+        ..http(None)
+    };
+    let (edits, _, _, _) = allowed(f.decide(&req, NOW, true));
+    assert_eq!(
+        edits,
+        vec![
+            HeaderEdit::Remove("x-gatehouse-sub".into()),
+            HeaderEdit::Set("cookie".into(), "a=1; b=2".into()),
+            HeaderEdit::Set("x-gatehouse-sub".into(), "alice".into()),
+        ]
+    );
+    // Authorization is not a source here.
+    let auth = bearer(&token());
+    assert_eq!(
+        denial(f.decide(&http(Some(&auth)), NOW, true)),
+        Denial::Missing
+    );
+}
+
+#[test]
+fn rules_require_claims_and_allow_missing() {
+    let mut f = config(json!({
+        "rules": [
+            {"match": {"prefix": "/ws/"}, "require": [{"claim": "scope", "contains": "phone:call"}], "max_age_seconds": 60},
+            {"match": {"prefix": "/admin"}, "require": [{"claim": "scope", "contains": "admin"}]},
+            {"match": {"route": "public"}, "allow_missing": true},
+            {"match": {"host": "tenant.test"}, "require": [{"claim": "tenant", "equals": "acme"}]},
+        ]
+    }));
+    let auth = bearer(&token());
+    let req = |path: &'static str| Request {
+        path,
+        authorization: Some(&auth),
+        ..http(None)
+    };
+    assert_eq!(
+        denial(f.decide(&req("/admin/x"), NOW, true)),
+        Denial::Forbidden
+    );
+    let Decision::Deny { reply, .. } = f.decide(&req("/admin/x"), NOW, true) else {
+        panic!()
+    };
+    assert_eq!(reply.status, 403);
+    // /ws/ needs the scope (present) and an iat within 60 s (it is 100 s old).
+    assert_eq!(
+        denial(f.decide(&req("/ws/x"), NOW, true)),
+        Denial::Token(TokenError::TooOld)
+    );
+    allowed(f.decide(&req("/ws/x"), NOW - 50, true));
+    let public = Request {
+        route_name: Some("public"),
+        ..http(None)
+    };
+    let (_, tok, _, _) = allowed(f.decide(&public, NOW, true));
+    assert!(tok.is_none());
+    let tenant = Request {
+        host: "Tenant.test:8080",
+        ..req("/x")
+    };
+    assert_eq!(denial(f.decide(&tenant, NOW, true)), Denial::Forbidden);
+}
+
+#[test]
+fn cache_never_changes_a_decision() {
+    let mut f = config(json!({"rules": [{"match": {"prefix": "/strict"}, "max_age_seconds": 10}]}));
+    let auth = bearer(&token());
+    allowed(f.decide(&http(Some(&auth)), NOW, true));
+    // Cached now, but a stricter route still applies its own age limit.
+    let strict = Request {
+        path: "/strict",
+        ..http(Some(&auth))
+    };
+    assert_eq!(
+        denial(f.decide(&strict, NOW, true)),
+        Denial::Token(TokenError::TooOld)
+    );
+    // And expiry is checked on a hit.
+    assert_eq!(
+        denial(f.decide(&http(Some(&auth)), NOW + 200, true)),
+        Denial::Token(TokenError::Expired)
+    );
+}
+
+#[test]
+fn remote_jwks_unknown_kid_asks_for_a_rate_limited_fetch() {
+    let mut f = JwtAuth::new(
+        JwtAuthConfig::compile(
+            json!({"providers": [{"name": "r", "issuer": ISS, "jwks": {"remote": {"cluster": "idp", "path": "/jwks", "min_refetch_seconds": 30}}}]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap(),
+    );
+    let auth = bearer(&token());
+    assert!(matches!(
+        f.decide(&http(Some(&auth)), NOW, true),
+        Decision::FetchJwks { provider: 0 }
+    ));
+    f.note_fetch(0, NOW);
+    // Within the rate limit: refused without a fetch.
+    assert_eq!(
+        denial(f.decide(&http(Some(&auth)), NOW + 5, true)),
+        Denial::Token(TokenError::UnknownKey)
+    );
+    let (keys, _) = KeySet::from_jwks(&json!({"keys": [ed_jwk("ed1")]}), false).unwrap();
+    f.set_remote_keys(0, keys);
+    allowed(f.decide(&http(Some(&auth)), NOW + 5, false));
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let cases = [
+        (json!({"providers": []}), "providers"),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i"}]}),
+            "providers[0].jwks",
+        ),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": {"inline": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "!!"}]}}}]}),
+            "providers[0].jwks.inline.keys[0].x",
+        ),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": {"remote": {"cluster": "c", "path": "jwks"}}}]}),
+            "providers[0].jwks.remote.path",
+        ),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": {"remote": {"cluster": "c", "path": "/j", "bogus": 1}}}]}),
+            "providers[0].jwks.remote.bogus",
+        ),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": {"remote": {"cluster": "c", "path": "/j"}}}], "rules": [{"match": {"prefix": "/x"}, "providers": ["b"]}]}),
+            "rules[0].providers[0]",
+        ),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": {"remote": {"cluster": "c", "path": "/j"}}}], "typo": 1}),
+            "typo",
+        ),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": {"remote": {"cluster": "c", "path": "/j"}}}], "forward_claims": {"sub": "bad header"}}),
+            "forward_claims.sub",
+        ),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": {"remote": {"cluster": "c", "path": "/j"}}}], "sources": [{"query": {}}]}),
+            "sources[0]",
+        ),
+    ];
+    for (cfg, path) in cases {
+        let err = JwtAuthConfig::compile(cfg.to_string().as_bytes()).unwrap_err();
+        assert_eq!(err.path, path, "{cfg} -> {err}");
+    }
+    let err = JwtAuthConfig::compile(b"{not json").unwrap_err();
+    assert!(err.to_string().starts_with("config error"), "{err}");
+}

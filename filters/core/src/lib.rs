@@ -1,0 +1,29 @@
+//! gatehouse-core: all gatehouse filter logic, with no proxy-wasm dependency.
+//!
+//! Each `filters/<name>` crate is a thin proxy-wasm shell over this crate. Everything here is
+//! host-free and deterministic: time comes in as a parameter (`now`, unix seconds), randomness
+//! (WebSocket masks) comes in as bytes, and the results are plain values the shell applies.
+
+pub mod cache;
+pub mod config;
+pub mod cookie;
+pub mod jwt;
+pub mod jwt_auth;
+pub mod reply;
+pub mod ws;
+
+pub use config::ConfigError;
+
+/// Base64url without padding, as JOSE uses it.
+pub(crate) fn b64url_decode(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}

@@ -1,0 +1,176 @@
+//! WebSocket pieces (RFC 6455) the filters need: the handshake answer, close frames, and the
+//! close-on-expiry state of a live socket.
+
+use base64::Engine;
+use sha1::{Digest, Sha1};
+
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Close codes the browser sees as `CloseEvent.code`.
+pub const CLOSE_BAD_REQUEST: u16 = 4400;
+pub const CLOSE_UNAUTHORIZED: u16 = 4401;
+pub const CLOSE_FORBIDDEN: u16 = 4403;
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`.
+pub fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.trim().as_bytes());
+    sha.update(GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// A close frame with `code` and `reason` (cut to fit the 123-byte limit on a char boundary).
+/// `mask` is required for frames sent towards the server (client-to-server frames are masked).
+pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut cut = reason.len().min(123);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + cut);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..cut]);
+    let mut frame = Vec::with_capacity(6 + payload.len());
+    frame.push(0x88); // FIN + opcode 8 (close)
+    let len = payload.len() as u8; // <= 125
+    match mask {
+        None => {
+            frame.push(len);
+            frame.extend_from_slice(&payload);
+        }
+        Some(m) => {
+            frame.push(0x80 | len);
+            frame.extend_from_slice(&m);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        }
+    }
+    frame
+}
+
+/// The subprotocols offered in a `Sec-WebSocket-Protocol` header.
+pub fn protocols(header: &str) -> impl Iterator<Item = &str> {
+    header.split(',').map(str::trim).filter(|p| !p.is_empty())
+}
+
+/// Direction of a chunk on an upgraded stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to upstream (request body).
+    ToUpstream,
+    /// Upstream to client (response body).
+    ToClient,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChunkAction {
+    Pass,
+    /// Replace the chunk with these bytes (a close frame).
+    Replace(Vec<u8>),
+    /// Empty the chunk: after our close frame nothing else may follow in that direction.
+    Drop,
+}
+
+/// A live, authenticated WebSocket. Proxy-wasm gives no per-stream timer, so the deadline is
+/// enforced on the next chunk in either direction: that chunk becomes a close frame, the peer
+/// answers with its own close, which becomes our close frame towards the other side, and
+/// everything after is dropped. Both ends see `code`.
+#[derive(Debug)]
+pub struct LiveSocket {
+    deadline: u64,
+    closing: Option<(u16, &'static str)>,
+    sent_upstream: bool,
+    sent_client: bool,
+}
+
+impl LiveSocket {
+    pub fn new(deadline: u64) -> Self {
+        Self {
+            deadline,
+            closing: None,
+            sent_upstream: false,
+            sent_client: false,
+        }
+    }
+
+    pub fn deadline(&self) -> u64 {
+        self.deadline
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_some()
+    }
+
+    /// Decide what happens to a non-empty chunk seen at `now`. `mask` is fresh randomness for a
+    /// frame towards the upstream.
+    pub fn on_chunk(&mut self, dir: Dir, now: u64, mask: [u8; 4]) -> ChunkAction {
+        let (code, reason) = match self.closing {
+            Some(c) => c,
+            None if now >= self.deadline => {
+                let c = (CLOSE_UNAUTHORIZED, "token expired");
+                self.closing = Some(c);
+                c
+            }
+            None => return ChunkAction::Pass,
+        };
+        let sent = match dir {
+            Dir::ToUpstream => &mut self.sent_upstream,
+            Dir::ToClient => &mut self.sent_client,
+        };
+        if *sent {
+            return ChunkAction::Drop;
+        }
+        *sent = true;
+        let mask = (dir == Dir::ToUpstream).then_some(mask);
+        ChunkAction::Replace(close_frame(code, reason, mask))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc6455_example() {
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn close_frames() {
+        assert_eq!(
+            close_frame(4401, "x", None),
+            vec![0x88, 3, 0x11, 0x31, b'x']
+        );
+        let masked = close_frame(4401, "x", Some([1, 2, 3, 4]));
+        assert_eq!(masked[..6], [0x88, 0x83, 1, 2, 3, 4]);
+        assert_eq!(masked[6..], [0x11 ^ 1, 0x31 ^ 2, b'x' ^ 3]);
+        let long = "é".repeat(100);
+        let f = close_frame(4401, &long, None);
+        assert!(f[1] <= 125);
+        assert!(std::str::from_utf8(&f[4..]).is_ok());
+    }
+
+    #[test]
+    fn live_socket_closes_both_sides_once_then_drops() {
+        let mut s = LiveSocket::new(100);
+        assert_eq!(s.on_chunk(Dir::ToClient, 99, [0; 4]), ChunkAction::Pass);
+        assert_eq!(
+            s.on_chunk(Dir::ToUpstream, 100, [9; 4]),
+            ChunkAction::Replace(close_frame(4401, "token expired", Some([9; 4])))
+        );
+        assert_eq!(s.on_chunk(Dir::ToUpstream, 100, [9; 4]), ChunkAction::Drop);
+        assert_eq!(
+            s.on_chunk(Dir::ToClient, 100, [0; 4]),
+            ChunkAction::Replace(close_frame(4401, "token expired", None))
+        );
+        assert_eq!(s.on_chunk(Dir::ToClient, 101, [0; 4]), ChunkAction::Drop);
+        assert!(s.is_closing());
+    }
+
+    #[test]
+    fn protocol_list() {
+        let p: Vec<_> = protocols(" sip, bearer.a.b.c ,,x").collect();
+        assert_eq!(p, ["sip", "bearer.a.b.c", "x"]);
+    }
+}
