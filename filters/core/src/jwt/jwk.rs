@@ -243,3 +243,12 @@ impl KeySet {
             .filter(move |k| kid.is_none() || k.kid.as_deref() == kid)
     }
 }
+
+/// Parse a fetched JWKS document (bounded: identity providers publish a few KB).
+pub fn parse_jwks_document(body: &[u8]) -> Result<serde_json::Value, ConfigError> {
+    const MAX_JWKS_BYTES: usize = 256 * 1024;
+    if body.len() > MAX_JWKS_BYTES {
+        return Err(ConfigError::new("", "JWKS document larger than 256 KiB"));
+    }
+    serde_json::from_slice(body).map_err(|e| ConfigError::new("", format!("not JSON: {e}")))
+}

@@ -1,0 +1,173 @@
+//! The one place gatehouse filters call proxy-wasm. Every call goes through the SDK's
+//! `hostcalls`, which return `Result`s (the SDK's trait helpers `unwrap`, and a panic aborts
+//! the VM, failing every request after it). A failed host call is logged and degrades to
+//! "absent" / "not done", never to a panic.
+
+use gatehouse_core::reply::LocalReply;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::UNIX_EPOCH;
+
+pub use proxy_wasm;
+
+/// Log at `level`, prefixed with the filter name.
+pub fn log(level: LogLevel, filter: &str, message: &str) {
+    let _ = hostcalls::log(level, &format!("{filter}: {message}"));
+}
+
+/// Install a panic hook that logs the panic at critical level with the filter's name (release
+/// builds abort on panic; this line is what the operator gets to see).
+pub fn install_panic_hook(filter: &'static str) {
+    proxy_wasm::set_log_level(LogLevel::Info);
+    std::panic::set_hook(Box::new(move |info| {
+        let _ = hostcalls::log(LogLevel::Critical, &format!("{filter}: panic: {info}"));
+    }));
+}
+
+/// Unix time in seconds (0 if the host cannot tell, which makes every token look valid for
+/// nothing: expiry checks fail closed only if `exp` is 0, so also log it).
+pub fn now_secs() -> u64 {
+    match hostcalls::get_current_time() {
+        Ok(t) => t
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// The plugin configuration bytes given in the Envoy config.
+pub fn plugin_config() -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+pub fn request_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
+pub fn response_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
+}
+
+/// Set (`Some`) or remove (`None`) a request header.
+pub fn set_request_header(name: &str, value: Option<&str>) {
+    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
+}
+
+/// A property such as `["xds", "route_name"]`, as text.
+pub fn property_text(path: Vec<&str>) -> Option<String> {
+    hostcalls::get_property(path)
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+}
+
+/// Publish `value` as filter state under `name` (Envoy stores it as `wasm.<name>`); later
+/// filters read it with `get_property`. Never a header a client could forge.
+pub fn set_filter_state(name: &str, value: &[u8]) -> bool {
+    hostcalls::set_property(vec![name], Some(value)).is_ok()
+}
+
+/// Send a local reply instead of forwarding the request.
+pub fn send_reply(reply: &LocalReply) {
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let _ = hostcalls::send_http_response(reply.status, headers, Some(&reply.body));
+}
+
+/// Which body a chunk callback is about.
+#[derive(Clone, Copy)]
+pub enum Body {
+    Request,
+    Response,
+}
+
+/// Replace the current body chunk (`size` bytes) with `bytes` (empty to drop it).
+pub fn replace_body(which: Body, size: usize, bytes: &[u8]) {
+    let t = match which {
+        Body::Request => BufferType::HttpRequestBody,
+        Body::Response => BufferType::HttpResponseBody,
+    };
+    let _ = hostcalls::set_buffer(t, 0, size, bytes);
+}
+
+/// Four random bytes (a WebSocket mask); a fixed mask only if the host has no randomness.
+pub fn random_mask() -> [u8; 4] {
+    let mut m = [0x5a, 0x3c, 0x96, 0xe1];
+    let _ = getrandom::fill(&mut m);
+    m
+}
+
+/// `GET` `path` from an Envoy cluster; returns the call token.
+pub fn http_get(cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32> {
+    hostcalls::dispatch_http_call(
+        cluster,
+        vec![
+            (":method", "GET"),
+            (":path", path),
+            (":authority", authority),
+            ("accept", "application/json"),
+        ],
+        None,
+        vec![],
+        std::time::Duration::from_millis(timeout_ms),
+    )
+    .ok()
+}
+
+/// The status and body of the http call whose response is being delivered.
+pub fn http_call_response(body_size: usize) -> (u32, Vec<u8>) {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn resume_request() {
+    let _ = hostcalls::resume_http_request();
+}
+
+/// Envoy counters, defined on first use (Envoy shows them as `wasmcustom.<name>`).
+#[derive(Default)]
+pub struct Counters {
+    ids: RefCell<HashMap<String, u32>>,
+}
+
+impl Counters {
+    pub fn inc(&self, name: &str) {
+        let id = {
+            let mut ids = self.ids.borrow_mut();
+            match ids.get(name) {
+                Some(id) => Some(*id),
+                None => match hostcalls::define_metric(MetricType::Counter, name) {
+                    Ok(id) => {
+                        ids.insert(name.to_string(), id);
+                        Some(id)
+                    }
+                    Err(_) => None,
+                },
+            }
+        };
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! jwt-auth: the proxy-wasm shell over `gatehouse_core::jwt_auth`. It reads request facts,
+//! applies the core's decision, fetches remote JWKS, and closes expired live sockets.
+//! See docs/jwt-auth.md.
+
+use gatehouse_core::jwt::KeySet;
+use gatehouse_core::jwt_auth::{
+    Decision, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY,
+};
+use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
+use gatehouse_host::{self as host, Body, Counters};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+const NAME: &str = "gatehouse.jwt_auth";
+/// Retry a failed JWKS fetch after this long (the last good keys stay in use meanwhile).
+const JWKS_RETRY_SECONDS: u64 = 5;
+
+proxy_wasm::main! {{
+    host::install_panic_hook(NAME);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// Per-worker state shared by the root context and every stream.
+struct Shared {
+    auth: JwtAuth,
+    counters: Counters,
+}
+
+impl Shared {
+    fn count(&self, what: &str) {
+        self.counters.inc(&format!("{NAME}.{what}"));
+    }
+
+    /// Apply a fetched JWKS to `provider`. A failed fetch or an unusable document keeps the
+    /// last good keys.
+    fn apply_jwks(&mut self, provider: usize, status: u32, body: &[u8]) -> bool {
+        let name = self
+            .auth
+            .config
+            .providers
+            .get(provider)
+            .map_or("?", |p| p.name.as_str())
+            .to_string();
+        let parsed = if status == 200 {
+            serde_json_keys(body)
+        } else {
+            Err(format!("HTTP status {status}"))
+        };
+        match parsed {
+            Ok((keys, skipped)) => {
+                host::log(
+                    LogLevel::Info,
+                    NAME,
+                    &format!(
+                        "provider {name}: JWKS loaded, {} keys ({skipped} skipped)",
+                        keys.len()
+                    ),
+                );
+                self.auth.set_remote_keys(provider, keys);
+                self.count("jwks.fetch_ok");
+                true
+            }
+            Err(why) => {
+                host::log(
+                    LogLevel::Warn,
+                    NAME,
+                    &format!(
+                        "provider {name}: JWKS fetch failed ({why}); keeping the last good keys"
+                    ),
+                );
+                self.count("jwks.fetch_failed");
+                false
+            }
+        }
+    }
+}
+
+fn serde_json_keys(body: &[u8]) -> Result<(KeySet, usize), String> {
+    let value = gatehouse_core::jwt::jwk::parse_jwks_document(body).map_err(|e| e.to_string())?;
+    let (keys, skipped) = KeySet::from_jwks(&value, false).map_err(|e| e.to_string())?;
+    if keys.is_empty() {
+        return Err("no usable keys".into());
+    }
+    Ok((keys, skipped))
+}
+
+#[derive(Default)]
+struct Root {
+    shared: Option<Rc<RefCell<Shared>>>,
+    /// In-flight JWKS fetches: call token → provider.
+    fetches: HashMap<u32, usize>,
+    /// Per provider with a remote JWKS: when to fetch next.
+    next_fetch: HashMap<usize, u64>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some(provider) = self.fetches.remove(&token) else {
+            return;
+        };
+        let Some(shared) = &self.shared else { return };
+        let (status, body) = host::http_call_response(body_size);
+        let mut shared = shared.borrow_mut();
+        let ok = shared.apply_jwks(provider, status, &body);
+        let refresh = shared
+            .auth
+            .config
+            .providers
+            .get(provider)
+            .and_then(|p| p.remote.as_ref())
+            .map_or(300, |r| r.refresh_seconds);
+        let wait = if ok {
+            refresh
+        } else {
+            JWKS_RETRY_SECONDS.min(refresh)
+        };
+        self.next_fetch.insert(provider, host::now_secs() + wait);
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let config = match JwtAuthConfig::compile(&host::plugin_config()) {
+            Ok(c) => c,
+            Err(e) => {
+                host::log(LogLevel::Critical, NAME, &e.to_string());
+                return false;
+            }
+        };
+        self.next_fetch = config
+            .providers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.remote.is_some())
+            .map(|(i, _)| (i, 0))
+            .collect();
+        host::log(
+            LogLevel::Info,
+            NAME,
+            &format!(
+                "configured: {} providers, {} rules",
+                config.providers.len(),
+                config.rules.len()
+            ),
+        );
+        self.shared = Some(Rc::new(RefCell::new(Shared {
+            auth: JwtAuth::new(config),
+            counters: Counters::default(),
+        })));
+        if !self.next_fetch.is_empty() {
+            let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_secs(1));
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(shared) = &self.shared else { return };
+        let now = host::now_secs();
+        let in_flight: Vec<usize> = self.fetches.values().copied().collect();
+        let mut shared = shared.borrow_mut();
+        for (provider, due) in self.next_fetch.iter_mut() {
+            if *due > now || in_flight.contains(provider) {
+                continue;
+            }
+            let Some(remote) = shared
+                .auth
+                .config
+                .providers
+                .get(*provider)
+                .and_then(|p| p.remote.clone())
+            else {
+                continue;
+            };
+            shared.auth.note_fetch(*provider, now);
+            match host::http_get(
+                &remote.cluster,
+                &remote.authority,
+                &remote.path,
+                remote.timeout_ms,
+            ) {
+                Some(token) => {
+                    self.fetches.insert(token, *provider);
+                    *due = u64::MAX; // set again when the response arrives
+                }
+                None => {
+                    host::log(
+                        LogLevel::Warn,
+                        NAME,
+                        &format!(
+                            "cannot call cluster `{}` for the JWKS; retrying",
+                            remote.cluster
+                        ),
+                    );
+                    shared.count("jwks.fetch_failed");
+                    *due = now + JWKS_RETRY_SECONDS;
+                }
+            }
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        let shared = self.shared.clone()?;
+        Some(Box::new(Stream {
+            shared,
+            pending_fetch: None,
+            ws_deadline: None,
+            live: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    shared: Rc<RefCell<Shared>>,
+    /// A JWKS fetch this request waits for: (call token, provider).
+    pending_fetch: Option<(u32, usize)>,
+    /// The token's deadline, for an allowed WebSocket upgrade.
+    ws_deadline: Option<u64>,
+    /// Set once the upstream answered 101.
+    live: Option<LiveSocket>,
+}
+
+fn is_websocket_upgrade() -> bool {
+    host::request_header("upgrade").is_some_and(|u| {
+        u.split(',')
+            .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+    })
+}
+
+impl Stream {
+    /// Read the request, decide, apply. `may_fetch` is false once a JWKS fetch was made for
+    /// this request.
+    fn decide(&mut self, may_fetch: bool) -> Action {
+        let path = host::request_header(":path").unwrap_or_default();
+        let authority = host::request_header(":authority").unwrap_or_default();
+        let route = host::property_text(vec!["xds", "route_name"]);
+        let ws_key = host::request_header("sec-websocket-key");
+        let ws_protocols = host::request_header("sec-websocket-protocol");
+        let authorization = host::request_header("authorization");
+        let cookie = host::request_header("cookie");
+        let websocket = is_websocket_upgrade();
+        let req = Request {
+            path: &path,
+            host: &authority,
+            route_name: route.as_deref(),
+            websocket,
+            ws_key: ws_key.as_deref(),
+            ws_protocols: ws_protocols.as_deref(),
+            authorization: authorization.as_deref(),
+            cookie: cookie.as_deref(),
+        };
+        let now = host::now_secs();
+        let mut shared = self.shared.borrow_mut();
+        match shared.auth.decide(&req, now, may_fetch) {
+            Decision::Allow {
+                edits,
+                token,
+                deadline,
+                cache_hit,
+            } => {
+                for edit in &edits {
+                    match edit {
+                        HeaderEdit::Remove(name) => host::set_request_header(name, None),
+                        HeaderEdit::Set(name, value) => host::set_request_header(name, Some(value)),
+                    }
+                }
+                match token {
+                    Some(t) => {
+                        if !host::set_filter_state(CLAIMS_PROPERTY, &t.payload) {
+                            host::log(
+                                LogLevel::Warn,
+                                NAME,
+                                "could not publish claims as filter state",
+                            );
+                        }
+                        shared.count(if cache_hit { "cache.hit" } else { "cache.miss" });
+                        shared.count("allowed");
+                        if websocket {
+                            self.ws_deadline = deadline;
+                        }
+                    }
+                    None => shared.count("allowed_missing"),
+                }
+                Action::Continue
+            }
+            Decision::Deny { denial, reply } => {
+                shared.count(&format!("denied.{}", denial.reason()));
+                let path_only = path.split('?').next().unwrap_or("");
+                host::log(
+                    LogLevel::Info,
+                    NAME,
+                    &format!(
+                        "denied ({}) {} {path_only} -> {}",
+                        denial.reason(),
+                        if websocket { "websocket" } else { "http" },
+                        if reply.status == 101 {
+                            format!("close {}", denial.refusal().close_code())
+                        } else {
+                            reply.status.to_string()
+                        }
+                    ),
+                );
+                drop(shared);
+                host::send_reply(&reply);
+                Action::Pause
+            }
+            Decision::FetchJwks { provider } => {
+                let remote = shared
+                    .auth
+                    .config
+                    .providers
+                    .get(provider)
+                    .and_then(|p| p.remote.clone());
+                shared.auth.note_fetch(provider, now);
+                let call = remote
+                    .and_then(|r| host::http_get(&r.cluster, &r.authority, &r.path, r.timeout_ms));
+                drop(shared);
+                match call {
+                    Some(token) => {
+                        self.pending_fetch = Some((token, provider));
+                        Action::Pause
+                    }
+                    None => {
+                        self.shared.borrow().count("jwks.fetch_failed");
+                        self.decide(false)
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_chunk(&mut self, dir: Dir, size: usize) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        if size == 0 {
+            return;
+        }
+        let was_closing = live.is_closing();
+        let which = match dir {
+            Dir::ToUpstream => Body::Request,
+            Dir::ToClient => Body::Response,
+        };
+        match live.on_chunk(dir, host::now_secs(), host::random_mask()) {
+            ChunkAction::Pass => {}
+            ChunkAction::Replace(frame) => {
+                if !was_closing {
+                    self.shared.borrow().count("ws.expired_close");
+                    host::log(
+                        LogLevel::Info,
+                        NAME,
+                        "live websocket: token expired, closing with 4401",
+                    );
+                }
+                host::replace_body(which, size, &frame);
+            }
+            ChunkAction::Drop => host::replace_body(which, size, &[]),
+        }
+    }
+}
+
+impl Context for Stream {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some((expected, provider)) = self.pending_fetch.take() else {
+            return;
+        };
+        if token != expected {
+            return;
+        }
+        let (status, body) = host::http_call_response(body_size);
+        self.shared.borrow_mut().apply_jwks(provider, status, &body);
+        if let Action::Continue = self.decide(false) {
+            host::resume_request();
+        }
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        self.decide(true)
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(deadline) = self.ws_deadline.take() {
+            if host::response_header(":status").as_deref() == Some("101") {
+                self.live = Some(LiveSocket::new(deadline));
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        self.on_chunk(Dir::ToUpstream, size);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        self.on_chunk(Dir::ToClient, size);
+        Action::Continue
+    }
+}
