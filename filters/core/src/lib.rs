@@ -10,6 +10,7 @@ pub mod cookie;
 pub mod jwt;
 pub mod jwt_auth;
 pub mod reply;
+pub mod token_proxy;
 pub mod ws;
 
 pub use config::ConfigError;

@@ -1,0 +1,695 @@
+//! token-proxy: the OAuth-Proxy half of the token-handler pattern. Encrypted HttpOnly cookies
+//! in, `Authorization: Bearer` out; CSRF on state-changing requests; CORS for the SPA's origin;
+//! `Set-Cookie` hardening on responses.
+//!
+//! Cookies are byte-compatible with the Curity token-handler v1 format: base64url (no padding)
+//! of `0x01 || 12-byte IV || AES-256-GCM ciphertext || 16-byte tag`, no AAD, key as 64 hex chars.
+
+use crate::config::{parse_json, ConfigError};
+use crate::cookie;
+use crate::reply::{LocalReply, Refusal};
+use aes_gcm::aead::Aead;
+use aes_gcm::{Aes256Gcm, KeyInit};
+use base64::Engine;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+const VERSION: u8 = 0x01;
+const IV_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// Cookies above this size are refused before decoding.
+const MAX_COOKIE_BYTES: usize = 16 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    cookie_prefix: String,
+    encryption_keys: Vec<String>,
+    #[serde(default)]
+    trusted_web_origins: Vec<String>,
+    #[serde(default)]
+    allow_tokens: bool,
+    #[serde(default)]
+    cors: Option<RawCors>,
+    #[serde(default)]
+    harden_cookies: Option<RawHarden>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCors {
+    #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default = "default_max_age")]
+    max_age_seconds: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHarden {
+    names: Vec<String>,
+    #[serde(default = "default_path")]
+    path: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_age() -> u64 {
+    600
+}
+fn default_path() -> String {
+    "/".to_string()
+}
+
+/// Why a request was refused. The client only ever sees a generic 401; this goes to the log and
+/// the stat `gatehouse.token_proxy.denied.<reason>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CookieError {
+    NotBase64,
+    TooShort,
+    TooLarge,
+    Version,
+    /// The tag did not verify under any configured key: tampered, or the wrong key.
+    Decrypt,
+    NotUtf8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyDenial {
+    Cookie(CookieError),
+    /// A bearer token sent by the client while `allow_tokens` is off.
+    TokenNotAllowed,
+    /// `Origin` missing or not trusted on a state-changing request (or a preflight).
+    Origin,
+    /// The CSRF header is missing or does not match the CSRF cookie.
+    Csrf,
+}
+
+impl ProxyDenial {
+    pub fn reason(self) -> &'static str {
+        match self {
+            ProxyDenial::Cookie(CookieError::NotBase64) => "cookie_encoding",
+            ProxyDenial::Cookie(CookieError::TooShort) => "cookie_truncated",
+            ProxyDenial::Cookie(CookieError::TooLarge) => "cookie_too_large",
+            ProxyDenial::Cookie(CookieError::Version) => "cookie_version",
+            ProxyDenial::Cookie(CookieError::Decrypt) => "cookie_decrypt",
+            ProxyDenial::Cookie(CookieError::NotUtf8) => "cookie_content",
+            ProxyDenial::TokenNotAllowed => "token_not_allowed",
+            ProxyDenial::Origin => "origin",
+            ProxyDenial::Csrf => "csrf",
+        }
+    }
+}
+
+/// AES-256-GCM keys, the current one first; older ones only decrypt (rotation).
+pub struct CookieKeys {
+    ciphers: Vec<Aes256Gcm>,
+}
+
+impl CookieKeys {
+    pub fn from_hex(keys: &[String]) -> Result<Self, ConfigError> {
+        if keys.is_empty() {
+            return Err(ConfigError::new(
+                "encryption_keys",
+                "at least one key is required",
+            ));
+        }
+        let mut ciphers = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            let bytes = decode_hex(k).filter(|b| b.len() == 32).ok_or_else(|| {
+                ConfigError::new(
+                    format!("encryption_keys[{i}]"),
+                    "must be 64 hex characters (32 bytes)",
+                )
+            })?;
+            let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|_| {
+                ConfigError::new(format!("encryption_keys[{i}]"), "not an AES-256 key")
+            })?;
+            ciphers.push(cipher);
+        }
+        Ok(Self { ciphers })
+    }
+
+    /// Decrypt a cookie value with the first key that authenticates it.
+    pub fn decrypt(&self, value: &str) -> Result<String, CookieError> {
+        if value.len() > MAX_COOKIE_BYTES {
+            return Err(CookieError::TooLarge);
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(value)
+            .map_err(|_| CookieError::NotBase64)?;
+        if raw.len() < 1 + IV_LEN + 1 + TAG_LEN {
+            return Err(CookieError::TooShort);
+        }
+        if raw[0] != VERSION {
+            return Err(CookieError::Version);
+        }
+        let nonce = aes_gcm::Nonce::<aes_gcm::aead::consts::U12>::try_from(&raw[1..1 + IV_LEN])
+            .map_err(|_| CookieError::TooShort)?;
+        let sealed = &raw[1 + IV_LEN..];
+        for cipher in &self.ciphers {
+            if let Ok(plain) = cipher.decrypt(&nonce, sealed) {
+                return String::from_utf8(plain).map_err(|_| CookieError::NotUtf8);
+            }
+        }
+        Err(CookieError::Decrypt)
+    }
+
+    /// Encrypt with the current key (for the dev login and tests); `iv` must be fresh random.
+    pub fn encrypt(&self, plaintext: &str, iv: [u8; IV_LEN]) -> Option<String> {
+        let cipher = self.ciphers.first()?;
+        let nonce = aes_gcm::Nonce::<aes_gcm::aead::consts::U12>::from(iv);
+        let sealed = cipher.encrypt(&nonce, plaintext.as_bytes()).ok()?;
+        let mut out = Vec::with_capacity(1 + IV_LEN + sealed.len());
+        out.push(VERSION);
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&sealed);
+        Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out))
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect()
+}
+
+pub struct Cors {
+    pub allow_headers: String,
+    pub max_age_seconds: u64,
+}
+
+pub struct TokenProxyConfig {
+    pub access_cookie: String,
+    pub csrf_cookie: String,
+    pub csrf_header: String,
+    pub keys: CookieKeys,
+    /// Lowercased.
+    pub trusted_origins: Vec<String>,
+    pub allow_tokens: bool,
+    pub cors: Option<Cors>,
+    pub harden_names: Vec<String>,
+    pub harden_path: String,
+}
+
+impl TokenProxyConfig {
+    pub fn compile(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let raw: RawConfig = parse_json(bytes)?;
+        let prefix = raw.cookie_prefix;
+        if prefix.is_empty()
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::new(
+                "cookie_prefix",
+                "must be non-empty letters, digits, `-` or `_`",
+            ));
+        }
+        let keys = CookieKeys::from_hex(&raw.encryption_keys)?;
+        let mut trusted_origins = Vec::new();
+        for (i, o) in raw.trusted_web_origins.iter().enumerate() {
+            let ok = (o.starts_with("https://") || o.starts_with("http://"))
+                && !o.ends_with('/')
+                && o.matches('/').count() == 2;
+            if !ok {
+                return Err(ConfigError::new(
+                    format!("trusted_web_origins[{i}]"),
+                    "an origin is scheme://host[:port], without a path or trailing slash",
+                ));
+            }
+            trusted_origins.push(o.to_ascii_lowercase());
+        }
+        let csrf_header = format!("x-{}-csrf", prefix.to_ascii_lowercase());
+        let cors = match raw.cors {
+            Some(c) if c.enabled => {
+                if trusted_origins.is_empty() {
+                    return Err(ConfigError::new("cors", "CORS needs trusted_web_origins"));
+                }
+                let mut headers = vec!["content-type".to_string(), csrf_header.clone()];
+                headers.extend(c.allow_headers.iter().map(|h| h.to_ascii_lowercase()));
+                Some(Cors {
+                    allow_headers: headers.join(", "),
+                    max_age_seconds: c.max_age_seconds,
+                })
+            }
+            _ => None,
+        };
+        let (harden_names, harden_path) = match raw.harden_cookies {
+            Some(h) => {
+                if !h.path.starts_with('/') {
+                    return Err(ConfigError::new(
+                        "harden_cookies.path",
+                        "must start with `/`",
+                    ));
+                }
+                (h.names, h.path)
+            }
+            None => (Vec::new(), "/".to_string()),
+        };
+        Ok(Self {
+            access_cookie: format!("{prefix}-at"),
+            csrf_cookie: format!("{prefix}-csrf"),
+            csrf_header,
+            keys,
+            trusted_origins,
+            allow_tokens: raw.allow_tokens,
+            cors,
+            harden_names,
+            harden_path,
+        })
+    }
+
+    fn trusted(&self, origin: Option<&str>) -> bool {
+        origin.is_some_and(|o| {
+            self.trusted_origins
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(o))
+        })
+    }
+
+    /// CORS headers for a response to `origin` (only a trusted one gets any).
+    pub fn cors_headers(&self, origin: Option<&str>) -> Vec<(String, String)> {
+        match (&self.cors, origin) {
+            (Some(_), Some(o)) if self.trusted(Some(o)) => vec![
+                ("access-control-allow-origin".into(), o.to_string()),
+                ("access-control-allow-credentials".into(), "true".into()),
+                ("vary".into(), "origin".into()),
+            ],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The request facts token-proxy needs.
+#[derive(Debug, Default, Clone)]
+pub struct ProxyRequest<'a> {
+    pub method: &'a str,
+    pub origin: Option<&'a str>,
+    pub authorization: Option<&'a str>,
+    pub cookie: Option<&'a str>,
+    pub csrf_header: Option<&'a str>,
+    /// `Access-Control-Request-Method`: present on a CORS preflight.
+    pub preflight_method: Option<&'a str>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProxyDecision {
+    /// Forward unchanged (no gatehouse cookie, or a client bearer token that is allowed).
+    Pass,
+    /// Forward with these changes.
+    Forward {
+        authorization: String,
+        /// The `Cookie` header without the gatehouse cookies; `None` removes it.
+        cookie: Option<String>,
+    },
+    /// Answer locally (preflight, or a refusal).
+    Reply {
+        reply: LocalReply,
+        denial: Option<ProxyDenial>,
+    },
+}
+
+fn state_changing(method: &str) -> bool {
+    matches!(
+        method.to_ascii_uppercase().as_str(),
+        "POST" | "PUT" | "PATCH" | "DELETE"
+    )
+}
+
+impl TokenProxyConfig {
+    pub fn decide(&self, req: &ProxyRequest<'_>) -> ProxyDecision {
+        let refuse = |denial: ProxyDenial| {
+            let mut reply = Refusal::InvalidCredentials.reply(None);
+            reply.headers.extend(self.cors_headers(req.origin));
+            ProxyDecision::Reply {
+                reply,
+                denial: Some(denial),
+            }
+        };
+        if let (Some(cors), true) = (&self.cors, req.method.eq_ignore_ascii_case("OPTIONS")) {
+            if req.preflight_method.is_some() {
+                if !self.trusted(req.origin) {
+                    return refuse(ProxyDenial::Origin);
+                }
+                let mut headers = self.cors_headers(req.origin);
+                headers.extend([
+                    (
+                        "access-control-allow-methods".to_string(),
+                        "GET, POST, PUT, PATCH, DELETE, OPTIONS".to_string(),
+                    ),
+                    (
+                        "access-control-allow-headers".to_string(),
+                        cors.allow_headers.clone(),
+                    ),
+                    (
+                        "access-control-max-age".to_string(),
+                        cors.max_age_seconds.to_string(),
+                    ),
+                ]);
+                return ProxyDecision::Reply {
+                    reply: LocalReply {
+                        status: 204,
+                        headers,
+                        body: Vec::new(),
+                    },
+                    denial: None,
+                };
+            }
+        }
+        if let Some(auth) = req.authorization {
+            let is_bearer = auth
+                .trim_start()
+                .get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case("bearer "));
+            if is_bearer {
+                return if self.allow_tokens {
+                    ProxyDecision::Pass
+                } else {
+                    refuse(ProxyDenial::TokenNotAllowed)
+                };
+            }
+        }
+        let Some(cookies) = req.cookie else {
+            return ProxyDecision::Pass;
+        };
+        let Some(sealed) = cookie::get(cookies, &self.access_cookie) else {
+            return ProxyDecision::Pass;
+        };
+        let token = match self.keys.decrypt(sealed) {
+            Ok(t) => t,
+            Err(e) => return refuse(ProxyDenial::Cookie(e)),
+        };
+        if state_changing(req.method) {
+            if !self.trusted(req.origin) {
+                return refuse(ProxyDenial::Origin);
+            }
+            let expected =
+                match cookie::get(cookies, &self.csrf_cookie).map(|c| self.keys.decrypt(c)) {
+                    Some(Ok(v)) => v,
+                    Some(Err(e)) => return refuse(ProxyDenial::Cookie(e)),
+                    None => return refuse(ProxyDenial::Csrf),
+                };
+            let sent = req.csrf_header.unwrap_or("");
+            if expected.is_empty() || !bool::from(sent.as_bytes().ct_eq(expected.as_bytes())) {
+                return refuse(ProxyDenial::Csrf);
+            }
+        }
+        ProxyDecision::Forward {
+            authorization: format!("Bearer {token}"),
+            cookie: cookie::without(
+                cookies,
+                &[self.access_cookie.as_str(), self.csrf_cookie.as_str()],
+            ),
+        }
+    }
+
+    /// Harden one `Set-Cookie` value if it sets a configured cookie: `HttpOnly; Secure;
+    /// SameSite=Strict` and the configured `Path`, replacing whatever the upstream said for
+    /// those attributes. Other cookies come back unchanged.
+    pub fn harden_set_cookie(&self, value: &str) -> Option<String> {
+        let mut parts = value.split(';');
+        let pair = parts.next()?.trim();
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
+        if !self.harden_names.iter().any(|n| n == name) {
+            return None;
+        }
+        let mut out = vec![pair.to_string()];
+        for attr in parts.map(str::trim).filter(|a| !a.is_empty()) {
+            let key = attr
+                .split_once('=')
+                .map_or(attr, |(k, _)| k)
+                .trim()
+                .to_ascii_lowercase();
+            if !matches!(key.as_str(), "httponly" | "secure" | "samesite" | "path") {
+                out.push(attr.to_string());
+            }
+        }
+        out.push(format!("Path={}", self.harden_path));
+        out.extend(["HttpOnly", "Secure", "SameSite=Strict"].map(String::from));
+        Some(out.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const KEY: &str = "4f1f4ce9b6aa17e5e3d3c7a0c2f6b4a8d2e0f1a3b5c7d9e1f3a5b7c9d1e3f5a7";
+    const OLD: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    fn cfg(extra: serde_json::Value) -> TokenProxyConfig {
+        let mut base = json!({
+            "cookie_prefix": "gh",
+            "encryption_keys": [KEY, OLD],
+            "trusted_web_origins": ["http://localhost:8080"],
+            "cors": {},
+            "harden_cookies": {"names": ["gh-at", "gh-csrf"], "path": "/api"},
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        TokenProxyConfig::compile(base.to_string().as_bytes()).unwrap()
+    }
+
+    fn seal(c: &TokenProxyConfig, text: &str) -> String {
+        c.keys.encrypt(text, [7; 12]).unwrap()
+    }
+
+    #[test]
+    fn cookie_round_trip_and_rejections() {
+        let c = cfg(json!({}));
+        let sealed = seal(&c, "a.b.c");
+        assert_eq!(c.keys.decrypt(&sealed), Ok("a.b.c".into()));
+        let mut raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&sealed)
+            .unwrap();
+        let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        assert_eq!(
+            c.keys.decrypt(&enc(&raw)),
+            Err(CookieError::Decrypt),
+            "tampered tag"
+        );
+        raw[last] ^= 1;
+        raw[20] ^= 1;
+        assert_eq!(
+            c.keys.decrypt(&enc(&raw)),
+            Err(CookieError::Decrypt),
+            "tampered ciphertext"
+        );
+        raw[20] ^= 1;
+        raw[0] = 2;
+        assert_eq!(c.keys.decrypt(&enc(&raw)), Err(CookieError::Version));
+        assert_eq!(c.keys.decrypt(&enc(&[1; 29])), Err(CookieError::TooShort));
+        assert_eq!(c.keys.decrypt("not*base64"), Err(CookieError::NotBase64));
+        let other = TokenProxyConfig::compile(
+            json!({"cookie_prefix": "gh", "encryption_keys": [OLD.replace('0', "f")]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            other.keys.decrypt(&sealed),
+            Err(CookieError::Decrypt),
+            "wrong key"
+        );
+    }
+
+    #[test]
+    fn previous_key_still_decrypts() {
+        let old_only = TokenProxyConfig::compile(
+            json!({"cookie_prefix": "gh", "encryption_keys": [OLD]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let sealed_with_old = seal(&old_only, "tok");
+        assert_eq!(
+            cfg(json!({})).keys.decrypt(&sealed_with_old),
+            Ok("tok".into())
+        );
+    }
+
+    #[test]
+    fn get_forwards_bearer_and_strips_only_gatehouse_cookies() {
+        let c = cfg(json!({}));
+        let cookie = format!(
+            "theme=dark; gh-at={}; gh-csrf={}; z=1",
+            seal(&c, "tok"),
+            seal(&c, "csrf")
+        );
+        let d = c.decide(&ProxyRequest {
+            method: "GET",
+            cookie: Some(&cookie),
+            ..Default::default()
+        });
+        assert_eq!(
+            d,
+            ProxyDecision::Forward {
+                authorization: "Bearer tok".into(),
+                cookie: Some("theme=dark; z=1".into())
+            }
+        );
+    }
+
+    #[test]
+    fn csrf_on_state_changing_requests() {
+        let c = cfg(json!({}));
+        let cookie = format!("gh-at={}; gh-csrf={}", seal(&c, "tok"), seal(&c, "s3cret"));
+        let post = |origin: Option<&'static str>, header: Option<&'static str>| {
+            c.decide(&ProxyRequest {
+                method: "POST",
+                origin,
+                cookie: Some(&cookie),
+                csrf_header: header,
+                ..Default::default()
+            })
+        };
+        assert!(matches!(
+            post(Some("http://localhost:8080"), Some("s3cret")),
+            ProxyDecision::Forward { .. }
+        ));
+        assert!(matches!(
+            post(Some("HTTP://LOCALHOST:8080"), Some("s3cret")),
+            ProxyDecision::Forward { .. }
+        ));
+        for (o, h, why) in [
+            (Some("http://localhost:8080"), None, ProxyDenial::Csrf),
+            (
+                Some("http://localhost:8080"),
+                Some("wrong"),
+                ProxyDenial::Csrf,
+            ),
+            (
+                Some("http://evil.test"),
+                Some("s3cret"),
+                ProxyDenial::Origin,
+            ),
+            (None, Some("s3cret"), ProxyDenial::Origin),
+        ] {
+            match post(o, h) {
+                ProxyDecision::Reply { reply, denial } => {
+                    assert_eq!(reply.status, 401);
+                    assert_eq!(denial, Some(why));
+                    let body = String::from_utf8_lossy(&reply.body);
+                    assert!(
+                        !body.contains("csrf") && !body.contains("origin"),
+                        "body must not say which check failed"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bearer_from_client_and_preflight() {
+        let c = cfg(json!({}));
+        let d = c.decide(&ProxyRequest {
+            method: "GET",
+            authorization: Some("Bearer x"),
+            ..Default::default()
+        });
+        assert!(matches!(
+            d,
+            ProxyDecision::Reply {
+                denial: Some(ProxyDenial::TokenNotAllowed),
+                ..
+            }
+        ));
+        let c2 = cfg(json!({"allow_tokens": true}));
+        let d = c2.decide(&ProxyRequest {
+            method: "GET",
+            authorization: Some("Bearer x"),
+            ..Default::default()
+        });
+        assert_eq!(d, ProxyDecision::Pass);
+        let pre = c.decide(&ProxyRequest {
+            method: "OPTIONS",
+            origin: Some("http://localhost:8080"),
+            preflight_method: Some("POST"),
+            ..Default::default()
+        });
+        let ProxyDecision::Reply {
+            reply,
+            denial: None,
+        } = pre
+        else {
+            panic!("{pre:?}")
+        };
+        assert_eq!(reply.status, 204);
+        assert!(reply.headers.contains(&(
+            "access-control-allow-origin".into(),
+            "http://localhost:8080".into()
+        )));
+        assert!(reply
+            .headers
+            .contains(&("access-control-allow-credentials".into(), "true".into())));
+        // Error responses carry CORS headers too, so the SPA can read them.
+        let err = c.decide(&ProxyRequest {
+            method: "POST",
+            origin: Some("http://localhost:8080"),
+            cookie: Some("gh-at=garbage"),
+            ..Default::default()
+        });
+        let ProxyDecision::Reply { reply, .. } = err else {
+            panic!()
+        };
+        assert!(reply
+            .headers
+            .iter()
+            .any(|(k, _)| k == "access-control-allow-origin"));
+    }
+
+    #[test]
+    fn set_cookie_hardening() {
+        let c = cfg(json!({}));
+        assert_eq!(
+            c.harden_set_cookie("gh-at=v; Path=/; SameSite=Lax; Max-Age=300")
+                .as_deref(),
+            Some("gh-at=v; Max-Age=300; Path=/api; HttpOnly; Secure; SameSite=Strict")
+        );
+        assert_eq!(c.harden_set_cookie("theme=dark; Path=/"), None);
+    }
+
+    #[test]
+    fn config_errors() {
+        for (cfg, path) in [
+            (
+                json!({"cookie_prefix": "gh", "encryption_keys": ["abc"]}),
+                "encryption_keys[0]",
+            ),
+            (
+                json!({"cookie_prefix": "gh", "encryption_keys": []}),
+                "encryption_keys",
+            ),
+            (
+                json!({"cookie_prefix": "g h", "encryption_keys": [KEY]}),
+                "cookie_prefix",
+            ),
+            (
+                json!({"cookie_prefix": "gh", "encryption_keys": [KEY], "trusted_web_origins": ["http://x/"]}),
+                "trusted_web_origins[0]",
+            ),
+            (
+                json!({"cookie_prefix": "gh", "encryption_keys": [KEY], "cors": {}}),
+                "cors",
+            ),
+        ] {
+            let err = TokenProxyConfig::compile(cfg.to_string().as_bytes())
+                .err()
+                .unwrap();
+            assert_eq!(err.path, path);
+        }
+    }
+}
