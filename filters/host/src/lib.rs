@@ -171,3 +171,18 @@ impl Counters {
         }
     }
 }
+
+/// All response headers, in order (several `set-cookie` stay separate).
+pub fn response_headers() -> Vec<(String, String)> {
+    hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default()
+}
+
+/// Set (`Some`) or remove (`None`) a response header.
+pub fn set_response_header(name: &str, value: Option<&str>) {
+    let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value);
+}
+
+/// Add a response header value (keeps existing values of the same name).
+pub fn add_response_header(name: &str, value: &str) {
+    let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value);
+}

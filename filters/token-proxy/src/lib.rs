@@ -1,0 +1,162 @@
+//! token-proxy: the proxy-wasm shell over `gatehouse_core::token_proxy`. See docs/token-proxy.md.
+
+use gatehouse_core::token_proxy::{ProxyDecision, ProxyRequest, TokenProxyConfig};
+use gatehouse_host::{self as host, Counters};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use std::rc::Rc;
+
+const NAME: &str = "gatehouse.token_proxy";
+
+proxy_wasm::main! {{
+    host::install_panic_hook(NAME);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { shared: None }) });
+}}
+
+struct Shared {
+    config: TokenProxyConfig,
+    counters: Counters,
+}
+
+impl Shared {
+    fn count(&self, what: &str) {
+        self.counters.inc(&format!("{NAME}.{what}"));
+    }
+}
+
+struct Root {
+    shared: Option<Rc<Shared>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        match TokenProxyConfig::compile(&host::plugin_config()) {
+            Ok(config) => {
+                host::log(
+                    LogLevel::Info,
+                    NAME,
+                    &format!(
+                        "configured: cookies {} / {}",
+                        config.access_cookie, config.csrf_cookie
+                    ),
+                );
+                self.shared = Some(Rc::new(Shared {
+                    config,
+                    counters: Counters::default(),
+                }));
+                true
+            }
+            Err(e) => {
+                host::log(LogLevel::Critical, NAME, &e.to_string());
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            shared: self.shared.clone()?,
+            origin: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    shared: Rc<Shared>,
+    origin: Option<String>,
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let s = &self.shared;
+        let method = host::request_header(":method").unwrap_or_default();
+        let origin = host::request_header("origin");
+        let authorization = host::request_header("authorization");
+        let cookie = host::request_header("cookie");
+        let csrf = host::request_header(&s.config.csrf_header);
+        let preflight = host::request_header("access-control-request-method");
+        let decision = s.config.decide(&ProxyRequest {
+            method: &method,
+            origin: origin.as_deref(),
+            authorization: authorization.as_deref(),
+            cookie: cookie.as_deref(),
+            csrf_header: csrf.as_deref(),
+            preflight_method: preflight.as_deref(),
+        });
+        self.origin = origin;
+        // The CSRF header has done its job here; the upstream never needs it.
+        if csrf.is_some() {
+            host::set_request_header(&s.config.csrf_header, None);
+        }
+        match decision {
+            ProxyDecision::Pass => {
+                s.count("passed");
+                Action::Continue
+            }
+            ProxyDecision::Forward {
+                authorization,
+                cookie,
+            } => {
+                host::set_request_header("authorization", Some(&authorization));
+                host::set_request_header("cookie", cookie.as_deref());
+                s.count("forwarded");
+                Action::Continue
+            }
+            ProxyDecision::Reply { reply, denial } => {
+                match denial {
+                    Some(d) => {
+                        s.count(&format!("denied.{}", d.reason()));
+                        let path = host::request_header(":path").unwrap_or_default();
+                        let path = path.split('?').next().unwrap_or("");
+                        host::log(
+                            LogLevel::Info,
+                            NAME,
+                            &format!("denied ({}) {method} {path} -> 401", d.reason()),
+                        );
+                    }
+                    None => s.count("preflight"),
+                }
+                host::send_reply(&reply);
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let config = &self.shared.config;
+        for (name, value) in config.cors_headers(self.origin.as_deref()) {
+            if name == "vary" {
+                host::add_response_header(&name, &value);
+            } else {
+                host::set_response_header(&name, Some(&value));
+            }
+        }
+        if !config.harden_names.is_empty() {
+            let cookies: Vec<String> = host::response_headers()
+                .into_iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+                .map(|(_, v)| v)
+                .collect();
+            let hardened: Vec<String> = cookies
+                .iter()
+                .map(|c| config.harden_set_cookie(c).unwrap_or_else(|| c.clone()))
+                .collect();
+            if hardened != cookies {
+                host::set_response_header("set-cookie", None);
+                for c in &hardened {
+                    host::add_response_header("set-cookie", c);
+                }
+                self.shared.count("cookies_hardened");
+            }
+        }
+        Action::Continue
+    }
+}
