@@ -1,0 +1,547 @@
+//! `gatehouse check`: find every Envoy Wasm HTTP filter in a config, and compile the
+//! configuration of each gatehouse one with the very code the filter runs when Envoy loads it.
+//!
+//! The config is read as JSON or YAML and walked as a whole, so filters are found wherever
+//! they are: listeners' HTTP connection managers, ECDS default configs, nested filter chains.
+
+use crate::Error;
+use gatehouse_core::jwt_auth::JwtAuthConfig;
+use gatehouse_core::token_proxy::TokenProxyConfig;
+use gatehouse_core::ConfigError;
+use serde_json::{Map, Value};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// `@type` of an Envoy Wasm HTTP filter config.
+pub const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+/// `@type` of the `configuration` wrapper gatehouse filters expect.
+pub const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
+/// Also accepted by Envoy as plugin configuration; its `value` is base64.
+pub const BYTES_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.BytesValue";
+
+/// The gatehouse filters, by their `root_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterKind {
+    JwtAuth,
+    TokenProxy,
+}
+
+impl FilterKind {
+    pub const ALL: [FilterKind; 2] = [FilterKind::JwtAuth, FilterKind::TokenProxy];
+
+    /// The `root_id` the filter is configured with: `jwt_auth`, `token_proxy`.
+    pub fn root_id(self) -> &'static str {
+        match self {
+            FilterKind::JwtAuth => "jwt_auth",
+            FilterKind::TokenProxy => "token_proxy",
+        }
+    }
+
+    pub fn from_root_id(root_id: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.root_id() == root_id)
+    }
+
+    /// Guess the filter from its module's file name (`jwt-auth.wasm`,
+    /// `gatehouse_jwt_auth.wasm`, …).
+    pub fn from_module(filename: &str) -> Option<Self> {
+        let stem = Path::new(filename)
+            .file_stem()?
+            .to_string_lossy()
+            .to_ascii_lowercase()
+            .replace('-', "_");
+        Self::ALL
+            .into_iter()
+            .find(|k| stem == k.root_id() || stem.ends_with(&format!("_{}", k.root_id())))
+    }
+
+    /// Compile `config` (the JSON in `configuration.value`) as the filter does at load.
+    pub fn compile(self, config: &[u8]) -> Result<(), ConfigError> {
+        match self {
+            FilterKind::JwtAuth => JwtAuthConfig::compile(config).map(drop),
+            FilterKind::TokenProxy => TokenProxyConfig::compile(config).map(drop),
+        }
+    }
+}
+
+/// What the check made of one Wasm filter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A gatehouse filter whose configuration compiles.
+    Ok,
+    /// A gatehouse filter that would not load; the message names the field.
+    Failed(String),
+    /// A Wasm filter that is not gatehouse's.
+    Skipped,
+}
+
+/// One Wasm filter found in the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// The filter's `name` (e.g. `gatehouse.jwt_auth`), else the plugin's `config.name`.
+    pub name: String,
+    pub root_id: Option<String>,
+    /// Where in the document: `static_resources.listeners[0]...http_filters[1]`.
+    pub path: String,
+    pub outcome: Outcome,
+    /// Problems that do not stop the check, e.g. a module file that is not there.
+    pub warnings: Vec<String>,
+}
+
+impl Finding {
+    fn subject(&self) -> String {
+        let root_id = match &self.root_id {
+            Some(r) => format!("root_id {r}"),
+            None => "no root_id".to_string(),
+        };
+        let at = if self.path.is_empty() {
+            "(document root)"
+        } else {
+            &self.path
+        };
+        format!("{} ({root_id}) at {at}", self.name)
+    }
+
+    /// The report lines: `ok   …`, `FAIL …: <error>`, `skip …`, then one `warn …` per warning.
+    pub fn report_lines(&self) -> Vec<String> {
+        let subject = self.subject();
+        let mut lines = vec![match &self.outcome {
+            Outcome::Ok => format!("ok   {subject}"),
+            Outcome::Failed(why) => format!("FAIL {subject}: {why}"),
+            Outcome::Skipped => format!("skip {subject}: skipped (not a gatehouse filter)"),
+        }];
+        lines.extend(self.warnings.iter().map(|w| format!("warn {subject}: {w}")));
+        lines
+    }
+}
+
+/// Counts over a check's findings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub ok: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub warnings: usize,
+}
+
+impl Summary {
+    pub fn of(findings: &[Finding]) -> Self {
+        let mut s = Self::default();
+        for f in findings {
+            match f.outcome {
+                Outcome::Ok => s.ok += 1,
+                Outcome::Failed(_) => s.failed += 1,
+                Outcome::Skipped => s.skipped += 1,
+            }
+            s.warnings += f.warnings.len();
+        }
+        s
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gatehouse = self.ok + self.failed;
+        write!(
+            f,
+            "{gatehouse} gatehouse filter{}: {} ok, {} failed; {} other Wasm filter{} skipped; {} warning{}",
+            if gatehouse == 1 { "" } else { "s" },
+            self.ok,
+            self.failed,
+            self.skipped,
+            if self.skipped == 1 { "" } else { "s" },
+            self.warnings,
+            if self.warnings == 1 { "" } else { "s" },
+        )
+    }
+}
+
+/// Read an Envoy config file: JSON for `.json`, YAML otherwise (YAML is a superset of JSON).
+pub fn load_document(path: &Path) -> Result<Value, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())))?;
+    let is_json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    parse_document(&text, is_json).map_err(|e| Error::new(format!("{}: {e}", path.display())))
+}
+
+/// Parse an Envoy config given as text, as JSON or as YAML. YAML merge keys (`<<`) are
+/// applied and, as Envoy does, mapping entries whose key is tagged `!ignore` are dropped.
+pub fn parse_document(text: &str, json: bool) -> Result<Value, Error> {
+    if json {
+        return serde_json::from_str(text).map_err(|e| Error::new(format!("not valid JSON: {e}")));
+    }
+    let mut yaml: serde_norway::Value =
+        serde_norway::from_str(text).map_err(|e| Error::new(format!("not valid YAML: {e}")))?;
+    yaml.apply_merge()
+        .map_err(|e| Error::new(format!("not valid YAML: {e}")))?;
+    yaml_to_json(yaml)
+}
+
+fn is_ignore_tag(tag: &serde_norway::value::Tag) -> bool {
+    tag.to_string().trim_start_matches('!') == "ignore"
+}
+
+fn yaml_to_json(v: serde_norway::Value) -> Result<Value, Error> {
+    use serde_norway::Value as Y;
+    Ok(match v {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(b),
+        Y::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                n.as_f64()
+                    .and_then(serde_json::Number::from_f64)
+                    .map_or_else(|| Value::String(n.to_string()), Value::Number)
+            }
+        }
+        Y::String(s) => Value::String(s),
+        Y::Sequence(seq) => Value::Array(
+            seq.into_iter()
+                .map(yaml_to_json)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Y::Mapping(mapping) => {
+            let mut out = Map::new();
+            for (k, v) in mapping {
+                let key = match k {
+                    Y::Tagged(t) if is_ignore_tag(&t.tag) => continue,
+                    Y::Tagged(t) => yaml_key(t.value)?,
+                    other => yaml_key(other)?,
+                };
+                out.insert(key, yaml_to_json(v)?);
+            }
+            Value::Object(out)
+        }
+        Y::Tagged(t) => yaml_to_json(t.value)?,
+    })
+}
+
+fn yaml_key(k: serde_norway::Value) -> Result<String, Error> {
+    use serde_norway::Value as Y;
+    match k {
+        Y::String(s) => Ok(s),
+        Y::Number(n) => Ok(n.to_string()),
+        Y::Bool(b) => Ok(b.to_string()),
+        Y::Null => Ok("null".to_string()),
+        _ => Err(Error::new(
+            "a mapping key is a list or a mapping; Envoy configs only use scalar keys",
+        )),
+    }
+}
+
+/// A Wasm filter config found in the document, with what holds it.
+struct Found<'a> {
+    wasm: &'a Map<String, Value>,
+    /// The object whose member the Wasm config is (an `http_filters[i]` entry, usually).
+    holder: Option<&'a Map<String, Value>>,
+    /// The path to report: the holder's for a `typed_config`, else the config's own.
+    path: String,
+}
+
+fn child_path(path: &str, key: &str) -> String {
+    let plain = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    match (path.is_empty(), plain) {
+        (true, true) => key.to_string(),
+        (false, true) => format!("{path}.{key}"),
+        (_, false) => format!("{path}[{}]", Value::String(key.to_string())),
+    }
+}
+
+fn is_wasm(v: &Value) -> bool {
+    v.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE)
+}
+
+fn walk<'a>(
+    v: &'a Value,
+    path: &str,
+    holder: Option<(&'a Map<String, Value>, &str, &str)>,
+    out: &mut Vec<Found<'a>>,
+) {
+    match v {
+        Value::Object(obj) => {
+            if is_wasm(v) {
+                let (holder_obj, report_path) = match holder {
+                    Some((h, holder_path, "typed_config")) => (Some(h), holder_path.to_string()),
+                    Some((h, _, _)) => (Some(h), path.to_string()),
+                    None => (None, path.to_string()),
+                };
+                out.push(Found {
+                    wasm: obj,
+                    holder: holder_obj,
+                    path: report_path,
+                });
+            }
+            for (k, child) in obj {
+                walk(child, &child_path(path, k), Some((obj, path, k)), out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                walk(child, &format!("{path}[{i}]"), None, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn str_at<'a>(v: Option<&'a Value>, path: &[&str]) -> Option<&'a str> {
+    path.iter()
+        .try_fold(v?, |v, k| v.get(k))
+        .and_then(Value::as_str)
+}
+
+/// The plugin configuration bytes Envoy hands the filter.
+fn configuration_bytes(config: Option<&Value>) -> Result<Vec<u8>, String> {
+    let Some(c) = config.and_then(|c| c.get("configuration")) else {
+        return Err(
+            "config.configuration is missing (a gatehouse filter needs its JSON config there)"
+                .to_string(),
+        );
+    };
+    let ty = c.get("@type").and_then(Value::as_str);
+    let value = c.get("value");
+    match (ty, value) {
+        (Some(STRING_VALUE_TYPE), None) => Ok(Vec::new()),
+        (Some(STRING_VALUE_TYPE), Some(Value::String(s))) => Ok(s.as_bytes().to_vec()),
+        (Some(BYTES_VALUE_TYPE), None) => Ok(Vec::new()),
+        (Some(BYTES_VALUE_TYPE), Some(Value::String(s))) => {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(s.trim())
+                .map_err(|e| format!("config.configuration.value is not base64: {e}"))
+        }
+        (Some(STRING_VALUE_TYPE | BYTES_VALUE_TYPE), Some(_)) => {
+            Err("config.configuration.value must be a string".to_string())
+        }
+        (Some(other), _) => Err(format!(
+            "config.configuration is a {other}; gatehouse filters take a {STRING_VALUE_TYPE} holding JSON"
+        )),
+        (None, _) => Err(format!(
+            "config.configuration needs \"@type\": {STRING_VALUE_TYPE} and a JSON string in `value`"
+        )),
+    }
+}
+
+/// Where a module file would be: relative paths under `root`; absolute ones under `root`
+/// (as in a container image's root) and as they are.
+fn module_candidates(root: &Path, filename: &str) -> Vec<PathBuf> {
+    let p = Path::new(filename);
+    match p.strip_prefix("/") {
+        Ok(rel) => vec![root.join(rel), p.to_path_buf()],
+        Err(_) => vec![root.join(p)],
+    }
+}
+
+fn check_found(found: &Found<'_>, root: &Path) -> Finding {
+    let wasm = found.wasm;
+    let config = wasm.get("config");
+    let root_id = str_at(config, &["root_id"])
+        .filter(|r| !r.is_empty())
+        .map(str::to_string);
+    let module = str_at(config, &["vm_config", "code", "local", "filename"]);
+    let name = found
+        .holder
+        .and_then(|h| h.get("name"))
+        .and_then(Value::as_str)
+        .or_else(|| str_at(config, &["name"]))
+        .filter(|n| !n.is_empty())
+        .unwrap_or("<unnamed>")
+        .to_string();
+    let mut warnings = Vec::new();
+    let by_root_id = root_id.as_deref().and_then(FilterKind::from_root_id);
+    let by_module = module.and_then(FilterKind::from_module);
+    let kind = match (by_root_id, by_module) {
+        (Some(k), Some(m)) if k != m => {
+            warnings.push(format!(
+                "root_id {} but the module {} looks like {}",
+                k.root_id(),
+                module.unwrap_or_default(),
+                m.root_id()
+            ));
+            Some(k)
+        }
+        (Some(k), _) => Some(k),
+        (None, Some(m)) => {
+            warnings.push(format!(
+                "{} is not a gatehouse root_id, but the module {} is {}'s; checked as {}",
+                root_id
+                    .as_deref()
+                    .map_or("a missing root_id".to_string(), |r| format!("`{r}`")),
+                module.unwrap_or_default(),
+                m.root_id(),
+                m.root_id()
+            ));
+            Some(m)
+        }
+        (None, None) => None,
+    };
+    let Some(kind) = kind else {
+        return Finding {
+            name,
+            root_id,
+            path: found.path.clone(),
+            outcome: Outcome::Skipped,
+            warnings: Vec::new(),
+        };
+    };
+    if let Some(filename) = module {
+        let candidates = module_candidates(root, filename);
+        if !candidates.iter().any(|c| c.is_file()) {
+            let looked = candidates
+                .iter()
+                .map(|c| c.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            warnings.push(format!(
+                "module file {filename} not found (looked for {looked}); build it, or pass --root"
+            ));
+        }
+    }
+    let outcome = match configuration_bytes(config) {
+        Err(why) => Outcome::Failed(why),
+        Ok(bytes) => match kind.compile(&bytes) {
+            Ok(()) => Outcome::Ok,
+            Err(e) => Outcome::Failed(e.to_string()),
+        },
+    };
+    Finding {
+        name,
+        root_id,
+        path: found.path.clone(),
+        outcome,
+        warnings,
+    }
+}
+
+/// Check every Wasm HTTP filter in `doc`, in document order. `root` is the directory module
+/// files are looked up under.
+pub fn check_document(doc: &Value, root: &Path) -> Vec<Finding> {
+    let mut found = Vec::new();
+    walk(doc, "", None, &mut found);
+    found.iter().map(|f| check_found(f, root)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(name: &str, root_id: &str, configuration: Value) -> Value {
+        serde_json::json!({
+            "name": name,
+            "typed_config": {
+                "@type": WASM_FILTER_TYPE,
+                "config": {
+                    "root_id": root_id,
+                    "vm_config": {"code": {"local": {"filename": "/nonexistent/m.wasm"}}},
+                    "configuration": configuration,
+                }
+            }
+        })
+    }
+
+    fn string_value(s: &str) -> Value {
+        serde_json::json!({"@type": STRING_VALUE_TYPE, "value": s})
+    }
+
+    const TOKEN_PROXY: &str = r#"{"cookie_prefix":"gh","encryption_keys":["000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"]}"#;
+
+    #[test]
+    fn finds_filters_anywhere_and_compiles_them() {
+        let doc = serde_json::json!({
+            "static_resources": {"listeners": [{"filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {"http_filters": [
+                    filter("gatehouse.token_proxy", "token_proxy", string_value(TOKEN_PROXY)),
+                    filter("gatehouse.jwt_auth", "jwt_auth", string_value(r#"{"providers":[]}"#)),
+                    filter("other", "something_else", string_value("{}")),
+                    {"name": "envoy.filters.http.router"}
+                ]}
+            }]}]}]}
+        });
+        let findings = check_document(&doc, Path::new("."));
+        assert_eq!(findings.len(), 3);
+        let base = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config";
+        assert_eq!(findings[0].path, format!("{base}.http_filters[0]"));
+        assert_eq!(findings[0].outcome, Outcome::Ok);
+        assert_eq!(findings[0].warnings.len(), 1, "{:?}", findings[0].warnings);
+        assert_eq!(findings[1].name, "gatehouse.jwt_auth");
+        assert_eq!(
+            findings[1].outcome,
+            Outcome::Failed(
+                "config error at providers: at least one provider is required".to_string()
+            )
+        );
+        assert_eq!(findings[2].outcome, Outcome::Skipped);
+        assert!(findings[2].warnings.is_empty());
+        assert_eq!(
+            Summary::of(&findings),
+            Summary {
+                ok: 1,
+                failed: 1,
+                skipped: 1,
+                warnings: 2
+            }
+        );
+    }
+
+    #[test]
+    fn configuration_must_be_a_string_value() {
+        let doc = filter(
+            "f",
+            "token_proxy",
+            serde_json::json!({"@type": "x", "value": "{}"}),
+        );
+        let f = &check_document(&doc, Path::new("."))[0];
+        assert!(matches!(&f.outcome, Outcome::Failed(m) if m.contains("StringValue")));
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(TOKEN_PROXY);
+        let doc = filter(
+            "f",
+            "token_proxy",
+            serde_json::json!({"@type": BYTES_VALUE_TYPE, "value": b64}),
+        );
+        assert_eq!(check_document(&doc, Path::new("."))[0].outcome, Outcome::Ok);
+    }
+
+    #[test]
+    fn module_names_identify_filters() {
+        assert_eq!(
+            FilterKind::from_module("/etc/envoy/jwt-auth.wasm"),
+            Some(FilterKind::JwtAuth)
+        );
+        assert_eq!(
+            FilterKind::from_module("gatehouse_token_proxy.wasm"),
+            Some(FilterKind::TokenProxy)
+        );
+        assert_eq!(FilterKind::from_module("not_jwt_authx.wasm"), None);
+    }
+
+    #[test]
+    fn yaml_merge_keys_and_ignore_tags() {
+        let doc = parse_document(
+            "!ignore x: &base {a: 1}\ny:\n  <<: *base\n  b: \"two\"\n  3: c\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            doc,
+            serde_json::json!({"y": {"a": 1, "b": "two", "3": "c"}})
+        );
+    }
+
+    #[test]
+    fn keys_that_are_not_identifiers_are_quoted_in_paths() {
+        assert_eq!(
+            child_path("a", "gatehouse.jwt_auth"),
+            "a[\"gatehouse.jwt_auth\"]"
+        );
+        assert_eq!(child_path("", "static_resources"), "static_resources");
+    }
+}
