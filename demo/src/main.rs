@@ -1,0 +1,98 @@
+//! The upstream of the gatehouse local stack.
+//!
+//! It shows users (and tests) exactly what reached the upstream after the filters ran:
+//! - `/api/*`: echoes the request (method, path, query, headers) as JSON;
+//! - `/ws/*`: a WebSocket echo that selects the app subprotocol `sip`;
+//! - `/`: a static demo phone page;
+//! - `/.well-known/jwks.json`: the public keys of the local stack;
+//! - `POST /dev/login`: DEV ONLY, mints a short-lived JWT with the local stack's key.
+//!
+//! Settings come from the environment: `GATEHOUSE_DEMO_ADDR` (default `127.0.0.1:8081`) and
+//! `GATEHOUSE_KEYS_DIR` (default `.local/keys`, generated on first run, git-ignored).
+
+mod echo;
+mod login;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{any, get, post};
+use axum::Router;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("gatehouse-demo: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let addr: SocketAddr = std::env::var("GATEHOUSE_DEMO_ADDR")
+        .unwrap_or_else(|_| "127.0.0.1:8081".into())
+        .parse()
+        .map_err(|e| format!("GATEHOUSE_DEMO_ADDR: {e}"))?;
+    let keys_dir =
+        PathBuf::from(std::env::var("GATEHOUSE_KEYS_DIR").unwrap_or_else(|_| ".local/keys".into()));
+    let issuer = login::Issuer::load_or_create(&keys_dir)?;
+    let app = router(Arc::new(issuer));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        println!(
+            "gatehouse-demo listening on http://{addr} (keys in {})",
+            keys_dir.display()
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+fn router(issuer: Arc<login::Issuer>) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| {
+                static_file(
+                    "text/html; charset=utf-8",
+                    include_str!("../static/index.html"),
+                )
+            }),
+        )
+        .route(
+            "/phone.js",
+            get(|| static_file("text/javascript", include_str!("../static/phone.js"))),
+        )
+        .route(
+            "/phone.css",
+            get(|| static_file("text/css", include_str!("../static/phone.css"))),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/{*rest}", any(echo::echo))
+        .route("/ws/{*rest}", get(ws::upgrade))
+        .route("/.well-known/jwks.json", get(login::jwks))
+        .route("/dev/login", post(login::login))
+        .with_state(issuer)
+}
+
+async fn static_file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+}

@@ -1,0 +1,64 @@
+//! `/ws/*`: a WebSocket echo that selects the `sip` subprotocol.
+//!
+//! Test commands (text frames):
+//! - `__headers__` → the upgrade request's headers as JSON (what the upstream saw);
+//! - `__later__:<ms>:<text>` → sends `<text>` after `<ms>` milliseconds, so a test can make the
+//!   upstream speak first after a token has expired.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use tokio::sync::mpsc;
+
+use crate::echo::headers_json;
+
+pub async fn upgrade(ws: WebSocketUpgrade, headers: HeaderMap) -> Response {
+    let seen = headers_json(&headers).to_string();
+    ws.protocols(["sip"])
+        .on_upgrade(move |socket| session(socket, seen))
+}
+
+async fn session(mut socket: WebSocket, seen: String) {
+    let (later_tx, mut later_rx) = mpsc::channel::<String>(16);
+    loop {
+        let reply = tokio::select! {
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(text))) => match command(text.as_str(), &seen, &later_tx) {
+                    Some(reply) => Message::Text(reply.into()),
+                    None => continue,
+                },
+                Some(Ok(Message::Binary(bytes))) => Message::Binary(bytes),
+                Some(Ok(Message::Close(frame))) => {
+                    let _ = socket.send(Message::Close(frame)).await;
+                    return;
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return,
+            },
+            Some(text) = later_rx.recv() => Message::Text(text.into()),
+        };
+        if socket.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn command(text: &str, seen: &str, later: &mpsc::Sender<String>) -> Option<String> {
+    if text == "__headers__" {
+        return Some(seen.to_owned());
+    }
+    if let Some(rest) = text.strip_prefix("__later__:") {
+        let (ms, message) = rest.split_once(':')?;
+        let ms: u64 = ms.parse().ok()?;
+        let later = later.clone();
+        let message = message.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let _ = later.send(message).await;
+        });
+        return None;
+    }
+    Some(text.to_owned())
+}

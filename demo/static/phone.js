@@ -1,0 +1,43 @@
+// The demo phone: gets a short-lived connect token from the dev-only login, then opens the
+// signaling WebSocket with the token in Sec-WebSocket-Protocol (never in the URL, which leaks
+// into logs). jwt-auth in Envoy checks it; a refusal arrives as CloseEvent.code 4401/4403/4400.
+"use strict";
+
+let token = null;
+let socket = null;
+
+const $ = (id) => document.getElementById(id);
+
+function log(text, cls) {
+  const li = document.createElement("li");
+  li.textContent = new Date().toISOString().slice(11, 19) + " " + text;
+  if (cls) li.className = cls;
+  $("log").prepend(li);
+}
+
+async function login() {
+  const r = await fetch("/dev/login", { method: "POST" });
+  if (!r.ok) { log("login failed: HTTP " + r.status, "close"); return; }
+  const body = await r.json();
+  token = body.access_token;
+  $("expiry").textContent = new Date(Date.now() + body.expires_in * 1000).toLocaleTimeString();
+  $("connect").disabled = false;
+  log("logged in; token valid for " + body.expires_in + " s");
+}
+
+function connect(withToken) {
+  if (socket) socket.close(1000);
+  const url = location.origin.replace(/^http/, "ws") + "/ws/echo";
+  socket = new WebSocket(url, ["sip", "bearer." + withToken]);
+  socket.onopen = () => { log("socket open, subprotocol " + socket.protocol); $("send").disabled = false; };
+  socket.onmessage = (e) => log("received: " + e.data);
+  socket.onclose = (e) => {
+    log("closed: code " + e.code + (e.reason ? " (" + e.reason + ")" : ""), "close");
+    $("send").disabled = true;
+  };
+}
+
+$("login").onclick = login;
+$("connect").onclick = () => connect(token);
+$("bad").onclick = () => connect("not.a.token");
+$("send").onclick = () => socket && socket.send("INVITE sip:echo@gatehouse.local SIP/2.0");
