@@ -30,10 +30,9 @@ async fn session(mut socket: WebSocket, seen: String) {
                     None => continue,
                 },
                 Some(Ok(Message::Binary(bytes))) => Message::Binary(bytes),
-                Some(Ok(Message::Close(frame))) => {
-                    let _ = socket.send(Message::Close(frame)).await;
-                    return;
-                }
+                // The close reply (RFC 6455 5.5.1) is queued by the WebSocket library and
+                // written by the next receive, which then ends the stream.
+                Some(Ok(Message::Close(_))) => continue,
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return,
             },

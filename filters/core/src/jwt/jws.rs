@@ -41,7 +41,7 @@ impl<'a> Jws<'a> {
         else {
             return Err(TokenError::Malformed);
         };
-        if !is_b64url(h) || !is_b64url(p) || !is_b64url(s) {
+        if !is_b64url(h) || !is_b64url(p) {
             return Err(TokenError::Malformed);
         }
         let header_json = b64url_decode(h).ok_or(TokenError::Malformed)?;
@@ -51,7 +51,12 @@ impl<'a> Jws<'a> {
         if header.crit.is_some() {
             return Err(TokenError::Malformed);
         }
+        // Before the signature is even looked at: `alg: none` tokens (empty signature) are
+        // refused for what they are.
         let alg = Alg::from_name(&header.alg).ok_or(TokenError::Algorithm)?;
+        if !is_b64url(s) {
+            return Err(TokenError::Malformed);
+        }
         let payload = b64url_decode(p).ok_or(TokenError::Malformed)?;
         let signature = b64url_decode(s).ok_or(TokenError::Malformed)?;
         Ok(Self {

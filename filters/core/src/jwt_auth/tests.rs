@@ -157,7 +157,7 @@ fn refusals_each_with_their_reason() {
         (wrong_aud, Denial::Token(TokenError::Audience)),
         (future, Denial::Token(TokenError::NotYetValid)),
         (bad_sig, Denial::Token(TokenError::Signature)),
-        (none, Denial::Token(TokenError::Malformed)),
+        (none, Denial::Token(TokenError::Algorithm)),
         (none_sig, Denial::Token(TokenError::Algorithm)),
         (unknown_kid, Denial::Token(TokenError::UnknownKey)),
         (crit, Denial::Token(TokenError::Malformed)),
