@@ -1,0 +1,90 @@
+"""docker-compose.yml cannot be run here (no Docker engine), so it is kept correct by
+construction: it must describe the same stack as `cargo xtask up`, and everything it references
+(files, mounts, ports, the Envoy version) must exist and match."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import yaml
+
+from conftest import ENVOY_BIN, ROOT
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+ENVOY_YAML = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """container path → host path (relative to the repo root)"""
+    out = {}
+    for volume in service.get("volumes", []):
+        host, container = volume.split(":")[:2]
+        out[container] = host
+    return out
+
+
+def walk(node):
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+def wasm_files() -> list[str]:
+    return [n["filename"] for n in walk(ENVOY_YAML) if "filename" in n]
+
+
+def test_envoy_image_is_the_version_the_tests_run(require_envoy):
+    tag = SERVICES["envoy"]["image"]
+    assert tag.startswith("envoyproxy/envoy:v"), tag
+    version = subprocess.run([str(ENVOY_BIN), "--version"], capture_output=True, text=True).stdout
+    ours = re.search(r"/(\d+\.\d+\.\d+)/", version).group(1)
+    assert tag.split(":v")[1] == ours, f"compose runs {tag}, the tests run Envoy {ours}"
+
+
+def test_envoy_runs_the_shipped_config_from_the_mounted_folders():
+    envoy = SERVICES["envoy"]
+    workdir = envoy["working_dir"]
+    m = mounts(envoy)
+    command = envoy["command"]
+    config = command[command.index("-c") + 1]
+    assert f"{workdir}/envoy-config" in m and m[f"{workdir}/envoy-config"] == "./envoy-config"
+    assert (ROOT / "envoy-config" / config.removeprefix("envoy-config/")).exists()
+    assert config.startswith("envoy-config/")
+    # Every wasm file envoy.yaml loads is relative to the working dir and inside a mount of dist/.
+    assert wasm_files(), "envoy.yaml loads the gatehouse filters"
+    for filename in wasm_files():
+        assert not filename.startswith("/"), filename
+        top = filename.split("/")[0]
+        assert m.get(f"{workdir}/{top}") == f"./{top}", f"{filename} is not mounted"
+        assert (ROOT / filename).exists(), f"{filename} is not built by cargo xtask build"
+
+
+def test_ports_and_addresses_match_the_envoy_config():
+    demo = SERVICES["demo"]
+    assert SERVICES["envoy"]["network_mode"] == "service:demo"
+    listener = ENVOY_YAML["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener["address"] == "0.0.0.0", "the listener must be reachable through the published port"
+    published = [p.rsplit(":", 1)[1] for p in demo["ports"]]
+    assert str(listener["port_value"]) in published
+    cluster = next(c for c in ENVOY_YAML["static_resources"]["clusters"] if c["name"] == "demo")
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert demo["environment"]["GATEHOUSE_DEMO_ADDR"] == f"{endpoint['address']}:{endpoint['port_value']}"
+
+
+def test_demo_image_builds_the_demo_crate():
+    build = SERVICES["demo"]["build"]
+    dockerfile = ROOT / build["context"] / build["dockerfile"]
+    text = dockerfile.read_text()
+    assert "-p gatehouse-demo" in text
+    assert 'name = "gatehouse-demo"' in (ROOT / "demo" / "Cargo.toml").read_text()
+    keys = SERVICES["demo"]["environment"]["GATEHOUSE_KEYS_DIR"]
+    assert keys in mounts(SERVICES["demo"]), "the demo keys live in a volume, never in the image"
+    rust = re.search(r"FROM rust:(\d+\.\d+)", text).group(1)
+    msrv = re.search(r'rust-version = "(\d+\.\d+)"', (ROOT / "Cargo.toml").read_text()).group(1)
+    assert tuple(map(int, rust.split("."))) >= tuple(map(int, msrv.split(".")))
