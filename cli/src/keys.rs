@@ -62,7 +62,7 @@ impl fmt::Display for KeyAlg {
 }
 
 enum Material {
-    EdDsa(ed25519_compact::KeyPair),
+    EdDsa(ed25519_dalek::SigningKey),
     /// The key and its public point's affine coordinates.
     Es256(p256::ecdsa::SigningKey, Vec<u8>, Vec<u8>),
     Rs256(Box<rsa::pkcs1v15::SigningKey<Sha256>>),
@@ -145,10 +145,7 @@ impl PrivateKey {
         rsa_bits: usize,
     ) -> Result<Self, Error> {
         let material = match alg {
-            KeyAlg::EdDsa => {
-                let seed = ed25519_compact::Seed::new(random_32()?);
-                Material::EdDsa(ed25519_compact::KeyPair::from_seed(seed))
-            }
+            KeyAlg::EdDsa => Material::EdDsa(ed25519_dalek::SigningKey::from_bytes(&random_32()?)),
             KeyAlg::Es256 => {
                 // A random 32-byte string is a valid scalar with overwhelming probability;
                 // retry the astronomically rare zero or out-of-range value.
@@ -238,11 +235,11 @@ impl PrivateKey {
                     return Err(Error::new("only Ed25519 OKP keys are supported"));
                 }
                 let d = required("d")?;
-                let seed = ed25519_compact::Seed::from_slice(&d)
+                let seed = <[u8; 32]>::try_from(d.as_slice())
                     .map_err(|_| Error::new("JWK member `d` must be a 32-byte Ed25519 seed"))?;
-                let kp = ed25519_compact::KeyPair::from_seed(seed);
+                let kp = ed25519_dalek::SigningKey::from_bytes(&seed);
                 if let Some(x) = bytes("x")? {
-                    if x.as_slice() != kp.pk.as_ref() {
+                    if x.as_slice() != kp.verifying_key().as_bytes() {
                         return Err(Error::new("JWK member `x` does not match the private key"));
                     }
                 }
@@ -323,7 +320,7 @@ impl PrivateKey {
             Material::EdDsa(kp) => vec![
                 ("crv", "Ed25519".to_string()),
                 ("kty", "OKP".to_string()),
-                ("x", b64url(kp.pk.as_ref())),
+                ("x", b64url(kp.verifying_key().as_bytes())),
             ],
             Material::Es256(_, x, y) => vec![
                 ("crv", "P-256".to_string()),
@@ -370,7 +367,7 @@ impl PrivateKey {
             m.insert(k.to_string(), Value::String(b64url(v)));
         };
         match &self.material {
-            Material::EdDsa(kp) => put("d", kp.sk.seed().as_ref()),
+            Material::EdDsa(kp) => put("d", kp.as_bytes()),
             Material::Es256(sk, ..) => put("d", sk.to_bytes().as_slice()),
             Material::Rs256(sk) => {
                 let key: &rsa::PrivateKey = sk.as_ref().as_ref();
@@ -394,7 +391,9 @@ impl PrivateKey {
     /// ES256 signatures are the 64-byte `r || s` JOSE wants, not DER.
     pub fn sign(&self, signing_input: &[u8]) -> Result<Vec<u8>, Error> {
         match &self.material {
-            Material::EdDsa(kp) => Ok(kp.sk.sign(signing_input, None).as_ref().to_vec()),
+            Material::EdDsa(kp) => Ok(ed25519_dalek::Signer::sign(kp, signing_input)
+                .to_bytes()
+                .to_vec()),
             Material::Es256(sk, ..) => {
                 use p256::ecdsa::signature::Signer;
                 let sig: p256::ecdsa::Signature = sk

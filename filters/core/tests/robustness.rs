@@ -28,9 +28,9 @@ fn b64(d: &[u8]) -> String {
 }
 
 fn setup() -> (JwtAuth, String) {
-    let kp = ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new([3; 32]));
+    let kp = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
     let cfg = json!({"providers": [{"name": "p", "issuer": "iss", "jwks": {"inline": {"keys": [
-        {"kty": "OKP", "crv": "Ed25519", "kid": "k", "x": b64(kp.pk.as_ref())}]}}}],
+        {"kty": "OKP", "crv": "Ed25519", "kid": "k", "x": b64(kp.verifying_key().as_bytes())}]}}}],
         "sources": [{"websocket_protocol": {}}, {"authorization": {}}, {"cookie": {"name": "t"}}]});
     let auth = JwtAuth::new(JwtAuthConfig::compile(cfg.to_string().as_bytes()).unwrap());
     let input = format!(
@@ -40,8 +40,8 @@ fn setup() -> (JwtAuth, String) {
             .to_string()
             .as_bytes())
     );
-    let sig = kp.sk.sign(input.as_bytes(), None);
-    (auth, format!("{input}.{}", b64(sig.as_ref())))
+    let sig = ed25519_dalek::Signer::sign(&kp, input.as_bytes());
+    (auth, format!("{input}.{}", b64(&sig.to_bytes())))
 }
 
 fn mutate(rng: &mut Rng, s: &str) -> String {

@@ -13,7 +13,7 @@ enum Material {
     Rs256(rsa::pkcs1v15::VerifyingKey<Sha256>),
     Ps256(rsa::pss::VerifyingKey<Sha256>),
     Es256(p256::ecdsa::VerifyingKey),
-    EdDsa(ed25519_compact::PublicKey),
+    EdDsa(ed25519_dalek::VerifyingKey),
     Hs256(Vec<u8>),
 }
 
@@ -46,8 +46,8 @@ impl VerifyingKey {
             Material::Es256(key) => p256::ecdsa::Signature::from_slice(signature)
                 .map(|sig| key.verify(signing_input, &sig).is_ok())
                 .unwrap_or(false),
-            Material::EdDsa(key) => ed25519_compact::Signature::from_slice(signature)
-                .map(|sig| key.verify(signing_input, &sig).is_ok())
+            Material::EdDsa(key) => ed25519_dalek::Signature::from_slice(signature)
+                .map(|sig| key.verify_strict(signing_input, &sig).is_ok())
                 .unwrap_or(false),
             Material::Hs256(secret) => match <Hmac<Sha256> as KeyInit>::new_from_slice(secret) {
                 Ok(mut mac) => {
@@ -142,8 +142,10 @@ impl VerifyingKey {
                     return Err(ConfigError::new("crv", "only Ed25519 OKP keys are supported"));
                 }
                 let x = field("x", &jwk.x)?;
-                let key = ed25519_compact::PublicKey::from_slice(&x)
-                    .map_err(|_| ConfigError::new("x", "not an Ed25519 public key"))?;
+                let key = <[u8; 32]>::try_from(x.as_slice())
+                    .ok()
+                    .and_then(|x| ed25519_dalek::VerifyingKey::from_bytes(&x).ok())
+                    .ok_or_else(|| ConfigError::new("x", "not an Ed25519 public key"))?;
                 match declared.unwrap_or(Alg::EdDsa) {
                     Alg::EdDsa => (Alg::EdDsa, Material::EdDsa(key)),
                     other => return Err(mismatch(other, "OKP")),

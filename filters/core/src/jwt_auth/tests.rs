@@ -13,12 +13,12 @@ fn b64(data: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
-fn keypair() -> ed25519_compact::KeyPair {
-    ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new([7; 32]))
+fn keypair() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[7; 32])
 }
 
 fn ed_jwk(kid: &str) -> Value {
-    json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(keypair().pk.as_ref())})
+    json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(keypair().verifying_key().as_bytes())})
 }
 
 fn sign_ed(header: Value, claims: Value) -> String {
@@ -27,8 +27,8 @@ fn sign_ed(header: Value, claims: Value) -> String {
         b64(header.to_string().as_bytes()),
         b64(claims.to_string().as_bytes())
     );
-    let sig = keypair().sk.sign(input.as_bytes(), None);
-    format!("{input}.{}", b64(sig.as_ref()))
+    let sig = ed25519_dalek::Signer::sign(&keypair(), input.as_bytes());
+    format!("{input}.{}", b64(&sig.to_bytes()))
 }
 
 fn sign_hs(secret: &[u8], header: Value, claims: Value) -> String {
@@ -187,7 +187,7 @@ fn key_confusion_hs256_with_public_key_bytes_is_refused() {
     let mut f = config(json!({}));
     // The attacker HMACs with the public key (as bytes and as its JWK text).
     for secret in [
-        keypair().pk.as_ref().to_vec(),
+        keypair().verifying_key().as_bytes().to_vec(),
         ed_jwk("ed1").to_string().into_bytes(),
     ] {
         let tok = sign_hs(&secret, json!({"alg": "HS256", "kid": "ed1"}), claims());
