@@ -274,6 +274,17 @@ fn pyjwt_vectors_verify() {
         denial(f.decide(&http(Some(&auth)), NOW, true)),
         Denial::Token(TokenError::Algorithm)
     );
+    // An RS256 signature that is too short, or not below the modulus (all 0xff).
+    let rs = v["rs256"].as_str().unwrap();
+    let (input, sig) = rs.rsplit_once('.').unwrap();
+    let sig = crate::b64url_decode(sig).unwrap();
+    for bad in [sig[..sig.len() - 1].to_vec(), vec![0xff; sig.len()]] {
+        let auth = bearer(&format!("{input}.{}", b64(&bad)));
+        assert_eq!(
+            denial(f.decide(&http(Some(&auth)), NOW, true)),
+            Denial::Token(TokenError::Signature)
+        );
+    }
     // A flipped byte in an RS256 signature.
     let mut t = v["rs256"].as_str().unwrap().to_string();
     let last = t.pop().unwrap();
