@@ -6,7 +6,7 @@
 
 use crate::Error;
 use gatehouse_core::jwt_auth::JwtAuthConfig;
-use gatehouse_core::token_proxy::TokenProxyConfig;
+use gatehouse_core::token_proxy::{EnvLookup, TokenProxyConfig};
 use gatehouse_core::ConfigError;
 use serde_json::{Map, Value};
 use std::fmt;
@@ -54,11 +54,12 @@ impl FilterKind {
             .find(|k| stem == k.root_id() || stem.ends_with(&format!("_{}", k.root_id())))
     }
 
-    /// Compile `config` (the JSON in `configuration.value`) as the filter does at load.
-    pub fn compile(self, config: &[u8]) -> Result<(), ConfigError> {
+    /// Compile `config` (the JSON in `configuration.value`) as the filter does at load. `env`
+    /// stands for the Wasm VM's environment (token-proxy's `encryption_keys_env`).
+    pub fn compile(self, config: &[u8], env: EnvLookup<'_>) -> Result<(), ConfigError> {
         match self {
             FilterKind::JwtAuth => JwtAuthConfig::compile(config).map(drop),
-            FilterKind::TokenProxy => TokenProxyConfig::compile(config).map(drop),
+            FilterKind::TokenProxy => TokenProxyConfig::compile(config, env).map(drop),
         }
     }
 }
@@ -404,19 +405,84 @@ fn check_found(found: &Found<'_>, root: &Path) -> Finding {
             ));
         }
     }
+    let vm_env = VmEnvironment::of(config);
     let outcome = match configuration_bytes(config) {
         Err(why) => Outcome::Failed(why),
-        Ok(bytes) => match kind.compile(&bytes) {
+        Ok(bytes) => match kind.compile(&bytes, &|name| vm_env.lookup(name)) {
             Ok(()) => Outcome::Ok,
             Err(e) => Outcome::Failed(e.to_string()),
         },
     };
+    warnings.extend(vm_env.unresolved.into_inner().into_iter().map(|name| {
+        format!(
+            "environment variable {name} is not set here; Envoy passes it to the VM \
+             (vm_config.environment_variables.host_env_keys) and the filter checks its value \
+             at load. Set it here to check the value too"
+        )
+    }));
     Finding {
         name,
         root_id,
         path: found.path.clone(),
         outcome,
         warnings,
+    }
+}
+
+/// The environment Envoy gives a filter's Wasm VM: `vm_config.environment_variables`
+/// `key_values` as written, `host_env_keys` from Envoy's own environment. Here, the host is
+/// this process; a host variable that is not set here resolves to a placeholder key (so the
+/// rest of the config is still checked) and is reported as a warning.
+struct VmEnvironment {
+    key_values: Map<String, Value>,
+    host_env_keys: Vec<String>,
+    unresolved: std::cell::RefCell<Vec<String>>,
+}
+
+/// A well-formed stand-in for a key list that only Envoy's environment holds.
+const PLACEHOLDER_KEYS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+impl VmEnvironment {
+    fn of(config: Option<&Value>) -> Self {
+        let envs = config
+            .and_then(|c| c.get("vm_config"))
+            .and_then(|v| v.get("environment_variables"));
+        let key_values = envs
+            .and_then(|e| e.get("key_values"))
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let host_env_keys = envs
+            .and_then(|e| e.get("host_env_keys"))
+            .and_then(Value::as_array)
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            key_values,
+            host_env_keys,
+            unresolved: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Option<String> {
+        if let Some(v) = self.key_values.get(name) {
+            return v.as_str().map(str::to_string);
+        }
+        if !self.host_env_keys.iter().any(|k| k == name) {
+            return None;
+        }
+        match std::env::var(name) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.unresolved.borrow_mut().push(name.to_string());
+                Some(PLACEHOLDER_KEYS.to_string())
+            }
+        }
     }
 }
 
@@ -543,5 +609,57 @@ mod tests {
             "a[\"gatehouse.jwt_auth\"]"
         );
         assert_eq!(child_path("", "static_resources"), "static_resources");
+    }
+
+    fn token_proxy_with_env(environment_variables: Value, var: &str) -> Value {
+        let mut f = filter(
+            "gatehouse.token_proxy",
+            "token_proxy",
+            string_value(&format!(
+                r#"{{"cookie_prefix":"gh","encryption_keys_env":"{var}"}}"#
+            )),
+        );
+        f["typed_config"]["config"]["vm_config"]["environment_variables"] = environment_variables;
+        f
+    }
+
+    #[test]
+    fn keys_from_the_vm_environment() {
+        // Listed for the VM but not set here: checked with a placeholder, and a warning says so.
+        let doc = token_proxy_with_env(
+            serde_json::json!({"host_env_keys": ["GATEHOUSE_TEST_UNSET_COOKIE_KEYS"]}),
+            "GATEHOUSE_TEST_UNSET_COOKIE_KEYS",
+        );
+        let f = &check_document(&doc, Path::new("."))[0];
+        assert_eq!(f.outcome, Outcome::Ok);
+        assert!(
+            f.warnings
+                .iter()
+                .any(|w| w.contains("GATEHOUSE_TEST_UNSET_COOKIE_KEYS is not set here")),
+            "{:?}",
+            f.warnings
+        );
+        // Not given to the VM at all: Envoy would never pass it, so the filter would not load.
+        let doc = token_proxy_with_env(serde_json::json!({}), "GATEHOUSE_TEST_UNSET_COOKIE_KEYS");
+        let f = &check_document(&doc, Path::new("."))[0];
+        assert!(
+            matches!(&f.outcome, Outcome::Failed(m)
+                if m.starts_with("config error at encryption_keys_env: environment variable GATEHOUSE_TEST_UNSET_COOKIE_KEYS is not set in the Wasm VM")),
+            "{:?}",
+            f.outcome
+        );
+        // Set here (PATH always is): its value is checked, and never printed.
+        let doc = token_proxy_with_env(serde_json::json!({"host_env_keys": ["PATH"]}), "PATH");
+        let f = &check_document(&doc, Path::new("."))[0];
+        assert!(
+            matches!(&f.outcome, Outcome::Failed(m)
+                if m.contains("environment variable PATH: key 1 of") && !m.contains("/usr")),
+            "{:?}",
+            f.outcome
+        );
+        // key_values are the VM's environment as written.
+        let key = "00".repeat(32);
+        let doc = token_proxy_with_env(serde_json::json!({"key_values": {"K": key}}), "K");
+        assert_eq!(check_document(&doc, Path::new("."))[0].outcome, Outcome::Ok);
     }
 }

@@ -24,7 +24,10 @@ const MAX_COOKIE_BYTES: usize = 16 * 1024;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     cookie_prefix: String,
-    encryption_keys: Vec<String>,
+    #[serde(default)]
+    encryption_keys: Option<Vec<String>>,
+    #[serde(default)]
+    encryption_keys_env: Option<String>,
     #[serde(default)]
     trusted_web_origins: Vec<String>,
     #[serde(default)]
@@ -110,6 +113,8 @@ pub struct CookieKeys {
 }
 
 impl CookieKeys {
+    /// Keys as written in `encryption_keys`: 64 hex characters each, the current one first.
+    /// Errors name the key by index (`encryption_keys[1]`) and never repeat key material.
     pub fn from_hex(keys: &[String]) -> Result<Self, ConfigError> {
         if keys.is_empty() {
             return Err(ConfigError::new(
@@ -131,6 +136,38 @@ impl CookieKeys {
             ciphers.push(cipher);
         }
         Ok(Self { ciphers })
+    }
+
+    /// Keys as one text, the way an environment variable carries them: 64 hex characters each,
+    /// separated by commas, the current one first (`GATEHOUSE_COOKIE_KEYS=<current>,<previous>`).
+    /// Spaces around a key are ignored. Errors name the key by position, never its value.
+    pub fn from_list(list: &str) -> Result<Self, ConfigError> {
+        let keys: Vec<String> = list.split(',').map(|k| k.trim().to_string()).collect();
+        let count = keys.len();
+        Self::from_hex(&keys).map_err(|_| {
+            let bad = keys
+                .iter()
+                .position(|k| decode_hex(k).is_none_or(|b| b.len() != 32))
+                .unwrap_or(0);
+            ConfigError::new(
+                "",
+                format!(
+                    "key {} of {count} is not 64 hex characters (32 bytes); give the keys as \
+                     64 hex characters each, comma-separated, the current one first",
+                    bad + 1
+                ),
+            )
+        })
+    }
+
+    /// How many keys there are (the current one and those kept for rotation).
+    pub fn len(&self) -> usize {
+        self.ciphers.len()
+    }
+
+    /// Never true for compiled keys (at least one is required); here for API completeness.
+    pub fn is_empty(&self) -> bool {
+        self.ciphers.is_empty()
     }
 
     /// Decrypt a cookie value with the first key that authenticates it.
@@ -171,8 +208,38 @@ impl CookieKeys {
     }
 }
 
+/// The keys from the environment variable `name`. Errors are at `encryption_keys_env` and name
+/// the variable, never its value.
+fn keys_from_env(name: &str, env: EnvLookup<'_>) -> Result<CookieKeys, ConfigError> {
+    const FIELD: &str = "encryption_keys_env";
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(ConfigError::new(
+            FIELD,
+            "must name an environment variable (letters, digits, `_`)",
+        ));
+    }
+    let Some(value) = env(name) else {
+        return Err(ConfigError::new(
+            FIELD,
+            format!(
+                "environment variable {name} is not set in the Wasm VM: list it in \
+                 vm_config.environment_variables.host_env_keys and set it in Envoy's environment"
+            ),
+        ));
+    };
+    if value.trim().is_empty() {
+        return Err(ConfigError::new(
+            FIELD,
+            format!("environment variable {name} is empty"),
+        ));
+    }
+    CookieKeys::from_list(&value)
+        .map_err(|e| ConfigError::new(FIELD, format!("environment variable {name}: {}", e.message)))
+}
+
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+    // from_str_radix alone would also take a sign (`+f`).
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len())
@@ -187,6 +254,8 @@ pub struct Cors {
 }
 
 pub struct TokenProxyConfig {
+    /// The environment variable the keys came from (`encryption_keys_env`), if not inline.
+    pub keys_env: Option<String>,
     pub access_cookie: String,
     pub csrf_cookie: String,
     pub csrf_header: String,
@@ -199,8 +268,15 @@ pub struct TokenProxyConfig {
     pub harden_path: String,
 }
 
+/// Where the keys of `encryption_keys_env` come from. The shell passes the Wasm VM's
+/// environment (WASI `environ_get`: the variables Envoy lists in
+/// `vm_config.environment_variables`); the CLI and tests pass their own lookup.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 impl TokenProxyConfig {
-    pub fn compile(bytes: &[u8]) -> Result<Self, ConfigError> {
+    /// Compile the JSON config. `env` resolves `encryption_keys_env`; it is only called for the
+    /// variable the config names.
+    pub fn compile(bytes: &[u8], env: EnvLookup<'_>) -> Result<Self, ConfigError> {
         let raw: RawConfig = parse_json(bytes)?;
         let prefix = raw.cookie_prefix;
         if prefix.is_empty()
@@ -213,7 +289,24 @@ impl TokenProxyConfig {
                 "must be non-empty letters, digits, `-` or `_`",
             ));
         }
-        let keys = CookieKeys::from_hex(&raw.encryption_keys)?;
+        let keys_env = raw.encryption_keys_env.clone();
+        let keys = match (raw.encryption_keys, raw.encryption_keys_env) {
+            (Some(keys), None) => CookieKeys::from_hex(&keys)?,
+            (None, Some(name)) => keys_from_env(&name, env)?,
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "encryption_keys_env",
+                    "give either encryption_keys or encryption_keys_env, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "encryption_keys",
+                    "required: the keys inline, or encryption_keys_env naming an environment \
+                     variable that holds them",
+                ))
+            }
+        };
         let mut trusted_origins = Vec::new();
         for (i, o) in raw.trusted_web_origins.iter().enumerate() {
             let ok = (o.starts_with("https://") || o.starts_with("http://"))
@@ -255,6 +348,7 @@ impl TokenProxyConfig {
             None => (Vec::new(), "/".to_string()),
         };
         Ok(Self {
+            keys_env,
             access_cookie: format!("{prefix}-at"),
             csrf_cookie: format!("{prefix}-csrf"),
             csrf_header,
@@ -446,6 +540,10 @@ mod tests {
     const KEY: &str = "4f1f4ce9b6aa17e5e3d3c7a0c2f6b4a8d2e0f1a3b5c7d9e1f3a5b7c9d1e3f5a7";
     const OLD: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
     fn cfg(extra: serde_json::Value) -> TokenProxyConfig {
         let mut base = json!({
             "cookie_prefix": "gh",
@@ -457,7 +555,7 @@ mod tests {
         for (k, v) in extra.as_object().unwrap() {
             base[k] = v.clone();
         }
-        TokenProxyConfig::compile(base.to_string().as_bytes()).unwrap()
+        TokenProxyConfig::compile(base.to_string().as_bytes(), &no_env).unwrap()
     }
 
     fn seal(c: &TokenProxyConfig, text: &str) -> String {
@@ -496,6 +594,7 @@ mod tests {
             json!({"cookie_prefix": "gh", "encryption_keys": [OLD.replace('0', "f")]})
                 .to_string()
                 .as_bytes(),
+            &no_env,
         )
         .unwrap();
         assert_eq!(
@@ -511,6 +610,7 @@ mod tests {
             json!({"cookie_prefix": "gh", "encryption_keys": [OLD]})
                 .to_string()
                 .as_bytes(),
+            &no_env,
         )
         .unwrap();
         let sealed_with_old = seal(&old_only, "tok");
@@ -686,10 +786,99 @@ mod tests {
                 "cors",
             ),
         ] {
-            let err = TokenProxyConfig::compile(cfg.to_string().as_bytes())
+            let err = TokenProxyConfig::compile(cfg.to_string().as_bytes(), &no_env)
                 .err()
                 .unwrap();
             assert_eq!(err.path, path);
         }
+    }
+
+    fn compile_with_env(
+        config: serde_json::Value,
+        var: &str,
+        value: Option<&str>,
+    ) -> Result<TokenProxyConfig, ConfigError> {
+        let value = value.map(str::to_string);
+        let var = var.to_string();
+        let seen = std::cell::RefCell::new(Vec::new());
+        let lookup = |name: &str| {
+            seen.borrow_mut().push(name.to_string());
+            (name == var).then(|| value.clone()).flatten()
+        };
+        let result = TokenProxyConfig::compile(config.to_string().as_bytes(), &lookup);
+        assert!(
+            seen.borrow().iter().all(|n| *n == "GH_KEYS"),
+            "only the named variable is looked up: {:?}",
+            seen.borrow()
+        );
+        result
+    }
+
+    #[test]
+    fn keys_from_an_environment_variable() {
+        let config = json!({"cookie_prefix": "gh", "encryption_keys_env": "GH_KEYS"});
+        let both = format!(" {KEY} , {OLD}");
+        let c = compile_with_env(config.clone(), "GH_KEYS", Some(&both)).unwrap();
+        let old_only = compile_with_env(config.clone(), "GH_KEYS", Some(OLD)).unwrap();
+        // The first key encrypts; every key decrypts (rotation).
+        let sealed_old = seal(&old_only, "tok");
+        assert_eq!(c.keys.decrypt(&sealed_old), Ok("tok".into()));
+        let inline = cfg(json!({}));
+        assert_eq!(inline.keys.decrypt(&seal(&c, "x")), Ok("x".into()));
+    }
+
+    #[test]
+    fn environment_key_errors_name_the_field_and_never_the_value() {
+        let config = json!({"cookie_prefix": "gh", "encryption_keys_env": "GH_KEYS"});
+        let secret_ish = format!("{KEY},{}", &OLD[..40]);
+        for (value, says) in [
+            (None, "GH_KEYS is not set in the Wasm VM"),
+            (Some(""), "GH_KEYS is empty"),
+            (Some("  "), "GH_KEYS is empty"),
+            (Some("zz"), "GH_KEYS: key 1 of 1 is not 64 hex"),
+            (
+                Some(secret_ish.as_str()),
+                "GH_KEYS: key 2 of 2 is not 64 hex",
+            ),
+            (
+                Some(&format!("{KEY},")),
+                "GH_KEYS: key 2 of 2 is not 64 hex",
+            ),
+            (
+                Some(&format!("+{}", &KEY[1..])),
+                "GH_KEYS: key 1 of 1 is not 64 hex",
+            ),
+        ] {
+            let err = compile_with_env(config.clone(), "GH_KEYS", value)
+                .err()
+                .unwrap();
+            assert_eq!(err.path, "encryption_keys_env", "{err}");
+            assert!(err.message.contains(says), "{value:?}: {err}");
+            assert!(
+                !err.to_string().contains(&KEY[..16]),
+                "leaks the key: {err}"
+            );
+            assert!(
+                !err.to_string().contains(&OLD[..16]),
+                "leaks the key: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn exactly_one_key_source() {
+        let both = json!({"cookie_prefix": "gh", "encryption_keys": [KEY], "encryption_keys_env": "GH_KEYS"});
+        let err = compile_with_env(both, "GH_KEYS", Some(KEY)).err().unwrap();
+        assert_eq!(err.path, "encryption_keys_env");
+        let neither = json!({"cookie_prefix": "gh"});
+        let err = compile_with_env(neither, "GH_KEYS", Some(KEY))
+            .err()
+            .unwrap();
+        assert_eq!(err.path, "encryption_keys");
+        let bad_name = json!({"cookie_prefix": "gh", "encryption_keys_env": "GH-KEYS"});
+        let err = compile_with_env(bad_name, "GH_KEYS", Some(KEY))
+            .err()
+            .unwrap();
+        assert_eq!(err.path, "encryption_keys_env");
     }
 }

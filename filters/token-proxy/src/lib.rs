@@ -32,14 +32,23 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        match TokenProxyConfig::compile(&host::plugin_config()) {
+        // `encryption_keys_env` reads the VM's environment: WASI `environ_get`, which Envoy
+        // fills with the variables listed in `vm_config.environment_variables`.
+        let env = |name: &str| std::env::var(name).ok();
+        match TokenProxyConfig::compile(&host::plugin_config(), &env) {
             Ok(config) => {
                 host::log(
                     LogLevel::Info,
                     NAME,
                     &format!(
-                        "configured: cookies {} / {}",
-                        config.access_cookie, config.csrf_cookie
+                        "configured: cookies {} / {}, {} key(s) {}",
+                        config.access_cookie,
+                        config.csrf_cookie,
+                        config.keys.len(),
+                        match &config.keys_env {
+                            Some(name) => format!("from environment variable {name}"),
+                            None => "inline".to_string(),
+                        }
                     ),
                 );
                 self.shared = Some(Rc::new(Shared {
