@@ -1,6 +1,9 @@
 """The end-to-end harness: the real demo upstream, real Envoy with a per-test config, real Chromium.
 
 - Envoy and the demo run on free ports; readiness is polled (demo `/healthz`, Envoy admin `/ready`).
+- Secrets reach Envoy the way production gives them: in its process environment, listed in each
+  gatehouse filter's `vm_config.environment_variables.host_env_keys` (`envoy_factory(env=…)`).
+  The demo gets a fresh login-cookie key (`demo.cookie_keys`) in `GATEHOUSE_COOKIE_KEYS`.
 - Only the PIDs started here are ever killed.
 - When a test fails, the log of every Envoy it used is attached to the report.
 - Envoy or Chromium missing: the test fails when `CI` is set, and is skipped otherwise.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +32,9 @@ DIST = ROOT / "dist"
 DEMO_BIN = ROOT / "target" / "release" / "gatehouse-demo"
 ENVOY_BIN = Path(os.environ.get("GATEHOUSE_ENVOY", ROOT / ".venv" / "bin" / "envoy"))
 ACCESS_LOG_FORMAT = "%REQ(:PATH)% %RESPONSE_CODE% %FILTER_STATE(wasm.gatehouse.jwt_auth.claims:PLAIN)%\n"
+# The login cookies' AES-256 keys (64 hex each, comma-separated, current first): the demo
+# encrypts with them, token-proxy reads them from Envoy's environment (`encryption_keys_env`).
+COOKIE_KEYS_VAR = "GATEHOUSE_COOKIE_KEYS"
 
 # Filter name → (root_id, wasm file in dist/), in the order they run on a request.
 FILTERS = {
@@ -86,14 +93,17 @@ def stop(proc: subprocess.Popen):
 
 
 class Demo:
-    """The demo upstream (target/release/gatehouse-demo) on a free port with its own keys."""
+    """The demo upstream (target/release/gatehouse-demo) on a free port with its own keys: a
+    signing key in `keys_dir`, and a fresh login-cookie key `cookie_keys` (GATEHOUSE_COOKIE_KEYS)."""
 
     def __init__(self, workdir: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.keys_dir = workdir / "keys"
         self.log = workdir / "demo.log"
-        env = dict(os.environ, GATEHOUSE_DEMO_ADDR=f"127.0.0.1:{self.port}", GATEHOUSE_KEYS_DIR=str(self.keys_dir))
+        self.cookie_keys = secrets.token_hex(32)
+        env = dict(os.environ, GATEHOUSE_DEMO_ADDR=f"127.0.0.1:{self.port}", GATEHOUSE_KEYS_DIR=str(self.keys_dir),
+                   **{COOKIE_KEYS_VAR: self.cookie_keys})
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([str(DEMO_BIN)], env=env, stdout=out, stderr=subprocess.STDOUT)
         wait_for(lambda: requests.get(self.url + "/healthz", timeout=2).ok, 30, "demo", self.proc, self.log)
@@ -128,8 +138,17 @@ def cluster(name: str, port: int) -> dict:
     }
 
 
-def wasm_filter(name: str, cfg: dict) -> dict:
+def wasm_filter(name: str, cfg: dict, host_env_keys: list[str] | tuple = ()) -> dict:
+    """A gatehouse Wasm HTTP filter; `host_env_keys` are the Envoy environment variables its VM
+    may read (vm_config.environment_variables)."""
     root_id, wasm = FILTERS[name]
+    vm_config = {
+        "vm_id": f"gatehouse.{name}",
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": str(DIST / wasm)}},
+    }
+    if host_env_keys:
+        vm_config["environment_variables"] = {"host_env_keys": sorted(host_env_keys)}
     return {
         "name": f"gatehouse.{name}",
         "typed_config": {
@@ -137,11 +156,7 @@ def wasm_filter(name: str, cfg: dict) -> dict:
             "config": {
                 "name": f"gatehouse.{name}",
                 "root_id": root_id,
-                "vm_config": {
-                    "vm_id": f"gatehouse.{name}",
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": str(DIST / wasm)}},
-                },
+                "vm_config": vm_config,
                 "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(cfg)},
             },
         },
@@ -149,15 +164,24 @@ def wasm_filter(name: str, cfg: dict) -> dict:
 
 
 class Envoy:
-    """Real Envoy in front of the demo, with the gatehouse filters given as keyword arguments."""
+    """Real Envoy in front of the demo, with the gatehouse filters given as keyword arguments.
+
+    `env`: variables set in Envoy's environment (nothing else of the harness's environment named
+    GATEHOUSE_COOKIE_KEYS leaks in) and listed in every gatehouse filter's `host_env_keys`; a
+    value of None is listed but not set.
+    `port`: the listener port, when a test needs it before the start (e.g. for an origin).
+    `bootstrap`: a whole Envoy config instead of the generated one, made by `bootstrap(envoy)`
+    once the ports are chosen (`envoy.port`, `envoy.admin_port`); Envoy runs from the repo root,
+    so the shipped configs' `dist/…` paths resolve."""
 
     def __init__(self, workdir: Path, demo: Demo, access_log: bool = False, extra_clusters: dict | None = None,
-                 routes: list | None = None, **filters: dict):
+                 routes: list | None = None, env: dict[str, str] | None = None, port: int | None = None,
+                 bootstrap=None, **filters: dict):
         unknown = set(filters) - set(FILTERS)
         if unknown:
             raise ValueError(f"unknown gatehouse filters: {sorted(unknown)}")
         self.workdir = workdir
-        self.port, self.admin_port = free_port(), free_port()
+        self.port, self.admin_port = port or free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
@@ -176,7 +200,7 @@ class Envoy:
                     "routes": routes or [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "demo", "timeout": "0s"}}],
                 }]
             },
-            "http_filters": [wasm_filter(n, c) for n, c in filters.items() if c is not None]
+            "http_filters": [wasm_filter(n, c, tuple(env or ())) for n, c in filters.items() if c is not None]
             + [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
         }
         if access_log:
@@ -199,13 +223,18 @@ class Envoy:
                 "clusters": [cluster("demo", demo.port)] + [cluster(n, p) for n, p in (extra_clusters or {}).items()],
             },
         }
+        if bootstrap is not None:
+            config = bootstrap(self)
         self.config = workdir / "envoy.json"
         self.config.write_text(json.dumps(config, indent=1))
+        process_env = {k: v for k, v in os.environ.items() if k != COOKIE_KEYS_VAR}
+        # A value of None lists the variable for the VMs but leaves it unset in Envoy's environment.
+        process_env.update({k: v for k, v in (env or {}).items() if v is not None})
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [str(ENVOY_BIN), "-c", str(self.config), "--use-dynamic-base-id", "--concurrency", "2",
                  "--log-level", "info", "--component-log-level", "wasm:debug"],
-                stdout=out, stderr=subprocess.STDOUT,
+                stdout=out, stderr=subprocess.STDOUT, env=process_env, cwd=ROOT,
             )
         RUNNING.append(self)
         wait_for(lambda: requests.get(self.admin + "/ready", timeout=2).ok, 60, "envoy", self.proc, self.log)
@@ -246,7 +275,8 @@ def require_envoy():
 
 @pytest.fixture(scope="session")
 def envoy_factory(tmp_path_factory, require_envoy):
-    """envoy_factory(demo, jwt_auth=cfg, token_proxy=cfg, access_log=False, extra_clusters={}, routes=None).
+    """envoy_factory(demo, jwt_auth=cfg, token_proxy=cfg, access_log=False, extra_clusters={}, routes=None,
+    env={"GATEHOUSE_COOKIE_KEYS": keys}, port=None, bootstrap=None).
     Raises with the Envoy log when Envoy does not start (e.g. a config the filter refuses)."""
     started: list[Envoy] = []
 

@@ -4,6 +4,7 @@ construction: it must describe the same stack as `cargo xtask up`, and everythin
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -88,3 +89,26 @@ def test_demo_image_builds_the_demo_crate():
     rust = re.search(r"FROM rust:(\d+\.\d+)", text).group(1)
     msrv = re.search(r'rust-version = "(\d+\.\d+)"', (ROOT / "Cargo.toml").read_text()).group(1)
     assert tuple(map(int, rust.split("."))) >= tuple(map(int, msrv.split(".")))
+
+
+def token_proxy_filters() -> list[dict]:
+    return [n for n in walk(ENVOY_YAML) if n.get("root_id") == "token_proxy"]
+
+
+def test_cookie_key_comes_from_the_environment_in_both_services():
+    """The demo encrypts the login cookies and Envoy's token-proxy decrypts them: both get the
+    same GATEHOUSE_COOKIE_KEYS, which compose requires from the environment (or a git-ignored
+    .env) with a clear error when unset — never a value written in a committed file."""
+    (filter_config,) = token_proxy_filters()
+    variable = json.loads(filter_config["configuration"]["value"])["encryption_keys_env"]
+    assert variable in filter_config["vm_config"]["environment_variables"]["host_env_keys"], \
+        "Envoy hands the Wasm VM only the variables listed in host_env_keys"
+    for name in ("demo", "envoy"):
+        value = SERVICES[name]["environment"][variable]
+        m = re.fullmatch(r"\$\{(\w+):\?(.+)\}", value)
+        assert m, f"{name}: {variable} must be required from the environment (${{{variable}:?message}}), got {value!r}"
+        assert m.group(1) == variable
+        assert variable in m.group(2), "the error names the variable"
+    gitignored = (ROOT / ".gitignore").read_text().split()
+    assert "/.env" in gitignored or ".env" in gitignored, ".env holds the key: never committed"
+    assert ".env" in (ROOT / ".dockerignore").read_text().split(), ".env never goes into an image"

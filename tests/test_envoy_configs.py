@@ -3,12 +3,14 @@ every gatehouse filter config in it compiles (the same check users run with `gat
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import ENVOY_BIN, ROOT
+from conftest import COOKIE_KEYS_VAR, ENVOY_BIN, ROOT
+from cookies import new_key
 
 CONFIGS = sorted((ROOT / "envoy-config").rglob("*.yaml"))
 GATEHOUSE_CLI = ROOT / "target" / "release" / "gatehouse"
@@ -22,11 +24,37 @@ def test_there_are_configs_to_check():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_envoy_validates(config: Path, require_envoy):
     # Run from the repo root: the shipped configs name the filters as dist/<filter>.wasm.
+    # Validation loads the filters, so token-proxy needs its key from the environment, as in
+    # production (no shipped config carries a key).
+    env = dict(os.environ, **{COOKIE_KEYS_VAR: new_key()})
     r = subprocess.run(
         [str(ENVOY_BIN), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "root_id: token_proxy" in c.read_text()],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_configs_do_not_load_without_the_cookie_key(config: Path, require_envoy):
+    """A config whose token-proxy takes its keys from the environment refuses to start without
+    them, naming the field; nothing falls back to a key written somewhere."""
+    env = {k: v for k, v in os.environ.items() if k != COOKIE_KEYS_VAR}
+    r = subprocess.run(
+        [str(ENVOY_BIN), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+    )
+    out = r.stdout + r.stderr
+    assert f"config error at encryption_keys_env: environment variable {COOKIE_KEYS_VAR} is not set" in out, out
+    assert "Unable to create Wasm plugin gatehouse.token_proxy" in out, out
+
+
+def test_no_shipped_config_carries_a_cookie_key():
+    import re
+    for config in CONFIGS:
+        text = config.read_text()
+        assert '"encryption_keys"' not in text, f"{config}: keys come from the environment"
+        assert not re.search(r"\b[0-9a-fA-F]{64}\b", text), f"{config}: looks like a key"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))

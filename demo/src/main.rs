@@ -7,8 +7,11 @@
 //! - `/.well-known/jwks.json`: the public keys of the local stack;
 //! - `POST /dev/login`: DEV ONLY, mints a short-lived JWT with the local stack's key.
 //!
-//! Settings come from the environment: `GATEHOUSE_DEMO_ADDR` (default `127.0.0.1:8081`) and
-//! `GATEHOUSE_KEYS_DIR` (default `.local/keys`, generated on first run, git-ignored).
+//! Settings come from the environment: `GATEHOUSE_DEMO_ADDR` (default `127.0.0.1:8081`),
+//! `GATEHOUSE_KEYS_DIR` (default `.local/keys`, generated on first run, git-ignored) and
+//! `GATEHOUSE_COOKIE_KEYS` (required: the AES-256 keys of the login cookies, 64 hex characters
+//! each, comma-separated, current first; the same value Envoy's token-proxy gets. `cargo xtask
+//! up` generates it into `.local/keys/cookie-keys` on first run and passes it to both).
 
 mod echo;
 mod login;
@@ -37,7 +40,8 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("GATEHOUSE_DEMO_ADDR: {e}"))?;
     let keys_dir =
         PathBuf::from(std::env::var("GATEHOUSE_KEYS_DIR").unwrap_or_else(|_| ".local/keys".into()));
-    let issuer = login::Issuer::load_or_create(&keys_dir)?;
+    let cookie_keys = cookie_keys()?;
+    let issuer = login::Issuer::load_or_create(&keys_dir, cookie_keys)?;
     let app = router(Arc::new(issuer));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -58,6 +62,20 @@ fn run() -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())
     })
+}
+
+/// The login cookies' keys, from `GATEHOUSE_COOKIE_KEYS` (never printed).
+fn cookie_keys() -> Result<gatehouse_core::token_proxy::CookieKeys, String> {
+    const VAR: &str = "GATEHOUSE_COOKIE_KEYS";
+    let value = std::env::var(VAR).map_err(|_| {
+        format!(
+            "{VAR} is not set: the login cookies need the AES-256 key that Envoy's token-proxy \
+             decrypts with (64 hex characters, e.g. `openssl rand -hex 32`). `cargo xtask up` \
+             sets it from .local/keys/cookie-keys"
+        )
+    })?;
+    gatehouse_core::token_proxy::CookieKeys::from_list(&value)
+        .map_err(|e| format!("{VAR}: {}", e.message))
 }
 
 fn router(issuer: Arc<login::Issuer>) -> Router {

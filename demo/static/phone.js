@@ -1,9 +1,12 @@
 // The demo phone: gets a short-lived connect token from the dev-only login, then opens the
 // signaling WebSocket with the token in Sec-WebSocket-Protocol (never in the URL, which leaks
 // into logs). jwt-auth in Envoy checks it; a refusal arrives as CloseEvent.code 4401/4403/4400.
+// The API is called without any token in JS: login set encrypted HttpOnly cookies for /api,
+// which token-proxy in Envoy turns into a bearer token; the page only sends the CSRF value.
 "use strict";
 
 let token = null;
+let csrf = null;
 let socket = null;
 
 const $ = (id) => document.getElementById(id);
@@ -20,8 +23,10 @@ async function login() {
   if (!r.ok) { log("login failed: HTTP " + r.status, "close"); return; }
   const body = await r.json();
   token = body.access_token;
+  csrf = body.csrf_token;
   $("expiry").textContent = new Date(Date.now() + body.expires_in * 1000).toLocaleTimeString();
   $("connect").disabled = false;
+  $("api").disabled = false;
   log("logged in; token valid for " + body.expires_in + " s");
 }
 
@@ -37,7 +42,20 @@ function connect(withToken) {
   };
 }
 
+async function callApi() {
+  const r = await fetch("/api/echo", {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "x-gh-csrf": csrf },
+  });
+  if (!r.ok) { log("API: HTTP " + r.status, "close"); return; }
+  const seen = (await r.json()).headers;
+  const who = seen["x-gatehouse-sub"] ? " as " + seen["x-gatehouse-sub"] : "";
+  log("API: HTTP " + r.status + who + " (Envoy turned the cookies into a bearer token)");
+}
+
 $("login").onclick = login;
+$("api").onclick = callApi;
 $("connect").onclick = () => connect(token);
 $("bad").onclick = () => connect("not.a.token");
 $("send").onclick = () => socket && socket.send("INVITE sip:echo@gatehouse.local SIP/2.0");

@@ -1,8 +1,12 @@
 //! `cargo xtask up`: the local stack as processes — the demo upstream and Envoy in front of it,
-//! configured by `envoy-config/envoy.yaml` (the same file docker-compose.yml mounts).
+//! configured by `envoy-config/envoy.yaml` (the same file docker-compose.yml mounts). Both get
+//! the login cookies' key in `GATEHOUSE_COOKIE_KEYS`: the demo encrypts with it, token-proxy
+//! in Envoy decrypts with it.
 
+use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,6 +18,10 @@ use crate::tools;
 const DEMO_ADDR: &str = "127.0.0.1:8081";
 const ENVOY_ADDR: &str = "127.0.0.1:8080";
 const ADMIN_ADDR: &str = "127.0.0.1:9901";
+/// The login cookies' AES-256 keys, for the demo (encrypts) and Envoy's token-proxy (decrypts):
+/// 64 hex characters each, comma-separated, current first. Never in a committed file.
+const COOKIE_KEYS_VAR: &str = "GATEHOUSE_COOKIE_KEYS";
+const COOKIE_KEYS_FILE: &str = "cookie-keys";
 
 /// Kills what it started when dropped, whatever way `up` ends.
 struct Started(Vec<(&'static str, Child)>);
@@ -47,11 +55,15 @@ pub fn up() -> Result<(), String> {
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
         .map_err(|e| format!("Ctrl-C handler: {e}"))?;
 
+    let keys_dir = root.join(".local/keys");
+    let cookie_keys = cookie_keys(&keys_dir)?;
+
     let mut started = Started(Vec::new());
     let demo = Command::new(root.join("target/release/gatehouse-demo"))
         .current_dir(&root)
         .env("GATEHOUSE_DEMO_ADDR", DEMO_ADDR)
-        .env("GATEHOUSE_KEYS_DIR", root.join(".local/keys"))
+        .env("GATEHOUSE_KEYS_DIR", &keys_dir)
+        .env(COOKIE_KEYS_VAR, &cookie_keys)
         .spawn()
         .map_err(|e| format!("cannot start the demo: {e}"))?;
     started.0.push(("demo", demo));
@@ -60,6 +72,7 @@ pub fn up() -> Result<(), String> {
     let envoy = Command::new(envoy)
         .current_dir(&root)
         .args(["-c", "envoy-config/envoy.yaml", "--log-level", "info"])
+        .env(COOKIE_KEYS_VAR, &cookie_keys)
         .spawn()
         .map_err(|e| format!("cannot start Envoy: {e}"))?;
     started.0.push(("envoy", envoy));
@@ -68,12 +81,15 @@ pub fn up() -> Result<(), String> {
     println!();
     println!("  gatehouse local stack is up");
     println!("  phone page        http://{ENVOY_ADDR}/");
-    println!("  echo API          http://{ENVOY_ADDR}/api/echo   (needs a token)");
+    println!(
+        "  echo API          http://{ENVOY_ADDR}/api/echo   (needs a token, or the login cookies)"
+    );
     println!(
         "  signaling socket  ws://{ENVOY_ADDR}/ws/echo      (token in Sec-WebSocket-Protocol)"
     );
     println!("  dev login         curl -X POST http://{ENVOY_ADDR}/dev/login");
     println!("  Envoy admin       http://{ADMIN_ADDR}/stats?filter=gatehouse");
+    println!("  cookie keys       {COOKIE_KEYS_VAR}, from .local/keys/{COOKIE_KEYS_FILE}");
     println!("  Ctrl-C stops everything started here.");
     println!();
 
@@ -84,6 +100,46 @@ pub fn up() -> Result<(), String> {
         sleep(Duration::from_millis(200));
     }
     Ok(())
+}
+
+/// The cookie keys: `GATEHOUSE_COOKIE_KEYS` when set, else `keys_dir/cookie-keys`, generated
+/// on first run (one random AES-256 key, mode 0600; the folder is git-ignored).
+fn cookie_keys(keys_dir: &Path) -> Result<String, String> {
+    if let Ok(keys) = std::env::var(COOKIE_KEYS_VAR) {
+        println!("xtask: cookie keys from {COOKIE_KEYS_VAR}");
+        return Ok(keys);
+    }
+    let file = keys_dir.join(COOKIE_KEYS_FILE);
+    if file.exists() {
+        let keys = fs::read_to_string(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))?
+            .trim()
+            .to_owned();
+        if keys.is_empty() {
+            return Err(format!(
+                "{} is empty: delete it to generate a new key",
+                file.display()
+            ));
+        }
+        return Ok(keys);
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| format!("no randomness for the cookie key: {e}"))?;
+    let keys: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    fs::create_dir_all(keys_dir).map_err(|e| format!("{}: {e}", keys_dir.display()))?;
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+        .open(&file)
+        .and_then(|mut f| writeln!(f, "{keys}"))
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    println!("xtask: generated the cookie key into {}", file.display());
+    Ok(keys)
 }
 
 fn exited(started: &mut Started) -> Option<&'static str> {
