@@ -12,7 +12,7 @@ use std::sync::Arc;
 enum Material {
     Rs256(rsa::PublicKey),
     Ps256(rsa::pss::VerifyingKey<Sha256>),
-    Es256(p256::ecdsa::VerifyingKey),
+    Es256(super::es256::Es256Key),
     EdDsa(ed25519_dalek::VerifyingKey),
     Hs256(Vec<u8>),
 }
@@ -89,9 +89,7 @@ impl VerifyingKey {
             Material::Ps256(key) => rsa::pss::Signature::try_from(signature)
                 .map(|sig| key.verify(signing_input, &sig).is_ok())
                 .unwrap_or(false),
-            Material::Es256(key) => p256::ecdsa::Signature::from_slice(signature)
-                .map(|sig| key.verify(signing_input, &sig).is_ok())
-                .unwrap_or(false),
+            Material::Es256(key) => key.verify(signing_input, signature),
             Material::EdDsa(key) => ed25519_dalek::Signature::from_slice(signature)
                 .map(|sig| key.verify_strict(signing_input, &sig).is_ok())
                 .unwrap_or(false),
@@ -179,7 +177,10 @@ impl VerifyingKey {
                 let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
                     .map_err(|_| ConfigError::new("x", "not a point on P-256"))?;
                 match declared.unwrap_or(Alg::Es256) {
-                    Alg::Es256 => (Alg::Es256, Material::Es256(key)),
+                    Alg::Es256 => (
+                        Alg::Es256,
+                        Material::Es256(super::es256::Es256Key::new(&key)),
+                    ),
                     other => return Err(mismatch(other, "EC")),
                 }
             }

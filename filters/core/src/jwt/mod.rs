@@ -2,6 +2,7 @@
 //! claim checks (`claims`). The key fixes the algorithm; the token header never chooses it.
 
 pub mod claims;
+pub mod es256;
 pub mod jwk;
 pub mod jws;
 
