@@ -39,6 +39,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import DIST, ENVOY_BIN, free_port, stop, wait_for, wasm_filter  # noqa: E402
+from cookies import new_key, seal  # noqa: E402
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
@@ -54,6 +55,7 @@ ALGS = ["EdDSA", "ES256", "RS256"]
 # Targets (printed as PASS/FAIL, never asserted).
 WARM_OVER_NOOP_US = 5.0
 WARM_VS_NATIVE_CACHED = 0.85
+CHAIN_VS_BASELINE = 0.85
 VERIFY_TARGET_US = {"EdDSA": 200.0, "ES256": 300.0, "RS256": 300.0}
 WASM_MAX_KB = 500
 
@@ -74,9 +76,11 @@ def stop_started():
         STARTED.remove(proc)
 
 
-def http_status(url: str, token: str | None = None, timeout: float = 5) -> int:
+def http_status(url: str, token: str | None = None, timeout: float = 5, cookie: str | None = None) -> int:
     req = urllib.request.Request(url)
-    if token is not None:
+    if cookie is not None:
+        req.add_header("Cookie", cookie)
+    elif token is not None:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -215,6 +219,7 @@ class Scenario:
     token_file: Path | None = None    # cold: wrk cycles through this file
     guarded: bool = False             # a JWT filter is active: a request without a token must be 401
     jwt_auth: str | None = None       # "warm" / "cold": check the jwt-auth cache counters afterwards
+    cookie: str | None = None         # sent instead of Authorization (the token-proxy chain)
 
 
 @dataclass
@@ -258,6 +263,13 @@ def scenarios(keys: dict[str, Key], tokens: dict[str, str], token_files: dict[st
             Scenario(f"cold-{alg}", f"jwt-auth {alg} cold", [wasm_filter("jwt_auth", jwt_auth_config(key, cache_entries=0))],
                      tokens[alg], token_file=token_files[alg], guarded=True, jwt_auth="cold"),
         ]
+    # token-proxy + jwt-auth chained, warm: the encrypted HttpOnly cookie becomes the bearer token.
+    alg = algs[0]
+    cookie_key = new_key()
+    proxy = wasm_filter("token_proxy", {"cookie_prefix": "gh", "encryption_keys": [cookie_key]})
+    out.append(Scenario("chain", f"token-proxy + jwt-auth {alg} warm",
+                        [proxy, wasm_filter("jwt_auth", jwt_auth_config(keys[alg]))], tokens[alg], guarded=True,
+                        jwt_auth="warm", cookie=f"gh-at={seal(cookie_key, tokens[alg])}"))
     return out
 
 
@@ -278,6 +290,8 @@ def wrk(args, url: str, seconds: int, sc: Scenario) -> dict:
     cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
     if sc.token_file is not None:
         cmd += ["-s", str(LUA), url, "--", str(sc.token_file)]
+    elif sc.cookie is not None:
+        cmd += ["-H", f"Cookie: {sc.cookie}", url]
     else:
         cmd += ["-H", f"Authorization: Bearer {sc.token}", url]
     done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -302,7 +316,7 @@ def run_scenario(args, envoy_bin: Path, workdir: Path, sc: Scenario) -> Result:
     wd.mkdir(parents=True, exist_ok=True)
     envoy = Envoy(envoy_bin, wd, sc.filters)
     try:
-        status = http_status(envoy.url, sc.token)
+        status = http_status(envoy.url, sc.token, cookie=sc.cookie)
         if status != 200:
             raise RuntimeError(f"{sc.key}: the sanity request with the token got {status}, not 200\n"
                                + envoy.log.read_text(errors="replace")[-4000:])
@@ -412,6 +426,14 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
             f"{rps[f'warm-{alg}'] / rps[f'native-cache-{alg}']:.2f} |"
         )
 
+    chain_alg = algs[0]
+    lines += [
+        "",
+        f"token-proxy + jwt-auth chained ({chain_alg}, warm): {rps['chain']:,.0f} req/s = "
+        f"{rps['chain'] / rps['none']:.2f} × no filter, {rps['chain'] / rps[f'warm-{chain_alg}']:.2f} × jwt-auth "
+        f"alone; {cpu['chain'] - cpu[f'warm-{chain_alg}']:.1f} µs of Envoy CPU per request over jwt-auth alone.",
+    ]
+
     sizes = []
     for wasm in sorted(DIST.glob("*.wasm")) + [NOOP_WASM]:
         shown = wasm.relative_to(ROOT)
@@ -434,6 +456,10 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
         verify = cpu[f"cold-{alg}"] - cpu[f"warm-{alg}"]
         checks.append((verify <= VERIFY_TARGET_US[alg],
                        f"one {alg} verify in Envoy {verify:.1f} µs ≤ {VERIFY_TARGET_US[alg]:.0f} µs"))
+    ratio = rps["chain"] / rps["none"]
+    checks.append((ratio >= CHAIN_VS_BASELINE,
+                   f"token-proxy + jwt-auth warm req/s {rps['chain']:,.0f} ≥ {CHAIN_VS_BASELINE} × no filter "
+                   f"{rps['none']:,.0f} (ratio {ratio:.2f})"))
     for name, kb, in_dist in sizes:
         if in_dist:
             checks.append((kb <= WASM_MAX_KB, f"{name} {kb:.0f} KB ≤ {WASM_MAX_KB} KB"))
@@ -505,7 +531,7 @@ def main() -> int:
     envoy_bin = find_envoy(args.envoy)
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is not installed (apt-get install wrk)")
-    for name in ("jwt-auth.wasm",):
+    for name in ("jwt-auth.wasm", "token-proxy.wasm"):
         if not (DIST / name).exists():
             sys.exit(f"bench: dist/{name} is missing: run `cargo xtask build` (or `cargo xtask bench`)")
     build_noop(args.no_build)

@@ -6,12 +6,15 @@
 //! of `0x01 || 12-byte IV || AES-256-GCM ciphertext || 16-byte tag`, no AAD, key as 64 hex chars.
 
 use crate::config::{parse_json, ConfigError};
+use crate::cache::TokenCache;
 use crate::cookie;
 use crate::reply::{LocalReply, Refusal};
 use aes_gcm::aead::Aead;
 use aes_gcm::{Aes256Gcm, KeyInit};
 use base64::Engine;
 use serde::Deserialize;
+use std::cell::RefCell;
+use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 const VERSION: u8 = 0x01;
@@ -19,6 +22,10 @@ const IV_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 /// Cookies above this size are refused before decoding.
 const MAX_COOKIE_BYTES: usize = 16 * 1024;
+/// Decrypted cookies kept per VM. AES-GCM has no hardware help in wasm: one decrypt of a
+/// token-sized cookie costs ~40 µs of Envoy CPU, and a browser sends the same cookie on every
+/// request until it logs in again. See docs/token-proxy.md.
+const DECRYPTED_CACHE_ENTRIES: usize = 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +117,10 @@ impl ProxyDenial {
 /// AES-256-GCM keys, the current one first; older ones only decrypt (rotation).
 pub struct CookieKeys {
     ciphers: Vec<Aes256Gcm>,
+    /// SHA-256 of a cookie value → its plaintext. The plaintext of a value never changes under
+    /// the same keys (new keys come with a new `CookieKeys`), so entries need no expiry; only
+    /// successful decryptions are kept, and a forged value cannot collide with a cached one.
+    decrypted: RefCell<TokenCache<Arc<str>>>,
 }
 
 impl CookieKeys {
@@ -135,7 +146,10 @@ impl CookieKeys {
             })?;
             ciphers.push(cipher);
         }
-        Ok(Self { ciphers })
+        Ok(Self {
+            ciphers,
+            decrypted: RefCell::new(TokenCache::new(DECRYPTED_CACHE_ENTRIES)),
+        })
     }
 
     /// Keys as one text, the way an environment variable carries them: 64 hex characters each,
@@ -170,8 +184,29 @@ impl CookieKeys {
         self.ciphers.is_empty()
     }
 
-    /// Decrypt a cookie value with the first key that authenticates it.
+    /// Decrypt a cookie value with the first key that authenticates it (from the cache when
+    /// this value was decrypted before).
     pub fn decrypt(&self, value: &str) -> Result<String, CookieError> {
+        if value.len() > MAX_COOKIE_BYTES {
+            return Err(CookieError::TooLarge);
+        }
+        let key = crate::sha256(value.as_bytes());
+        if let Some(plain) = self
+            .decrypted
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut c| c.get(&key, 0))
+        {
+            return Ok(plain.to_string());
+        }
+        let plain = self.decrypt_uncached(value)?;
+        if let Ok(mut cache) = self.decrypted.try_borrow_mut() {
+            cache.insert(key, Arc::from(plain.as_str()), u64::MAX, 0);
+        }
+        Ok(plain)
+    }
+
+    fn decrypt_uncached(&self, value: &str) -> Result<String, CookieError> {
         if value.len() > MAX_COOKIE_BYTES {
             return Err(CookieError::TooLarge);
         }
