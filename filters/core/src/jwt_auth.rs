@@ -41,8 +41,30 @@ struct RawConfig {
     forward_claims: BTreeMap<String, String>,
     #[serde(default = "default_cache_entries")]
     cache_entries: usize,
+    sessions: Option<RawSessions>,
+    max_socket_seconds: Option<u64>,
+    #[serde(default)]
+    wss_only: bool,
+    #[serde(default)]
+    trust_forwarded_proto: bool,
     #[serde(default)]
     rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSessions {
+    #[serde(default = "default_session_claim")]
+    claim: String,
+    #[serde(default = "default_session_fallback")]
+    fallback_claim: Option<String>,
+}
+
+fn default_session_claim() -> String {
+    "sid".into()
+}
+fn default_session_fallback() -> Option<String> {
+    Some("sub".into())
 }
 
 fn default_skew() -> u64 {
@@ -138,6 +160,8 @@ struct RawRule {
     allow_missing: Option<bool>,
     max_age_seconds: Option<u64>,
     max_lifetime_seconds: Option<u64>,
+    max_socket_seconds: Option<u64>,
+    wss_only: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +250,18 @@ pub struct Policy {
     pub require: Vec<Requirement>,
     pub allow_missing: bool,
     pub time: TimeRules,
+    /// Absolute maximum lifetime of a WebSocket, whatever the token refreshes.
+    pub max_socket: Option<u64>,
+    /// Refuse upgrades that did not arrive over TLS (close 4400).
+    pub wss_only: bool,
+}
+
+/// Live sockets follow their session: a fresh token of the same session (same `claim`, or
+/// `fallback` when the token has no `claim`) extends every live socket of that session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sessions {
+    pub claim: String,
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,8 +279,18 @@ pub struct JwtAuthConfig {
     /// `(claim, lowercase header name)`.
     pub forward_claims: Vec<(String, String)>,
     pub cache_entries: usize,
+    pub sessions: Option<Sessions>,
+    /// Believe `x-forwarded-proto: https` from the hop before Envoy (for `wss_only`).
+    pub trust_forwarded_proto: bool,
     pub default_policy: Policy,
     pub rules: Vec<Rule>,
+}
+
+fn positive(value: Option<u64>, path: &str) -> Result<Option<u64>, ConfigError> {
+    match value {
+        Some(0) => Err(ConfigError::new(path, "must be at least 1")),
+        v => Ok(v),
+    }
 }
 
 fn compile_requirements(
@@ -447,6 +493,8 @@ impl JwtAuthConfig {
             require: compile_requirements(raw.require, "require")?,
             allow_missing: raw.allow_missing,
             time,
+            max_socket: positive(raw.max_socket_seconds, "max_socket_seconds")?,
+            wss_only: raw.wss_only,
         };
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
@@ -493,6 +541,12 @@ impl JwtAuthConfig {
             if r.max_lifetime_seconds.is_some() {
                 policy.time.max_lifetime = r.max_lifetime_seconds;
             }
+            if r.max_socket_seconds.is_some() {
+                policy.max_socket = positive(r.max_socket_seconds, &at("max_socket_seconds"))?;
+            }
+            if let Some(w) = r.wss_only {
+                policy.wss_only = w;
+            }
             rules.push(Rule { matcher, policy });
         }
         Ok(Self {
@@ -506,6 +560,17 @@ impl JwtAuthConfig {
             max_token_bytes: raw.max_token_bytes,
             forward_claims,
             cache_entries: raw.cache_entries,
+            sessions: match raw.sessions {
+                None => None,
+                Some(s) if s.claim.is_empty() => {
+                    return Err(ConfigError::new("sessions.claim", "must not be empty"))
+                }
+                Some(s) => Some(Sessions {
+                    claim: s.claim,
+                    fallback: s.fallback_claim.filter(|f| !f.is_empty()),
+                }),
+            },
+            trust_forwarded_proto: raw.trust_forwarded_proto,
             default_policy,
             rules,
         })
@@ -548,6 +613,10 @@ pub struct Request<'a> {
     pub ws_protocols: Option<&'a str>,
     pub authorization: Option<&'a str>,
     pub cookie: Option<&'a str>,
+    /// The downstream connection is TLS.
+    pub tls: bool,
+    /// `x-forwarded-proto` as received.
+    pub forwarded_proto: Option<&'a str>,
 }
 
 /// A header change for the request that goes upstream.
@@ -578,6 +647,8 @@ pub enum Denial {
     Token(TokenError),
     /// A valid token that a requirement refuses.
     Forbidden,
+    /// A plain `ws://` upgrade on a `wss_only` route.
+    InsecureTransport,
 }
 
 impl Denial {
@@ -589,17 +660,30 @@ impl Denial {
             Denial::WsProtocol => "ws_protocol",
             Denial::Token(e) => e.reason(),
             Denial::Forbidden => "forbidden",
+            Denial::InsecureTransport => "insecure_transport",
         }
     }
 
     pub fn refusal(self) -> Refusal {
         match self {
             Denial::Missing => Refusal::MissingCredentials,
-            Denial::QueryToken | Denial::WsProtocol => Refusal::BadRequest,
+            Denial::QueryToken | Denial::WsProtocol | Denial::InsecureTransport => {
+                Refusal::BadRequest
+            }
             Denial::Token(_) => Refusal::InvalidCredentials,
             Denial::Forbidden => Refusal::Forbidden,
         }
     }
+}
+
+/// What a verified token means for live sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketTerms {
+    /// The session key (a hash of the session claim, never the claim itself), when `sessions`
+    /// is configured and the token names a session.
+    pub session: Option<String>,
+    /// The absolute end of a socket opened now (`max_socket_seconds`).
+    pub until: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -611,6 +695,8 @@ pub enum Decision {
         /// When the token stops counting (exp + skew): the deadline of a live socket.
         deadline: Option<u64>,
         cache_hit: bool,
+        /// For a live socket (and for extending the live sockets of its session).
+        socket: Option<SocketTerms>,
     },
     Deny {
         denial: Denial,
@@ -743,6 +829,9 @@ impl JwtAuth {
         if self.query_has_token(req.path) {
             return deny(Denial::QueryToken, first_protocol(token_prefix));
         }
+        if req.websocket && policy.wss_only && !self.secure(req) {
+            return deny(Denial::InsecureTransport, first_protocol(token_prefix));
+        }
 
         // Find the token: the first configured source that is present.
         let mut token: Option<&str> = None;
@@ -811,6 +900,7 @@ impl JwtAuth {
                     token: None,
                     deadline: None,
                     cache_hit: false,
+                    socket: None,
                 };
             }
             return deny(Denial::Missing, protocol);
@@ -833,12 +923,39 @@ impl JwtAuth {
                 }
             }
         }
+        let socket = SocketTerms {
+            session: self.session_of(&verified.claims),
+            until: policy.max_socket.map(|s| now.saturating_add(s)),
+        };
         Decision::Allow {
             edits,
             deadline: Some(verified.times.deadline(policy.time.skew)),
             token: Some(verified),
             cache_hit,
+            socket: Some(socket),
         }
+    }
+
+    /// TLS to Envoy, or `x-forwarded-proto: https` from a trusted hop.
+    fn secure(&self, req: &Request<'_>) -> bool {
+        req.tls
+            || (self.config.trust_forwarded_proto
+                && req
+                    .forwarded_proto
+                    .is_some_and(|p| p.trim().eq_ignore_ascii_case("https")))
+    }
+
+    /// The session key of verified claims: a short hash, so shared memory never holds the id.
+    fn session_of(&self, claims: &Claims) -> Option<String> {
+        let sessions = self.config.sessions.as_ref()?;
+        let (name, value) = std::iter::once(&sessions.claim)
+            .chain(sessions.fallback.as_ref())
+            .find_map(|name| claims.get(name).map(|v| (name, claim_text(v))))?;
+        if value.is_empty() {
+            return None;
+        }
+        let digest = sha256(format!("{name}\0{value}").as_bytes());
+        Some(crate::b64url(&digest[..12]))
     }
 
     fn query_has_token(&self, path: &str) -> bool {

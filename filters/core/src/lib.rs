@@ -10,6 +10,7 @@ pub mod cookie;
 pub mod jwt;
 pub mod jwt_auth;
 pub mod reply;
+pub mod sessions;
 pub mod token_proxy;
 pub mod ws;
 
@@ -21,6 +22,12 @@ pub(crate) fn b64url_decode(s: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(s)
         .ok()
+}
+
+/// Base64url without padding.
+pub(crate) fn b64url(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
 /// SHA-256 of `data`.

@@ -5,16 +5,15 @@
 //! Cookies are byte-compatible with the Curity token-handler v1 format: base64url (no padding)
 //! of `0x01 || 12-byte IV || AES-256-GCM ciphertext || 16-byte tag`, no AAD, key as 64 hex chars.
 
-use crate::config::{parse_json, ConfigError};
 use crate::cache::TokenCache;
+use crate::config::{parse_json, ConfigError};
 use crate::cookie;
 use crate::reply::{LocalReply, Refusal};
 use aes_gcm::aead::Aead;
 use aes_gcm::{Aes256Gcm, KeyInit};
 use base64::Engine;
 use serde::Deserialize;
-use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use subtle::ConstantTimeEq;
 
 const VERSION: u8 = 0x01;
@@ -120,7 +119,7 @@ pub struct CookieKeys {
     /// SHA-256 of a cookie value → its plaintext. The plaintext of a value never changes under
     /// the same keys (new keys come with a new `CookieKeys`), so entries need no expiry; only
     /// successful decryptions are kept, and a forged value cannot collide with a cached one.
-    decrypted: RefCell<TokenCache<Arc<str>>>,
+    decrypted: Mutex<TokenCache<Arc<str>>>,
 }
 
 impl CookieKeys {
@@ -148,7 +147,7 @@ impl CookieKeys {
         }
         Ok(Self {
             ciphers,
-            decrypted: RefCell::new(TokenCache::new(DECRYPTED_CACHE_ENTRIES)),
+            decrypted: Mutex::new(TokenCache::new(DECRYPTED_CACHE_ENTRIES)),
         })
     }
 
@@ -191,16 +190,11 @@ impl CookieKeys {
             return Err(CookieError::TooLarge);
         }
         let key = crate::sha256(value.as_bytes());
-        if let Some(plain) = self
-            .decrypted
-            .try_borrow_mut()
-            .ok()
-            .and_then(|mut c| c.get(&key, 0))
-        {
+        if let Some(plain) = self.decrypted.lock().ok().and_then(|mut c| c.get(&key, 0)) {
             return Ok(plain.to_string());
         }
         let plain = self.decrypt_uncached(value)?;
-        if let Ok(mut cache) = self.decrypted.try_borrow_mut() {
+        if let Ok(mut cache) = self.decrypted.lock() {
             cache.insert(key, Arc::from(plain.as_str()), u64::MAX, 0);
         }
         Ok(plain)

@@ -76,6 +76,11 @@ pub enum ChunkAction {
 #[derive(Debug)]
 pub struct LiveSocket {
     deadline: u64,
+    /// The socket's session key: when `deadline` passes, a fresher deadline of the session
+    /// (from any worker) is looked up before closing.
+    session: Option<String>,
+    /// Absolute end, whatever the refreshes.
+    until: Option<u64>,
     closing: Option<(u16, &'static str)>,
     sent_upstream: bool,
     sent_client: bool,
@@ -83,8 +88,15 @@ pub struct LiveSocket {
 
 impl LiveSocket {
     pub fn new(deadline: u64) -> Self {
+        Self::following(deadline, None, None)
+    }
+
+    /// A socket that follows `session` (see [`LiveSocket::on_chunk`]) and ends at `until`.
+    pub fn following(deadline: u64, session: Option<String>, until: Option<u64>) -> Self {
         Self {
             deadline,
+            session,
+            until,
             closing: None,
             sent_upstream: false,
             sent_client: false,
@@ -99,17 +111,46 @@ impl LiveSocket {
         self.closing.is_some()
     }
 
+    /// Why the socket is closing (for the log line), or `""` while it is open.
+    pub fn close_reason(&self) -> &'static str {
+        self.closing.map_or("", |(_, reason)| reason)
+    }
+
+    /// The session this socket follows, if any.
+    pub fn session(&self) -> Option<&str> {
+        self.session.as_deref()
+    }
+
     /// Decide what happens to a non-empty chunk seen at `now`. `mask` is fresh randomness for a
-    /// frame towards the upstream.
-    pub fn on_chunk(&mut self, dir: Dir, now: u64, mask: [u8; 4]) -> ChunkAction {
-        let (code, reason) = match self.closing {
-            Some(c) => c,
-            None if now >= self.deadline => {
-                let c = (CLOSE_UNAUTHORIZED, "token expired");
-                self.closing = Some(c);
-                c
+    /// frame towards the upstream. Past the deadline, `session_deadline` gives the session's
+    /// latest deadline (a fresh token of the same session seen anywhere); a later one keeps the
+    /// socket open.
+    pub fn on_chunk(
+        &mut self,
+        dir: Dir,
+        now: u64,
+        mask: [u8; 4],
+        session_deadline: impl FnOnce(&str) -> Option<u64>,
+    ) -> ChunkAction {
+        if self.closing.is_none() {
+            if self.until.is_some_and(|u| now >= u) {
+                self.closing = Some((CLOSE_UNAUTHORIZED, "socket lifetime exceeded"));
+            } else if now >= self.deadline {
+                match self.session.as_deref().and_then(session_deadline) {
+                    Some(d) if d > now => self.deadline = d,
+                    _ => {
+                        let reason = if self.session.is_some() {
+                            "session expired"
+                        } else {
+                            "token expired"
+                        };
+                        self.closing = Some((CLOSE_UNAUTHORIZED, reason));
+                    }
+                }
             }
-            None => return ChunkAction::Pass,
+        }
+        let Some((code, reason)) = self.closing else {
+            return ChunkAction::Pass;
         };
         let sent = match dir {
             Dir::ToUpstream => &mut self.sent_upstream,
@@ -154,17 +195,26 @@ mod tests {
     #[test]
     fn live_socket_closes_both_sides_once_then_drops() {
         let mut s = LiveSocket::new(100);
-        assert_eq!(s.on_chunk(Dir::ToClient, 99, [0; 4]), ChunkAction::Pass);
         assert_eq!(
-            s.on_chunk(Dir::ToUpstream, 100, [9; 4]),
+            s.on_chunk(Dir::ToClient, 99, [0; 4], |_| None),
+            ChunkAction::Pass
+        );
+        assert_eq!(
+            s.on_chunk(Dir::ToUpstream, 100, [9; 4], |_| None),
             ChunkAction::Replace(close_frame(4401, "token expired", Some([9; 4])))
         );
-        assert_eq!(s.on_chunk(Dir::ToUpstream, 100, [9; 4]), ChunkAction::Drop);
         assert_eq!(
-            s.on_chunk(Dir::ToClient, 100, [0; 4]),
+            s.on_chunk(Dir::ToUpstream, 100, [9; 4], |_| None),
+            ChunkAction::Drop
+        );
+        assert_eq!(
+            s.on_chunk(Dir::ToClient, 100, [0; 4], |_| None),
             ChunkAction::Replace(close_frame(4401, "token expired", None))
         );
-        assert_eq!(s.on_chunk(Dir::ToClient, 101, [0; 4]), ChunkAction::Drop);
+        assert_eq!(
+            s.on_chunk(Dir::ToClient, 101, [0; 4], |_| None),
+            ChunkAction::Drop
+        );
         assert!(s.is_closing());
     }
 
@@ -172,5 +222,33 @@ mod tests {
     fn protocol_list() {
         let p: Vec<_> = protocols(" sip, bearer.a.b.c ,,x").collect();
         assert_eq!(p, ["sip", "bearer.a.b.c", "x"]);
+    }
+
+    #[test]
+    fn a_session_socket_follows_fresher_deadlines_until_its_lifetime_ends() {
+        let mut s = LiveSocket::following(100, Some("abc".into()), Some(300));
+        assert_eq!(s.session(), Some("abc"));
+        // Past its own deadline, the session's later deadline keeps it open.
+        assert_eq!(
+            s.on_chunk(Dir::ToUpstream, 150, [0; 4], |k| (k == "abc")
+                .then_some(200)),
+            ChunkAction::Pass
+        );
+        assert_eq!(s.deadline(), 200);
+        assert_eq!(
+            s.on_chunk(Dir::ToClient, 199, [0; 4], |_| None),
+            ChunkAction::Pass
+        );
+        // No fresher token: "session expired".
+        assert_eq!(
+            s.on_chunk(Dir::ToClient, 200, [0; 4], |_| Some(200)),
+            ChunkAction::Replace(close_frame(4401, "session expired", None))
+        );
+        // Whatever the refreshes, the lifetime ends it.
+        let mut s = LiveSocket::following(100, Some("abc".into()), Some(120));
+        assert_eq!(
+            s.on_chunk(Dir::ToClient, 120, [0; 4], |_| Some(10_000)),
+            ChunkAction::Replace(close_frame(4401, "socket lifetime exceeded", None))
+        );
     }
 }

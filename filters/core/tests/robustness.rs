@@ -150,6 +150,8 @@ fn header_soup_never_panics() {
             authorization: Some(&a),
             cookie: Some(&c),
             route_name: None,
+            tls: rng.below(2) == 0,
+            forwarded_proto: Some(&a),
         };
         let _ = auth.decide(&req, NOW, true);
     }

@@ -71,6 +71,17 @@ pub fn property_text(path: Vec<&str>) -> Option<String> {
         .and_then(|b| String::from_utf8(b).ok())
 }
 
+/// A shared-data entry (visible to every worker of this Envoy) and its CAS token.
+pub fn shared_data(key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+    hostcalls::get_shared_data(key).unwrap_or((None, None))
+}
+
+/// Write a shared-data entry if it is still at `cas` (`None`: unconditionally); false when
+/// another worker wrote it first.
+pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> bool {
+    hostcalls::set_shared_data(key, Some(value), cas).is_ok()
+}
+
 /// Publish `value` as filter state under `name` (Envoy stores it as `wasm.<name>`); later
 /// filters read it with `get_property`. Never a header a client could forge.
 pub fn set_filter_state(name: &str, value: &[u8]) -> bool {

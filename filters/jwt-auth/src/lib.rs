@@ -6,6 +6,7 @@ use gatehouse_core::jwt::KeySet;
 use gatehouse_core::jwt_auth::{
     Decision, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY,
 };
+use gatehouse_core::sessions;
 use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
 use gatehouse_host::{self as host, Body, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -213,7 +214,7 @@ impl RootContext for Root {
         Some(Box::new(Stream {
             shared,
             pending_fetch: None,
-            ws_deadline: None,
+            ws_socket: None,
             live: None,
         }))
     }
@@ -227,10 +228,32 @@ struct Stream {
     shared: Rc<RefCell<Shared>>,
     /// A JWKS fetch this request waits for: (call token, provider).
     pending_fetch: Option<(u32, usize)>,
-    /// The token's deadline, for an allowed WebSocket upgrade.
-    ws_deadline: Option<u64>,
+    /// The socket an allowed WebSocket upgrade becomes once the upstream answers 101.
+    ws_socket: Option<LiveSocket>,
     /// Set once the upstream answered 101.
     live: Option<LiveSocket>,
+}
+
+/// Record a fresh deadline for `session` where every worker's live sockets look for it.
+fn extend_session(session: &str, deadline: u64, now: u64) {
+    let key = sessions::bucket_key(session);
+    // Compare-and-swap: another worker may write the same bucket at the same moment.
+    for _ in 0..3 {
+        let (value, cas) = host::shared_data(&key);
+        let Some(next) = sessions::record(value.as_deref().unwrap_or(&[]), session, deadline, now)
+        else {
+            return;
+        };
+        if host::set_shared_data(&key, &next, cas) {
+            return;
+        }
+    }
+}
+
+/// The latest deadline any worker recorded for `session`.
+fn session_deadline(session: &str) -> Option<u64> {
+    let (value, _) = host::shared_data(&sessions::bucket_key(session));
+    sessions::lookup(&value?, session)
 }
 
 fn is_websocket_upgrade() -> bool {
@@ -252,6 +275,13 @@ impl Stream {
         let authorization = host::request_header("authorization");
         let cookie = host::request_header("cookie");
         let websocket = is_websocket_upgrade();
+        // Transport facts matter only for upgrades (`wss_only`): no host calls otherwise.
+        let tls = websocket && host::property_text(vec!["connection", "tls_version"]).is_some();
+        let forwarded_proto = if websocket {
+            host::request_header("x-forwarded-proto")
+        } else {
+            None
+        };
         let req = Request {
             path: &path,
             host: &authority,
@@ -261,6 +291,8 @@ impl Stream {
             ws_protocols: ws_protocols.as_deref(),
             authorization: authorization.as_deref(),
             cookie: cookie.as_deref(),
+            tls,
+            forwarded_proto: forwarded_proto.as_deref(),
         };
         let now = host::now_secs();
         let mut shared = self.shared.borrow_mut();
@@ -270,6 +302,7 @@ impl Stream {
                 token,
                 deadline,
                 cache_hit,
+                socket,
             } => {
                 for edit in &edits {
                     match edit {
@@ -288,8 +321,14 @@ impl Stream {
                         }
                         shared.count(if cache_hit { "cache.hit" } else { "cache.miss" });
                         shared.count("allowed");
+                        let session = socket.as_ref().and_then(|s| s.session.clone());
+                        if let (Some(session), Some(deadline)) = (&session, deadline) {
+                            extend_session(session, deadline, now);
+                        }
                         if websocket {
-                            self.ws_deadline = deadline;
+                            self.ws_socket = deadline.map(|d| {
+                                LiveSocket::following(d, session, socket.and_then(|s| s.until))
+                            });
                         }
                     }
                     None => shared.count("allowed_missing"),
@@ -354,7 +393,8 @@ impl Stream {
             Dir::ToUpstream => Body::Request,
             Dir::ToClient => Body::Response,
         };
-        match live.on_chunk(dir, host::now_secs(), host::random_mask()) {
+        let now = host::now_secs();
+        match live.on_chunk(dir, now, host::random_mask(), session_deadline) {
             ChunkAction::Pass => {}
             ChunkAction::Replace(frame) => {
                 if !was_closing {
@@ -362,7 +402,7 @@ impl Stream {
                     host::log(
                         LogLevel::Info,
                         NAME,
-                        "live websocket: token expired, closing with 4401",
+                        &format!("live websocket: {}, closing with 4401", live.close_reason()),
                     );
                 }
                 host::replace_body(which, size, &frame);
@@ -400,9 +440,9 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(deadline) = self.ws_deadline.take() {
+        if let Some(socket) = self.ws_socket.take() {
             if host::response_header(":status").as_deref() == Some("101") {
-                self.live = Some(LiveSocket::new(deadline));
+                self.live = Some(socket);
             }
         }
         Action::Continue

@@ -93,6 +93,7 @@ fn allowed(d: Decision) -> (Vec<HeaderEdit>, Option<Arc<Verified>>, Option<u64>,
             token,
             deadline,
             cache_hit,
+            ..
         } => (edits, token, deadline, cache_hit),
         other => panic!("expected allow, got {other:?}"),
     }
@@ -539,4 +540,77 @@ fn config_errors_name_the_field() {
     }
     let err = JwtAuthConfig::compile(b"{not json").unwrap_err();
     assert!(err.to_string().starts_with("config error"), "{err}");
+}
+
+#[test]
+fn wss_only_routes_refuse_plain_upgrades_with_4400() {
+    let proto = format!("sip, bearer.{}", token());
+    let ws = |tls: bool, xfp: Option<&'static str>| {
+        let proto: &'static str = Box::leak(proto.clone().into_boxed_str());
+        Request {
+            path: "/ws/echo",
+            websocket: true,
+            ws_key: Some("dGhlIHNhbXBsZSBub25jZQ=="),
+            ws_protocols: Some(proto),
+            tls,
+            forwarded_proto: xfp,
+            ..http(None)
+        }
+    };
+    let mut f = config(json!({"rules": [{"match": {"prefix": "/ws/"}, "wss_only": true}]}));
+    let d = f.decide(&ws(false, Some("https")), NOW, true);
+    let Decision::Deny { denial: why, reply } = d else {
+        panic!("a plain upgrade was allowed")
+    };
+    assert_eq!(why, Denial::InsecureTransport);
+    assert_eq!(reply.status, 101, "the browser must read a close code");
+    assert!(reply.body.starts_with(&[0x88]) && reply.body[2..4] == 4400u16.to_be_bytes());
+    allowed(f.decide(&ws(true, None), NOW, true));
+    // x-forwarded-proto counts only from a trusted hop.
+    let mut f = config(json!({"trust_forwarded_proto": true,
+        "rules": [{"match": {"prefix": "/ws/"}, "wss_only": true}]}));
+    allowed(f.decide(&ws(false, Some("https")), NOW, true));
+    assert_eq!(
+        denial(f.decide(&ws(false, Some("http")), NOW, true)),
+        Denial::InsecureTransport
+    );
+}
+
+#[test]
+fn socket_terms_name_the_session_by_hash_and_bound_the_lifetime() {
+    let mut f = config(json!({"sessions": {}, "max_socket_seconds": 3600}));
+    let terms = |f: &mut JwtAuth, claims: Value| {
+        let t = sign_ed(json!({"alg": "EdDSA", "kid": "ed1"}), claims);
+        let auth = bearer(&t);
+        match f.decide(&http(Some(&auth)), NOW, true) {
+            Decision::Allow { socket, .. } => socket.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let mut c = claims();
+    c["sid"] = json!("session-1");
+    let a = terms(&mut f, c.clone());
+    c["jti"] = json!("another token, same session");
+    let b = terms(&mut f, c.clone());
+    assert_eq!(a.session, b.session);
+    assert_eq!(a.until, Some(NOW + 3600));
+    let key = a.session.unwrap();
+    assert!(
+        !key.contains("session-1"),
+        "shared memory holds a hash, not the id"
+    );
+    c["sid"] = json!("session-2");
+    assert_ne!(terms(&mut f, c).session.unwrap(), key);
+    // Without `sid`, the fallback claim (`sub`) names the session.
+    assert!(terms(&mut f, claims()).session.is_some());
+    // Without `sessions`, sockets follow only their own token.
+    let mut plain = config(json!({}));
+    assert_eq!(terms(&mut plain, claims()).session, None);
+    let zero = json!({"providers": [{"name": "p", "issuer": ISS, "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
+        "rules": [{"match": {"prefix": "/"}, "max_socket_seconds": 0}]});
+    let err = JwtAuthConfig::compile(zero.to_string().as_bytes()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config error at rules[0].max_socket_seconds: must be at least 1"
+    );
 }
