@@ -1,11 +1,13 @@
 """Live sockets follow their session, not the token they connected with: a fresh token of the same
-session on any guarded request (on any Envoy worker) keeps the socket open; without one it closes
+session on any guarded request (on any Envoy worker), or in an in-band re-auth frame, keeps the
+socket open; without one it closes
 with 4401 "session expired"; an absolute lifetime ends it whatever the refreshes; a `wss_only`
 route refuses plain ws://."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -27,7 +29,8 @@ def key():
 def gw(key, demo, envoy_factory):
     cfg = jwt_auth_config(
         key,
-        sessions={},
+        session_claims=["sid", "sub"],
+        reauth_type="gatehouse.reauth",
         rules=[
             {"match": {"prefix": "/ws/secure"}, "wss_only": True},
             {"match": {"prefix": "/ws/short"}, "max_socket_seconds": 3},
@@ -129,3 +132,46 @@ def test_plain_ws_is_refused_on_a_wss_only_route(gw, key, demo, envoy_factory):
     assert echoed >= 1 and code is None
     code, _ = run_async(close_of(trusting.ws_url + "/ws/secure", key.mint()))
     assert code == 4400, "without x-forwarded-proto: https the upgrade is refused"
+
+
+def reauth_frame(token):
+    return json.dumps({"type": "gatehouse.reauth", "token": token})
+
+
+def test_in_band_reauth_extends_the_socket_and_never_reaches_the_upstream(gw, key):
+    async def go():
+        async with websockets.connect(gw.ws_url + "/ws/echo",
+                                      subprotocols=["sip", "bearer." + key.mint(ttl=3, sid="call-5")]) as ws:
+            await ws.send("__headers__")
+            seen = json.loads(await ws.recv())
+            start = time.monotonic()
+            refreshed = 0
+            while time.monotonic() - start < 8:
+                if time.monotonic() - start > 1 + 2 * refreshed:
+                    await ws.send(reauth_frame(key.mint(ttl=3, sid="call-5")))
+                    refreshed += 1
+                await ws.send("ping")
+                # The demo echoes every text frame: a re-auth frame that reached it would come back.
+                assert await asyncio.wait_for(ws.recv(), 5) == "ping"
+                await asyncio.sleep(0.4)
+            return seen, ws.close_code
+
+    seen, code = run_async(go(), 60)
+    assert code is None, "re-auth frames every 2 s keep a 3 s token's socket open for 8 s"
+    assert "sec-websocket-extensions" not in seen, "no permessage-deflate: re-auth frames stay readable"
+    assert gw.stats().get("wasmcustom.gatehouse.jwt_auth.ws.reauth", 0) >= 3
+
+
+def test_a_reauth_token_of_another_session_closes_4401(gw, key):
+    async def go():
+        async with websockets.connect(gw.ws_url + "/ws/echo",
+                                      subprotocols=["sip", "bearer." + key.mint(ttl=60, sid="call-6")]) as ws:
+            await ws.send(reauth_frame(key.mint(ttl=60, sid="intruder")))
+            try:
+                while True:
+                    assert await asyncio.wait_for(ws.recv(), 5) != reauth_frame, "never forwarded"
+            except websockets.ConnectionClosed:
+                pass
+            return ws.close_code, ws.close_reason
+
+    assert run_async(go(), 30) == (4401, "other session")

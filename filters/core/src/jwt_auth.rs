@@ -41,7 +41,8 @@ struct RawConfig {
     forward_claims: BTreeMap<String, String>,
     #[serde(default = "default_cache_entries")]
     cache_entries: usize,
-    sessions: Option<RawSessions>,
+    session_claims: Option<Vec<String>>,
+    reauth_type: Option<String>,
     max_socket_seconds: Option<u64>,
     #[serde(default)]
     wss_only: bool,
@@ -49,22 +50,6 @@ struct RawConfig {
     trust_forwarded_proto: bool,
     #[serde(default)]
     rules: Vec<RawRule>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSessions {
-    #[serde(default = "default_session_claim")]
-    claim: String,
-    #[serde(default = "default_session_fallback")]
-    fallback_claim: Option<String>,
-}
-
-fn default_session_claim() -> String {
-    "sid".into()
-}
-fn default_session_fallback() -> Option<String> {
-    Some("sub".into())
 }
 
 fn default_skew() -> u64 {
@@ -256,14 +241,6 @@ pub struct Policy {
     pub wss_only: bool,
 }
 
-/// Live sockets follow their session: a fresh token of the same session (same `claim`, or
-/// `fallback` when the token has no `claim`) extends every live socket of that session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sessions {
-    pub claim: String,
-    pub fallback: Option<String>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub matcher: Matcher,
@@ -279,7 +256,12 @@ pub struct JwtAuthConfig {
     /// `(claim, lowercase header name)`.
     pub forward_claims: Vec<(String, String)>,
     pub cache_entries: usize,
-    pub sessions: Option<Sessions>,
+    /// Live sockets follow their session, named by the first of these claims a token has: a
+    /// fresh token of the same session extends every live socket of it. Empty: sockets follow
+    /// their own token only.
+    pub session_claims: Vec<String>,
+    /// The `type` of in-band re-auth messages on live sockets (see [`crate::reauth`]).
+    pub reauth: Option<String>,
     /// Believe `x-forwarded-proto: https` from the hop before Envoy (for `wss_only`).
     pub trust_forwarded_proto: bool,
     pub default_policy: Policy,
@@ -549,6 +531,13 @@ impl JwtAuthConfig {
             }
             rules.push(Rule { matcher, policy });
         }
+        let session_claims = raw.session_claims.unwrap_or_default();
+        if let Some(i) = session_claims.iter().position(String::is_empty) {
+            return Err(ConfigError::new(
+                format!("session_claims[{i}]"),
+                "must not be empty",
+            ));
+        }
         Ok(Self {
             providers,
             sources,
@@ -560,16 +549,18 @@ impl JwtAuthConfig {
             max_token_bytes: raw.max_token_bytes,
             forward_claims,
             cache_entries: raw.cache_entries,
-            sessions: match raw.sessions {
+            reauth: match raw.reauth_type {
                 None => None,
-                Some(s) if s.claim.is_empty() => {
-                    return Err(ConfigError::new("sessions.claim", "must not be empty"))
+                Some(_) if session_claims.is_empty() => return Err(ConfigError::new(
+                    "reauth_type",
+                    "needs `session_claims`: a re-auth token must belong to the socket's session",
+                )),
+                Some(t) if t.is_empty() => {
+                    return Err(ConfigError::new("reauth_type", "must not be empty"))
                 }
-                Some(s) => Some(Sessions {
-                    claim: s.claim,
-                    fallback: s.fallback_claim.filter(|f| !f.is_empty()),
-                }),
+                t => t,
             },
+            session_claims,
             trust_forwarded_proto: raw.trust_forwarded_proto,
             default_policy,
             rules,
@@ -649,6 +640,8 @@ pub enum Denial {
     Forbidden,
     /// A plain `ws://` upgrade on a `wss_only` route.
     InsecureTransport,
+    /// A re-auth token of another session than the socket's.
+    OtherSession,
 }
 
 impl Denial {
@@ -661,6 +654,7 @@ impl Denial {
             Denial::Token(e) => e.reason(),
             Denial::Forbidden => "forbidden",
             Denial::InsecureTransport => "insecure_transport",
+            Denial::OtherSession => "other_session",
         }
     }
 
@@ -670,7 +664,7 @@ impl Denial {
             Denial::QueryToken | Denial::WsProtocol | Denial::InsecureTransport => {
                 Refusal::BadRequest
             }
-            Denial::Token(_) => Refusal::InvalidCredentials,
+            Denial::Token(_) | Denial::OtherSession => Refusal::InvalidCredentials,
             Denial::Forbidden => Refusal::Forbidden,
         }
     }
@@ -832,6 +826,10 @@ impl JwtAuth {
         if req.websocket && policy.wss_only && !self.secure(req) {
             return deny(Denial::InsecureTransport, first_protocol(token_prefix));
         }
+        if req.websocket && self.config.reauth.is_some() {
+            // Re-auth frames must be readable: no permessage-deflate.
+            edits.push(HeaderEdit::Remove("sec-websocket-extensions".into()));
+        }
 
         // Find the token: the first configured source that is present.
         let mut token: Option<&str> = None;
@@ -936,6 +934,31 @@ impl JwtAuth {
         }
     }
 
+    /// An in-band re-auth token on a live socket of `session` opened on `(route, path, host)`:
+    /// verified like a connect token, with the route's rules, and it must belong to the same
+    /// session. Returns the socket's new deadline.
+    pub fn reauth(
+        &mut self,
+        token: &str,
+        at: (Option<&str>, &str, &str),
+        session: &str,
+        now: u64,
+    ) -> Result<u64, Denial> {
+        let policy = self.config.policy_for(at.0, at.1, at.2).clone();
+        let (verified, _) = match self.verify(token, &policy, now, false) {
+            Ok(v) => v,
+            Err(VerifyError::Token(e)) => return Err(Denial::Token(e)),
+            Err(VerifyError::Fetch(_)) => return Err(Denial::Token(TokenError::UnknownKey)),
+        };
+        if !policy.require.iter().all(|r| r.is_met(&verified.claims)) {
+            return Err(Denial::Forbidden);
+        }
+        if self.session_of(&verified.claims).as_deref() != Some(session) {
+            return Err(Denial::OtherSession);
+        }
+        Ok(verified.times.deadline(policy.time.skew))
+    }
+
     /// TLS to Envoy, or `x-forwarded-proto: https` from a trusted hop.
     fn secure(&self, req: &Request<'_>) -> bool {
         req.tls
@@ -947,9 +970,10 @@ impl JwtAuth {
 
     /// The session key of verified claims: a short hash, so shared memory never holds the id.
     fn session_of(&self, claims: &Claims) -> Option<String> {
-        let sessions = self.config.sessions.as_ref()?;
-        let (name, value) = std::iter::once(&sessions.claim)
-            .chain(sessions.fallback.as_ref())
+        let (name, value) = self
+            .config
+            .session_claims
+            .iter()
             .find_map(|name| claims.get(name).map(|v| (name, claim_text(v))))?;
         if value.is_empty() {
             return None;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod cookie;
 pub mod jwt;
 pub mod jwt_auth;
+pub mod reauth;
 pub mod reply;
 pub mod sessions;
 pub mod token_proxy;

@@ -111,6 +111,20 @@ impl LiveSocket {
         self.closing.is_some()
     }
 
+    /// A fresh token of this socket's session (in-band re-auth): a later deadline counts.
+    pub fn extend(&mut self, deadline: u64) {
+        if self.closing.is_none() {
+            self.deadline = self.deadline.max(deadline);
+        }
+    }
+
+    /// Close with 4401 and `reason` on the next chunk (a refused re-auth).
+    pub fn refuse(&mut self, reason: &'static str) {
+        if self.closing.is_none() {
+            self.closing = Some((CLOSE_UNAUTHORIZED, reason));
+        }
+    }
+
     /// Why the socket is closing (for the log line), or `""` while it is open.
     pub fn close_reason(&self) -> &'static str {
         self.closing.map_or("", |(_, reason)| reason)

@@ -114,6 +114,15 @@ pub fn replace_body(which: Body, size: usize, bytes: &[u8]) {
     let _ = hostcalls::set_buffer(t, 0, size, bytes);
 }
 
+/// The first `size` bytes of the buffered request body (on an upgraded stream: what the client
+/// sent and the filter has not let through yet).
+pub fn request_body(size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
 /// Four random bytes (a WebSocket mask); a fixed mask only if the host has no randomness.
 pub fn random_mask() -> [u8; 4] {
     let mut m = [0x5a, 0x3c, 0x96, 0xe1];

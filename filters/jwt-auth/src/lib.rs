@@ -4,8 +4,9 @@
 
 use gatehouse_core::jwt::KeySet;
 use gatehouse_core::jwt_auth::{
-    Decision, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY,
+    Decision, Denial, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY,
 };
+use gatehouse_core::reauth::{ClientFrames, Scan};
 use gatehouse_core::sessions;
 use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
 use gatehouse_host::{self as host, Body, Counters};
@@ -216,6 +217,8 @@ impl RootContext for Root {
             pending_fetch: None,
             ws_socket: None,
             live: None,
+            frames: None,
+            at: (None, String::new(), String::new()),
         }))
     }
 
@@ -232,6 +235,10 @@ struct Stream {
     ws_socket: Option<LiveSocket>,
     /// Set once the upstream answered 101.
     live: Option<LiveSocket>,
+    /// Client frames, scanned for in-band re-auth when that is configured.
+    frames: Option<ClientFrames>,
+    /// Route name, path and host of an upgrade: re-auth tokens follow the same rules.
+    at: (Option<String>, String, String),
 }
 
 /// Record a fresh deadline for `session` where every worker's live sockets look for it.
@@ -326,6 +333,10 @@ impl Stream {
                             extend_session(session, deadline, now);
                         }
                         if websocket {
+                            if session.is_some() && shared.auth.config.reauth.is_some() {
+                                self.frames = Some(ClientFrames::default());
+                                self.at = (route.clone(), path.clone(), authority.clone());
+                            }
                             self.ws_socket = deadline.map(|d| {
                                 LiveSocket::following(d, session, socket.and_then(|s| s.until))
                             });
@@ -381,11 +392,75 @@ impl Stream {
         }
     }
 
+    /// In-band re-auth: take the re-auth frames out of the client's bytes and apply them.
+    /// Returns how many bytes go on now, or `None` to keep buffering (a frame is incomplete).
+    fn take_reauth(&mut self, size: usize) -> Option<usize> {
+        let Stream {
+            shared,
+            live,
+            frames,
+            at,
+            ..
+        } = self;
+        let (Some(live), Some(frames)) = (live.as_mut(), frames.as_mut()) else {
+            return Some(size);
+        };
+        let Some(session) = live.session().map(str::to_owned) else {
+            return Some(size);
+        };
+        if size == 0 || live.is_closing() {
+            return Some(size);
+        }
+        let mut shared = shared.borrow_mut();
+        let kind = shared.auth.config.reauth.clone()?;
+        let data = host::request_body(size);
+        let Scan::Done { forward, tokens } = frames.scan(&data, &kind) else {
+            return None;
+        };
+        let now = host::now_secs();
+        for token in tokens {
+            match shared
+                .auth
+                .reauth(&token, (at.0.as_deref(), &at.1, &at.2), &session, now)
+            {
+                Ok(deadline) => {
+                    live.extend(deadline);
+                    extend_session(&session, deadline, now);
+                    shared.count("ws.reauth");
+                }
+                Err(denial) => {
+                    shared.count(&format!("denied.{}", denial.reason()));
+                    host::log(
+                        LogLevel::Info,
+                        NAME,
+                        &format!(
+                            "live websocket: re-auth refused ({}), closing with 4401",
+                            denial.reason()
+                        ),
+                    );
+                    live.refuse(if denial == Denial::OtherSession {
+                        "other session"
+                    } else {
+                        "re-auth refused"
+                    });
+                }
+            }
+        }
+        match forward {
+            Some(bytes) => {
+                host::replace_body(Body::Request, size, &bytes);
+                Some(bytes.len())
+            }
+            None => Some(size),
+        }
+    }
+
     fn on_chunk(&mut self, dir: Dir, size: usize) {
         let Some(live) = self.live.as_mut() else {
             return;
         };
-        if size == 0 {
+        // An empty chunk matters only when a close is due (a refused re-auth took the chunk).
+        if size == 0 && !live.is_closing() {
             return;
         }
         let was_closing = live.is_closing();
@@ -449,6 +524,9 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        let Some(size) = self.take_reauth(size) else {
+            return Action::Pause;
+        };
         self.on_chunk(Dir::ToUpstream, size);
         Action::Continue
     }

@@ -578,7 +578,7 @@ fn wss_only_routes_refuse_plain_upgrades_with_4400() {
 
 #[test]
 fn socket_terms_name_the_session_by_hash_and_bound_the_lifetime() {
-    let mut f = config(json!({"sessions": {}, "max_socket_seconds": 3600}));
+    let mut f = config(json!({"session_claims": ["sid", "sub"], "max_socket_seconds": 3600}));
     let terms = |f: &mut JwtAuth, claims: Value| {
         let t = sign_ed(json!({"alg": "EdDSA", "kid": "ed1"}), claims);
         let auth = bearer(&t);
@@ -603,7 +603,7 @@ fn socket_terms_name_the_session_by_hash_and_bound_the_lifetime() {
     assert_ne!(terms(&mut f, c).session.unwrap(), key);
     // Without `sid`, the fallback claim (`sub`) names the session.
     assert!(terms(&mut f, claims()).session.is_some());
-    // Without `sessions`, sockets follow only their own token.
+    // Without `session_claims`, sockets follow only their own token.
     let mut plain = config(json!({}));
     assert_eq!(terms(&mut plain, claims()).session, None);
     let zero = json!({"providers": [{"name": "p", "issuer": ISS, "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
