@@ -96,14 +96,14 @@ class Demo:
     """The demo upstream (target/release/gatehouse-demo) on a free port with its own keys: a
     signing key in `keys_dir`, and a fresh login-cookie key `cookie_keys` (GATEHOUSE_COOKIE_KEYS)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, **env_overrides: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.keys_dir = workdir / "keys"
         self.log = workdir / "demo.log"
         self.cookie_keys = secrets.token_hex(32)
         env = dict(os.environ, GATEHOUSE_DEMO_ADDR=f"127.0.0.1:{self.port}", GATEHOUSE_KEYS_DIR=str(self.keys_dir),
-                   **{COOKIE_KEYS_VAR: self.cookie_keys})
+                   **{COOKIE_KEYS_VAR: self.cookie_keys}, **env_overrides)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([str(DEMO_BIN)], env=env, stdout=out, stderr=subprocess.STDOUT)
         wait_for(lambda: requests.get(self.url + "/healthz", timeout=2).ok, 30, "demo", self.proc, self.log)

@@ -14,8 +14,8 @@ import pytest
 import requests
 import websockets
 
-from conftest import run_async
-from tokens import Key, jwt_auth_config
+from conftest import Demo, run_async
+from tokens import Key, claims_of, jwt_auth_config
 
 pytestmark = pytest.mark.usefixtures("require_envoy")
 
@@ -175,3 +175,27 @@ def test_a_reauth_token_of_another_session_closes_4401(gw, key):
             return ws.close_code, ws.close_reason
 
     assert run_async(go(), 30) == (4401, "other session")
+
+
+def test_a_socket_nobody_speaks_on_closes_within_the_keepalive_bound(key, envoy_factory, tmp_path):
+    """Proxy-wasm has no per-stream timer: the close rides on the next frame. With the upstream's
+    keepalive ping every second, a silent client's socket closes within deadline + 1 s."""
+    pinging = Demo(tmp_path, GATEHOUSE_DEMO_PING_SECONDS="1")
+    try:
+        gw = envoy_factory(pinging, jwt_auth=jwt_auth_config(key))
+
+        async def go():
+            token = key.mint(ttl=2)
+            deadline = claims_of(token)["exp"]
+            async with websockets.connect(gw.ws_url + "/ws/echo", subprotocols=["sip", "bearer." + token]) as ws:
+                try:
+                    await asyncio.wait_for(ws.recv(), 15)  # the client never sends anything
+                except websockets.ConnectionClosed:
+                    pass
+                return ws.close_code, ws.close_reason, time.time() - deadline
+
+        code, reason, late = run_async(go(), 30)
+        assert (code, reason) == (4401, "token expired")
+        assert late < 1 + 1.5, f"closed {late:.1f} s after the deadline; the bound is the ping interval"
+    finally:
+        pinging.stop()

@@ -4,6 +4,10 @@
 //! - `__headers__` → the upgrade request's headers as JSON (what the upstream saw);
 //! - `__later__:<ms>:<text>` → sends `<text>` after `<ms>` milliseconds, so a test can make the
 //!   upstream speak first after a token has expired.
+//!
+//! Like most signaling servers it pings every `GATEHOUSE_DEMO_PING_SECONDS` (default 20; 0 turns
+//! it off). That keepalive is what bounds how long a socket nobody speaks on outlives its token:
+//! jwt-auth closes a socket on the first frame after its deadline, in either direction.
 
 use std::time::Duration;
 
@@ -20,10 +24,22 @@ pub async fn upgrade(ws: WebSocketUpgrade, headers: HeaderMap) -> Response {
         .on_upgrade(move |socket| session(socket, seen))
 }
 
+fn ping_interval() -> Option<Duration> {
+    let secs: u64 = std::env::var("GATEHOUSE_DEMO_PING_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
 async fn session(mut socket: WebSocket, seen: String) {
     let (later_tx, mut later_rx) = mpsc::channel::<String>(16);
+    let every = ping_interval();
+    let mut ping = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
+    ping.reset(); // the first tick would fire at once
     loop {
         let reply = tokio::select! {
+            _ = ping.tick(), if every.is_some() => Message::Ping(Default::default()),
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(text))) => match command(text.as_str(), &seen, &later_tx) {
                     Some(reply) => Message::Text(reply.into()),
