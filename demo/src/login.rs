@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 pub const ISSUER: &str = "https://demo.gatehouse.local";
 pub const AUDIENCE: &str = "gatehouse-demo";
 /// Connect tokens are short-lived: jwt-auth's signaling rule refuses tokens older than 300 s.
+/// `GATEHOUSE_DEMO_TOKEN_TTL` sets another lifetime (the tests use a few seconds).
 pub const TOKEN_TTL_SECONDS: u64 = 300;
 /// token-proxy's `cookie_prefix` in envoy-config/envoy.yaml: cookies `gh-at` and `gh-csrf`,
 /// CSRF header `x-gh-csrf`.
@@ -34,12 +35,14 @@ pub struct Issuer {
     key: PrivateKey,
     jwks: Value,
     cookie_keys: CookieKeys,
+    /// Lifetime of the tokens (and cookies) it issues, in seconds.
+    ttl: u64,
 }
 
 impl Issuer {
     /// Loads the key from `dir`, or generates an EdDSA key there on first run. `cookie_keys`
     /// encrypt the login cookies (the first one; Envoy's token-proxy must know it).
-    pub fn load_or_create(dir: &Path, cookie_keys: CookieKeys) -> Result<Self, String> {
+    pub fn load_or_create(dir: &Path, cookie_keys: CookieKeys, ttl: u64) -> Result<Self, String> {
         let fail = |e: gatehouse_cli::Error| format!("keys in {}: {}", dir.display(), e.message());
         let key = if dir.join(keys::PRIVATE_KEY_FILE).exists() {
             PrivateKey::load(dir).map_err(fail)?
@@ -53,6 +56,7 @@ impl Issuer {
             key,
             jwks,
             cookie_keys,
+            ttl,
         })
     }
 
@@ -69,7 +73,8 @@ impl Issuer {
     /// browsers treat http://127.0.0.1 and http://localhost as secure for cookies.
     fn cookies(&self, token: &str, csrf: &str) -> Result<[String; 2], String> {
         let attrs = format!(
-            "Path={COOKIE_PATH}; Max-Age={TOKEN_TTL_SECONDS}; HttpOnly; Secure; SameSite=Strict"
+            "Path={COOKIE_PATH}; Max-Age={}; HttpOnly; Secure; SameSite=Strict",
+            self.ttl
         );
         Ok([
             format!("{COOKIE_PREFIX}-at={}; {attrs}", self.seal(token)?),
@@ -105,7 +110,7 @@ pub async fn login(State(issuer): State<Arc<Issuer>>, Query(q): Query<LoginQuery
         "sub": q.user.as_deref().unwrap_or("demo-user"),
         "scope": "phone:call",
     });
-    let issued = gatehouse_cli::mint(&issuer.key, &claims, now, TOKEN_TTL_SECONDS)
+    let issued = gatehouse_cli::mint(&issuer.key, &claims, now, issuer.ttl)
         .map_err(|e| e.message().to_owned())
         .and_then(|token| {
             let csrf = csrf_token()?;
@@ -126,7 +131,7 @@ pub async fn login(State(issuer): State<Arc<Issuer>>, Query(q): Query<LoginQuery
             Json(json!({
                 "access_token": token,
                 "token_type": "Bearer",
-                "expires_in": TOKEN_TTL_SECONDS,
+                "expires_in": issuer.ttl,
                 "csrf_token": csrf,
             })),
         )

@@ -8,7 +8,8 @@
 //! - `POST /dev/login`: DEV ONLY, mints a short-lived JWT with the local stack's key.
 //!
 //! Settings come from the environment: `GATEHOUSE_DEMO_ADDR` (default `127.0.0.1:8081`),
-//! `GATEHOUSE_KEYS_DIR` (default `.local/keys`, generated on first run, git-ignored) and
+//! `GATEHOUSE_KEYS_DIR` (default `.local/keys`, generated on first run, git-ignored),
+//! `GATEHOUSE_DEMO_TOKEN_TTL` (seconds, default 300), `GATEHOUSE_DEMO_PING_SECONDS` (default 20) and
 //! `GATEHOUSE_COOKIE_KEYS` (required: the AES-256 keys of the login cookies, 64 hex characters
 //! each, comma-separated, current first; the same value Envoy's token-proxy gets. `cargo xtask
 //! up` generates it into `.local/keys/cookie-keys` on first run and passes it to both).
@@ -41,7 +42,15 @@ fn run() -> Result<(), String> {
     let keys_dir =
         PathBuf::from(std::env::var("GATEHOUSE_KEYS_DIR").unwrap_or_else(|_| ".local/keys".into()));
     let cookie_keys = cookie_keys()?;
-    let issuer = login::Issuer::load_or_create(&keys_dir, cookie_keys)?;
+    let ttl = match std::env::var("GATEHOUSE_DEMO_TOKEN_TTL") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|&t| t > 0)
+            .ok_or("GATEHOUSE_DEMO_TOKEN_TTL: seconds, at least 1")?,
+        Err(_) => login::TOKEN_TTL_SECONDS,
+    };
+    let issuer = login::Issuer::load_or_create(&keys_dir, cookie_keys, ttl)?;
     let app = router(Arc::new(issuer));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

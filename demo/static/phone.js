@@ -8,6 +8,7 @@
 let token = null;
 let csrf = null;
 let socket = null;
+let refresher = null;
 
 const $ = (id) => document.getElementById(id);
 
@@ -20,14 +21,37 @@ function log(text, cls) {
 
 async function login() {
   const r = await fetch("/dev/login", { method: "POST" });
-  if (!r.ok) { log("login failed: HTTP " + r.status, "close"); return; }
+  if (!r.ok) { log("login failed: HTTP " + r.status, "close"); return false; }
   const body = await r.json();
   token = body.access_token;
   csrf = body.csrf_token;
   $("expiry").textContent = new Date(Date.now() + body.expires_in * 1000).toLocaleTimeString();
   $("connect").disabled = false;
   $("api").disabled = false;
+  $("logout").disabled = false;
+  // A call outlives its connect token: refresh at half the lifetime and hand the fresh token
+  // to jwt-auth in band, so the signaling socket follows the session.
+  clearInterval(refresher);
+  refresher = setInterval(refresh, body.expires_in * 500);
   log("logged in; token valid for " + body.expires_in + " s");
+  return true;
+}
+
+async function refresh() {
+  if (!(await login())) return;
+  if (socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({ type: "gatehouse.reauth", token }));
+    log("token refreshed; socket re-authenticated in band");
+  }
+}
+
+function logout() {
+  // No more fresh tokens: jwt-auth closes the socket with 4401 once the session's deadline passes.
+  clearInterval(refresher);
+  refresher = null;
+  token = null;
+  $("logout").disabled = true;
+  log("logged out; the socket closes when the session's last token expires");
 }
 
 function connect(withToken) {
@@ -55,6 +79,7 @@ async function callApi() {
 }
 
 $("login").onclick = login;
+$("logout").onclick = logout;
 $("api").onclick = callApi;
 $("connect").onclick = () => connect(token);
 $("bad").onclick = () => connect("not.a.token");
