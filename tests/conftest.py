@@ -264,6 +264,14 @@ class Envoy:
             RUNNING.remove(self)
 
 
+@pytest.fixture(scope="module")
+def key():
+    """An EdDSA signing key made by PyJWT/cryptography, one per test module."""
+    from tokens import Key
+
+    return Key.generate("EdDSA")
+
+
 @pytest.fixture(scope="session")
 def require_envoy():
     if not ENVOY_BIN.exists():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokens import Key, jwt_auth_config
+from tokens import jwt_auth_config
 
 OPEN_SOCKET = """
 async ([url, token]) => {
@@ -18,11 +18,6 @@ async ([url, token]) => {
   });
 }
 """
-
-
-@pytest.fixture(scope="module")
-def key():
-    return Key.generate("EdDSA")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,9 @@ import requests
 import websockets
 
 from conftest import Demo, run_async
-from tokens import Key, claims_of, jwt_auth_config
+from tokens import claims_of, jwt_auth_config
 
 pytestmark = pytest.mark.usefixtures("require_envoy")
-
-
-@pytest.fixture(scope="module")
-def key():
-    return Key.generate("EdDSA")
 
 
 @pytest.fixture(scope="module")

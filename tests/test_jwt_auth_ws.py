@@ -11,14 +11,9 @@ import pytest
 import websockets
 
 from conftest import run_async as run
-from tokens import Key, jwt_auth_config
+from tokens import jwt_auth_config
 
 pytestmark = pytest.mark.usefixtures("require_envoy")
-
-
-@pytest.fixture(scope="module")
-def key():
-    return Key.generate("EdDSA")
 
 
 @pytest.fixture(scope="module")

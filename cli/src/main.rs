@@ -64,33 +64,7 @@ enum Command {
         gatehouse mint --key keys/ --iss https://gatehouse.local --aud gatehouse-demo \\\n    \
         --sub alice --claim scope='phone:call' --ttl 60"
     )]
-    Mint {
-        /// The private JWK file (or the directory holding private.jwk.json).
-        #[arg(long, value_name = "FILE")]
-        key: PathBuf,
-        /// Lifetime in seconds: exp = now + ttl.
-        #[arg(long, default_value_t = 300, value_name = "SECONDS")]
-        ttl: u64,
-        /// Issuer claim (`iss`).
-        #[arg(long)]
-        iss: Option<String>,
-        /// Audience claim (`aud`); repeat for a list.
-        #[arg(long)]
-        aud: Vec<String>,
-        /// Subject claim (`sub`).
-        #[arg(long)]
-        sub: Option<String>,
-        /// Another claim, as name=value; repeatable.
-        #[arg(long = "claim", value_name = "NAME=VALUE")]
-        claims: Vec<String>,
-        /// A header parameter, as name=value; repeatable. Replaces a default one if named the
-        /// same (for negative tests).
-        #[arg(long = "header", value_name = "NAME=VALUE")]
-        headers: Vec<String>,
-        /// The time to mint at, in unix seconds [default: the current time].
-        #[arg(long, value_name = "UNIX")]
-        now: Option<u64>,
-    },
+    Mint(MintArgs),
     /// Compile every gatehouse filter config in an Envoy config, as Envoy would load it.
     #[command(long_about = "Check the gatehouse filters in an Envoy config.\n\n\
         Reads an Envoy bootstrap config (YAML, or JSON for a .json file), finds every Wasm HTTP \
@@ -145,25 +119,7 @@ fn main() -> ExitCode {
             bits,
             force,
         } => keygen(alg.into(), kid, out, bits, force),
-        Command::Mint {
-            key,
-            ttl,
-            iss,
-            aud,
-            sub,
-            claims,
-            headers,
-            now,
-        } => mint(MintArgs {
-            key,
-            ttl,
-            iss,
-            aud,
-            sub,
-            claims,
-            headers,
-            now,
-        }),
+        Command::Mint(args) => mint(args),
         Command::Check { file, root } => return check(&file, &root),
     };
     match result {
@@ -193,14 +149,32 @@ fn keygen(
     Ok(())
 }
 
+#[derive(clap::Args)]
 struct MintArgs {
+    /// The private JWK file (or the directory holding private.jwk.json).
+    #[arg(long, value_name = "FILE")]
     key: PathBuf,
+    /// Lifetime in seconds: exp = now + ttl.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     ttl: u64,
+    /// Issuer claim (`iss`).
+    #[arg(long)]
     iss: Option<String>,
+    /// Audience claim (`aud`); repeat for a list.
+    #[arg(long)]
     aud: Vec<String>,
+    /// Subject claim (`sub`).
+    #[arg(long)]
     sub: Option<String>,
+    /// Another claim, as name=value; repeatable.
+    #[arg(long = "claim", value_name = "NAME=VALUE")]
     claims: Vec<String>,
+    /// A header parameter, as name=value; repeatable. Replaces a default one if named the
+    /// same (for negative tests).
+    #[arg(long = "header", value_name = "NAME=VALUE")]
     headers: Vec<String>,
+    /// The time to mint at, in unix seconds [default: the current time].
+    #[arg(long, value_name = "UNIX")]
     now: Option<u64>,
 }
 
