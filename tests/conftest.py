@@ -40,6 +40,7 @@ COOKIE_KEYS_VAR = "GATEHOUSE_COOKIE_KEYS"
 FILTERS = {
     "token_proxy": ("token_proxy", "token-proxy.wasm"),
     "jwt_auth": ("jwt_auth", "jwt-auth.wasm"),
+    "turn_credentials": ("turn_credentials", "turn-credentials.wasm"),
 }
 
 

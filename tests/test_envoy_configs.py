@@ -26,7 +26,7 @@ def test_envoy_validates(config: Path, require_envoy):
     # Run from the repo root: the shipped configs name the filters as dist/<filter>.wasm.
     # Validation loads the filters, so token-proxy needs its key from the environment, as in
     # production (no shipped config carries a key).
-    env = dict(os.environ, **{COOKIE_KEYS_VAR: new_key()})
+    env = dict(os.environ, **{COOKIE_KEYS_VAR: new_key(), "GATEHOUSE_TURN_SECRET": new_key()})
     r = subprocess.run(
         [str(ENVOY_BIN), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
@@ -40,6 +40,7 @@ def test_shipped_configs_do_not_load_without_the_cookie_key(config: Path, requir
     """A config whose token-proxy takes its keys from the environment refuses to start without
     them, naming the field; nothing falls back to a key written somewhere."""
     env = {k: v for k, v in os.environ.items() if k != COOKIE_KEYS_VAR}
+    env["GATEHOUSE_TURN_SECRET"] = new_key()
     r = subprocess.run(
         [str(ENVOY_BIN), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,

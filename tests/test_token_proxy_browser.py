@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import COOKIE_KEYS_VAR, ROOT, free_port
+from cookies import new_key
 
 OFF = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
 
@@ -192,7 +193,9 @@ def stack(demo, envoy_factory, require_envoy):
                 config["configuration"]["value"] = json.dumps(value)
         return cfg
 
-    return envoy_factory(demo, bootstrap=bootstrap, env={COOKIE_KEYS_VAR: demo.cookie_keys})
+    # The shipped config also loads turn-credentials, whose secret comes from the environment too.
+    secrets = {COOKIE_KEYS_VAR: demo.cookie_keys, "GATEHOUSE_TURN_SECRET": new_key()}
+    return envoy_factory(demo, bootstrap=bootstrap, env=secrets)
 
 
 def listener_filters(cfg: dict) -> list[dict]:

@@ -24,16 +24,22 @@ pub const BYTES_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.BytesVal
 pub enum FilterKind {
     JwtAuth,
     TokenProxy,
+    TurnCredentials,
 }
 
 impl FilterKind {
-    pub const ALL: [FilterKind; 2] = [FilterKind::JwtAuth, FilterKind::TokenProxy];
+    pub const ALL: [FilterKind; 3] = [
+        FilterKind::JwtAuth,
+        FilterKind::TokenProxy,
+        FilterKind::TurnCredentials,
+    ];
 
     /// The `root_id` the filter is configured with: `jwt_auth`, `token_proxy`.
     pub fn root_id(self) -> &'static str {
         match self {
             FilterKind::JwtAuth => "jwt_auth",
             FilterKind::TokenProxy => "token_proxy",
+            FilterKind::TurnCredentials => "turn_credentials",
         }
     }
 
@@ -60,6 +66,9 @@ impl FilterKind {
         match self {
             FilterKind::JwtAuth => JwtAuthConfig::compile(config).map(drop),
             FilterKind::TokenProxy => TokenProxyConfig::compile(config, env).map(drop),
+            FilterKind::TurnCredentials => {
+                gatehouse_core::turn::TurnConfig::compile(config, env).map(drop)
+            }
         }
     }
 }

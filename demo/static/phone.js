@@ -34,7 +34,19 @@ async function login() {
   clearInterval(refresher);
   refresher = setInterval(refresh, body.expires_in * 500);
   log("logged in; token valid for " + body.expires_in + " s");
+  await turnCredentials();
   return true;
+}
+
+// Short-lived TURN credentials minted by Envoy's turn-credentials filter for this user: the page
+// never holds a static TURN password.
+async function turnCredentials() {
+  const r = await fetch("/turn-credentials", { method: "POST", headers: { authorization: "Bearer " + token } });
+  if (!r.ok) { log("TURN credentials: HTTP " + r.status, "close"); return; }
+  const creds = await r.json();
+  const server = creds.iceServers[0];
+  log("TURN credentials for " + server.username + " (" + server.urls.join(", ") + "), valid " + creds.ttl + " s");
+  // new RTCPeerConnection({ iceServers: creds.iceServers }) would use them for the call.
 }
 
 async function refresh() {

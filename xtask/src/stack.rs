@@ -1,7 +1,7 @@
 //! `cargo xtask up`: the local stack as processes — the demo upstream and Envoy in front of it,
 //! configured by `envoy-config/envoy.yaml` (the same file docker-compose.yml mounts). Both get
 //! the login cookies' key in `GATEHOUSE_COOKIE_KEYS`: the demo encrypts with it, token-proxy
-//! in Envoy decrypts with it.
+//! in Envoy decrypts with it. Envoy's turn-credentials signs with `GATEHOUSE_TURN_SECRET`.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -22,6 +22,9 @@ const ADMIN_ADDR: &str = "127.0.0.1:9901";
 /// 64 hex characters each, comma-separated, current first. Never in a committed file.
 const COOKIE_KEYS_VAR: &str = "GATEHOUSE_COOKIE_KEYS";
 const COOKIE_KEYS_FILE: &str = "cookie-keys";
+/// The TURN REST API secret turn-credentials signs with (coturn's `static-auth-secret`).
+const TURN_SECRET_VAR: &str = "GATEHOUSE_TURN_SECRET";
+const TURN_SECRET_FILE: &str = "turn-secret";
 
 /// Kills what it started when dropped, whatever way `up` ends.
 struct Started(Vec<(&'static str, Child)>);
@@ -56,7 +59,8 @@ pub fn up() -> Result<(), String> {
         .map_err(|e| format!("Ctrl-C handler: {e}"))?;
 
     let keys_dir = root.join(".local/keys");
-    let cookie_keys = cookie_keys(&keys_dir)?;
+    let cookie_keys = local_secret(&keys_dir, COOKIE_KEYS_VAR, COOKIE_KEYS_FILE)?;
+    let turn_secret = local_secret(&keys_dir, TURN_SECRET_VAR, TURN_SECRET_FILE)?;
 
     let mut started = Started(Vec::new());
     let demo = Command::new(root.join("target/release/gatehouse-demo"))
@@ -73,6 +77,7 @@ pub fn up() -> Result<(), String> {
         .current_dir(&root)
         .args(["-c", "envoy-config/envoy.yaml", "--log-level", "info"])
         .env(COOKIE_KEYS_VAR, &cookie_keys)
+        .env(TURN_SECRET_VAR, &turn_secret)
         .spawn()
         .map_err(|e| format!("cannot start Envoy: {e}"))?;
     started.0.push(("envoy", envoy));
@@ -89,7 +94,8 @@ pub fn up() -> Result<(), String> {
     );
     println!("  dev login         curl -X POST http://{ENVOY_ADDR}/dev/login");
     println!("  Envoy admin       http://{ADMIN_ADDR}/stats?filter=gatehouse");
-    println!("  cookie keys       {COOKIE_KEYS_VAR}, from .local/keys/{COOKIE_KEYS_FILE}");
+    println!("  TURN credentials  curl -X POST http://{ENVOY_ADDR}/turn-credentials -H 'origin: http://{ENVOY_ADDR}' -H 'authorization: Bearer …'");
+    println!("  secrets           {COOKIE_KEYS_VAR}, {TURN_SECRET_VAR} from .local/keys/ (or your environment)");
     println!("  Ctrl-C stops everything started here.");
     println!();
 
@@ -102,14 +108,14 @@ pub fn up() -> Result<(), String> {
     Ok(())
 }
 
-/// The cookie keys: `GATEHOUSE_COOKIE_KEYS` when set, else `keys_dir/cookie-keys`, generated
-/// on first run (one random AES-256 key, mode 0600; the folder is git-ignored).
-fn cookie_keys(keys_dir: &Path) -> Result<String, String> {
-    if let Ok(keys) = std::env::var(COOKIE_KEYS_VAR) {
-        println!("xtask: cookie keys from {COOKIE_KEYS_VAR}");
+/// A secret of the local stack: the variable `var` when set, else `keys_dir/<file>`, generated
+/// on first run (32 random bytes as hex, mode 0600; the folder is git-ignored).
+fn local_secret(keys_dir: &Path, var: &str, file: &str) -> Result<String, String> {
+    if let Ok(keys) = std::env::var(var) {
+        println!("xtask: {var} from the environment");
         return Ok(keys);
     }
-    let file = keys_dir.join(COOKIE_KEYS_FILE);
+    let file = keys_dir.join(file);
     if file.exists() {
         let keys = fs::read_to_string(&file)
             .map_err(|e| format!("{}: {e}", file.display()))?
@@ -124,7 +130,7 @@ fn cookie_keys(keys_dir: &Path) -> Result<String, String> {
         return Ok(keys);
     }
     let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(|e| format!("no randomness for the cookie key: {e}"))?;
+    getrandom::fill(&mut key).map_err(|e| format!("no randomness for {var}: {e}"))?;
     let keys: String = key.iter().map(|b| format!("{b:02x}")).collect();
     fs::create_dir_all(keys_dir).map_err(|e| format!("{}: {e}", keys_dir.display()))?;
     let mut options = fs::OpenOptions::new();
@@ -138,7 +144,7 @@ fn cookie_keys(keys_dir: &Path) -> Result<String, String> {
         .open(&file)
         .and_then(|mut f| writeln!(f, "{keys}"))
         .map_err(|e| format!("{}: {e}", file.display()))?;
-    println!("xtask: generated the cookie key into {}", file.display());
+    println!("xtask: generated {var} into {}", file.display());
     Ok(keys)
 }
 

@@ -9,6 +9,7 @@ use std::process::Command;
 pub const FILTERS: &[(&str, &str)] = &[
     ("gatehouse-jwt-auth", "jwt-auth.wasm"),
     ("gatehouse-token-proxy", "token-proxy.wasm"),
+    ("gatehouse-turn-credentials", "turn-credentials.wasm"),
 ];
 
 const WASM_TARGET: &str = "wasm32-wasip1";

@@ -58,6 +58,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
     })
 }
 
+/// How a filter reads the Wasm VM's environment (secrets given as `…_env`): WASI `environ_get`
+/// in the filters, Envoy's `host_env_keys` resolved by `gatehouse check`, a map in tests.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ pub mod reauth;
 pub mod reply;
 pub mod sessions;
 pub mod token_proxy;
+pub mod turn;
 pub mod ws;
 
 pub use config::ConfigError;

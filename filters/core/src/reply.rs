@@ -23,6 +23,8 @@ pub enum Refusal {
     InvalidCredentials,
     /// 403 / close 4403, valid credentials that are not allowed here.
     Forbidden,
+    /// 405: a locally answered endpoint asked with the wrong method.
+    MethodNotAllowed,
 }
 
 /// The facts of a WebSocket upgrade needed to answer it.
@@ -40,12 +42,13 @@ impl Refusal {
             Refusal::BadRequest => 400,
             Refusal::MissingCredentials | Refusal::InvalidCredentials => 401,
             Refusal::Forbidden => 403,
+            Refusal::MethodNotAllowed => 405,
         }
     }
 
     pub fn close_code(self) -> u16 {
         match self {
-            Refusal::BadRequest => ws::CLOSE_BAD_REQUEST,
+            Refusal::BadRequest | Refusal::MethodNotAllowed => ws::CLOSE_BAD_REQUEST,
             Refusal::MissingCredentials | Refusal::InvalidCredentials => ws::CLOSE_UNAUTHORIZED,
             Refusal::Forbidden => ws::CLOSE_FORBIDDEN,
         }
@@ -56,6 +59,7 @@ impl Refusal {
             Refusal::BadRequest => "Bad Request",
             Refusal::MissingCredentials | Refusal::InvalidCredentials => "Unauthorized",
             Refusal::Forbidden => "Forbidden",
+            Refusal::MethodNotAllowed => "Method Not Allowed",
         }
     }
 
@@ -67,12 +71,13 @@ impl Refusal {
             Refusal::MissingCredentials => "Credentials are required.",
             Refusal::InvalidCredentials => "The credentials are invalid or expired.",
             Refusal::Forbidden => "The credentials do not allow this request.",
+            Refusal::MethodNotAllowed => "This endpoint does not answer this method.",
         }
     }
 
     fn close_reason(self) -> &'static str {
         match self {
-            Refusal::BadRequest => "bad request",
+            Refusal::BadRequest | Refusal::MethodNotAllowed => "bad request",
             Refusal::MissingCredentials | Refusal::InvalidCredentials => "unauthorized",
             Refusal::Forbidden => "forbidden",
         }
@@ -86,6 +91,7 @@ impl Refusal {
             }
             Refusal::Forbidden => Some(r#"Bearer realm="gatehouse", error="insufficient_scope""#),
             Refusal::BadRequest => Some(r#"Bearer realm="gatehouse", error="invalid_request""#),
+            Refusal::MethodNotAllowed => None,
         }
     }
 

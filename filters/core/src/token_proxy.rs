@@ -297,10 +297,7 @@ pub struct TokenProxyConfig {
     pub harden_path: String,
 }
 
-/// Where the keys of `encryption_keys_env` come from. The shell passes the Wasm VM's
-/// environment (WASI `environ_get`: the variables Envoy lists in
-/// `vm_config.environment_variables`); the CLI and tests pass their own lookup.
-pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+pub use crate::config::EnvLookup;
 
 impl TokenProxyConfig {
     /// Compile the JSON config. `env` resolves `encryption_keys_env`; it is only called for the

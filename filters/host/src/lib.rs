@@ -63,12 +63,14 @@ pub fn set_request_header(name: &str, value: Option<&str>) {
     let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
 }
 
+/// A property such as `["xds", "route_name"]`, or filter state another filter published.
+pub fn property_bytes(path: Vec<&str>) -> Option<Vec<u8>> {
+    hostcalls::get_property(path).ok().flatten()
+}
+
 /// A property such as `["xds", "route_name"]`, as text.
 pub fn property_text(path: Vec<&str>) -> Option<String> {
-    hostcalls::get_property(path)
-        .ok()
-        .flatten()
-        .and_then(|b| String::from_utf8(b).ok())
+    property_bytes(path).and_then(|b| String::from_utf8(b).ok())
 }
 
 /// A shared-data entry (visible to every worker of this Envoy) and its CAS token.
