@@ -186,3 +186,73 @@ fn random_configs_never_panic() {
         }
     }
 }
+
+#[test]
+fn websocket_byte_streams_never_panic_and_keep_non_reauth_bytes() {
+    use gatehouse_core::reauth::{ClientFrames, Scan};
+    let mut rng = Rng(0xfeed_5eed);
+    for _ in 0..3000 {
+        let len = rng.below(300);
+        let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let mut frames = ClientFrames::default();
+        // Fed whole, then in random chunks: never a panic; output never grows.
+        if let Scan::Done {
+            forward: Some(out), ..
+        } = frames.scan(&data, "gatehouse.reauth")
+        {
+            assert!(out.len() <= data.len());
+        }
+        let mut frames = ClientFrames::default();
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + 1 + rng.below(64)).min(data.len());
+            let _ = frames.scan(&data[at..end], "gatehouse.reauth");
+            at = end;
+        }
+    }
+}
+
+#[test]
+fn session_buckets_and_turn_requests_survive_garbage() {
+    use gatehouse_core::sessions::{lookup, record};
+    use gatehouse_core::turn::{TurnConfig, TurnDecision, TurnRequest};
+    let mut rng = Rng(0xabad_cafe);
+    let turn = TurnConfig::compile(
+        json!({"urls": ["turn:h"], "allowed_origins": ["https://a"], "secret": {"value": "0123456789abcdef"}})
+            .to_string()
+            .as_bytes(),
+        &|_| None,
+    )
+    .unwrap();
+    for _ in 0..3000 {
+        let len = rng.below(200);
+        let junk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let _ = lookup(&junk, "s");
+        if let Some(next) = record(&junk, "s", NOW + 10, NOW) {
+            assert_eq!(lookup(&next, "s"), Some(NOW + 10));
+        }
+        let text = String::from_utf8_lossy(&junk).into_owned();
+        let req = TurnRequest {
+            method: "POST",
+            path: "/turn-credentials",
+            origin: Some("https://a"),
+            claims: Some(&junk),
+        };
+        if let TurnDecision::Minted { user, .. } = turn.decide(&req, NOW) {
+            assert!(!user.contains(':') && !user.chars().any(char::is_control));
+        }
+        // Claims that parse, with a random user: minted only for a usable user name.
+        let claims = serde_json::to_vec(&json!({ "sub": text })).unwrap();
+        let req = TurnRequest {
+            claims: Some(&claims),
+            ..req
+        };
+        match turn.decide(&req, NOW) {
+            TurnDecision::Minted { user, .. } => assert_eq!(user, text),
+            TurnDecision::Refused { .. } => {
+                assert!(text.is_empty() || text.contains(':') || text.chars().any(char::is_control))
+            }
+            TurnDecision::Pass => panic!("the credentials path never passes"),
+        }
+    }
+}
