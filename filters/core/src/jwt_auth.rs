@@ -17,6 +17,9 @@ use std::sync::Arc;
 
 /// The filter-state property under which verified claims are published.
 pub const CLAIMS_PROPERTY: &str = "gatehouse.jwt_auth.claims";
+/// The filter-state property under which the verified token's `kid` is published (when it has
+/// one): session-binding revokes by key id.
+pub const KID_PROPERTY: &str = "gatehouse.jwt_auth.kid";
 
 // ---------------------------------------------------------------------------------------------
 // Raw config: exactly the JSON users write. Unknown fields are errors.
@@ -149,12 +152,36 @@ struct RawRule {
     wss_only: Option<bool>,
 }
 
+/// A rule's `match`, as written (shared by every filter with rules).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
-enum RawMatch {
+pub(crate) enum RawMatch {
     Route(String),
     Prefix(String),
     Host(String),
+}
+
+impl RawMatch {
+    /// The matcher of the rule at `rule` (`rules[2]`), for error paths.
+    pub(crate) fn compile(self, rule: &str) -> Result<Matcher, ConfigError> {
+        Ok(match self {
+            RawMatch::Route(s) if !s.is_empty() => Matcher::Route(s),
+            RawMatch::Prefix(s) if s.starts_with('/') => Matcher::Prefix(s),
+            RawMatch::Host(s) if !s.is_empty() => Matcher::Host(s.to_ascii_lowercase()),
+            RawMatch::Prefix(_) => {
+                return Err(ConfigError::new(
+                    format!("{rule}.match.prefix"),
+                    "must start with `/`",
+                ))
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    format!("{rule}.match"),
+                    "must not be empty",
+                ))
+            }
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -481,15 +508,7 @@ impl JwtAuthConfig {
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
             let at = |f: &str| format!("rules[{i}].{f}");
-            let matcher = match r.matcher {
-                RawMatch::Route(s) if !s.is_empty() => Matcher::Route(s),
-                RawMatch::Prefix(s) if s.starts_with('/') => Matcher::Prefix(s),
-                RawMatch::Host(s) if !s.is_empty() => Matcher::Host(s.to_ascii_lowercase()),
-                RawMatch::Prefix(_) => {
-                    return Err(ConfigError::new(at("match.prefix"), "must start with `/`"))
-                }
-                _ => return Err(ConfigError::new(at("match"), "must not be empty")),
-            };
+            let matcher = r.matcher.compile(&format!("rules[{i}]"))?;
             let mut policy = default_policy.clone();
             if let Some(names) = r.providers {
                 if names.is_empty() {
@@ -569,6 +588,17 @@ impl JwtAuthConfig {
 
     /// The policy for a request: the first matching rule's, else the global one.
     pub fn policy_for(&self, route: Option<&str>, path: &str, host: &str) -> &Policy {
+        self.rules
+            .iter()
+            .find(|r| r.matcher.matches(route, path, host))
+            .map_or(&self.default_policy, |r| &r.policy)
+    }
+}
+
+impl Matcher {
+    /// Does a request on Envoy route `route`, `:path` `path` and `:authority` `host` match?
+    /// The host is compared without its port.
+    pub fn matches(&self, route: Option<&str>, path: &str, host: &str) -> bool {
         let host = host.rsplit_once(':').map_or(host, |(h, port)| {
             if port.bytes().all(|b| b.is_ascii_digit()) {
                 h
@@ -576,14 +606,11 @@ impl JwtAuthConfig {
                 host
             }
         });
-        self.rules
-            .iter()
-            .find(|r| match &r.matcher {
-                Matcher::Route(name) => route == Some(name.as_str()),
-                Matcher::Prefix(p) => path.starts_with(p.as_str()),
-                Matcher::Host(h) => host.eq_ignore_ascii_case(h),
-            })
-            .map_or(&self.default_policy, |r| &r.policy)
+        match self {
+            Matcher::Route(name) => route == Some(name.as_str()),
+            Matcher::Prefix(p) => path.starts_with(p.as_str()),
+            Matcher::Host(h) => host.eq_ignore_ascii_case(h),
+        }
     }
 }
 
@@ -625,6 +652,8 @@ pub struct Verified {
     /// The decoded payload, exactly as signed: what goes into filter state.
     pub payload: Vec<u8>,
     pub times: TokenTimes,
+    /// The protected header's `kid`.
+    pub kid: Option<String>,
 }
 
 /// Why a request was refused.
@@ -1050,6 +1079,7 @@ impl JwtAuth {
             claims,
             payload: jws.payload,
             times,
+            kid: jws.kid,
         });
         // Cached before the time check: validity is re-checked on every hit anyway.
         self.cache

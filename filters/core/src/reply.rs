@@ -25,6 +25,12 @@ pub enum Refusal {
     Forbidden,
     /// 405: a locally answered endpoint asked with the wrong method.
     MethodNotAllowed,
+    /// 429 / close 4429: valid credentials over a concurrency cap (too many open sockets, or a
+    /// bounded store that is full).
+    TooMany,
+    /// 503 / close 1013 (try again later): a dependency of the decision is unavailable, and the
+    /// configuration says to refuse rather than guess (a stale revocation list, fail-closed).
+    Unavailable,
 }
 
 /// The facts of a WebSocket upgrade needed to answer it.
@@ -43,6 +49,8 @@ impl Refusal {
             Refusal::MissingCredentials | Refusal::InvalidCredentials => 401,
             Refusal::Forbidden => 403,
             Refusal::MethodNotAllowed => 405,
+            Refusal::TooMany => 429,
+            Refusal::Unavailable => 503,
         }
     }
 
@@ -51,6 +59,8 @@ impl Refusal {
             Refusal::BadRequest | Refusal::MethodNotAllowed => ws::CLOSE_BAD_REQUEST,
             Refusal::MissingCredentials | Refusal::InvalidCredentials => ws::CLOSE_UNAUTHORIZED,
             Refusal::Forbidden => ws::CLOSE_FORBIDDEN,
+            Refusal::TooMany => ws::CLOSE_TOO_MANY,
+            Refusal::Unavailable => ws::CLOSE_TRY_AGAIN_LATER,
         }
     }
 
@@ -60,6 +70,8 @@ impl Refusal {
             Refusal::MissingCredentials | Refusal::InvalidCredentials => "Unauthorized",
             Refusal::Forbidden => "Forbidden",
             Refusal::MethodNotAllowed => "Method Not Allowed",
+            Refusal::TooMany => "Too Many Requests",
+            Refusal::Unavailable => "Service Unavailable",
         }
     }
 
@@ -72,6 +84,8 @@ impl Refusal {
             Refusal::InvalidCredentials => "The credentials are invalid or expired.",
             Refusal::Forbidden => "The credentials do not allow this request.",
             Refusal::MethodNotAllowed => "This endpoint does not answer this method.",
+            Refusal::TooMany => "Too many concurrent connections for these credentials.",
+            Refusal::Unavailable => "The request cannot be checked right now; try again later.",
         }
     }
 
@@ -80,6 +94,8 @@ impl Refusal {
             Refusal::BadRequest | Refusal::MethodNotAllowed => "bad request",
             Refusal::MissingCredentials | Refusal::InvalidCredentials => "unauthorized",
             Refusal::Forbidden => "forbidden",
+            Refusal::TooMany => "too many connections",
+            Refusal::Unavailable => "try again later",
         }
     }
 
@@ -91,7 +107,7 @@ impl Refusal {
             }
             Refusal::Forbidden => Some(r#"Bearer realm="gatehouse", error="insufficient_scope""#),
             Refusal::BadRequest => Some(r#"Bearer realm="gatehouse", error="invalid_request""#),
-            Refusal::MethodNotAllowed => None,
+            Refusal::MethodNotAllowed | Refusal::TooMany | Refusal::Unavailable => None,
         }
     }
 
@@ -129,6 +145,9 @@ impl Refusal {
                 ];
                 if let Some(w) = self.www_authenticate() {
                     headers.push(("www-authenticate".to_string(), w.to_string()));
+                }
+                if matches!(self, Refusal::TooMany | Refusal::Unavailable) {
+                    headers.push(("retry-after".to_string(), "5".to_string()));
                 }
                 LocalReply {
                     status: self.status(),
@@ -180,5 +199,18 @@ mod tests {
         assert!(r
             .headers
             .contains(&("sec-websocket-protocol".into(), "sip".into())));
+        let r = Refusal::TooMany.reply(Some(&hs));
+        assert_eq!((r.status, &r.body[2..4]), (101, &4429u16.to_be_bytes()[..]));
+        let r = Refusal::Unavailable.reply(Some(&hs));
+        assert_eq!(&r.body[2..4], &1013u16.to_be_bytes());
+    }
+
+    #[test]
+    fn capacity_and_availability_over_http() {
+        let r = Refusal::TooMany.reply(None);
+        assert_eq!(r.status, 429);
+        assert!(r.headers.contains(&("retry-after".into(), "5".into())));
+        assert!(!r.headers.iter().any(|(k, _)| k == "www-authenticate"));
+        assert_eq!(Refusal::Unavailable.reply(None).status, 503);
     }
 }

@@ -10,6 +10,10 @@ const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 pub const CLOSE_BAD_REQUEST: u16 = 4400;
 pub const CLOSE_UNAUTHORIZED: u16 = 4401;
 pub const CLOSE_FORBIDDEN: u16 = 4403;
+/// Over a concurrency cap (too many open sockets for one user or session).
+pub const CLOSE_TOO_MANY: u16 = 4429;
+/// RFC 6455 registry: "Try Again Later".
+pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`.
 pub fn accept_key(key: &str) -> String {
@@ -118,11 +122,21 @@ impl LiveSocket {
         }
     }
 
-    /// Close with 4401 and `reason` on the next chunk (a refused re-auth).
+    /// Close with 4401 and `reason` on the next chunk (a refused re-auth, a revoked token).
     pub fn refuse(&mut self, reason: &'static str) {
+        self.close_with(CLOSE_UNAUTHORIZED, reason);
+    }
+
+    /// Close with `code` and `reason` on the next chunk; the first close asked for wins.
+    pub fn close_with(&mut self, code: u16, reason: &'static str) {
         if self.closing.is_none() {
-            self.closing = Some((CLOSE_UNAUTHORIZED, reason));
+            self.closing = Some((code, reason));
         }
+    }
+
+    /// The close code once closing.
+    pub fn close_code(&self) -> Option<u16> {
+        self.closing.map(|(code, _)| code)
     }
 
     /// Why the socket is closing (for the log line), or `""` while it is open.

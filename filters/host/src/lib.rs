@@ -63,6 +63,13 @@ pub fn set_request_header(name: &str, value: Option<&str>) {
     let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
 }
 
+/// An Envoy environment variable the VM may read: only those listed in
+/// `vm_config.environment_variables.host_env_keys` (or `key_values`) are visible, through WASI
+/// `environ_get`. How secrets reach a filter without being written in its config.
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 /// A property such as `["xds", "route_name"]`, or filter state another filter published.
 pub fn property_bytes(path: Vec<&str>) -> Option<Vec<u8>> {
     hostcalls::get_property(path).ok().flatten()
@@ -125,11 +132,49 @@ pub fn request_body(size: usize) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// The first `size` bytes of the response body buffered so far (or the current chunk, once
+/// the body streams).
+pub fn response_body(size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// 16 random bytes from WASI `random_get` (a CSP nonce); `None` if the host has none.
+pub fn random_16() -> Option<[u8; 16]> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).ok().map(|_| b)
+}
+
 /// Four random bytes (a WebSocket mask); a fixed mask only if the host has no randomness.
 pub fn random_mask() -> [u8; 4] {
     let mut m = [0x5a, 0x3c, 0x96, 0xe1];
     let _ = getrandom::fill(&mut m);
     m
+}
+
+/// A random id (16 bytes as hex), unique across workers: names a socket's slot in shared data.
+/// Falls back to time and a counter if the host has no randomness.
+pub fn random_id() -> String {
+    use std::fmt::Write as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static FALLBACK: AtomicU64 = AtomicU64::new(0);
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        let n = FALLBACK.fetch_add(1, Ordering::Relaxed);
+        let t = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        b[..8].copy_from_slice(&t.to_be_bytes());
+        b[8..].copy_from_slice(&n.to_be_bytes());
+    }
+    let mut out = String::with_capacity(32);
+    for byte in b {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
 }
 
 /// `GET` `path` from an Envoy cluster; returns the call token.

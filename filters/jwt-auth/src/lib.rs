@@ -4,7 +4,7 @@
 
 use gatehouse_core::jwt::KeySet;
 use gatehouse_core::jwt_auth::{
-    Decision, Denial, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY,
+    Decision, Denial, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY, KID_PROPERTY,
 };
 use gatehouse_core::reauth::{ClientFrames, Scan};
 use gatehouse_core::sessions;
@@ -325,6 +325,9 @@ impl Stream {
                                 NAME,
                                 "could not publish claims as filter state",
                             );
+                        }
+                        if let Some(kid) = &t.kid {
+                            host::set_filter_state(KID_PROPERTY, kid.as_bytes());
                         }
                         shared.count(if cache_hit { "cache.hit" } else { "cache.miss" });
                         shared.count("allowed");

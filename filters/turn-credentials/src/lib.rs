@@ -34,10 +34,9 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        // Secrets given as `env` come from the VM's environment (WASI `environ_get`, filled by
-        // Envoy from `vm_config.environment_variables`).
-        let env = |name: &str| std::env::var(name).ok();
-        match TurnConfig::compile(&host::plugin_config(), &env) {
+        // Secrets given as `env` come from the VM's environment (Envoy's
+        // `vm_config.environment_variables`), never from the config itself.
+        match TurnConfig::compile(&host::plugin_config(), &host::env_var) {
             Ok(config) => {
                 host::log(
                     LogLevel::Info,
