@@ -40,6 +40,7 @@ COOKIE_KEYS_VAR = "GATEHOUSE_COOKIE_KEYS"
 FILTERS = {
     "token_proxy": ("token_proxy", "token-proxy.wasm"),
     "jwt_auth": ("jwt_auth", "jwt-auth.wasm"),
+    "session_binding": ("session_binding", "session-binding.wasm"),
     "turn_credentials": ("turn_credentials", "turn-credentials.wasm"),
 }
 
@@ -150,6 +151,7 @@ def wasm_filter(name: str, cfg: dict, host_env_keys: list[str] | tuple = ()) -> 
     }
     if host_env_keys:
         vm_config["environment_variables"] = {"host_env_keys": sorted(host_env_keys)}
+    plugin = {}
     return {
         "name": f"gatehouse.{name}",
         "typed_config": {
@@ -157,6 +159,7 @@ def wasm_filter(name: str, cfg: dict, host_env_keys: list[str] | tuple = ()) -> 
             "config": {
                 "name": f"gatehouse.{name}",
                 "root_id": root_id,
+                **plugin,
                 "vm_config": vm_config,
                 "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(cfg)},
             },

@@ -25,13 +25,15 @@ pub enum FilterKind {
     JwtAuth,
     TokenProxy,
     TurnCredentials,
+    SessionBinding,
 }
 
 impl FilterKind {
-    pub const ALL: [FilterKind; 3] = [
+    pub const ALL: [FilterKind; 4] = [
         FilterKind::JwtAuth,
         FilterKind::TokenProxy,
         FilterKind::TurnCredentials,
+        FilterKind::SessionBinding,
     ];
 
     /// The `root_id` the filter is configured with: `jwt_auth`, `token_proxy`.
@@ -40,6 +42,7 @@ impl FilterKind {
             FilterKind::JwtAuth => "jwt_auth",
             FilterKind::TokenProxy => "token_proxy",
             FilterKind::TurnCredentials => "turn_credentials",
+            FilterKind::SessionBinding => "session_binding",
         }
     }
 
@@ -68,6 +71,9 @@ impl FilterKind {
             FilterKind::TokenProxy => TokenProxyConfig::compile(config, env).map(drop),
             FilterKind::TurnCredentials => {
                 gatehouse_core::turn::TurnConfig::compile(config, env).map(drop)
+            }
+            FilterKind::SessionBinding => {
+                gatehouse_core::session_binding::SessionBindingConfig::compile(config).map(drop)
             }
         }
     }

@@ -10,6 +10,7 @@ pub const FILTERS: &[(&str, &str)] = &[
     ("gatehouse-jwt-auth", "jwt-auth.wasm"),
     ("gatehouse-token-proxy", "token-proxy.wasm"),
     ("gatehouse-turn-credentials", "turn-credentials.wasm"),
+    ("gatehouse-session-binding", "session-binding.wasm"),
 ];
 
 const WASM_TARGET: &str = "wasm32-wasip1";

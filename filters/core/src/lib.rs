@@ -11,6 +11,7 @@ pub mod jwt;
 pub mod jwt_auth;
 pub mod reauth;
 pub mod reply;
+pub mod session_binding;
 pub mod sessions;
 pub mod token_proxy;
 pub mod turn;

@@ -1,0 +1,1123 @@
+//! session-binding: a verified token is only good with the session, room and client it was
+//! issued for, once (single-use connect tokens), while not revoked, and within a cap of open
+//! sockets.
+//!
+//! It runs after a filter that verified the token (gatehouse jwt-auth, or Envoy's native
+//! `jwt_authn` with `payload_in_metadata`) and reads the verified claims from where that filter
+//! put them (filter state, dynamic metadata), never from a header a client could send. The shell
+//! gathers the request facts into [`BindRequest`], calls [`SessionBinding::decide`] with `now`,
+//! the worker's [`RevocationState`] and a [`BindingStore`], and applies the [`BindDecision`].
+//! See docs/session-binding.md.
+
+pub mod metadata;
+pub mod revocation;
+pub mod store;
+
+use crate::config::{parse_json, ConfigError};
+use crate::jwt::claims::claim_text;
+use crate::jwt::Claims;
+use crate::jwt_auth::{Matcher, RawMatch};
+use crate::reply::{LocalReply, Refusal, WsHandshake};
+use crate::{cookie, ws};
+use revocation::{RevocationState, Revoked, TokenId};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use store::{short_hash, Acquire, BindingStore, JtiLimits, SlotLimits, UseOnce};
+use subtle::ConstantTimeEq;
+
+/// Envoy's native JWT filter: the dynamic-metadata namespace of `payload_in_metadata`.
+pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
+
+// ---------------------------------------------------------------------------------------------
+// Raw config: exactly the JSON users write. Unknown fields are errors.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    claims_from: Option<Vec<RawSource>>,
+    // The bindings of requests no rule matches.
+    session: Option<RawSession>,
+    scope: Option<Vec<RawTemplate>>,
+    fingerprint: Option<String>,
+    #[serde(default)]
+    single_use: bool,
+    max_sockets: Option<RawCap>,
+    #[serde(default)]
+    allow_missing: bool,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+    // Global settings.
+    jti: Option<RawJti>,
+    sockets: Option<RawSockets>,
+    revocation: Option<RawRevocation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum RawSource {
+    /// gatehouse jwt-auth: filter state `gatehouse.jwt_auth.claims` (+ `.kid`).
+    JwtAuth {},
+    /// Envoy `jwt_authn`: `payload_in_metadata` (+ `header_in_metadata` for the kid).
+    JwtAuthn {
+        #[serde(default = "default_payload_key")]
+        payload_key: String,
+        header_key: Option<String>,
+    },
+}
+
+fn default_payload_key() -> String {
+    "jwt_payload".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSession {
+    #[serde(default = "default_sid")]
+    claim: String,
+    cookie: String,
+}
+
+fn default_sid() -> String {
+    "sid".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplate {
+    template: String,
+    /// Template variable → claim (default: the claim named like the variable).
+    #[serde(default)]
+    claims: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCap {
+    limit: u32,
+    #[serde(default = "default_sub")]
+    per_claim: String,
+}
+
+fn default_sub() -> String {
+    "sub".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(rename = "match")]
+    matcher: RawMatch,
+    /// No binding at all on this rule's requests.
+    #[serde(default)]
+    off: bool,
+    session: Option<RawSession>,
+    scope: Option<Vec<RawTemplate>>,
+    fingerprint: Option<String>,
+    #[serde(default)]
+    single_use: bool,
+    max_sockets: Option<RawCap>,
+    #[serde(default)]
+    allow_missing: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJti {
+    #[serde(default = "default_jti_entries")]
+    max_entries: usize,
+    #[serde(default = "default_buckets")]
+    buckets: u32,
+    #[serde(default = "default_when_full")]
+    when_full: String,
+    #[serde(default = "default_max_ttl")]
+    max_ttl_seconds: u64,
+    #[serde(default = "default_skew")]
+    clock_skew_seconds: u64,
+}
+
+fn default_jti_entries() -> usize {
+    65_536
+}
+fn default_buckets() -> u32 {
+    256
+}
+fn default_when_full() -> String {
+    "refuse".into()
+}
+fn default_max_ttl() -> u64 {
+    3600
+}
+fn default_skew() -> u64 {
+    30
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSockets {
+    #[serde(default = "default_slot_ttl")]
+    slot_ttl_seconds: u64,
+    #[serde(default = "default_slot_entries")]
+    max_entries: usize,
+    #[serde(default = "default_buckets")]
+    buckets: u32,
+}
+
+fn default_slot_ttl() -> u64 {
+    60
+}
+fn default_slot_entries() -> usize {
+    65_536
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevocation {
+    cluster: String,
+    path: String,
+    authority: Option<String>,
+    #[serde(default = "default_refresh")]
+    refresh_seconds: u64,
+    #[serde(default = "default_timeout")]
+    timeout_ms: u64,
+    #[serde(default = "default_max_stale")]
+    max_stale_seconds: u64,
+    #[serde(default = "default_when_stale")]
+    when_stale: String,
+}
+
+fn default_refresh() -> u64 {
+    30
+}
+fn default_timeout() -> u64 {
+    2000
+}
+fn default_max_stale() -> u64 {
+    300
+}
+fn default_when_stale() -> String {
+    "open".into()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compiled config.
+
+/// Where the verified claims come from, tried in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimsSource {
+    /// jwt-auth's filter state ([`crate::jwt_auth::CLAIMS_PROPERTY`], [`crate::jwt_auth::KID_PROPERTY`]).
+    JwtAuth,
+    /// `jwt_authn` dynamic metadata under [`JWT_AUTHN_NAMESPACE`].
+    JwtAuthn {
+        payload_key: String,
+        header_key: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRule {
+    pub claim: String,
+    pub cookie: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// A variable and the claim it must match.
+    Var(String, String),
+}
+
+/// A path template: `/ws/rooms/{room}`, `/tenants/{tenant}/...` (`...` or `…` last: any rest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub text: String,
+    segments: Vec<Segment>,
+    rest: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FingerprintMode {
+    Off,
+    /// Compared when the token has a `cfp` claim.
+    IfPresent,
+    /// A token without `cfp` is refused.
+    Required,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketCap {
+    pub limit: u32,
+    pub per_claim: String,
+}
+
+/// The bindings of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub session: Option<SessionRule>,
+    pub scope: Vec<Template>,
+    pub fingerprint: FingerprintMode,
+    pub single_use: bool,
+    pub max_sockets: Option<SocketCap>,
+    pub allow_missing: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JtiSettings {
+    pub limits: JtiLimits,
+    pub max_ttl: u64,
+    pub skew: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketSettings {
+    pub limits: SlotLimits,
+    pub slot_ttl: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationFeed {
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    pub refresh_seconds: u64,
+    pub timeout_ms: u64,
+    pub max_stale: u64,
+    /// Refuse (503 / close 1013) once the list is stale, instead of serving with it.
+    pub fail_closed: bool,
+}
+
+#[derive(Debug)]
+pub struct SessionBindingConfig {
+    pub sources: Vec<ClaimsSource>,
+    pub default_binding: Binding,
+    /// A rule's binding; `None` for `off`.
+    pub rules: Vec<(Matcher, Option<Binding>)>,
+    pub jti: JtiSettings,
+    pub sockets: SocketSettings,
+    pub revocation: Option<RevocationFeed>,
+}
+
+fn compile_template(raw: RawTemplate, at: &str) -> Result<Template, ConfigError> {
+    let text = raw.template;
+    let Some(body) = text.strip_prefix('/') else {
+        return Err(ConfigError::new(
+            format!("{at}.template"),
+            "must start with `/`",
+        ));
+    };
+    let parts: Vec<&str> = body.split('/').collect();
+    let mut segments = Vec::new();
+    let mut rest = false;
+    let mut vars: Vec<String> = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        if *part == "..." || *part == "…" {
+            if i + 1 != parts.len() {
+                return Err(ConfigError::new(
+                    format!("{at}.template"),
+                    "`...` may only be the last segment",
+                ));
+            }
+            rest = true;
+            continue;
+        }
+        if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(ConfigError::new(
+                    format!("{at}.template"),
+                    format!("bad variable `{part}`"),
+                ));
+            }
+            if vars.iter().any(|v| v == name) {
+                return Err(ConfigError::new(
+                    format!("{at}.template"),
+                    format!("variable `{name}` appears twice"),
+                ));
+            }
+            vars.push(name.to_string());
+            let claim = raw
+                .claims
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| name.to_string());
+            segments.push(Segment::Var(name.to_string(), claim));
+        } else if part.contains('{') || part.contains('}') {
+            return Err(ConfigError::new(
+                format!("{at}.template"),
+                format!("`{part}`: a variable is a whole segment, `{{name}}`"),
+            ));
+        } else {
+            segments.push(Segment::Literal((*part).to_string()));
+        }
+    }
+    if vars.is_empty() {
+        return Err(ConfigError::new(
+            format!("{at}.template"),
+            "has no `{variable}` to bind",
+        ));
+    }
+    for (var, claim) in &raw.claims {
+        if !vars.contains(var) {
+            return Err(ConfigError::new(
+                format!("{at}.claims.{var}"),
+                "is not a variable of the template",
+            ));
+        }
+        if claim.is_empty() {
+            return Err(ConfigError::new(
+                format!("{at}.claims.{var}"),
+                "must not be empty",
+            ));
+        }
+    }
+    Ok(Template {
+        text,
+        segments,
+        rest,
+    })
+}
+
+/// The fields a binding is made of, as written (top level or in a rule).
+struct RawBindingFields {
+    session: Option<RawSession>,
+    scope: Option<Vec<RawTemplate>>,
+    fingerprint: Option<String>,
+    single_use: bool,
+    max_sockets: Option<RawCap>,
+    allow_missing: bool,
+}
+
+fn compile_binding(raw: RawBindingFields, at: &str) -> Result<Binding, ConfigError> {
+    let field = |f: &str| {
+        if at.is_empty() {
+            f.to_string()
+        } else {
+            format!("{at}.{f}")
+        }
+    };
+    let session = match raw.session {
+        None => None,
+        Some(s) => {
+            if s.claim.is_empty() {
+                return Err(ConfigError::new(
+                    field("session.claim"),
+                    "must not be empty",
+                ));
+            }
+            if s.cookie.is_empty()
+                || s.cookie
+                    .bytes()
+                    .any(|b| b <= b' ' || b"=;,\"".contains(&b) || b >= 0x7f)
+            {
+                return Err(ConfigError::new(
+                    field("session.cookie"),
+                    "must be a cookie name",
+                ));
+            }
+            Some(SessionRule {
+                claim: s.claim,
+                cookie: s.cookie,
+            })
+        }
+    };
+    let scope = raw
+        .scope
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| compile_template(t, &field(&format!("scope[{i}]"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let fingerprint = match raw.fingerprint.as_deref() {
+        None | Some("if_present") => FingerprintMode::IfPresent,
+        Some("off") => FingerprintMode::Off,
+        Some("required") => FingerprintMode::Required,
+        Some(_) => {
+            return Err(ConfigError::new(
+                field("fingerprint"),
+                "must be `off`, `if_present` or `required`",
+            ))
+        }
+    };
+    let max_sockets = match raw.max_sockets {
+        None => None,
+        Some(c) => {
+            if c.limit == 0 {
+                return Err(ConfigError::new(
+                    field("max_sockets.limit"),
+                    "must be at least 1",
+                ));
+            }
+            if c.per_claim.is_empty() {
+                return Err(ConfigError::new(
+                    field("max_sockets.per_claim"),
+                    "must not be empty",
+                ));
+            }
+            Some(SocketCap {
+                limit: c.limit,
+                per_claim: c.per_claim,
+            })
+        }
+    };
+    Ok(Binding {
+        session,
+        scope,
+        fingerprint,
+        single_use: raw.single_use,
+        max_sockets,
+        allow_missing: raw.allow_missing,
+    })
+}
+
+fn per_bucket(max_entries: usize, buckets: u32, at: &str) -> Result<usize, ConfigError> {
+    if buckets == 0 || buckets > 65_536 {
+        return Err(ConfigError::new(
+            format!("{at}.buckets"),
+            "must be between 1 and 65536",
+        ));
+    }
+    if max_entries == 0 {
+        return Err(ConfigError::new(
+            format!("{at}.max_entries"),
+            "must be at least 1",
+        ));
+    }
+    Ok(max_entries.div_ceil(buckets as usize))
+}
+
+impl SessionBindingConfig {
+    pub fn compile(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let raw: RawConfig = parse_json(bytes)?;
+        let sources = match raw.claims_from {
+            None => vec![ClaimsSource::JwtAuth],
+            Some(list) if list.is_empty() => {
+                return Err(ConfigError::new("claims_from", "name at least one source"))
+            }
+            Some(list) => list
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| match s {
+                    RawSource::JwtAuth {} => Ok(ClaimsSource::JwtAuth),
+                    RawSource::JwtAuthn {
+                        payload_key,
+                        header_key,
+                    } => {
+                        if payload_key.is_empty() || header_key.as_deref() == Some("") {
+                            return Err(ConfigError::new(
+                                format!("claims_from[{i}].jwt_authn"),
+                                "keys must not be empty",
+                            ));
+                        }
+                        Ok(ClaimsSource::JwtAuthn {
+                            payload_key,
+                            header_key,
+                        })
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let default_binding = compile_binding(
+            RawBindingFields {
+                session: raw.session,
+                scope: raw.scope,
+                fingerprint: raw.fingerprint,
+                single_use: raw.single_use,
+                max_sockets: raw.max_sockets,
+                allow_missing: raw.allow_missing,
+            },
+            "",
+        )?;
+        let mut rules = Vec::with_capacity(raw.rules.len());
+        for (i, r) in raw.rules.into_iter().enumerate() {
+            let at = format!("rules[{i}]");
+            let matcher = r.matcher.compile(&at)?;
+            let binding = if r.off {
+                if r.session.is_some()
+                    || r.scope.is_some()
+                    || r.fingerprint.is_some()
+                    || r.single_use
+                    || r.max_sockets.is_some()
+                {
+                    return Err(ConfigError::new(
+                        format!("{at}.off"),
+                        "a rule that is `off` binds nothing else",
+                    ));
+                }
+                None
+            } else {
+                Some(compile_binding(
+                    RawBindingFields {
+                        session: r.session,
+                        scope: r.scope,
+                        fingerprint: r.fingerprint,
+                        single_use: r.single_use,
+                        max_sockets: r.max_sockets,
+                        allow_missing: r.allow_missing,
+                    },
+                    &at,
+                )?)
+            };
+            rules.push((matcher, binding));
+        }
+        let raw_jti = raw.jti.unwrap_or(RawJti {
+            max_entries: default_jti_entries(),
+            buckets: default_buckets(),
+            when_full: default_when_full(),
+            max_ttl_seconds: default_max_ttl(),
+            clock_skew_seconds: default_skew(),
+        });
+        let evict = match raw_jti.when_full.as_str() {
+            "refuse" => false,
+            "evict" => true,
+            _ => {
+                return Err(ConfigError::new(
+                    "jti.when_full",
+                    "must be `refuse` or `evict`",
+                ))
+            }
+        };
+        if raw_jti.max_ttl_seconds == 0 {
+            return Err(ConfigError::new(
+                "jti.max_ttl_seconds",
+                "must be at least 1",
+            ));
+        }
+        let jti = JtiSettings {
+            limits: JtiLimits {
+                buckets: raw_jti.buckets,
+                per_bucket: per_bucket(raw_jti.max_entries, raw_jti.buckets, "jti")?,
+                evict,
+            },
+            max_ttl: raw_jti.max_ttl_seconds,
+            skew: raw_jti.clock_skew_seconds,
+        };
+        let raw_sockets = raw.sockets.unwrap_or(RawSockets {
+            slot_ttl_seconds: default_slot_ttl(),
+            max_entries: default_slot_entries(),
+            buckets: default_buckets(),
+        });
+        if raw_sockets.slot_ttl_seconds < 3 {
+            return Err(ConfigError::new(
+                "sockets.slot_ttl_seconds",
+                "must be at least 3 (live slots are refreshed every third of it)",
+            ));
+        }
+        let sockets = SocketSettings {
+            limits: SlotLimits {
+                buckets: raw_sockets.buckets,
+                per_bucket: per_bucket(raw_sockets.max_entries, raw_sockets.buckets, "sockets")?,
+            },
+            slot_ttl: raw_sockets.slot_ttl_seconds,
+        };
+        let revocation = match raw.revocation {
+            None => None,
+            Some(r) => {
+                if r.cluster.is_empty() {
+                    return Err(ConfigError::new("revocation.cluster", "must not be empty"));
+                }
+                if !r.path.starts_with('/') {
+                    return Err(ConfigError::new("revocation.path", "must start with `/`"));
+                }
+                if r.refresh_seconds == 0 {
+                    return Err(ConfigError::new(
+                        "revocation.refresh_seconds",
+                        "must be at least 1",
+                    ));
+                }
+                if r.max_stale_seconds < r.refresh_seconds {
+                    return Err(ConfigError::new(
+                        "revocation.max_stale_seconds",
+                        "must be at least refresh_seconds",
+                    ));
+                }
+                let fail_closed = match r.when_stale.as_str() {
+                    "open" => false,
+                    "closed" => true,
+                    _ => {
+                        return Err(ConfigError::new(
+                            "revocation.when_stale",
+                            "must be `open` (keep serving) or `closed` (refuse)",
+                        ))
+                    }
+                };
+                Some(RevocationFeed {
+                    authority: r.authority.unwrap_or_else(|| r.cluster.clone()),
+                    cluster: r.cluster,
+                    path: r.path,
+                    refresh_seconds: r.refresh_seconds,
+                    timeout_ms: r.timeout_ms,
+                    max_stale: r.max_stale_seconds,
+                    fail_closed,
+                })
+            }
+        };
+        Ok(Self {
+            sources,
+            default_binding,
+            rules,
+            jti,
+            sockets,
+            revocation,
+        })
+    }
+
+    /// The binding of a request: the first matching rule's (`None` when it is `off`), else the
+    /// top-level one.
+    pub fn binding_for(&self, route: Option<&str>, path: &str, host: &str) -> Option<&Binding> {
+        match self
+            .rules
+            .iter()
+            .find(|(m, _)| m.matches(route, path, host))
+        {
+            Some((_, b)) => b.as_ref(),
+            None => Some(&self.default_binding),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: paths, claims, fingerprints.
+
+fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Does `claim` bind `segment`: equal as text, or (a list) contain it.
+fn claim_binds(claim: Option<&Value>, segment: &str) -> bool {
+    match claim {
+        Some(Value::String(s)) => s == segment,
+        Some(v @ (Value::Number(_) | Value::Bool(_))) => claim_text(v) == segment,
+        Some(Value::Array(list)) => list.iter().any(|v| match v {
+            Value::String(s) => s == segment,
+            Value::Number(_) => claim_text(v) == segment,
+            _ => false,
+        }),
+        _ => false,
+    }
+}
+
+/// The outcome of the scope templates on a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ScopeCheck {
+    /// No template of the binding matches the path.
+    NoTemplate,
+    /// A template matched and `variable`'s segment is not in its claim.
+    Mismatch(String),
+    Bound,
+}
+
+impl Template {
+    /// `None` when the path does not have this template's shape; otherwise every
+    /// `(variable, claim, decoded segment)`.
+    fn bind<'a>(&'a self, path: &str) -> Option<Vec<(&'a str, &'a str, Option<String>)>> {
+        let body = path.strip_prefix('/')?;
+        let parts: Vec<&str> = body.split('/').collect();
+        if parts.len() < self.segments.len() || (!self.rest && parts.len() != self.segments.len()) {
+            return None;
+        }
+        let mut vars = Vec::new();
+        for (seg, part) in self.segments.iter().zip(parts.iter()) {
+            match seg {
+                Segment::Literal(l) => {
+                    if percent_decode(part).as_deref() != Some(l.as_str()) {
+                        return None;
+                    }
+                }
+                Segment::Var(name, claim) => {
+                    // An empty or undecodable segment binds nothing (and so never matches).
+                    let decoded = percent_decode(part).filter(|s| !s.is_empty());
+                    vars.push((name.as_str(), claim.as_str(), decoded));
+                }
+            }
+        }
+        Some(vars)
+    }
+}
+
+fn check_scope(templates: &[Template], path: &str, claims: &Claims) -> ScopeCheck {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let mut matched = false;
+    for t in templates {
+        let Some(vars) = t.bind(path) else { continue };
+        matched = true;
+        for (name, claim, segment) in vars {
+            let ok = segment
+                .as_deref()
+                .is_some_and(|s| claim_binds(claims.get(claim), s));
+            if !ok {
+                return ScopeCheck::Mismatch(name.to_string());
+            }
+        }
+    }
+    if matched {
+        ScopeCheck::Bound
+    } else {
+        ScopeCheck::NoTemplate
+    }
+}
+
+/// The client's network prefix as the fingerprint covers it: `a.b.c.0/24` for IPv4 (and
+/// IPv4-mapped IPv6), the RFC 5952 text of the address masked to 64 bits plus `/64` for IPv6.
+pub fn ip_prefix(ip: IpAddr) -> String {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            format!("{}/64", std::net::Ipv6Addr::from(bits))
+        }
+    }
+}
+
+/// The `cfp` claim a client should carry: base64url(SHA-256(User-Agent + "|" + prefix)).
+pub fn fingerprint(user_agent: &str, ip: IpAddr) -> String {
+    let digest = crate::sha256(format!("{user_agent}|{}", ip_prefix(ip)).as_bytes());
+    crate::b64url(&digest)
+}
+
+/// The IP of an Envoy address property: `1.2.3.4:5678`, `[2001:db8::1]:5678`, or bare.
+pub fn parse_address(address: &str) -> Option<IpAddr> {
+    if let Ok(ip) = address.parse() {
+        return Some(ip);
+    }
+    if let Ok(sa) = address.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    None
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests and decisions.
+
+/// The request facts the decision needs; the shell reads them from the host.
+#[derive(Debug, Default, Clone)]
+pub struct BindRequest<'a> {
+    /// `:path`, with the query string.
+    pub path: &'a str,
+    pub host: &'a str,
+    pub route_name: Option<&'a str>,
+    pub websocket: bool,
+    pub ws_key: Option<&'a str>,
+    /// `Sec-WebSocket-Protocol` as it reaches this filter (jwt-auth has taken its token out).
+    pub ws_protocols: Option<&'a str>,
+    pub cookie: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+    /// The downstream peer's address (Envoy's `source.address`).
+    pub client_ip: Option<IpAddr>,
+    /// The verified claims, from the first configured source that had them.
+    pub claims: Option<&'a Claims>,
+    /// The verified token's `kid`, when the source publishes it.
+    pub kid: Option<&'a str>,
+    /// A random id for this stream's socket slot.
+    pub slot_id: &'a str,
+}
+
+/// Why a request was refused (the stat `denied.<reason>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindDenial {
+    NoClaims,
+    NoSessionCookie,
+    NoSessionClaim,
+    SessionMismatch,
+    /// No scope template matches the path.
+    ScopeUnknown,
+    ScopeMismatch,
+    NoFingerprint,
+    FingerprintMismatch,
+    NoJti,
+    Replay,
+    JtiStoreFull,
+    Revoked(Revoked),
+    RevocationStale,
+    NoCapClaim,
+    TooManySockets,
+    SlotStoreFull,
+}
+
+impl BindDenial {
+    pub fn reason(self) -> &'static str {
+        match self {
+            BindDenial::NoClaims => "no_claims",
+            BindDenial::NoSessionCookie => "no_session_cookie",
+            BindDenial::NoSessionClaim => "no_session_claim",
+            BindDenial::SessionMismatch => "session_mismatch",
+            BindDenial::ScopeUnknown => "scope_unknown",
+            BindDenial::ScopeMismatch => "scope_mismatch",
+            BindDenial::NoFingerprint => "no_fingerprint",
+            BindDenial::FingerprintMismatch => "fingerprint_mismatch",
+            BindDenial::NoJti => "no_jti",
+            BindDenial::Replay => "replay",
+            BindDenial::JtiStoreFull => "jti_store_full",
+            BindDenial::Revoked(r) => r.reason(),
+            BindDenial::RevocationStale => "revocation_stale",
+            BindDenial::NoCapClaim => "no_cap_claim",
+            BindDenial::TooManySockets => "too_many_sockets",
+            BindDenial::SlotStoreFull => "slot_store_full",
+        }
+    }
+
+    pub fn refusal(self) -> Refusal {
+        match self {
+            BindDenial::NoClaims => Refusal::MissingCredentials,
+            BindDenial::NoSessionCookie
+            | BindDenial::NoSessionClaim
+            | BindDenial::SessionMismatch
+            | BindDenial::NoFingerprint
+            | BindDenial::FingerprintMismatch
+            | BindDenial::NoJti
+            | BindDenial::Replay
+            | BindDenial::Revoked(_)
+            | BindDenial::NoCapClaim => Refusal::InvalidCredentials,
+            BindDenial::ScopeUnknown | BindDenial::ScopeMismatch => Refusal::Forbidden,
+            BindDenial::JtiStoreFull | BindDenial::TooManySockets | BindDenial::SlotStoreFull => {
+                Refusal::TooMany
+            }
+            BindDenial::RevocationStale => Refusal::Unavailable,
+        }
+    }
+}
+
+/// What a live socket keeps after its upgrade was allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveTerms {
+    /// Checked against the revocation list on every frame.
+    pub token: TokenId,
+    /// The socket's slot `(owner, slot)`: refreshed while it lives, freed when it ends.
+    pub slot: Option<(String, String)>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum BindDecision {
+    /// No binding applies (a rule that is `off`, or claims missing where that is allowed).
+    Pass,
+    Allow {
+        /// For an upgrade: what the live socket keeps.
+        live: Option<LiveTerms>,
+        /// Stats to count besides `allowed` (`jti.evicted`, `revocation.stale_served`).
+        notes: Vec<&'static str>,
+    },
+    Deny {
+        denial: BindDenial,
+        reply: LocalReply,
+    },
+}
+
+/// Why a live socket must close now: `(code, reason, stat)`.
+pub type LiveClose = (u16, &'static str, &'static str);
+
+/// The compiled config; per worker.
+pub struct SessionBinding {
+    pub config: SessionBindingConfig,
+}
+
+fn text_claim(claims: &Claims, name: &str) -> Option<String> {
+    match claims.get(name)? {
+        v @ (Value::String(_) | Value::Number(_)) => Some(claim_text(v)).filter(|s| !s.is_empty()),
+        _ => None,
+    }
+}
+
+/// The revocation identity of verified claims.
+pub fn token_id(claims: &Claims, kid: Option<&str>) -> TokenId {
+    TokenId {
+        jti: text_claim(claims, "jti"),
+        sub: text_claim(claims, "sub"),
+        iat: claims.get("iat").and_then(Value::as_u64),
+        kid: kid.map(str::to_string),
+    }
+}
+
+impl SessionBinding {
+    pub fn new(config: SessionBindingConfig) -> Self {
+        Self { config }
+    }
+
+    /// Decide what happens to a request at `now`. `revocations` is the worker's list (`None`
+    /// without a feed); `store` holds used token ids and socket slots.
+    pub fn decide(
+        &self,
+        req: &BindRequest<'_>,
+        now: u64,
+        revocations: Option<&RevocationState>,
+        store: &mut dyn BindingStore,
+    ) -> BindDecision {
+        let Some(binding) = self.config.binding_for(req.route_name, req.path, req.host) else {
+            return BindDecision::Pass;
+        };
+        let deny = |denial: BindDenial| {
+            let hs = if req.websocket {
+                req.ws_key.map(|key| WsHandshake {
+                    accept: ws::accept_key(key),
+                    protocol: req
+                        .ws_protocols
+                        .and_then(|h| ws::protocols(h).next())
+                        .map(str::to_string),
+                })
+            } else {
+                None
+            };
+            BindDecision::Deny {
+                denial,
+                reply: denial.refusal().reply(hs.as_ref()),
+            }
+        };
+        let Some(claims) = req.claims else {
+            return if binding.allow_missing {
+                BindDecision::Pass
+            } else {
+                deny(BindDenial::NoClaims)
+            };
+        };
+        let mut notes = Vec::new();
+        let token = token_id(claims, req.kid);
+
+        // Revocation first: a revoked token is refused whatever else it would pass.
+        if let (Some(feed), Some(state)) = (&self.config.revocation, revocations) {
+            if state.is_stale(now, feed.max_stale) {
+                if feed.fail_closed {
+                    return deny(BindDenial::RevocationStale);
+                }
+                notes.push("revocation.stale_served");
+            }
+            if let Some(r) = state.list.check(&token) {
+                return deny(BindDenial::Revoked(r));
+            }
+        }
+
+        if let Some(session) = &binding.session {
+            let Some(want) = text_claim(claims, &session.claim) else {
+                return deny(BindDenial::NoSessionClaim);
+            };
+            let Some(have) = req.cookie.and_then(|c| cookie::get(c, &session.cookie)) else {
+                return deny(BindDenial::NoSessionCookie);
+            };
+            if !ct_eq(&want, have) {
+                return deny(BindDenial::SessionMismatch);
+            }
+        }
+
+        if !binding.scope.is_empty() {
+            match check_scope(&binding.scope, req.path, claims) {
+                ScopeCheck::Bound => {}
+                ScopeCheck::NoTemplate => return deny(BindDenial::ScopeUnknown),
+                ScopeCheck::Mismatch(_) => return deny(BindDenial::ScopeMismatch),
+            }
+        }
+
+        if binding.fingerprint != FingerprintMode::Off {
+            match claims.get("cfp") {
+                None if binding.fingerprint == FingerprintMode::Required => {
+                    return deny(BindDenial::NoFingerprint)
+                }
+                None => {}
+                Some(cfp) => {
+                    let ok = match (cfp.as_str(), req.client_ip) {
+                        (Some(cfp), Some(ip)) => {
+                            ct_eq(cfp, &fingerprint(req.user_agent.unwrap_or(""), ip))
+                        }
+                        _ => false,
+                    };
+                    if !ok {
+                        return deny(BindDenial::FingerprintMismatch);
+                    }
+                }
+            }
+        }
+
+        // The checks that write to the store come last: a request refused above uses nothing.
+        if binding.single_use {
+            let Some(jti) = &token.jti else {
+                return deny(BindDenial::NoJti);
+            };
+            let iss = text_claim(claims, "iss").unwrap_or_default();
+            let cap = now.saturating_add(self.config.jti.max_ttl);
+            let until = claims
+                .get("exp")
+                .and_then(Value::as_u64)
+                .map_or(cap, |exp| exp.saturating_add(self.config.jti.skew).min(cap));
+            match store.use_once(&short_hash(&format!("{iss}\0{jti}")), until, now) {
+                UseOnce::Fresh => {}
+                UseOnce::FreshEvicted => notes.push("jti.evicted"),
+                UseOnce::Replay => return deny(BindDenial::Replay),
+                UseOnce::Full => return deny(BindDenial::JtiStoreFull),
+            }
+        }
+
+        let mut slot = None;
+        if let (true, Some(cap)) = (req.websocket, &binding.max_sockets) {
+            let Some(value) = text_claim(claims, &cap.per_claim) else {
+                return deny(BindDenial::NoCapClaim);
+            };
+            let owner = short_hash(&format!("{}\0{value}", cap.per_claim));
+            match store.acquire_slot(
+                &owner,
+                req.slot_id,
+                cap.limit,
+                self.config.sockets.slot_ttl,
+                now,
+            ) {
+                Acquire::Granted => slot = Some((owner, req.slot_id.to_string())),
+                Acquire::OverCap => return deny(BindDenial::TooManySockets),
+                Acquire::Full => return deny(BindDenial::SlotStoreFull),
+            }
+        }
+
+        BindDecision::Allow {
+            live: req.websocket.then_some(LiveTerms { token, slot }),
+            notes,
+        }
+    }
+
+    /// Must a live socket carrying `token` close now? A revoked token closes it with 4401; a
+    /// stale list under fail-closed with 1013.
+    pub fn check_live(
+        &self,
+        token: &TokenId,
+        revocations: Option<&RevocationState>,
+        now: u64,
+    ) -> Option<LiveClose> {
+        let (feed, state) = (self.config.revocation.as_ref()?, revocations?);
+        if let Some(r) = state.list.check(token) {
+            return Some((ws::CLOSE_UNAUTHORIZED, "token revoked", r.reason()));
+        }
+        if feed.fail_closed && state.is_stale(now, feed.max_stale) {
+            return Some((
+                ws::CLOSE_TRY_AGAIN_LATER,
+                "revocation list stale",
+                "revocation_stale",
+            ));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,439 @@
+//! The state session-binding shares between requests: used token ids (single-use connect tokens)
+//! and open-socket slots (the concurrent-socket cap).
+//!
+//! [`BindingStore`] is what the filter needs; [`KvStore`] implements it over any
+//! compare-and-swap key/value store ([`Kv`]) — in Envoy, proxy-wasm shared data, one store per
+//! Envoy process, visible to every worker thread. An external store (Redis, …) shared by several
+//! Envoys would implement [`BindingStore`] directly (`SET NX EX` for a token id, a scripted
+//! count-and-add for a slot).
+//!
+//! Shared data has no delete and no key listing, so keys must not grow with traffic: entries are
+//! spread over a fixed number of bucket keys, each bucket's value is a short text of lines,
+//! pruned of expired entries on every write and capped.
+
+use std::fmt::Write as _;
+
+/// A compare-and-swap key/value store: the shape of proxy-wasm shared data.
+pub trait Kv {
+    /// The value of `key` and its CAS token (`None, None` when absent).
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Write `value` if `key` is still at `cas` (`None`: unconditionally); false when another
+    /// writer came first.
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
+}
+
+/// The outcome of using a token id once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UseOnce {
+    /// First use: recorded until the token's end.
+    Fresh,
+    /// First use, recorded by pushing out an unexpired entry (`when_full: evict`): a replay of
+    /// the evicted token would now pass.
+    FreshEvicted,
+    /// Seen before: a replay.
+    Replay,
+    /// The store is full of unexpired entries (`when_full: refuse`), or too contended.
+    Full,
+}
+
+/// The outcome of asking for an open-socket slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquire {
+    Granted,
+    /// The owner already holds `limit` live slots.
+    OverCap,
+    /// The store is full of live slots of other owners, or too contended.
+    Full,
+}
+
+/// What session-binding needs from a store.
+pub trait BindingStore {
+    /// Record that token id `id` was used at `now`; it stays recorded until `until`.
+    fn use_once(&mut self, id: &str, until: u64, now: u64) -> UseOnce;
+    /// Take one of `owner`'s `limit` slots for socket `slot`, held until `now + ttl` unless
+    /// refreshed.
+    fn acquire_slot(&mut self, owner: &str, slot: &str, limit: u32, ttl: u64, now: u64) -> Acquire;
+    /// Keep the slots of live sockets: each `(owner, slot)` is held until `now + ttl` again.
+    fn refresh_slots(&mut self, slots: &[(&str, &str)], ttl: u64, now: u64);
+    /// Free a slot (its stream ended).
+    fn release_slot(&mut self, owner: &str, slot: &str, now: u64);
+}
+
+/// Sizes of the token-id store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JtiLimits {
+    pub buckets: u32,
+    pub per_bucket: usize,
+    /// Over the cap: push out the entry that ends soonest (true) or refuse the new one (false).
+    pub evict: bool,
+}
+
+/// Sizes of the slot store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotLimits {
+    pub buckets: u32,
+    pub per_bucket: usize,
+}
+
+/// How often a CAS write is retried before giving up (another worker wrote the same bucket).
+const CAS_TRIES: usize = 8;
+
+const JTI_PREFIX: &str = "gatehouse.session_binding.jti.";
+const SLOT_PREFIX: &str = "gatehouse.session_binding.slots.";
+
+/// A short hash of `text`: fixed size in the store, no separators, never the value itself.
+pub fn short_hash(text: &str) -> String {
+    let h = crate::sha256(text.as_bytes());
+    crate::b64url(&h[..12])
+}
+
+fn bucket_of(hash: &str, buckets: u32) -> u32 {
+    let h = crate::sha256(hash.as_bytes());
+    u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % buckets.max(1)
+}
+
+/// [`BindingStore`] over a CAS key/value store. Ids and owners given to it are already short
+/// hashes without spaces or newlines ([`short_hash`]).
+pub struct KvStore<K: Kv> {
+    pub kv: K,
+    pub jti: JtiLimits,
+    pub slots: SlotLimits,
+}
+
+/// `<id> <until>` lines.
+fn jti_entries(bucket: &[u8]) -> Vec<(&str, u64)> {
+    std::str::from_utf8(bucket)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|line| {
+            let (k, d) = line.split_once(' ')?;
+            Some((k, d.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `<owner> <slot> <expires>` lines.
+fn slot_entries(bucket: &[u8]) -> Vec<(&str, &str, u64)> {
+    std::str::from_utf8(bucket)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split(' ');
+            let (Some(o), Some(s), Some(e), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return None;
+            };
+            Some((o, s, e.parse().ok()?))
+        })
+        .collect()
+}
+
+impl<K: Kv> KvStore<K> {
+    pub fn new(kv: K, jti: JtiLimits, slots: SlotLimits) -> Self {
+        Self { kv, jti, slots }
+    }
+
+    /// The key of token id `id`'s bucket.
+    pub fn jti_key(&self, id: &str) -> String {
+        format!("{JTI_PREFIX}{}", bucket_of(id, self.jti.buckets))
+    }
+
+    /// The key of `owner`'s slot bucket (all of an owner's slots live in one bucket, so one CAS
+    /// write counts and adds atomically).
+    pub fn slot_key(&self, owner: &str) -> String {
+        format!("{SLOT_PREFIX}{}", bucket_of(owner, self.slots.buckets))
+    }
+
+    /// Create every bucket that does not exist yet, once at start. Shared data cannot create a
+    /// key atomically ("set if absent"), so the buckets exist before any request writes them
+    /// with compare-and-swap.
+    pub fn create_buckets(&mut self) {
+        let keys: Vec<String> = (0..self.jti.buckets)
+            .map(|n| format!("{JTI_PREFIX}{n}"))
+            .chain((0..self.slots.buckets).map(|n| format!("{SLOT_PREFIX}{n}")))
+            .collect();
+        for key in keys {
+            if self.kv.get(&key).0.is_none() {
+                self.kv.set(&key, b"", None);
+            }
+        }
+    }
+
+    /// Read-modify-write `key` with compare-and-swap; `change` returns the new value and the
+    /// result, or only a result when nothing is to be written.
+    fn update<T>(
+        &mut self,
+        key: &str,
+        contended: T,
+        mut change: impl FnMut(&[u8]) -> (Option<Vec<u8>>, T),
+    ) -> T {
+        for _ in 0..CAS_TRIES {
+            let (value, cas) = self.kv.get(key);
+            let (next, result) = change(value.as_deref().unwrap_or(&[]));
+            let Some(next) = next else { return result };
+            if self.kv.set(key, &next, cas) {
+                return result;
+            }
+        }
+        contended
+    }
+}
+
+impl<K: Kv> BindingStore for KvStore<K> {
+    fn use_once(&mut self, id: &str, until: u64, now: u64) -> UseOnce {
+        let key = self.jti_key(id);
+        let limits = self.jti;
+        self.update(&key, UseOnce::Full, |bucket| {
+            let mut kept: Vec<(&str, u64)> = jti_entries(bucket)
+                .into_iter()
+                .filter(|(_, d)| *d > now)
+                .collect();
+            if kept.iter().any(|(k, _)| *k == id) {
+                return (None, UseOnce::Replay);
+            }
+            let mut outcome = UseOnce::Fresh;
+            if kept.len() >= limits.per_bucket {
+                if !limits.evict || limits.per_bucket == 0 {
+                    return (None, UseOnce::Full);
+                }
+                while kept.len() >= limits.per_bucket {
+                    let soonest = (0..kept.len()).min_by_key(|&i| kept[i].1).unwrap_or(0);
+                    kept.swap_remove(soonest);
+                }
+                outcome = UseOnce::FreshEvicted;
+            }
+            kept.push((id, until.max(now + 1)));
+            let mut out = String::new();
+            for (k, d) in kept {
+                let _ = writeln!(out, "{k} {d}");
+            }
+            (Some(out.into_bytes()), outcome)
+        })
+    }
+
+    fn acquire_slot(&mut self, owner: &str, slot: &str, limit: u32, ttl: u64, now: u64) -> Acquire {
+        let key = self.slot_key(owner);
+        let per_bucket = self.slots.per_bucket;
+        self.update(&key, Acquire::Full, |bucket| {
+            let mut kept: Vec<(&str, &str, u64)> = slot_entries(bucket)
+                .into_iter()
+                .filter(|(o, s, e)| *e > now && !(*o == owner && *s == slot))
+                .collect();
+            let held = kept.iter().filter(|(o, _, _)| *o == owner).count();
+            if held >= limit as usize {
+                return (None, Acquire::OverCap);
+            }
+            if kept.len() >= per_bucket {
+                return (None, Acquire::Full);
+            }
+            kept.push((owner, slot, now.saturating_add(ttl)));
+            (Some(write_slots(&kept)), Acquire::Granted)
+        })
+    }
+
+    fn refresh_slots(&mut self, slots: &[(&str, &str)], ttl: u64, now: u64) {
+        // One write per bucket.
+        let mut keys: Vec<String> = slots.iter().map(|(o, _)| self.slot_key(o)).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            self.update(&key, (), |bucket| {
+                let kept: Vec<(&str, &str, u64)> = slot_entries(bucket)
+                    .into_iter()
+                    .filter_map(|(o, s, e)| {
+                        if slots.contains(&(o, s)) {
+                            Some((o, s, now.saturating_add(ttl)))
+                        } else {
+                            (e > now).then_some((o, s, e))
+                        }
+                    })
+                    .collect();
+                (Some(write_slots(&kept)), ())
+            });
+        }
+    }
+
+    fn release_slot(&mut self, owner: &str, slot: &str, now: u64) {
+        let key = self.slot_key(owner);
+        self.update(&key, (), |bucket| {
+            let entries = slot_entries(bucket);
+            if !entries.iter().any(|(o, s, _)| *o == owner && *s == slot) {
+                return (None, ());
+            }
+            let kept: Vec<(&str, &str, u64)> = entries
+                .into_iter()
+                .filter(|(o, s, e)| *e > now && !(*o == owner && *s == slot))
+                .collect();
+            (Some(write_slots(&kept)), ())
+        });
+    }
+}
+
+fn write_slots(entries: &[(&str, &str, u64)]) -> Vec<u8> {
+    let mut out = String::new();
+    for (o, s, e) in entries {
+        let _ = writeln!(out, "{o} {s} {e}");
+    }
+    out.into_bytes()
+}
+
+/// An in-memory [`Kv`] with shared-data semantics, for tests and the CLI.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryKv {
+    entries: std::collections::HashMap<String, (Vec<u8>, u32)>,
+    next_cas: u32,
+}
+
+impl Kv for MemoryKv {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        match self.entries.get(key) {
+            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+            None => (None, None),
+        }
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        if let (Some(want), Some((_, have))) = (cas, self.entries.get(key)) {
+            if want != *have {
+                return false;
+            }
+        }
+        self.next_cas = self.next_cas.wrapping_add(1).max(1);
+        self.entries
+            .insert(key.to_string(), (value.to_vec(), self.next_cas));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(per_bucket: usize, evict: bool) -> KvStore<MemoryKv> {
+        let mut s = KvStore::new(
+            MemoryKv::default(),
+            JtiLimits {
+                buckets: 1,
+                per_bucket,
+                evict,
+            },
+            SlotLimits {
+                buckets: 1,
+                per_bucket,
+            },
+        );
+        s.create_buckets();
+        s
+    }
+
+    #[test]
+    fn a_token_id_is_used_once_until_it_expires() {
+        let mut s = store(8, false);
+        assert_eq!(s.use_once("a", 100, 10), UseOnce::Fresh);
+        assert_eq!(s.use_once("a", 100, 50), UseOnce::Replay);
+        assert_eq!(s.use_once("b", 100, 50), UseOnce::Fresh);
+        // Past its end the entry is pruned: the token itself is expired by then.
+        assert_eq!(s.use_once("a", 200, 100), UseOnce::Fresh);
+    }
+
+    #[test]
+    fn the_cap_refuses_or_evicts_and_expired_entries_make_room() {
+        let mut s = store(2, false);
+        assert_eq!(s.use_once("a", 100, 0), UseOnce::Fresh);
+        assert_eq!(s.use_once("b", 200, 0), UseOnce::Fresh);
+        assert_eq!(s.use_once("c", 300, 0), UseOnce::Full);
+        assert_eq!(s.use_once("c", 300, 100), UseOnce::Fresh, "a expired");
+        let mut s = store(2, true);
+        s.use_once("a", 100, 0);
+        s.use_once("b", 200, 0);
+        assert_eq!(s.use_once("c", 300, 0), UseOnce::FreshEvicted);
+        // The soonest-ending one went.
+        assert_eq!(s.use_once("b", 200, 0), UseOnce::Replay);
+        assert_eq!(s.use_once("a", 100, 0), UseOnce::FreshEvicted);
+    }
+
+    #[test]
+    fn a_lost_cas_race_is_retried_on_the_new_value() {
+        /// A store where another writer slips in before the first write.
+        struct Racy {
+            inner: MemoryKv,
+            raced: bool,
+        }
+        impl Kv for Racy {
+            fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+                self.inner.get(key)
+            }
+            fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+                if !self.raced {
+                    self.raced = true;
+                    let (v, c) = self.inner.get(key);
+                    let mut other = v.unwrap_or_default();
+                    other.extend_from_slice(b"x 1000\n");
+                    self.inner.set(key, &other, c);
+                }
+                self.inner.set(key, value, cas)
+            }
+        }
+        let limits = JtiLimits {
+            buckets: 1,
+            per_bucket: 8,
+            evict: false,
+        };
+        let slots = SlotLimits {
+            buckets: 1,
+            per_bucket: 8,
+        };
+        let mut s = KvStore::new(
+            Racy {
+                inner: MemoryKv::default(),
+                raced: true,
+            },
+            limits,
+            slots,
+        );
+        s.create_buckets();
+        s.kv.raced = false;
+        assert_eq!(s.use_once("y", 1000, 0), UseOnce::Fresh);
+        // The other writer's entry survived our write.
+        assert_eq!(s.use_once("x", 1000, 0), UseOnce::Replay);
+        assert_eq!(s.use_once("y", 1000, 0), UseOnce::Replay);
+    }
+
+    #[test]
+    fn slots_are_capped_per_owner_freed_and_expire() {
+        let mut s = store(16, false);
+        assert_eq!(s.acquire_slot("alice", "s1", 2, 60, 0), Acquire::Granted);
+        assert_eq!(s.acquire_slot("alice", "s2", 2, 60, 0), Acquire::Granted);
+        assert_eq!(s.acquire_slot("alice", "s3", 2, 60, 0), Acquire::OverCap);
+        assert_eq!(s.acquire_slot("bob", "s4", 2, 60, 0), Acquire::Granted);
+        s.release_slot("alice", "s1", 10);
+        assert_eq!(s.acquire_slot("alice", "s3", 2, 60, 10), Acquire::Granted);
+        // s2 and s3 are refreshed, so they are kept past the TTL; an unrefreshed (vanished)
+        // slot expires.
+        s.refresh_slots(&[("alice", "s3")], 60, 50);
+        assert_eq!(
+            s.acquire_slot("alice", "s5", 2, 60, 65),
+            Acquire::Granted,
+            "s2 expired"
+        );
+        assert_eq!(s.acquire_slot("alice", "s6", 2, 60, 65), Acquire::OverCap);
+    }
+
+    #[test]
+    fn a_full_slot_bucket_refuses() {
+        let mut s = store(2, false);
+        assert_eq!(s.acquire_slot("a", "1", 5, 60, 0), Acquire::Granted);
+        assert_eq!(s.acquire_slot("b", "2", 5, 60, 0), Acquire::Granted);
+        assert_eq!(s.acquire_slot("c", "3", 5, 60, 0), Acquire::Full);
+    }
+
+    #[test]
+    fn garbage_in_a_bucket_is_ignored() {
+        let mut s = store(4, false);
+        let key = s.jti_key("a");
+        s.kv.set(&key, b"\xff\xfe\nno-number x\n", None);
+        assert_eq!(s.use_once("a", 100, 0), UseOnce::Fresh);
+        assert_eq!(s.use_once("a", 100, 0), UseOnce::Replay);
+    }
+}

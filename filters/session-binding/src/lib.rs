@@ -1,0 +1,459 @@
+//! session-binding: the proxy-wasm shell over `gatehouse_core::session_binding`. It reads the
+//! verified claims (jwt-auth filter state or `jwt_authn` dynamic metadata) and the request facts,
+//! applies the core's decision, keeps used token ids and socket slots in Envoy shared data
+//! (every worker of this Envoy), fetches the revocation list on a timer, and closes live sockets
+//! whose token is revoked. See docs/session-binding.md.
+
+mod metadata;
+
+use gatehouse_core::jwt::Claims;
+use gatehouse_core::jwt_auth::{CLAIMS_PROPERTY, KID_PROPERTY};
+use gatehouse_core::session_binding::revocation::{RevocationList, RevocationState};
+use gatehouse_core::session_binding::store::{BindingStore, Kv, KvStore};
+use gatehouse_core::session_binding::{
+    parse_address, BindDecision, BindRequest, ClaimsSource, LiveTerms, SessionBinding,
+    SessionBindingConfig, JWT_AUTHN_NAMESPACE,
+};
+use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
+use gatehouse_host::{self as host, Body, Counters};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+const NAME: &str = "gatehouse.session_binding";
+/// Retry a failed revocation fetch after this long (the last good list stays in use).
+const FEED_RETRY_SECONDS: u64 = 5;
+
+proxy_wasm::main! {{
+    host::install_panic_hook(NAME);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// Envoy shared data: one store per Envoy process, seen by every worker's VM.
+struct SharedData;
+
+impl Kv for SharedData {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        host::shared_data(key)
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        host::set_shared_data(key, value, cas)
+    }
+}
+
+/// Per-worker state shared by the root context and every stream.
+struct Shared {
+    binding: SessionBinding,
+    counters: Counters,
+    revocations: Option<RevocationState>,
+    /// The slots held by live sockets of this worker: slot → owner. Refreshed on the tick so
+    /// only the slots of vanished streams expire.
+    live_slots: HashMap<String, String>,
+}
+
+impl Shared {
+    fn count(&self, what: &str) {
+        self.counters.inc(&format!("{NAME}.{what}"));
+    }
+
+    fn store(&self) -> KvStore<SharedData> {
+        let c = &self.binding.config;
+        KvStore::new(SharedData, c.jti.limits, c.sockets.limits)
+    }
+
+    fn release(&mut self, owner: &str, slot: &str) {
+        self.live_slots.remove(slot);
+        self.store().release_slot(owner, slot, host::now_secs());
+        self.count("sockets.released");
+    }
+}
+
+#[derive(Default)]
+struct Root {
+    shared: Option<Rc<RefCell<Shared>>>,
+    /// The in-flight revocation fetch.
+    fetch: Option<u32>,
+    next_fetch: u64,
+    next_refresh: u64,
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if self.fetch != Some(token) {
+            return;
+        }
+        self.fetch = None;
+        let Some(shared) = &self.shared else { return };
+        let (status, body) = host::http_call_response(body_size);
+        let now = host::now_secs();
+        let mut shared = shared.borrow_mut();
+        let Some(feed) = shared.binding.config.revocation.clone() else {
+            return;
+        };
+        let parsed = if status == 200 {
+            RevocationList::parse(&body)
+        } else {
+            Err(format!("HTTP status {status}"))
+        };
+        match parsed {
+            Ok(list) => {
+                let entries = list.len();
+                let first = shared.revocations.as_ref().is_some_and(|s| !s.ever_loaded);
+                if let Some(state) = shared.revocations.as_mut() {
+                    let before = state.generation;
+                    state.loaded(list, now);
+                    if first || state.generation != before {
+                        host::log(
+                            LogLevel::Info,
+                            NAME,
+                            &format!("revocation list loaded: {entries} entries"),
+                        );
+                    }
+                }
+                shared.count("revocation.fetch_ok");
+                self.next_fetch = now + feed.refresh_seconds;
+            }
+            Err(why) => {
+                host::log(
+                    LogLevel::Warn,
+                    NAME,
+                    &format!("revocation fetch failed ({why}); keeping the last good list"),
+                );
+                shared.count("revocation.fetch_failed");
+                self.next_fetch = now + FEED_RETRY_SECONDS.min(feed.refresh_seconds);
+            }
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let config = match SessionBindingConfig::compile(&host::plugin_config()) {
+            Ok(c) => c,
+            Err(e) => {
+                host::log(LogLevel::Critical, NAME, &e.to_string());
+                return false;
+            }
+        };
+        let now = host::now_secs();
+        host::log(
+            LogLevel::Info,
+            NAME,
+            &format!(
+                "configured: {} rules, claims from {}, revocation feed {}",
+                config.rules.len(),
+                config
+                    .sources
+                    .iter()
+                    .map(|s| match s {
+                        ClaimsSource::JwtAuth => "jwt_auth",
+                        ClaimsSource::JwtAuthn { .. } => "jwt_authn",
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                config
+                    .revocation
+                    .as_ref()
+                    .map_or("off".to_string(), |f| format!(
+                        "{}{} every {} s ({})",
+                        f.cluster,
+                        f.path,
+                        f.refresh_seconds,
+                        if f.fail_closed {
+                            "fail-closed"
+                        } else {
+                            "fail-open"
+                        }
+                    ))
+            ),
+        );
+        let revocations = config
+            .revocation
+            .as_ref()
+            .map(|_| RevocationState::new(now));
+        let mut store = KvStore::new(SharedData, config.jti.limits, config.sockets.limits);
+        store.create_buckets();
+        self.shared = Some(Rc::new(RefCell::new(Shared {
+            binding: SessionBinding::new(config),
+            counters: Counters::default(),
+            revocations,
+            live_slots: HashMap::new(),
+        })));
+        self.next_fetch = 0;
+        self.next_refresh = now;
+        let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_secs(1));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(shared) = &self.shared else { return };
+        let now = host::now_secs();
+        let shared = shared.borrow();
+        if let Some(feed) = &shared.binding.config.revocation {
+            if self.fetch.is_none() && now >= self.next_fetch {
+                match host::http_get(&feed.cluster, &feed.authority, &feed.path, feed.timeout_ms) {
+                    Some(token) => self.fetch = Some(token),
+                    None => {
+                        host::log(
+                            LogLevel::Warn,
+                            NAME,
+                            &format!(
+                                "cannot call cluster `{}` for the revocation list; retrying",
+                                feed.cluster
+                            ),
+                        );
+                        shared.count("revocation.fetch_failed");
+                        self.next_fetch = now + FEED_RETRY_SECONDS;
+                    }
+                }
+            }
+        }
+        let ttl = shared.binding.config.sockets.slot_ttl;
+        if now >= self.next_refresh {
+            self.next_refresh = now + (ttl / 3).max(1);
+            if !shared.live_slots.is_empty() {
+                let slots: Vec<(&str, &str)> = shared
+                    .live_slots
+                    .iter()
+                    .map(|(slot, owner)| (owner.as_str(), slot.as_str()))
+                    .collect();
+                shared.store().refresh_slots(&slots, ttl, now);
+            }
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        let shared = self.shared.clone()?;
+        Some(Box::new(Stream {
+            shared,
+            pending: None,
+            live: None,
+            slot: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    shared: Rc<RefCell<Shared>>,
+    /// What an allowed upgrade keeps until the upstream answers 101.
+    pending: Option<LiveTerms>,
+    /// The live socket and its token, once the upstream answered 101.
+    live: Option<(LiveSocket, LiveTerms)>,
+    /// The slot this stream holds, freed when it ends.
+    slot: Option<(String, String)>,
+}
+
+fn is_websocket_upgrade() -> bool {
+    host::request_header("upgrade").is_some_and(|u| {
+        u.split(',')
+            .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+    })
+}
+
+fn as_claims(bytes: &[u8]) -> Option<Claims> {
+    match serde_json::from_slice(bytes) {
+        Ok(Value::Object(map)) => Some(map),
+        _ => None,
+    }
+}
+
+/// The verified claims and `kid`, from the first configured source that has them.
+fn read_claims(sources: &[ClaimsSource]) -> Option<(Claims, Option<String>)> {
+    for source in sources {
+        match source {
+            ClaimsSource::JwtAuth => {
+                let Some(claims) =
+                    host::property_bytes(vec![CLAIMS_PROPERTY]).and_then(|b| as_claims(&b))
+                else {
+                    continue;
+                };
+                return Some((claims, host::property_text(vec![KID_PROPERTY])));
+            }
+            ClaimsSource::JwtAuthn {
+                payload_key,
+                header_key,
+            } => {
+                let Some(claims) = metadata::jwt_authn(JWT_AUTHN_NAMESPACE, payload_key) else {
+                    continue;
+                };
+                let kid = header_key
+                    .as_ref()
+                    .and_then(|k| metadata::jwt_authn(JWT_AUTHN_NAMESPACE, k))
+                    .and_then(|h| h.get("kid").and_then(Value::as_str).map(str::to_string));
+                return Some((claims, kid));
+            }
+        }
+    }
+    None
+}
+
+impl Stream {
+    fn decide(&mut self) -> Action {
+        let path = host::request_header(":path").unwrap_or_default();
+        let authority = host::request_header(":authority").unwrap_or_default();
+        let route = host::property_text(vec!["xds", "route_name"]);
+        let websocket = is_websocket_upgrade();
+        let ws_key = host::request_header("sec-websocket-key");
+        let ws_protocols = host::request_header("sec-websocket-protocol");
+        let cookie = host::request_header("cookie");
+        let user_agent = host::request_header("user-agent");
+        let client_ip =
+            host::property_text(vec!["source", "address"]).and_then(|a| parse_address(&a));
+        let slot_id = host::random_id();
+        let now = host::now_secs();
+        let mut shared = self.shared.borrow_mut();
+        let found = read_claims(&shared.binding.config.sources);
+        let req = BindRequest {
+            path: &path,
+            host: &authority,
+            route_name: route.as_deref(),
+            websocket,
+            ws_key: ws_key.as_deref(),
+            ws_protocols: ws_protocols.as_deref(),
+            cookie: cookie.as_deref(),
+            user_agent: user_agent.as_deref(),
+            client_ip,
+            claims: found.as_ref().map(|(c, _)| c),
+            kid: found.as_ref().and_then(|(_, k)| k.as_deref()),
+            slot_id: &slot_id,
+        };
+        let mut store = shared.store();
+        let decision = shared
+            .binding
+            .decide(&req, now, shared.revocations.as_ref(), &mut store);
+        match decision {
+            BindDecision::Pass => {
+                shared.count("passed");
+                Action::Continue
+            }
+            BindDecision::Allow { live, notes } => {
+                shared.count("allowed");
+                for note in notes {
+                    shared.count(note);
+                }
+                if let Some(terms) = live {
+                    if let Some((owner, slot)) = &terms.slot {
+                        shared.live_slots.insert(slot.clone(), owner.clone());
+                        shared.count("sockets.acquired");
+                        self.slot = Some((owner.clone(), slot.clone()));
+                    }
+                    self.pending = Some(terms);
+                }
+                Action::Continue
+            }
+            BindDecision::Deny { denial, reply } => {
+                shared.count(&format!("denied.{}", denial.reason()));
+                let path_only = path.split('?').next().unwrap_or("");
+                host::log(
+                    LogLevel::Info,
+                    NAME,
+                    &format!(
+                        "denied ({}) {} {path_only} -> {}",
+                        denial.reason(),
+                        if websocket { "websocket" } else { "http" },
+                        if reply.status == 101 {
+                            format!("close {}", denial.refusal().close_code())
+                        } else {
+                            reply.status.to_string()
+                        }
+                    ),
+                );
+                drop(shared);
+                host::send_reply(&reply);
+                Action::Pause
+            }
+        }
+    }
+
+    fn release_slot(&mut self) {
+        if let Some((owner, slot)) = self.slot.take() {
+            self.shared.borrow_mut().release(&owner, &slot);
+        }
+    }
+
+    fn on_chunk(&mut self, dir: Dir, size: usize) {
+        let Some((live, terms)) = self.live.as_mut() else {
+            return;
+        };
+        let now = host::now_secs();
+        if !live.is_closing() {
+            let shared = self.shared.borrow();
+            if let Some((code, reason, stat)) =
+                shared
+                    .binding
+                    .check_live(&terms.token, shared.revocations.as_ref(), now)
+            {
+                live.close_with(code, reason);
+                shared.count(&format!("ws.closed.{stat}"));
+                host::log(
+                    LogLevel::Info,
+                    NAME,
+                    &format!("live websocket: {reason}, closing with {code}"),
+                );
+            }
+        }
+        if size == 0 && !live.is_closing() {
+            return;
+        }
+        let which = match dir {
+            Dir::ToUpstream => Body::Request,
+            Dir::ToClient => Body::Response,
+        };
+        match live.on_chunk(dir, now, host::random_mask(), |_| None) {
+            ChunkAction::Pass => {}
+            ChunkAction::Replace(frame) => host::replace_body(which, size, &frame),
+            ChunkAction::Drop => host::replace_body(which, size, &[]),
+        }
+    }
+}
+
+impl Context for Stream {
+    fn on_done(&mut self) -> bool {
+        self.release_slot();
+        true
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        self.decide()
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(terms) = self.pending.take() {
+            if host::response_header(":status").as_deref() == Some("101") {
+                // Session-binding does not expire sockets (jwt-auth does): no deadline.
+                self.live = Some((LiveSocket::new(u64::MAX), terms));
+            } else {
+                // The upstream refused the upgrade: no socket, no slot.
+                self.release_slot();
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        self.on_chunk(Dir::ToUpstream, size);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        self.on_chunk(Dir::ToClient, size);
+        Action::Continue
+    }
+}

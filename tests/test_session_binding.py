@@ -1,0 +1,499 @@
+"""session-binding in real Envoy (2 workers), behind gatehouse jwt-auth and behind Envoy's native
+jwt_authn, with real WebSocket clients against the real demo upstream: session cookie, path
+scope, client fingerprint, single-use connect tokens across workers, the socket cap, and the
+revocation feed (each kind, a live socket closed on its next frame, the feed going down under
+each staleness policy)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+import websockets
+
+from conftest import cluster, run_async as run, wasm_filter
+from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config
+
+pytestmark = pytest.mark.usefixtures("require_envoy")
+
+SID_COOKIE = "__Host-gh_sid"
+SB = "gatehouse.session_binding"
+
+# Rules shared by both fronts. Rules are complete: each binds only what it names.
+RULES = [
+    {"match": {"prefix": "/ws/rooms/"}, "session": {"cookie": SID_COOKIE},
+     "scope": [{"template": "/ws/rooms/{room}"}]},
+    {"match": {"prefix": "/ws/tenants/"},
+     "scope": [{"template": "/ws/tenants/{tenant}/agents/{agent}/...", "claims": {"tenant": "tenant_id", "agent": "agent_id"}}]},
+    {"match": {"prefix": "/api/rooms/"}, "session": {"cookie": SID_COOKIE},
+     "scope": [{"template": "/api/rooms/{room}"}]},
+    {"match": {"prefix": "/ws/once/"}, "single_use": True},
+    {"match": {"prefix": "/ws/capped/"}, "max_sockets": {"limit": 2, "per_claim": "sub"}},
+    {"match": {"prefix": "/ws/fp/"}, "fingerprint": "required"},
+]
+
+
+class FeedServer:
+    """The revocation feed: a document the test changes, and a server that can go down."""
+
+    def __init__(self):
+        self.document = {"revoked": []}
+        self.fetches = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.fetches += 1
+                body = json.dumps(outer.document).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.up = True
+
+    def set(self, *entries):
+        """Publish `entries` and wait until the filters on every worker have fetched it."""
+        self.document = {"revoked": list(entries)}
+        seen = self.fetches
+        wait_until(lambda: self.fetches >= seen + 6, 10)  # main thread + 2 workers, twice
+        time.sleep(0.3)
+
+    def stop(self):
+        if self.up:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.up = False
+
+
+def wait_until(pred, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def feed_config(port_name: str = "revocation", when_stale: str = "open", max_stale: int = 3) -> dict:
+    return {"cluster": port_name, "path": "/revoked.json", "authority": "feed", "refresh_seconds": 1,
+            "timeout_ms": 500, "max_stale_seconds": max_stale, "when_stale": when_stale}
+
+
+# ------------------------------------------------------------------------------------ gateways
+
+
+def native_bootstrap(key_set: list[Key], sb_cfg: dict, demo, clusters: dict):
+    """A whole Envoy config: Envoy's own jwt_authn (payload and header in dynamic metadata), then
+    session-binding reading its claims from there."""
+
+    def make(envoy):
+        jwt_authn = {
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": {"test": {
+                    "issuer": ISSUER, "audiences": [AUDIENCE],
+                    "local_jwks": {"inline_string": json.dumps(jwks(*key_set))},
+                    "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+                    "payload_in_metadata": "jwt_payload", "header_in_metadata": "jwt_header",
+                }},
+                "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "test"}}],
+            },
+        }
+        hcm = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "ingress",
+            "delayed_close_timeout": "0s",
+            "upgrade_configs": [{"upgrade_type": "websocket"}],
+            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "demo", "timeout": "0s"}}]}]},
+            "http_filters": [jwt_authn, wasm_filter("session_binding", sb_cfg),
+                             {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        }
+        return {
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": envoy.admin_port}}},
+            "static_resources": {
+                "listeners": [{"name": "ingress", "address": {"socket_address": {"address": "127.0.0.1", "port_value": envoy.port}},
+                               "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}],
+                "clusters": [cluster("demo", demo.port)] + [cluster(n, p) for n, p in clusters.items()],
+            },
+        }
+
+    return make
+
+
+class Gateway:
+    """An Envoy with a front (gatehouse jwt-auth or native jwt_authn) and session-binding, and how
+    a client presents its token to that front."""
+
+    def __init__(self, front: str, envoy, key: Key):
+        self.front, self.envoy, self.key = front, envoy, key
+
+    def ws_kwargs(self, token: str | None, cookie: str | None = None, user_agent: str | None = None) -> dict:
+        headers = {}
+        protocols = ["sip"]
+        if token and self.front == "jwt_auth":
+            protocols.append("bearer." + token)
+        elif token:
+            headers["authorization"] = "Bearer " + token
+        if cookie:
+            headers["cookie"] = cookie
+        kwargs = {"subprotocols": protocols, "additional_headers": headers, "open_timeout": 10}
+        if user_agent:
+            kwargs["user_agent_header"] = user_agent
+        return kwargs
+
+    def url(self, path: str) -> str:
+        return self.envoy.ws_url + path
+
+    def stat(self, name: str) -> int:
+        return self.envoy.stats().get(f"wasmcustom.{SB}.{name}", 0)
+
+
+def make_gateway(front: str, key: Key, demo, envoy_factory, sb_extra: dict | None = None, clusters: dict | None = None,
+                 keys: list[Key] | None = None) -> Gateway:
+    sb_cfg = {"rules": RULES, **(sb_extra or {})}
+    key_set = keys or [key]
+    if front == "jwt_auth":
+        jwt_cfg = jwt_auth_config(*key_set, sources=[{"websocket_protocol": {"prefix": "bearer."}}, {"authorization": {}}])
+        envoy = envoy_factory(demo, jwt_auth=jwt_cfg, session_binding=sb_cfg, extra_clusters=clusters or {})
+    else:
+        sb_cfg["claims_from"] = [{"jwt_authn": {"payload_key": "jwt_payload", "header_key": "jwt_header"}}]
+        envoy = envoy_factory(demo, bootstrap=native_bootstrap(key_set, sb_cfg, demo, clusters or {}))
+    return Gateway(front, envoy, key)
+
+
+@pytest.fixture(scope="module", params=["jwt_auth", "jwt_authn"])
+def gw(request, key, demo, envoy_factory):
+    return make_gateway(request.param, key, demo, envoy_factory)
+
+
+# ------------------------------------------------------------------------------------- clients
+
+
+async def _outcome(gw: Gateway, path: str, token: str | None, **kw):
+    """Connect, say hello, and return ("open", echo) or ("closed", code, reason)."""
+    async with websockets.connect(gw.url(path), **gw.ws_kwargs(token, **kw)) as ws:
+        try:
+            await ws.send("hello")
+            msg = await asyncio.wait_for(ws.recv(), 10)
+            return ("open", msg)
+        except websockets.ConnectionClosed:
+            return ("closed", ws.close_code, ws.close_reason)
+
+
+def outcome(gw, path, token, **kw):
+    return run(_outcome(gw, path, token, **kw))
+
+
+def sid_cookie(sid: str) -> str:
+    return f"theme=dark; {SID_COOKIE}={sid}"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# ---------------------------------------------------------------------------- session + scope
+
+
+def test_session_and_room_bound_socket_opens(gw):
+    sid = unique("sid")
+    token = gw.key.mint(sid=sid, room="lobby")
+    assert outcome(gw, "/ws/rooms/lobby", token, cookie=sid_cookie(sid)) == ("open", "hello")
+
+
+@pytest.mark.parametrize("case", ["no_cookie", "other_cookie", "no_sid_claim"])
+def test_session_mismatch_closes_4401(gw, case):
+    sid = unique("sid")
+    token = gw.key.mint(sid=None if case == "no_sid_claim" else sid, room="lobby")
+    cookie = {"no_cookie": None, "other_cookie": sid_cookie(unique("stolen")), "no_sid_claim": sid_cookie(sid)}[case]
+    got = outcome(gw, "/ws/rooms/lobby", token, cookie=cookie)
+    assert got[:2] == ("closed", 4401), got
+
+
+@pytest.mark.parametrize("path", ["/ws/rooms/kitchen", "/ws/rooms/lobby/extra"])
+def test_another_room_closes_4403(gw, path):
+    sid = unique("sid")
+    token = gw.key.mint(sid=sid, room="lobby")
+    got = outcome(gw, path, token, cookie=sid_cookie(sid))
+    assert got[:2] == ("closed", 4403), got
+
+
+def test_tenant_and_agent_scope_with_list_claims(gw):
+    token = gw.key.mint(tenant_id="t1", agent_id=["a1", "a2"])
+    assert outcome(gw, "/ws/tenants/t1/agents/a2/calls/9", token)[0] == "open"
+    assert outcome(gw, "/ws/tenants/t2/agents/a2", token)[:2] == ("closed", 4403)
+    assert outcome(gw, "/ws/tenants/t1/agents/a3", token)[:2] == ("closed", 4403)
+
+
+def test_plain_http_gets_401_and_403(gw):
+    sid = unique("sid")
+    token = gw.key.mint(sid=sid, room="lobby")
+    url = gw.envoy.url
+    ok = requests.get(url + "/api/rooms/lobby", headers={"authorization": "Bearer " + token, "cookie": sid_cookie(sid)}, timeout=5)
+    assert ok.status_code == 200, ok.text
+    no_cookie = requests.get(url + "/api/rooms/lobby", headers={"authorization": "Bearer " + token}, timeout=5)
+    assert no_cookie.status_code == 401
+    assert no_cookie.headers["content-type"] == "application/problem+json"
+    other_room = requests.get(url + "/api/rooms/kitchen", headers={"authorization": "Bearer " + token, "cookie": sid_cookie(sid)}, timeout=5)
+    assert other_room.status_code == 403
+
+
+# ---------------------------------------------------------------------------------- fingerprint
+
+
+def cfp(user_agent: str, prefix: str = "127.0.0.0/24") -> str:
+    digest = hashlib.sha256(f"{user_agent}|{prefix}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def test_client_fingerprint(gw):
+    ua = "gatehouse-phone/1.0"
+    good = gw.key.mint(cfp=cfp(ua))
+    assert outcome(gw, "/ws/fp/x", good, user_agent=ua)[0] == "open"
+    assert outcome(gw, "/ws/fp/x", good, user_agent="curl/8.0")[:2] == ("closed", 4401)
+    assert outcome(gw, "/ws/fp/x", gw.key.mint(cfp=cfp(ua, "10.0.0.0/24")), user_agent=ua)[:2] == ("closed", 4401)
+    # Required on this route; compared when present elsewhere.
+    assert outcome(gw, "/ws/fp/x", gw.key.mint(), user_agent=ua)[:2] == ("closed", 4401)
+    assert outcome(gw, "/ws/echo", gw.key.mint())[0] == "open"
+    assert outcome(gw, "/ws/echo", good, user_agent="curl/8.0")[:2] == ("closed", 4401)
+
+
+# --------------------------------------------------------------------------------- single use
+
+
+def worker_counts(envoy) -> tuple[int, int]:
+    stats = envoy.stats()
+    prefix = f"listener.127.0.0.1_{envoy.port}."
+    return (stats.get(prefix + "worker_0.downstream_cx_total", 0), stats.get(prefix + "worker_1.downstream_cx_total", 0))
+
+
+def worker_of(envoy, before: tuple[int, int]) -> int | None:
+    after = worker_counts(envoy)
+    moved = [i for i in (0, 1) if after[i] > before[i]]
+    return moved[0] if len(moved) == 1 else None
+
+
+def test_replay_is_caught_across_both_workers(gw):
+    envoy = gw.envoy
+    replays_before = gw.stat("denied.replay")
+    crossings: set[tuple[int, int]] = set()
+    workers_seen: set[int] = set()
+    attempts = 0
+    # Until a replay was caught on the other worker in both directions (0→1 and 1→0).
+    while len(crossings) < 2 and attempts < 40:
+        attempts += 1
+        token = gw.key.mint()
+        before = worker_counts(envoy)
+        assert outcome(gw, "/ws/once/a", token) == ("open", "hello")
+        first = worker_of(envoy, before)
+        before = worker_counts(envoy)
+        got = outcome(gw, "/ws/once/a", token)
+        second = worker_of(envoy, before)
+        assert got[:2] == ("closed", 4401), f"replay #{attempts} was let through: {got}"
+        workers_seen.update(w for w in (first, second) if w is not None)
+        if first is not None and second is not None and first != second:
+            crossings.add((first, second))
+    assert workers_seen == {0, 1}, "both workers took connections"
+    assert crossings == {(0, 1), (1, 0)}, f"no cross-worker replay in {attempts} attempts: {crossings}"
+    assert gw.stat("denied.replay") - replays_before == attempts
+
+
+def test_replay_over_plain_http_is_401(gw):
+    token = gw.key.mint()
+    # /ws/once/ over plain HTTP: the demo has no GET there but the filter answers first.
+    h = {"authorization": "Bearer " + token}
+    first = requests.get(gw.envoy.url + "/ws/once/x", headers=h, timeout=5)
+    assert first.status_code != 401
+    assert requests.get(gw.envoy.url + "/ws/once/x", headers=h, timeout=5).status_code == 401
+
+
+def test_the_jti_store_is_capped_with_a_stat(key, demo, envoy_factory):
+    gw = make_gateway("jwt_auth", key, demo, envoy_factory,
+                      sb_extra={"jti": {"max_entries": 3, "buckets": 1, "when_full": "refuse"}})
+    for _ in range(3):
+        assert outcome(gw, "/ws/once/x", key.mint())[0] == "open"
+    got = outcome(gw, "/ws/once/x", key.mint())
+    assert got[:2] == ("closed", 4429), got
+    assert gw.stat("denied.jti_store_full") == 1
+    # An expired entry makes room again: tokens that expired (exp + 30 s skew) are forgotten.
+
+
+# ---------------------------------------------------------------------------------- socket cap
+
+
+def test_socket_cap_refuses_the_extra_socket_and_frees_a_slot_on_close(gw):
+    sub = unique("capped")
+
+    async def go():
+        kw = gw.ws_kwargs
+        a = await websockets.connect(gw.url("/ws/capped/1"), **kw(gw.key.mint(sub=sub)))
+        b = await websockets.connect(gw.url("/ws/capped/2"), **kw(gw.key.mint(sub=sub)))
+        for ws in (a, b):
+            await ws.send("x")
+            assert await ws.recv() == "x"
+        third = await _outcome(gw, "/ws/capped/3", gw.key.mint(sub=sub))
+        other_user = await _outcome(gw, "/ws/capped/4", gw.key.mint(sub=unique("other")))
+        await a.close()
+        await asyncio.sleep(0.5)
+        after_close = await _outcome(gw, "/ws/capped/5", gw.key.mint(sub=sub))
+        await b.close()
+        return third, other_user, after_close
+
+    third, other_user, after_close = run(go())
+    assert third[:2] == ("closed", 4429), third
+    assert other_user[0] == "open"
+    assert after_close[0] == "open", "closing a socket frees its slot"
+
+
+# ---------------------------------------------------------------------------------- revocation
+
+
+@pytest.fixture
+def feed():
+    srv = FeedServer()
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("front", ["jwt_auth", "jwt_authn"])
+def test_revocation_of_each_kind_and_a_live_socket_closed_on_its_next_frame(front, demo, envoy_factory, feed):
+    k1, k2 = Key.generate("EdDSA", kid=unique("k1")), Key.generate("EdDSA", kid=unique("k2"))
+    gw = make_gateway(front, k1, demo, envoy_factory, keys=[k1, k2],
+                      sb_extra={"revocation": feed_config(max_stale=30)}, clusters={"revocation": feed.port})
+    assert wait_until(lambda: gw.stat("revocation.fetch_ok") >= 2, 10)
+    now = int(time.time())
+    live_token = k1.mint(sub="alice")
+    old_mallory = k1.mint(sub="mallory", iat=now - 10)
+    new_mallory = k1.mint(sub="mallory", iat=now)
+    by_k2 = k2.mint(sub="bob")
+
+    async def go():
+        async with websockets.connect(gw.url("/ws/echo"), **gw.ws_kwargs(live_token)) as ws:
+            await ws.send("before")
+            assert await ws.recv() == "before"
+            from tokens import claims_of
+            await asyncio.to_thread(feed.set, {"jti": claims_of(live_token)["jti"]},
+                                    {"sub": "mallory", "issued_before": now - 5}, {"kid": k2.kid})
+            await ws.send("after")
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    msg = await asyncio.wait_for(ws.recv(), 10)
+                    assert msg != "after", "a frame after revocation must not reach the upstream"
+            return ws.close_code, ws.close_reason
+
+    assert run(go()) == (4401, "token revoked")
+    assert outcome(gw, "/ws/echo", live_token)[:2] == ("closed", 4401), "revoked jti"
+    assert outcome(gw, "/ws/echo", old_mallory)[:2] == ("closed", 4401), "sub issued before"
+    assert outcome(gw, "/ws/echo", new_mallory)[0] == "open", "sub issued after"
+    assert outcome(gw, "/ws/echo", by_k2)[:2] == ("closed", 4401), "revoked kid"
+    assert outcome(gw, "/ws/echo", k1.mint(sub="bob"))[0] == "open"
+    assert gw.stat("denied.revoked_jti") >= 1 and gw.stat("denied.revoked_sub") >= 1 and gw.stat("denied.revoked_kid") >= 1
+    assert gw.stat("ws.closed.revoked_jti") == 1
+
+
+def test_feed_down_fail_open_keeps_serving_with_the_last_good_list(key, demo, envoy_factory, feed):
+    gw = make_gateway("jwt_auth", key, demo, envoy_factory, sb_extra={"revocation": feed_config(when_stale="open", max_stale=2)},
+                      clusters={"revocation": feed.port})
+    revoked = key.mint()
+    from tokens import claims_of
+    feed.set({"jti": claims_of(revoked)["jti"]})
+    feed.stop()
+    assert wait_until(lambda: gw.stat("revocation.fetch_failed") >= 3, 10)
+    time.sleep(3)  # past max_stale_seconds
+    assert outcome(gw, "/ws/echo", key.mint())[0] == "open"
+    assert outcome(gw, "/ws/echo", revoked)[:2] == ("closed", 4401), "the last good list still applies"
+    assert gw.stat("revocation.stale_served") >= 1
+
+
+def test_feed_down_fail_closed_refuses_and_closes_live_sockets(key, demo, envoy_factory, feed):
+    gw = make_gateway("jwt_auth", key, demo, envoy_factory, sb_extra={"revocation": feed_config(when_stale="closed", max_stale=2)},
+                      clusters={"revocation": feed.port})
+    assert wait_until(lambda: gw.stat("revocation.fetch_ok") >= 2, 10)
+
+    async def go():
+        async with websockets.connect(gw.url("/ws/echo"), **gw.ws_kwargs(key.mint())) as ws:
+            await ws.send("before")
+            assert await ws.recv() == "before"
+            feed.stop()
+            await asyncio.sleep(4)  # max_stale_seconds 2, refresh 1 s
+            await ws.send("after")
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    assert await asyncio.wait_for(ws.recv(), 10) != "after"
+            return ws.close_code
+
+    assert run(go()) == 1013
+    assert outcome(gw, "/ws/echo", key.mint())[:2] == ("closed", 1013)
+    r = requests.get(gw.envoy.url + "/api/echo", headers={"authorization": "Bearer " + key.mint()}, timeout=5)
+    assert r.status_code == 503
+    assert gw.stat("denied.revocation_stale") >= 2
+
+
+# ------------------------------------------------------------------------- the shipped local stack
+
+
+def test_the_local_stack_caps_signaling_sockets_per_user(demo, envoy_factory):
+    """envoy-config/envoy.yaml as `cargo xtask up` runs it: session-binding on the signaling route,
+    8 sockets per user, the 9th closes with 4429, and closing one frees a slot."""
+    import yaml
+
+    from conftest import COOKIE_KEYS_VAR, ROOT
+    from cookies import new_key
+
+    def bootstrap(envoy):
+        cfg = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
+        cfg["admin"]["address"]["socket_address"]["port_value"] = envoy.admin_port
+        listener = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]
+        listener.update(address="127.0.0.1", port_value=envoy.port)
+        for c in cfg["static_resources"]["clusters"]:
+            if c["name"] == "demo":
+                c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = demo.port
+        return cfg
+
+    envoy = envoy_factory(demo, bootstrap=bootstrap, env={COOKIE_KEYS_VAR: demo.cookie_keys, "GATEHOUSE_TURN_SECRET": new_key()})
+    user = unique("stack-user")
+
+    def token():
+        r = requests.post(envoy.url + f"/dev/login?user={user}", timeout=5)
+        assert r.ok, r.text
+        return r.json()["access_token"]
+
+    gw = Gateway("jwt_auth", envoy, None)
+
+    async def go():
+        # The remote JWKS arrives shortly after start; the first upgrade may wait for it.
+        sockets = []
+        for _ in range(8):
+            ws = await websockets.connect(gw.url("/ws/echo"), **gw.ws_kwargs(token()))
+            await ws.send("x")
+            assert await ws.recv() == "x"
+            sockets.append(ws)
+        ninth = await _outcome(gw, "/ws/echo", token())
+        await sockets[0].close()
+        await asyncio.sleep(0.5)
+        after = await _outcome(gw, "/ws/echo", token())
+        for ws in sockets[1:]:
+            await ws.close()
+        return ninth, after
+
+    ninth, after = run(go(), timeout=60)
+    assert ninth[:2] == ("closed", 4429), ninth
+    assert after[0] == "open"
