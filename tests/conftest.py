@@ -42,6 +42,8 @@ FILTERS = {
     "jwt_auth": ("jwt_auth", "jwt-auth.wasm"),
     "session_binding": ("session_binding", "session-binding.wasm"),
     "turn_credentials": ("turn_credentials", "turn-credentials.wasm"),
+    # On the response path: its order among the request-side filters does not matter.
+    "page_guard": ("page_guard", "page-guard.wasm"),
 }
 
 
@@ -152,6 +154,9 @@ def wasm_filter(name: str, cfg: dict, host_env_keys: list[str] | tuple = ()) -> 
     if host_env_keys:
         vm_config["environment_variables"] = {"host_env_keys": sorted(host_env_keys)}
     plugin = {}
+    if name == "page_guard":
+        # page-guard holds the response headers while it reads the body (Content-Length changes).
+        plugin["allow_on_headers_stop_iteration"] = True
     return {
         "name": f"gatehouse.{name}",
         "typed_config": {

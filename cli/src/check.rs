@@ -26,14 +26,16 @@ pub enum FilterKind {
     TokenProxy,
     TurnCredentials,
     SessionBinding,
+    PageGuard,
 }
 
 impl FilterKind {
-    pub const ALL: [FilterKind; 4] = [
+    pub const ALL: [FilterKind; 5] = [
         FilterKind::JwtAuth,
         FilterKind::TokenProxy,
         FilterKind::TurnCredentials,
         FilterKind::SessionBinding,
+        FilterKind::PageGuard,
     ];
 
     /// The `root_id` the filter is configured with: `jwt_auth`, `token_proxy`.
@@ -43,6 +45,7 @@ impl FilterKind {
             FilterKind::TokenProxy => "token_proxy",
             FilterKind::TurnCredentials => "turn_credentials",
             FilterKind::SessionBinding => "session_binding",
+            FilterKind::PageGuard => "page_guard",
         }
     }
 
@@ -74,6 +77,9 @@ impl FilterKind {
             }
             FilterKind::SessionBinding => {
                 gatehouse_core::session_binding::SessionBindingConfig::compile(config).map(drop)
+            }
+            FilterKind::PageGuard => {
+                gatehouse_core::page_guard::PageGuardConfig::compile(config, env).map(drop)
             }
         }
     }
@@ -424,6 +430,22 @@ fn check_found(found: &Found<'_>, root: &Path) -> Finding {
     let outcome = match configuration_bytes(config) {
         Err(why) => Outcome::Failed(why),
         Ok(bytes) => match kind.compile(&bytes, &|name| vm_env.lookup(name)) {
+            // page-guard holds the response headers while it reads an HTML body; without this
+            // Envoy turns that pause into "stop all" and never hands it the body.
+            Ok(())
+                if kind == FilterKind::PageGuard
+                    && config
+                        .and_then(|c| c.get("allow_on_headers_stop_iteration"))
+                        .and_then(Value::as_bool)
+                        != Some(true) =>
+            {
+                Outcome::Failed(
+                    "page_guard needs `allow_on_headers_stop_iteration: true` in the Wasm \
+                     plugin config (next to root_id): without it Envoy never passes it an HTML \
+                     body and those responses hang"
+                        .to_string(),
+                )
+            }
             Ok(()) => Outcome::Ok,
             Err(e) => Outcome::Failed(e.to_string()),
         },

@@ -10,6 +10,7 @@
 
 pub mod check;
 pub mod keys;
+pub mod sri;
 pub mod token;
 
 use std::fmt;

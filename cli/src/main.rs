@@ -87,6 +87,27 @@ enum Command {
         #[arg(long, default_value = ".", value_name = "DIR")]
         root: PathBuf,
     },
+    /// Write page-guard's SRI manifest: URL path -> sha384 of every .js/.mjs/.css under DIR.
+    #[command(
+        long_about = "Write the SRI manifest for page-guard's `sri.manifest`.\n\n\
+        Hashes every .js, .mjs and .css file under DIR (recursively) and prints a JSON object \
+        {\"/path/file.js\": \"sha384-...\"}, the keys being the files' URL paths (DIR is the \
+        site root) or --prefix followed by them (for files served from another origin). \
+        page-guard adds integrity=\"sha384-...\" crossorigin=\"anonymous\" to the <script src> \
+        and <link rel=stylesheet href> tags that load them. Regenerate it whenever a file \
+        changes: the browser refuses a file whose bytes differ."
+    )]
+    SriManifest {
+        /// The directory served as the site root.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Prefix of the URLs, e.g. https://cdn.example/lib [default: none, paths from `/`].
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Write the manifest to FILE instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -121,6 +142,7 @@ fn main() -> ExitCode {
         } => keygen(alg.into(), kid, out, bits, force),
         Command::Mint(args) => mint(args),
         Command::Check { file, root } => return check(&file, &root),
+        Command::SriManifest { dir, prefix, out } => sri_manifest(&dir, &prefix, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -214,6 +236,22 @@ fn mint(a: MintArgs) -> Result<(), gatehouse_cli::Error> {
     }
     let jwt = token::mint_with_header(&key, &header, &Value::Object(claims), now, a.ttl)?;
     println!("{jwt}");
+    Ok(())
+}
+
+fn sri_manifest(
+    dir: &std::path::Path,
+    prefix: &str,
+    out: Option<PathBuf>,
+) -> Result<(), gatehouse_cli::Error> {
+    let m = gatehouse_cli::sri::manifest(dir, prefix)?;
+    let text =
+        serde_json::to_string_pretty(&m).map_err(|e| gatehouse_cli::Error::new(e.to_string()))?;
+    match out {
+        Some(path) => std::fs::write(&path, format!("{text}\n"))
+            .map_err(|e| gatehouse_cli::Error::new(format!("{}: {e}", path.display())))?,
+        None => println!("{text}"),
+    }
     Ok(())
 }
 

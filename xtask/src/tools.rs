@@ -11,6 +11,7 @@ pub const FILTERS: &[(&str, &str)] = &[
     ("gatehouse-token-proxy", "token-proxy.wasm"),
     ("gatehouse-turn-credentials", "turn-credentials.wasm"),
     ("gatehouse-session-binding", "session-binding.wasm"),
+    ("gatehouse-page-guard", "page-guard.wasm"),
 ];
 
 const WASM_TARGET: &str = "wasm32-wasip1";

@@ -9,6 +9,7 @@ pub mod config;
 pub mod cookie;
 pub mod jwt;
 pub mod jwt_auth;
+pub mod page_guard;
 pub mod reauth;
 pub mod reply;
 pub mod session_binding;

@@ -1,0 +1,936 @@
+//! A streaming HTML tokenizer that rewrites start tags: the real nonce into tags the upstream
+//! marked with the placeholder, `integrity` + `crossorigin` into `<script src>` and
+//! `<link rel=stylesheet href>` whose URL is in the SRI manifest.
+//!
+//! It follows the tokenizer states of the HTML standard that decide where a tag starts and ends:
+//! tags with quoted attribute values (a `>` inside quotes does not end a tag), comments (`-->`,
+//! `--!>`, `<!-->`), bogus comments and doctypes, raw text (`style`, `textarea`, `title`,
+//! `noscript`, …) and script data with its escaped and double-escaped states (a `<script` inside
+//! a script's `<!--` does not end at the next `</script>`). Text, comments and script bodies pass
+//! through byte for byte. Input comes in chunks; a start tag split across chunks is held back
+//! until its `>` (up to [`MAX_TAG_BYTES`], then it passes unchanged).
+//!
+//! A second stage removes every remaining occurrence of the placeholder (in a script body, a
+//! comment, a tag that is not nonceable, …): the placeholder never reaches the browser.
+//!
+//! Fail-safe by construction: a nonce is only ever written where the placeholder was, so where
+//! this tokenizer and a browser could disagree (foreign content, malformed markup) the worst
+//! outcome is a marked tag left without its nonce, never an unmarked one given it.
+
+use super::SriManifest;
+
+/// A start tag longer than this is passed through unchanged.
+pub const MAX_TAG_BYTES: usize = 16 * 1024;
+
+/// What one response's rewriting uses: fixed per config, plus the nonce of this response.
+pub struct RewriteParams<'a> {
+    /// The deployment-secret marker (empty: no nonce handling).
+    pub placeholder: &'a [u8],
+    /// This response's nonce (`None`: the marker is removed, no tag gets a nonce).
+    pub nonce: Option<&'a str>,
+    pub sri: Option<&'a SriManifest>,
+    /// The request path, for URLs relative to the page.
+    pub page_path: &'a str,
+}
+
+/// What a rewrite did (for stats).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RewriteStats {
+    /// Tags whose placeholder became the nonce.
+    pub nonces: u32,
+    /// Tags given `integrity` from the manifest.
+    pub integrity: u32,
+    /// Placeholders removed (not in a nonceable tag's `nonce` attribute).
+    pub scrubbed: u32,
+    /// Start tags longer than [`MAX_TAG_BYTES`], passed through unchanged.
+    pub oversized_tags: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Raw {
+    /// `style`, `xmp`, `iframe`, `noembed`, `noframes`, `noscript`, `textarea`, `title`.
+    Text(&'static [u8]),
+    Script,
+    /// `plaintext`: the rest of the document is text.
+    Plain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TagSt {
+    Name,
+    BeforeAttrName,
+    AttrName,
+    AfterAttrName,
+    BeforeAttrValue,
+    ValueDq,
+    ValueSq,
+    ValueUnq,
+    AfterValueQuoted,
+    SelfClosing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    Normal,
+    LessThan,
+    EscapeStart,
+    EscapeStartDash,
+    Escaped,
+    EscapedDash,
+    EscapedDashDash,
+    EscapedLessThan,
+    EndTag,
+    EscapedEndTag,
+    DoubleEscapeStart,
+    DoubleEscapeEnd,
+    DoubleEscaped,
+    DoubleEscapedDash,
+    DoubleEscapedDashDash,
+    DoubleEscapedLessThan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Data,
+    TagOpen,
+    EndTagOpen,
+    /// After `<!` and this many `-`.
+    MarkupDecl(u8),
+    /// Just after `<!--` (`>` closes it) / after `<!---`.
+    CommentStart,
+    CommentStartDash,
+    /// Inside a comment: consecutive `-` seen (up to 2), and `--!` seen.
+    Comment {
+        dashes: u8,
+        bang: bool,
+    },
+    BogusComment,
+    /// Inside a start tag (`end == false`, buffered) or an end tag (passed through).
+    Tag {
+        st: TagSt,
+        end: bool,
+    },
+    /// Inside raw text / RCDATA: `matched` bytes of `</name` seen.
+    RawText {
+        name: &'static [u8],
+        matched: usize,
+    },
+    Script {
+        st: Script,
+        /// Letters of "script" matched after `</` (end tags) or `<` (double escapes), and
+        /// whether a double-escape name still matches.
+        k: usize,
+        ok: bool,
+    },
+    Plaintext,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Attr {
+    name: (usize, usize),
+    value: Option<(usize, usize)>,
+}
+
+/// The streaming rewriter for one response body.
+pub struct Rewriter {
+    state: State,
+    /// The start tag being read (from its `<`), while it is not oversized.
+    tag: Vec<u8>,
+    oversized: bool,
+    /// The current tag's name, lowercased (up to 16 bytes; `name_long` when longer).
+    name: [u8; 16],
+    name_len: usize,
+    name_long: bool,
+    attrs: Vec<Attr>,
+    /// Stage 2: output not yet checked for a placeholder that may continue in the next chunk.
+    pending: Vec<u8>,
+    stats: RewriteStats,
+}
+
+impl Default for Rewriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b'\t' | b'\n' | 0x0c | b'\r' | b' ')
+}
+
+impl Rewriter {
+    pub fn new() -> Self {
+        Self {
+            state: State::Data,
+            tag: Vec::new(),
+            oversized: false,
+            name: [0; 16],
+            name_len: 0,
+            name_long: false,
+            attrs: Vec::new(),
+            pending: Vec::new(),
+            stats: RewriteStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> RewriteStats {
+        self.stats
+    }
+
+    /// Rewrite one chunk; what can be emitted goes to `out` (a start tag or a possible
+    /// placeholder prefix at the end of the chunk is held back).
+    pub fn feed(&mut self, p: &RewriteParams<'_>, input: &[u8], out: &mut Vec<u8>) {
+        let mut mid = Vec::with_capacity(input.len() + 64);
+        self.tokenize(p, input, &mut mid);
+        self.scrub(p.placeholder, &mid, out, false);
+    }
+
+    /// The end of the body: everything held back goes out (an unfinished start tag as it was).
+    pub fn finish(&mut self, p: &RewriteParams<'_>, out: &mut Vec<u8>) {
+        let mut mid = Vec::new();
+        match self.state {
+            State::Tag { end: false, .. } if !self.oversized => mid.extend_from_slice(&self.tag),
+            State::TagOpen => mid.push(b'<'),
+            _ => {}
+        }
+        self.tag.clear();
+        self.state = State::Data;
+        self.scrub(p.placeholder, &mid, out, true);
+    }
+
+    /// Rewrite a whole body at once.
+    pub fn rewrite_all(p: &RewriteParams<'_>, body: &[u8]) -> (Vec<u8>, RewriteStats) {
+        let mut r = Rewriter::new();
+        let mut out = Vec::with_capacity(body.len() + 256);
+        r.feed(p, body, &mut out);
+        r.finish(p, &mut out);
+        (out, r.stats)
+    }
+
+    // ----------------------------------------------------------------------------- stage 2
+
+    fn scrub(&mut self, placeholder: &[u8], mid: &[u8], out: &mut Vec<u8>, last: bool) {
+        if placeholder.is_empty() {
+            out.extend_from_slice(mid);
+            return;
+        }
+        self.pending.extend_from_slice(mid);
+        let buf = std::mem::take(&mut self.pending);
+        let n = placeholder.len();
+        let mut i = 0;
+        let mut start = 0;
+        while i + n <= buf.len() {
+            if buf[i] == placeholder[0] && &buf[i..i + n] == placeholder {
+                out.extend_from_slice(&buf[start..i]);
+                self.stats.scrubbed += 1;
+                i += n;
+                start = i;
+            } else {
+                i += 1;
+            }
+        }
+        // Keep back a tail that could be the start of a placeholder.
+        let keep = if last {
+            0
+        } else {
+            let tail = &buf[start..];
+            (1..n.min(tail.len() + 1))
+                .rev()
+                .find(|&k| tail[tail.len() - k..] == placeholder[..k])
+                .unwrap_or(0)
+        };
+        let cut = buf.len() - keep;
+        out.extend_from_slice(&buf[start..cut]);
+        self.pending = buf[cut..].to_vec();
+    }
+
+    // ----------------------------------------------------------------------------- stage 1
+
+    fn tokenize(&mut self, p: &RewriteParams<'_>, input: &[u8], out: &mut Vec<u8>) {
+        let mut i = 0;
+        while i < input.len() {
+            // Fast paths: runs of bytes that cannot change the state.
+            match self.state {
+                State::Data => match input[i..].iter().position(|&b| b == b'<') {
+                    Some(k) => {
+                        out.extend_from_slice(&input[i..i + k]);
+                        i += k;
+                    }
+                    None => {
+                        out.extend_from_slice(&input[i..]);
+                        return;
+                    }
+                },
+                State::Plaintext => {
+                    out.extend_from_slice(&input[i..]);
+                    return;
+                }
+                _ => {}
+            }
+            let b = input[i];
+            let consumed = self.step(p, b, out);
+            if consumed {
+                i += 1;
+            }
+        }
+    }
+
+    /// Push `b` to where the current token goes: the start-tag buffer, or straight out.
+    fn emit(&mut self, b: u8, out: &mut Vec<u8>) {
+        if matches!(self.state, State::Tag { end: false, .. }) && !self.oversized {
+            self.tag.push(b);
+            if self.tag.len() > MAX_TAG_BYTES {
+                out.extend_from_slice(&self.tag);
+                self.tag.clear();
+                self.oversized = true;
+                self.stats.oversized_tags += 1;
+            }
+        } else {
+            out.push(b);
+        }
+    }
+
+    fn name_push(&mut self, b: u8) {
+        if self.name_len < self.name.len() {
+            self.name[self.name_len] = b.to_ascii_lowercase();
+            self.name_len += 1;
+        } else {
+            self.name_long = true;
+        }
+    }
+
+    fn tag_name(&self) -> &[u8] {
+        if self.name_long {
+            b""
+        } else {
+            &self.name[..self.name_len]
+        }
+    }
+
+    /// One byte in the current state. Returns false when the byte must be reprocessed in the
+    /// new state (nothing was emitted for it).
+    fn step(&mut self, p: &RewriteParams<'_>, b: u8, out: &mut Vec<u8>) -> bool {
+        match self.state {
+            State::Data => {
+                // A `<` waits for the next byte: it may open a start tag (held back whole).
+                if b == b'<' {
+                    self.state = State::TagOpen;
+                } else {
+                    out.push(b);
+                }
+            }
+            State::Plaintext => out.push(b),
+            State::TagOpen => {
+                if b.is_ascii_alphabetic() {
+                    self.tag.clear();
+                    self.tag.push(b'<');
+                    self.oversized = false;
+                    self.attrs.clear();
+                    self.name_len = 0;
+                    self.name_long = false;
+                    self.state = State::Tag {
+                        st: TagSt::Name,
+                        end: false,
+                    };
+                    return false;
+                }
+                out.push(b'<');
+                match b {
+                    b'!' => {
+                        out.push(b);
+                        self.state = State::MarkupDecl(0);
+                    }
+                    b'/' => {
+                        out.push(b);
+                        self.state = State::EndTagOpen;
+                    }
+                    b'?' => {
+                        out.push(b);
+                        self.state = State::BogusComment;
+                    }
+                    _ => {
+                        self.state = State::Data;
+                        return false;
+                    }
+                }
+            }
+            State::EndTagOpen => {
+                if b.is_ascii_alphabetic() {
+                    self.name_len = 0;
+                    self.name_long = false;
+                    self.state = State::Tag {
+                        st: TagSt::Name,
+                        end: true,
+                    };
+                    return false;
+                }
+                if b == b'>' {
+                    out.push(b);
+                    self.state = State::Data;
+                } else {
+                    self.state = State::BogusComment;
+                    return false;
+                }
+            }
+            State::MarkupDecl(n) => {
+                if b == b'-' {
+                    out.push(b);
+                    self.state = if n == 0 {
+                        State::MarkupDecl(1)
+                    } else {
+                        State::CommentStart
+                    };
+                } else {
+                    self.state = State::BogusComment;
+                    return false;
+                }
+            }
+            State::CommentStart | State::CommentStartDash => {
+                out.push(b);
+                self.state = match (self.state, b) {
+                    (_, b'>') => State::Data,
+                    (State::CommentStart, b'-') => State::CommentStartDash,
+                    (_, b'-') => State::Comment {
+                        dashes: 2,
+                        bang: false,
+                    },
+                    _ => State::Comment {
+                        dashes: 0,
+                        bang: false,
+                    },
+                };
+            }
+            State::Comment { dashes, bang } => {
+                out.push(b);
+                self.state = match b {
+                    b'-' if bang => State::Comment {
+                        dashes: 1,
+                        bang: false,
+                    },
+                    b'-' => State::Comment {
+                        dashes: (dashes + 1).min(2),
+                        bang: false,
+                    },
+                    b'>' if dashes >= 2 || bang => State::Data,
+                    b'!' if dashes >= 2 && !bang => State::Comment { dashes, bang: true },
+                    _ => State::Comment {
+                        dashes: 0,
+                        bang: false,
+                    },
+                };
+            }
+            State::BogusComment => {
+                out.push(b);
+                if b == b'>' {
+                    self.state = State::Data;
+                }
+            }
+            State::Tag { st, end } => return self.tag_step(p, st, end, b, out),
+            State::RawText { name, matched } => {
+                out.push(b);
+                self.state =
+                    raw_end_step(name, matched, b, |m| State::RawText { name, matched: m })
+                        .unwrap_or_else(|| self.end_tag_after_name(b));
+            }
+            State::Script { st, k, ok } => return self.script_step(st, k, ok, b, out),
+        }
+        true
+    }
+
+    /// The state after `</name` plus the delimiter `b` (whitespace, `/` or `>`).
+    fn end_tag_after_name(&mut self, b: u8) -> State {
+        match b {
+            b'>' => State::Data,
+            b'/' => State::Tag {
+                st: TagSt::SelfClosing,
+                end: true,
+            },
+            _ => State::Tag {
+                st: TagSt::BeforeAttrName,
+                end: true,
+            },
+        }
+    }
+
+    fn tag_step(
+        &mut self,
+        p: &RewriteParams<'_>,
+        st: TagSt,
+        end: bool,
+        b: u8,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let set = |s: &mut Self, st: TagSt| s.state = State::Tag { st, end };
+        match st {
+            TagSt::Name => {
+                if is_ws(b) {
+                    set(self, TagSt::BeforeAttrName);
+                } else if b == b'/' {
+                    set(self, TagSt::SelfClosing);
+                } else if b == b'>' {
+                    self.emit(b, out);
+                    self.close_tag(p, end, out);
+                    return true;
+                } else {
+                    self.name_push(b);
+                }
+                self.emit(b, out);
+            }
+            TagSt::BeforeAttrName => {
+                if is_ws(b) {
+                    self.emit(b, out);
+                } else if b == b'/' || b == b'>' {
+                    set(self, TagSt::AfterAttrName);
+                    return false;
+                } else {
+                    self.start_attr();
+                    set(self, TagSt::AttrName);
+                    if b == b'=' {
+                        // `=` as the first character of a name is part of the name.
+                        self.emit(b, out);
+                        self.extend_name();
+                    } else {
+                        return false;
+                    }
+                }
+            }
+            TagSt::AttrName => {
+                if is_ws(b) || b == b'/' || b == b'>' {
+                    set(self, TagSt::AfterAttrName);
+                    return false;
+                }
+                self.emit(b, out);
+                if b == b'=' {
+                    set(self, TagSt::BeforeAttrValue);
+                } else {
+                    self.extend_name();
+                }
+            }
+            TagSt::AfterAttrName => match b {
+                _ if is_ws(b) => self.emit(b, out),
+                b'/' => {
+                    self.emit(b, out);
+                    set(self, TagSt::SelfClosing);
+                }
+                b'=' => {
+                    self.emit(b, out);
+                    set(self, TagSt::BeforeAttrValue);
+                }
+                b'>' => {
+                    self.emit(b, out);
+                    self.close_tag(p, end, out);
+                }
+                _ => {
+                    self.start_attr();
+                    set(self, TagSt::AttrName);
+                    return false;
+                }
+            },
+            TagSt::BeforeAttrValue => match b {
+                _ if is_ws(b) => self.emit(b, out),
+                b'"' | b'\'' => {
+                    self.emit(b, out);
+                    self.start_value();
+                    set(
+                        self,
+                        if b == b'"' {
+                            TagSt::ValueDq
+                        } else {
+                            TagSt::ValueSq
+                        },
+                    );
+                }
+                b'>' => {
+                    self.emit(b, out);
+                    self.close_tag(p, end, out);
+                }
+                _ => {
+                    self.start_value();
+                    set(self, TagSt::ValueUnq);
+                    return false;
+                }
+            },
+            TagSt::ValueDq | TagSt::ValueSq => {
+                let quote = if st == TagSt::ValueDq { b'"' } else { b'\'' };
+                if b == quote {
+                    set(self, TagSt::AfterValueQuoted);
+                }
+                self.emit(b, out);
+                if b != quote {
+                    self.extend_value();
+                }
+            }
+            TagSt::ValueUnq => {
+                if is_ws(b) {
+                    self.emit(b, out);
+                    set(self, TagSt::BeforeAttrName);
+                } else if b == b'>' {
+                    self.emit(b, out);
+                    self.close_tag(p, end, out);
+                } else {
+                    self.emit(b, out);
+                    self.extend_value();
+                }
+            }
+            TagSt::AfterValueQuoted => match b {
+                _ if is_ws(b) => {
+                    self.emit(b, out);
+                    set(self, TagSt::BeforeAttrName);
+                }
+                b'/' => {
+                    self.emit(b, out);
+                    set(self, TagSt::SelfClosing);
+                }
+                b'>' => {
+                    self.emit(b, out);
+                    self.close_tag(p, end, out);
+                }
+                _ => {
+                    set(self, TagSt::BeforeAttrName);
+                    return false;
+                }
+            },
+            TagSt::SelfClosing => {
+                if b == b'>' {
+                    self.emit(b, out);
+                    self.close_tag(p, end, out);
+                } else {
+                    set(self, TagSt::BeforeAttrName);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    // Attribute spans are offsets into `self.tag`; they are only kept while the tag is not
+    // oversized (an oversized tag is never rewritten).
+
+    fn pos(&self) -> usize {
+        self.tag.len()
+    }
+
+    fn start_attr(&mut self) {
+        if !self.oversized {
+            let at = self.pos();
+            self.attrs.push(Attr {
+                name: (at, at),
+                value: None,
+            });
+        }
+    }
+
+    fn extend_name(&mut self) {
+        if !self.oversized {
+            let at = self.pos();
+            if let Some(a) = self.attrs.last_mut() {
+                a.name.1 = at;
+            }
+        }
+    }
+
+    fn start_value(&mut self) {
+        if !self.oversized {
+            let at = self.pos();
+            if let Some(a) = self.attrs.last_mut() {
+                a.value = Some((at, at));
+            }
+        }
+    }
+
+    fn extend_value(&mut self) {
+        if !self.oversized {
+            let at = self.pos();
+            if let Some(Attr { value: Some(v), .. }) = self.attrs.last_mut() {
+                v.1 = at;
+            }
+        }
+    }
+
+    /// The tag's `>` was read: rewrite and emit a start tag, then enter the content state its
+    /// name calls for.
+    fn close_tag(&mut self, p: &RewriteParams<'_>, end: bool, out: &mut Vec<u8>) {
+        if end {
+            self.state = State::Data;
+            return;
+        }
+        if self.oversized {
+            self.oversized = false;
+        } else {
+            let tag = std::mem::take(&mut self.tag);
+            self.rewrite_tag(p, &tag, out);
+            self.tag = tag;
+            self.tag.clear();
+        }
+        let name: &[u8] = self.tag_name();
+        self.state = match content_of(name) {
+            Some(Raw::Script) => State::Script {
+                st: Script::Normal,
+                k: 0,
+                ok: false,
+            },
+            Some(Raw::Text(name)) => State::RawText { name, matched: 0 },
+            Some(Raw::Plain) => State::Plaintext,
+            None => State::Data,
+        };
+    }
+
+    fn rewrite_tag(&mut self, p: &RewriteParams<'_>, tag: &[u8], out: &mut Vec<u8>) {
+        let attr_name = |a: &Attr| &tag[a.name.0..a.name.1];
+        let attr_value = |a: &Attr| a.value.map(|(s, e)| &tag[s..e]);
+        let find = |name: &[u8]| {
+            self.attrs
+                .iter()
+                .find(|a| attr_name(a).eq_ignore_ascii_case(name))
+        };
+        // The nonce: the first `nonce` attribute, when it is exactly the placeholder and the tag
+        // is nonceable (CSP3 "is element nonceable": no attribute name or value containing
+        // `<script` or `<style`, no duplicate attributes, which is how injected markup steals a
+        // following tag's nonce).
+        let mut replace: Option<(usize, usize)> = None;
+        if !p.placeholder.is_empty() {
+            if let Some(a) = find(b"nonce") {
+                if attr_value(a) == Some(p.placeholder) && nonceable(tag, &self.attrs) {
+                    replace = a.value;
+                }
+            }
+        }
+        // SRI.
+        let mut insert: Option<String> = None;
+        if let Some(sri) = p.sri {
+            let name = self.tag_name();
+            let url_attr: Option<&[u8]> = if name == b"script" {
+                Some(b"src")
+            } else if name == b"link"
+                && find(b"rel").and_then(attr_value).is_some_and(|rel| {
+                    rel.split(|&c| is_ws(c))
+                        .any(|t| t.eq_ignore_ascii_case(b"stylesheet"))
+                })
+            {
+                Some(b"href")
+            } else {
+                None
+            };
+            if let Some(url) = url_attr.and_then(find).and_then(attr_value) {
+                if find(b"integrity").is_none() {
+                    let url = String::from_utf8_lossy(url);
+                    if let Some(hash) = sri.lookup(&url, p.page_path) {
+                        let mut s = format!(" integrity=\"{hash}\"");
+                        if find(b"crossorigin").is_none() {
+                            s.push_str(" crossorigin=\"anonymous\"");
+                        }
+                        insert = Some(s);
+                    }
+                }
+            }
+        }
+        if replace.is_none() && insert.is_none() {
+            out.extend_from_slice(tag);
+            return;
+        }
+        let name_end = 1 + tag[1..]
+            .iter()
+            .position(|&c| is_ws(c) || c == b'/' || c == b'>')
+            .unwrap_or(tag.len() - 1);
+        let mut last = 0;
+        if let Some(s) = &insert {
+            out.extend_from_slice(&tag[..name_end]);
+            out.extend_from_slice(s.as_bytes());
+            last = name_end;
+            self.stats.integrity += 1;
+        }
+        if let Some((s, e)) = replace {
+            out.extend_from_slice(&tag[last..s]);
+            if let Some(nonce) = p.nonce {
+                out.extend_from_slice(nonce.as_bytes());
+                self.stats.nonces += 1;
+            }
+            last = e;
+        }
+        out.extend_from_slice(&tag[last..]);
+    }
+
+    fn script_step(&mut self, st: Script, k: usize, ok: bool, b: u8, out: &mut Vec<u8>) -> bool {
+        use Script::*;
+        const NAME: &[u8] = b"script";
+        let delim = is_ws(b) || b == b'/' || b == b'>';
+        let go =
+            |s: &mut Self, st: Script, k: usize, ok: bool| s.state = State::Script { st, k, ok };
+        match st {
+            Normal => {
+                out.push(b);
+                if b == b'<' {
+                    go(self, LessThan, 0, false);
+                }
+            }
+            LessThan => match b {
+                b'/' => {
+                    out.push(b);
+                    go(self, EndTag, 0, false);
+                }
+                b'!' => {
+                    out.push(b);
+                    go(self, EscapeStart, 0, false);
+                }
+                _ => {
+                    go(self, Normal, 0, false);
+                    return false;
+                }
+            },
+            EndTag | EscapedEndTag => {
+                let back = if st == EndTag { Normal } else { Escaped };
+                if k < NAME.len() && b.to_ascii_lowercase() == NAME[k] {
+                    out.push(b);
+                    go(self, st, k + 1, false);
+                } else if k == NAME.len() && delim {
+                    out.push(b);
+                    self.state = self.end_tag_after_name(b);
+                } else {
+                    go(self, back, 0, false);
+                    return false;
+                }
+            }
+            EscapeStart | EscapeStartDash => {
+                if b == b'-' {
+                    out.push(b);
+                    let next = if st == EscapeStart {
+                        EscapeStartDash
+                    } else {
+                        EscapedDashDash
+                    };
+                    go(self, next, 0, false);
+                } else {
+                    go(self, Normal, 0, false);
+                    return false;
+                }
+            }
+            Escaped | EscapedDash | EscapedDashDash => {
+                out.push(b);
+                let next = match b {
+                    b'-' if st == Escaped => EscapedDash,
+                    b'-' => EscapedDashDash,
+                    b'<' => EscapedLessThan,
+                    b'>' if st == EscapedDashDash => Normal,
+                    _ => Escaped,
+                };
+                go(self, next, 0, false);
+            }
+            EscapedLessThan => {
+                if b == b'/' {
+                    out.push(b);
+                    go(self, EscapedEndTag, 0, false);
+                } else if b.is_ascii_alphabetic() {
+                    go(self, DoubleEscapeStart, 0, true);
+                    return false;
+                } else {
+                    go(self, Escaped, 0, false);
+                    return false;
+                }
+            }
+            DoubleEscapeStart | DoubleEscapeEnd => {
+                // Letters after `<` (start) or `</` (end) compared with "script"; a delimiter
+                // after exactly "script" switches between escaped and double-escaped.
+                let (hit, miss) = if st == DoubleEscapeStart {
+                    (DoubleEscaped, Escaped)
+                } else {
+                    (Escaped, DoubleEscaped)
+                };
+                if b.is_ascii_alphabetic() {
+                    out.push(b);
+                    let good = ok && k < NAME.len() && NAME[k] == b.to_ascii_lowercase();
+                    go(self, st, (k + 1).min(NAME.len() + 1), good);
+                } else if delim {
+                    out.push(b);
+                    let next = if ok && k == NAME.len() { hit } else { miss };
+                    go(self, next, 0, false);
+                } else {
+                    go(self, miss, 0, false);
+                    return false;
+                }
+            }
+            DoubleEscaped | DoubleEscapedDash | DoubleEscapedDashDash => {
+                out.push(b);
+                let next = match b {
+                    b'-' if st == DoubleEscaped => DoubleEscapedDash,
+                    b'-' => DoubleEscapedDashDash,
+                    b'<' => DoubleEscapedLessThan,
+                    b'>' if st == DoubleEscapedDashDash => Normal,
+                    _ => DoubleEscaped,
+                };
+                go(self, next, 0, false);
+            }
+            DoubleEscapedLessThan => {
+                if b == b'/' {
+                    out.push(b);
+                    go(self, DoubleEscapeEnd, 0, true);
+                } else {
+                    go(self, DoubleEscaped, 0, false);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// One byte of raw text looking for `</name` + delimiter: `Some(next)` to stay in raw text,
+/// `None` when the end tag's name is complete and `b` is its delimiter.
+fn raw_end_step(
+    name: &'static [u8],
+    matched: usize,
+    b: u8,
+    stay: impl Fn(usize) -> State,
+) -> Option<State> {
+    // matched: 0 nothing, 1 `<`, 2 `</`, 2+k: `</` + k letters.
+    let next = match matched {
+        0 => usize::from(b == b'<'),
+        1 if b == b'/' => 2,
+        m if m >= 2 && m - 2 < name.len() && b.to_ascii_lowercase() == name[m - 2] => m + 1,
+        m if m >= 2 && m - 2 == name.len() && (is_ws(b) || b == b'/' || b == b'>') => return None,
+        _ => usize::from(b == b'<'),
+    };
+    Some(stay(next))
+}
+
+fn content_of(name: &[u8]) -> Option<Raw> {
+    Some(match name {
+        b"script" => Raw::Script,
+        b"style" => Raw::Text(b"style"),
+        b"xmp" => Raw::Text(b"xmp"),
+        b"iframe" => Raw::Text(b"iframe"),
+        b"noembed" => Raw::Text(b"noembed"),
+        b"noframes" => Raw::Text(b"noframes"),
+        b"noscript" => Raw::Text(b"noscript"),
+        b"textarea" => Raw::Text(b"textarea"),
+        b"title" => Raw::Text(b"title"),
+        b"plaintext" => Raw::Plain,
+        _ => return None,
+    })
+}
+
+fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// CSP3 "is element nonceable?", on the tag as written.
+fn nonceable(tag: &[u8], attrs: &[Attr]) -> bool {
+    for (i, a) in attrs.iter().enumerate() {
+        let name = &tag[a.name.0..a.name.1];
+        if contains_ci(name, b"<script") || contains_ci(name, b"<style") {
+            return false;
+        }
+        if let Some((s, e)) = a.value {
+            let v = &tag[s..e];
+            if contains_ci(v, b"<script") || contains_ci(v, b"<style") {
+                return false;
+            }
+        }
+        if attrs[..i]
+            .iter()
+            .any(|o| tag[o.name.0..o.name.1].eq_ignore_ascii_case(name))
+        {
+            return false;
+        }
+    }
+    true
+}

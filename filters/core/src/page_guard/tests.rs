@@ -1,0 +1,841 @@
+use super::*;
+use serde_json::json;
+
+const P: &str = "GATEHOUSE_NONCE_0123456789";
+const NONCE: &str = "AAECAwQFBgcICQoLDA0ODw==";
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn compile(v: Value) -> Result<PageGuardConfig, ConfigError> {
+    PageGuardConfig::compile(v.to_string().as_bytes(), &no_env)
+}
+
+fn manifest() -> SriManifest {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "/phone.js".to_string(),
+        format!(
+            "sha384-{}",
+            base64::engine::general_purpose::STANDARD.encode([7u8; 48])
+        ),
+    );
+    m.insert(
+        "/phone.css".to_string(),
+        format!(
+            "sha384-{}",
+            base64::engine::general_purpose::STANDARD.encode([8u8; 48])
+        ),
+    );
+    m.insert(
+        "https://cdn.example/lib.js".to_string(),
+        format!(
+            "sha384-{}",
+            base64::engine::general_purpose::STANDARD.encode([9u8; 48])
+        ),
+    );
+    SriManifest::compile(m, "sri.manifest").unwrap()
+}
+
+fn params<'a>(m: Option<&'a SriManifest>) -> RewriteParams<'a> {
+    RewriteParams {
+        placeholder: P.as_bytes(),
+        nonce: Some(NONCE),
+        sri: m,
+        page_path: "/app/index.html",
+    }
+}
+
+fn rw(html: &str) -> String {
+    let m = manifest();
+    let (out, _) = Rewriter::rewrite_all(&params(Some(&m)), html.as_bytes());
+    String::from_utf8(out).unwrap()
+}
+
+/// The same input fed in two chunks split at every byte boundary, and byte by byte, gives the
+/// same output as in one piece.
+fn assert_split_invariant(html: &str) -> String {
+    let m = manifest();
+    let p = params(Some(&m));
+    let whole = Rewriter::rewrite_all(&p, html.as_bytes());
+    let bytes = html.as_bytes();
+    for cut in 0..=bytes.len() {
+        let mut r = Rewriter::new();
+        let mut out = Vec::new();
+        r.feed(&p, &bytes[..cut], &mut out);
+        r.feed(&p, &bytes[cut..], &mut out);
+        r.finish(&p, &mut out);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&whole.0),
+            "split at {cut}"
+        );
+        assert_eq!(r.stats(), whole.1, "stats, split at {cut}");
+    }
+    let mut r = Rewriter::new();
+    let mut out = Vec::new();
+    for b in bytes {
+        r.feed(&p, std::slice::from_ref(b), &mut out);
+    }
+    r.finish(&p, &mut out);
+    assert_eq!(out, whole.0, "byte by byte");
+    String::from_utf8(whole.0).unwrap()
+}
+
+// ------------------------------------------------------------------------------- tokenizer
+
+#[test]
+fn marked_tags_get_the_nonce_unmarked_ones_do_not() {
+    let out = rw(&format!(
+        "<script nonce=\"{P}\">a()</script><script>evil()</script><style nonce='{P}'>p{{}}</style>"
+    ));
+    assert_eq!(
+        out,
+        format!("<script nonce=\"{NONCE}\">a()</script><script>evil()</script><style nonce='{NONCE}'>p{{}}</style>")
+    );
+}
+
+#[test]
+fn uppercase_and_unquoted() {
+    let out = rw(&format!(
+        "<SCRIPT NONCE={P}>x</SCRIPT><Script Nonce = \"{P}\" >y</sCrIpT >"
+    ));
+    assert_eq!(
+        out,
+        format!("<SCRIPT NONCE={NONCE}>x</SCRIPT><Script Nonce = \"{NONCE}\" >y</sCrIpT >")
+    );
+}
+
+#[test]
+fn quotes_and_gt_inside_attributes() {
+    let html = format!("<script data-x=\"a>b\" data-y='<c>' nonce=\"{P}\">go()</script>");
+    assert_eq!(rw(&html), html.replace(P, NONCE));
+    // A `>` in a quoted value of a plain tag does not end it: the marker after it is a tag's.
+    let html = format!("<div title=\"x>y\"><script nonce={P}>1</script></div>");
+    assert_eq!(rw(&html), html.replace(P, NONCE));
+}
+
+#[test]
+fn comments_are_not_rewritten_and_lose_the_placeholder() {
+    let html = format!("<!-- <script nonce=\"{P}\">x</script> --><script nonce=\"{P}\">y</script>");
+    assert_eq!(
+        rw(&html),
+        format!("<!-- <script nonce=\"\">x</script> --><script nonce=\"{NONCE}\">y</script>")
+    );
+    // Abruptly closed comments end where a browser ends them.
+    for c in ["<!-->", "<!--->", "<!-- a --!>", "<!---->"] {
+        let html = format!("{c}<script nonce={P}>z</script>");
+        assert_eq!(rw(&html), html.replace(P, NONCE), "{c}");
+    }
+    // `<!--!>` does not close a comment.
+    let html = format!("<!--!><script nonce={P}>z</script>-->");
+    assert_eq!(rw(&html), html.replace(P, ""));
+    // Bogus comments and doctypes end at the first `>`.
+    let html = format!("<!DOCTYPE html><?xml x?><![CDATA[x]]><script nonce={P}></script>");
+    assert_eq!(rw(&html), html.replace(P, NONCE));
+}
+
+#[test]
+fn a_script_body_is_never_rewritten() {
+    // `<script` inside a script body is text, even with the marker.
+    let html = format!(
+        "<script nonce=\"{P}\">document.write('<script nonce=\"{P}\" src=\"/phone.js\"><\\/script>'); if (a<b) x();</script><p>"
+    );
+    let out = rw(&html);
+    assert_eq!(
+        out,
+        format!(
+            "<script nonce=\"{NONCE}\">document.write('<script nonce=\"\" src=\"/phone.js\"><\\/script>'); if (a<b) x();</script><p>"
+        )
+    );
+}
+
+#[test]
+fn script_escaped_and_double_escaped_states() {
+    // `<!--` then `<script>` inside a script: the first `</script>` does not end it (it leaves
+    // the double escape), the second does.
+    let html = format!(
+        "<script nonce={P}><!-- <script> <b nonce={P}> </script> y</script>\
+         <script nonce={P}>real</script>"
+    );
+    assert_eq!(
+        rw(&html),
+        format!(
+            "<script nonce={NONCE}><!-- <script> <b nonce=> </script> y</script>\
+             <script nonce={NONCE}>real</script>"
+        )
+    );
+    // Each `<script` inside the escape enters the double escape again.
+    let html =
+        format!("<script><!-- <script></script> <script nonce={P}></script><script nonce={P}>");
+    assert_eq!(rw(&html), html.replace(P, ""));
+    // Escaped but not double-escaped: `</script>` ends it.
+    let html = format!("<script><!-- x </script><script nonce={P}>y</script>");
+    assert_eq!(rw(&html), html.replace(P, NONCE));
+    // `-->` leaves the escape.
+    let html = format!("<script><!-- <script> --> </script><script nonce={P}>y</script>");
+    assert_eq!(rw(&html), html.replace(P, NONCE));
+    // `</scripts>` does not end a script.
+    let html = format!("<script></scripts><script nonce={P}></script>x</script>");
+    assert_eq!(
+        rw(&html),
+        "<script></scripts><script nonce=></script>x</script>"
+    );
+}
+
+#[test]
+fn raw_text_elements() {
+    for el in [
+        "style", "textarea", "title", "noscript", "xmp", "iframe", "noembed", "noframes",
+    ] {
+        let html = format!("<{el}><script nonce={P}>x</script></{el}><script nonce={P}>y</script>");
+        assert_eq!(
+            rw(&html),
+            format!("<{el}><script nonce=>x</script></{el}><script nonce={NONCE}>y</script>"),
+            "{el}"
+        );
+    }
+    let html = format!("<plaintext><script nonce={P}></script>");
+    assert_eq!(rw(&html), "<plaintext><script nonce=></script>");
+}
+
+#[test]
+fn nonce_hijacking_is_not_rewarded() {
+    // Injected markup that swallows the next tag into an attribute: not nonceable.
+    let html = format!("<script src=//evil.example a=<script nonce=\"{P}\">x()</script>");
+    assert!(!rw(&html).contains(NONCE));
+    let html = format!("<script nonce=\"{P}\" nonce=\"other\">x</script>");
+    assert!(!rw(&html).contains(NONCE), "duplicate attributes");
+    // Only the first `nonce` attribute counts, as in a browser.
+    let html = format!("<script nonce=\"other\" data-n=\"{P}\">x</script>");
+    assert_eq!(rw(&html), "<script nonce=\"other\" data-n=\"\">x</script>");
+}
+
+#[test]
+fn the_placeholder_never_survives() {
+    let html = format!(
+        "<p>{P}</p><script>var n = '{P}';</script><div nonce=\"{P}x\" class={P}></div>{P}{P}"
+    );
+    let (out, stats) = Rewriter::rewrite_all(&params(None), html.as_bytes());
+    let out = String::from_utf8(out).unwrap();
+    assert!(!out.contains(P), "{out}");
+    assert_eq!(stats.scrubbed, 6);
+    // No nonce (no randomness): a marked tag loses the marker too.
+    let p = RewriteParams {
+        nonce: None,
+        ..params(None)
+    };
+    let (out, stats) =
+        Rewriter::rewrite_all(&p, format!("<script nonce={P}>x</script>").as_bytes());
+    assert_eq!(String::from_utf8(out).unwrap(), "<script nonce=>x</script>");
+    assert_eq!(stats.nonces, 0);
+}
+
+#[test]
+fn sri_integrity_for_manifest_urls() {
+    let m = manifest();
+    let js = m.lookup("/phone.js", "/").unwrap().to_string();
+    let css = m.lookup("/phone.css", "/").unwrap().to_string();
+    let cdn = m
+        .lookup("https://cdn.example/lib.js", "/")
+        .unwrap()
+        .to_string();
+    let out = rw(&format!(
+        "<link rel=\"stylesheet\" href=\"/phone.css\"><script src=\"/phone.js\" nonce=\"{P}\"></script>\
+         <script src=//cdn.example/lib.js></script><script src=\"/other.js\"></script>\
+         <link rel=icon href=/phone.css><script src=/phone.js integrity=\"sha384-x\"></script>"
+    ));
+    assert_eq!(
+        out,
+        format!(
+            "<link integrity=\"{css}\" crossorigin=\"anonymous\" rel=\"stylesheet\" href=\"/phone.css\">\
+             <script integrity=\"{js}\" crossorigin=\"anonymous\" src=\"/phone.js\" nonce=\"{NONCE}\"></script>\
+             <script integrity=\"{cdn}\" crossorigin=\"anonymous\" src=//cdn.example/lib.js></script>\
+             <script src=\"/other.js\"></script><link rel=icon href=/phone.css>\
+             <script src=/phone.js integrity=\"sha384-x\"></script>"
+        )
+    );
+    // An existing crossorigin stays; relative and query URLs resolve against the page.
+    let out = rw("<script crossorigin=use-credentials src=\"../phone.js?v=3\"></script>");
+    assert_eq!(
+        out,
+        format!("<script integrity=\"{js}\" crossorigin=use-credentials src=\"../phone.js?v=3\"></script>")
+    );
+    assert_eq!(m.lookup("phone.js", "/index.html"), Some(js.as_str()));
+    assert_eq!(m.lookup("./phone.js", "/"), Some(js.as_str()));
+    assert_eq!(m.lookup("phone.js", "/app/x"), None);
+    assert_eq!(m.lookup("data:text/javascript,1", "/"), None);
+}
+
+#[test]
+fn tags_split_at_every_byte_boundary() {
+    let html = format!(
+        "<!doctype html><HTML><head><link rel=stylesheet href=/phone.css><style nonce=\"{P}\">a>b{{}}</style>\
+         <!-- c <script nonce={P}> --></head><body data-q='x>\"y'>\
+         <SCRIPT SRC=\"/phone.js\" NONCE=\"{P}\"></SCRIPT>\
+         <script nonce='{P}'>if (a < b && c > d) document.write(\"<script>{P}<\\/script>\");</script>\
+         <script><!-- <script> </script> --></script>\
+         <textarea><script nonce={P}></textarea><p>{P}</p></body></html>"
+    );
+    let out = assert_split_invariant(&html);
+    assert!(!out.contains(P));
+    assert_eq!(out.matches(NONCE).count(), 3, "{out}");
+    assert_eq!(out.matches("integrity=").count(), 2, "{out}");
+}
+
+#[test]
+fn odd_inputs_split_everywhere() {
+    for html in [
+        "<",
+        "a<",
+        "<<script nonce=X>",
+        "</",
+        "</>",
+        "<!",
+        "<!-",
+        "<!--",
+        "<!-->",
+        "<a b='",
+        "<a b=\"",
+        "<script",
+        "<script>",
+        "<script><!--",
+        "<script><!--<script>",
+        "<script></script",
+        "<style></style",
+        "<a/b/c d=e/>",
+        "<a =x>",
+        "<a x==y>",
+        "<a\u{0}b>",
+        "\u{feff}<p>é</p>",
+        "<script nonce=GATEHOUSE_NONCE_0123456789",
+        "GATEHOUSE_NONCE_01234",
+    ] {
+        assert_split_invariant(html);
+    }
+}
+
+#[test]
+fn an_unfinished_tag_at_the_end_passes_without_the_placeholder() {
+    let out = rw(&format!("<p>x</p><script nonce=\"{P}\""));
+    assert_eq!(out, "<p>x</p><script nonce=\"\"");
+}
+
+#[test]
+fn oversized_tags_pass_unchanged() {
+    let big = "x".repeat(html::MAX_TAG_BYTES + 10);
+    let html = format!("<script data-big=\"{big}\" nonce=\"{P}\"></script><script nonce={P}>");
+    let m = manifest();
+    let (out, stats) = Rewriter::rewrite_all(&params(Some(&m)), html.as_bytes());
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(stats.oversized_tags, 1);
+    assert_eq!(stats.nonces, 1);
+    assert!(!out.contains(P));
+    assert!(out.ends_with(&format!("<script nonce={NONCE}>")));
+}
+
+/// Pseudo-random HTML-ish bytes, fed in random chunks: never a panic, the same output as in one
+/// piece, and never the placeholder.
+#[test]
+fn random_markup_never_panics_and_never_leaks() {
+    let alphabet: Vec<&[u8]> = vec![
+        b"<",
+        b">",
+        b"/",
+        b"!",
+        b"-",
+        b"=",
+        b"\"",
+        b"'",
+        b" ",
+        b"\n",
+        b"script",
+        b"SCRIPT",
+        b"style",
+        b"nonce",
+        b"src",
+        b"/phone.js",
+        b"<!--",
+        b"-->",
+        b"</script>",
+        b"<script",
+        b"a",
+        b"x",
+        b"textarea",
+        b"\xff",
+        b"rel=stylesheet",
+        b"link",
+        b"href=",
+        P.as_bytes(),
+        &P.as_bytes()[..5],
+    ];
+    let m = manifest();
+    let p = params(Some(&m));
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..2000 {
+        let n = (next() % 60) as usize;
+        let mut input = Vec::new();
+        for _ in 0..n {
+            input.extend_from_slice(alphabet[(next() % alphabet.len() as u64) as usize]);
+        }
+        let (whole, _) = Rewriter::rewrite_all(&p, &input);
+        let mut r = Rewriter::new();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < input.len() {
+            let k = 1 + (next() % 9) as usize;
+            let end = (i + k).min(input.len());
+            r.feed(&p, &input[i..end], &mut out);
+            i = end;
+        }
+        r.finish(&p, &mut out);
+        assert_eq!(out, whole);
+        assert!(
+            !out.windows(P.len()).any(|w| w == P.as_bytes()),
+            "{}",
+            String::from_utf8_lossy(&input)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------- config
+
+fn full() -> Value {
+    json!({
+        "csp": {
+            "default-src": ["'self'"],
+            "script-src": ["'self'"],
+            "connect-src": ["'self'", "wss://signal.example"],
+            "frame-ancestors": ["'none'"],
+            "base-uri": ["'none'"],
+            "object-src": ["'none'"]
+        },
+        "nonce": {"placeholder": P},
+        "sri": {"manifest": {"/phone.js": format!("sha384-{}", base64::engine::general_purpose::STANDARD.encode([7u8; 48]))}},
+        "permissions_policy": {"microphone": ["self"], "camera": ["self"], "geolocation": []},
+        "reports": {"path": "/_gatehouse/csp"},
+        "remove_headers": ["Server", "x-powered-by"],
+        "rules": [
+            {"match": {"prefix": "/api/"}, "disabled": true},
+            {"match": {"route": "embed"}, "csp": {"default-src": ["'self'"], "frame-ancestors": ["https://crm.example"]}}
+        ]
+    })
+}
+
+fn has(names: &'static [&'static str]) -> impl Fn(&str) -> bool {
+    move |n| names.contains(&n)
+}
+
+fn html_response<'a>(has_header: &'a dyn Fn(&str) -> bool) -> PageResponse<'a> {
+    PageResponse {
+        status: 200,
+        content_type: Some("text/html; charset=utf-8"),
+        content_encoding: None,
+        content_length: Some(1000),
+        head: false,
+        tls: false,
+        forwarded_proto: None,
+        has_header,
+    }
+}
+
+fn header<'a>(plan: &'a ResponsePlan, name: &str) -> Option<&'a str> {
+    plan.edits.iter().find_map(|e| match e {
+        HeaderEdit::Set(n, v) | HeaderEdit::Add(n, v) if n == name => Some(v.as_str()),
+        _ => None,
+    })
+}
+
+#[test]
+fn headers_of_an_html_page() {
+    let c = compile(full()).unwrap();
+    let none = has(&[]);
+    let plan = c.on_response(&c.policy, &html_response(&none), Some([0u8; 16]));
+    assert_eq!(plan.body, BodyPlan::Buffer);
+    assert_eq!(plan.outcome, Outcome::Rewritten);
+    let nonce = plan.nonce.clone().unwrap();
+    assert_eq!(nonce, "AAAAAAAAAAAAAAAAAAAAAA==");
+    assert_eq!(
+        header(&plan, "content-security-policy").unwrap(),
+        format!(
+            "base-uri 'none'; connect-src 'self' wss://signal.example; default-src 'self'; \
+             frame-ancestors 'none'; object-src 'none'; script-src 'self' 'nonce-{nonce}'; \
+             style-src 'self' 'nonce-{nonce}'; report-to gatehouse-csp; report-uri /_gatehouse/csp"
+        )
+    );
+    assert_eq!(
+        header(&plan, "permissions-policy"),
+        Some("camera=(self), geolocation=(), microphone=(self)")
+    );
+    assert_eq!(
+        header(&plan, "referrer-policy"),
+        Some("strict-origin-when-cross-origin")
+    );
+    assert_eq!(header(&plan, "x-content-type-options"), Some("nosniff"));
+    assert_eq!(
+        header(&plan, "cross-origin-opener-policy"),
+        Some("same-origin")
+    );
+    assert_eq!(
+        header(&plan, "integrity-policy"),
+        Some("blocked-destinations=(script), endpoints=(gatehouse-csp)")
+    );
+    assert_eq!(
+        header(&plan, "reporting-endpoints"),
+        Some("gatehouse-csp=\"/_gatehouse/csp\"")
+    );
+    assert_eq!(
+        header(&plan, "strict-transport-security"),
+        None,
+        "http only"
+    );
+    assert!(plan.edits.contains(&HeaderEdit::Remove("server".into())));
+    assert!(plan
+        .edits
+        .contains(&HeaderEdit::Remove("x-powered-by".into())));
+
+    // Two responses, two nonces.
+    let other = c.on_response(&c.policy, &html_response(&none), Some([1u8; 16]));
+    assert_ne!(other.nonce, plan.nonce);
+
+    // https: HSTS.
+    let tls = PageResponse {
+        tls: true,
+        ..html_response(&none)
+    };
+    let plan = c.on_response(&c.policy, &tls, Some([0u8; 16]));
+    assert_eq!(
+        header(&plan, "strict-transport-security"),
+        Some("max-age=31536000")
+    );
+    let fwd = PageResponse {
+        forwarded_proto: Some("https"),
+        ..html_response(&none)
+    };
+    let plan = c.on_response(&c.policy, &fwd, Some([0u8; 16]));
+    assert_eq!(
+        header(&plan, "strict-transport-security"),
+        None,
+        "not trusted"
+    );
+}
+
+#[test]
+fn body_plans() {
+    let c = compile(full()).unwrap();
+    let none = has(&[]);
+    let js = PageResponse {
+        content_type: Some("text/javascript"),
+        ..html_response(&none)
+    };
+    let plan = c.on_response(&c.policy, &js, Some([0u8; 16]));
+    assert_eq!(
+        (plan.body, plan.outcome),
+        (BodyPlan::Untouched, Outcome::NotHtml)
+    );
+    assert!(!header(&plan, "content-security-policy")
+        .unwrap()
+        .contains("nonce"));
+    let gz = PageResponse {
+        content_encoding: Some("gzip"),
+        ..html_response(&none)
+    };
+    let plan = c.on_response(&c.policy, &gz, Some([0u8; 16]));
+    assert_eq!(
+        (plan.body, plan.outcome),
+        (BodyPlan::Untouched, Outcome::SkippedCompressed)
+    );
+    assert!(plan.nonce.is_none());
+    let big = PageResponse {
+        content_length: Some(2 * 1024 * 1024),
+        ..html_response(&none)
+    };
+    let plan = c.on_response(&c.policy, &big, Some([0u8; 16]));
+    assert_eq!(
+        (plan.body, plan.outcome),
+        (BodyPlan::Stream, Outcome::OverCap)
+    );
+    assert!(plan
+        .edits
+        .contains(&HeaderEdit::Remove("content-length".into())));
+    let head = PageResponse {
+        head: true,
+        ..html_response(&none)
+    };
+    assert_eq!(
+        c.on_response(&c.policy, &head, None).body,
+        BodyPlan::Untouched
+    );
+    let plan = c.on_response(&c.policy, &html_response(&none), None);
+    assert_eq!(
+        (plan.body, plan.outcome),
+        (BodyPlan::Buffer, Outcome::NoRandomness)
+    );
+    assert!(!header(&plan, "content-security-policy")
+        .unwrap()
+        .contains("nonce"));
+}
+
+#[test]
+fn upstream_headers_replace_keep_merge() {
+    let up = has(&[
+        "content-security-policy",
+        "referrer-policy",
+        "permissions-policy",
+    ]);
+    let c = compile(full()).unwrap();
+    let plan = c.on_response(&c.policy, &html_response(&up), Some([0u8; 16]));
+    assert!(plan
+        .edits
+        .iter()
+        .any(|e| matches!(e, HeaderEdit::Set(n, _) if n == "content-security-policy")));
+    let mut keep = full();
+    keep["upstream_headers"] = json!("keep");
+    let c = compile(keep).unwrap();
+    let plan = c.on_response(&c.policy, &html_response(&up), Some([0u8; 16]));
+    assert_eq!(header(&plan, "content-security-policy"), None);
+    assert_eq!(header(&plan, "referrer-policy"), None);
+    assert!(header(&plan, "x-content-type-options").is_some());
+    let mut merge = full();
+    merge["upstream_headers"] = json!("merge");
+    let c = compile(merge).unwrap();
+    let plan = c.on_response(&c.policy, &html_response(&up), Some([0u8; 16]));
+    assert!(plan
+        .edits
+        .iter()
+        .any(|e| matches!(e, HeaderEdit::Add(n, _) if n == "content-security-policy")));
+    assert!(plan
+        .edits
+        .iter()
+        .any(|e| matches!(e, HeaderEdit::Add(n, _) if n == "permissions-policy")));
+    assert_eq!(header(&plan, "referrer-policy"), None);
+}
+
+#[test]
+fn rules_and_the_report_endpoint() {
+    let c = compile(full()).unwrap();
+    let req = |method, path, route| PageRequest {
+        method,
+        path,
+        host: "a",
+        route_name: route,
+    };
+    assert_eq!(
+        c.on_request(&req("GET", "/api/x", None)),
+        RequestDecision::Off
+    );
+    assert_eq!(
+        c.on_request(&req("GET", "/", None)),
+        RequestDecision::Guard {
+            policy: c.select(None, "/", "a").unwrap(),
+            identity: true
+        }
+    );
+    assert_eq!(
+        c.on_request(&req("POST", "/_gatehouse/csp?x", None)),
+        RequestDecision::Report
+    );
+    match c.on_request(&req("GET", "/_gatehouse/csp", None)) {
+        RequestDecision::Reply(r) => assert_eq!(r.status, 405),
+        other => panic!("{other:?}"),
+    }
+    let embed = c.policy_for(Some("embed"), "/", "a").unwrap();
+    let csp = embed.csp.as_ref().unwrap().value(Some("N"));
+    assert!(csp.contains("frame-ancestors https://crm.example"), "{csp}");
+    assert!(
+        csp.contains("script-src 'self' 'nonce-N'"),
+        "derived from default-src: {csp}"
+    );
+}
+
+#[test]
+fn sri_hashes_can_feed_script_src_and_report_only_modes() {
+    let mut v = full();
+    v["sri"]["hashes_in_script_src"] = json!(true);
+    v["sri"]["integrity_policy"] = json!("report_only");
+    v["csp_report_only"] = json!(true);
+    let c = compile(v).unwrap();
+    let none = has(&[]);
+    let plan = c.on_response(&c.policy, &html_response(&none), None);
+    let csp = header(&plan, "content-security-policy-report-only").unwrap();
+    assert!(csp.contains("script-src 'self' 'sha384-BwcH"), "{csp}");
+    assert!(header(&plan, "integrity-policy-report-only").is_some());
+    assert!(header(&plan, "integrity-policy").is_none());
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"csp": {"script-source": ["'self'"]}}),
+            "csp.script-source",
+        ),
+        (
+            json!({"csp": {"script-src": ["self"]}}),
+            "csp.script-src[0]",
+        ),
+        (
+            json!({"csp": {"script-src": ["'self'; object-src *"]}}),
+            "csp.script-src[0]",
+        ),
+        (
+            json!({"csp": {"script-src": ["'nonce-abc'"]}}),
+            "csp.script-src[0]",
+        ),
+        (
+            json!({"csp": {"img-src": ["*"]}, "nonce": {"placeholder": P}}),
+            "csp.script-src",
+        ),
+        (
+            json!({"csp": {"default-src": ["'self'"]}, "nonce": {"placeholder": "short"}}),
+            "nonce.placeholder",
+        ),
+        (
+            json!({"csp": {"default-src": ["'self'"]}, "nonce": {}}),
+            "nonce",
+        ),
+        (json!({"nonce": {"placeholder": P}}), "csp"),
+        (
+            json!({"sri": {"manifest": {"/a.js": "md5-xyz"}}}),
+            "sri.manifest./a.js",
+        ),
+        (
+            json!({"sri": {"manifest": {"a.js": format!("sha384-{}", base64::engine::general_purpose::STANDARD.encode([7u8; 48]))}}}),
+            "sri.manifest.a.js",
+        ),
+        (
+            json!({"permissions_policy": {"microphone": ["everyone"]}}),
+            "permissions_policy.microphone[0]",
+        ),
+        (
+            json!({"permissions_policy": {"Microphone": []}}),
+            "permissions_policy.Microphone",
+        ),
+        (json!({"referrer_policy": "never"}), "referrer_policy"),
+        (
+            json!({"cross_origin_opener_policy": "x"}),
+            "cross_origin_opener_policy",
+        ),
+        (json!({"reports": {"path": "csp"}}), "reports.path"),
+        (
+            json!({"reporting_endpoints": {"Bad": "/x"}}),
+            "reporting_endpoints.Bad",
+        ),
+        (
+            json!({"rules": [{"match": {"prefix": "x"}}]}),
+            "rules[0].match.prefix",
+        ),
+        (
+            json!({"rules": [{"match": {"prefix": "/x"}, "disabled": true, "csp": {}}]}),
+            "rules[0]",
+        ),
+        (
+            json!({"rules": [{"match": {"prefix": "/x"}, "csp": {"default-src": ["none"]}}]}),
+            "rules[0].csp.default-src[0]",
+        ),
+        (json!({"unknown": 1}), "unknown"),
+        (json!({"max_body_bytes": 0}), "max_body_bytes"),
+        (json!({"hsts": {"max_age": 1}}), "hsts.max_age"),
+    ];
+    for (v, path) in cases {
+        let e = compile(v.clone())
+            .err()
+            .unwrap_or_else(|| panic!("{v} compiled"));
+        assert_eq!(e.path, path, "{v}: {e}");
+    }
+}
+
+#[test]
+fn placeholder_from_the_environment() {
+    let env = |k: &str| (k == "PG").then(|| P.to_string());
+    let v = json!({"csp": {"default-src": ["'self'"]}, "nonce": {"placeholder_env": "PG"}});
+    let c = PageGuardConfig::compile(v.to_string().as_bytes(), &env).unwrap();
+    assert_eq!(c.placeholder, P.as_bytes());
+    let v = json!({"csp": {"default-src": ["'self'"]}, "nonce": {"placeholder_env": "NOPE"}});
+    let e = PageGuardConfig::compile(v.to_string().as_bytes(), &env).unwrap_err();
+    assert_eq!(e.path, "nonce.placeholder_env");
+    assert!(e.message.contains("NOPE"));
+}
+
+#[test]
+fn defaults_and_nulls() {
+    let c = compile(json!({"hsts": null, "referrer_policy": null})).unwrap();
+    assert!(c.hsts.is_none());
+    assert!(c.policy.csp.is_none());
+    assert_eq!(
+        c.policy.headers,
+        vec![
+            ("x-content-type-options".to_string(), "nosniff".to_string()),
+            (
+                "cross-origin-opener-policy".to_string(),
+                "same-origin".to_string()
+            ),
+        ]
+    );
+    let c = compile(json!({"hsts": {"include_subdomains": true, "preload": true}})).unwrap();
+    assert_eq!(
+        c.hsts.as_deref(),
+        Some("max-age=31536000; includeSubDomains; preload")
+    );
+}
+
+// --------------------------------------------------------------------------------- reports
+
+#[test]
+fn reports_in_both_formats() {
+    let csp2 = json!({"csp-report": {"document-uri": "http://127.0.0.1/", "violated-directive": "script-src-elem", "effective-directive": "script-src-elem", "blocked-uri": "inline", "disposition": "enforce"}});
+    let v = parse_reports(
+        Some("application/csp-report"),
+        csp2.to_string().as_bytes(),
+        65536,
+    )
+    .unwrap();
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].directive, "script-src-elem");
+    assert_eq!(v[0].blocked, "inline");
+    let api = json!([
+        {"type": "csp-violation", "age": 1, "url": "http://x/", "body": {"effectiveDirective": "script-src-elem", "blockedURL": "inline", "documentURL": "http://x/", "disposition": "enforce"}},
+        {"type": "integrity-violation", "body": {"blockedURL": "http://x/a.js", "documentURL": "http://x/"}},
+        {"type": "csp-violation", "body": {"effectiveDirective": "made-up; x"}}
+    ]);
+    let v = parse_reports(
+        Some("application/reports+json"),
+        api.to_string().as_bytes(),
+        65536,
+    )
+    .unwrap();
+    assert_eq!(
+        v.iter().map(|x| x.directive).collect::<Vec<_>>(),
+        vec!["script-src-elem", "integrity", "other"]
+    );
+    assert_eq!(
+        parse_reports(Some("text/plain"), b"{}", 100),
+        Err(ReportError::ContentType)
+    );
+    assert_eq!(
+        parse_reports(Some("application/csp-report"), b"{nope", 100),
+        Err(ReportError::Malformed)
+    );
+    assert_eq!(
+        parse_reports(Some("application/csp-report"), &[b' '; 101], 100),
+        Err(ReportError::TooLarge)
+    );
+    assert_eq!(report_reply().status, 204);
+}
+
+#[test]
+fn log_limiter() {
+    let mut l = LogLimiter::default();
+    assert_eq!(l.allow(60, 2), Some(0));
+    assert_eq!(l.allow(61, 2), Some(0));
+    assert_eq!(l.allow(62, 2), None);
+    assert_eq!(l.allow(63, 2), None);
+    assert_eq!(l.allow(120, 2), Some(2));
+}

@@ -1,0 +1,327 @@
+//! page-guard: the proxy-wasm shell over `gatehouse_core::page_guard`. See docs/page-guard.md.
+
+use gatehouse_core::page_guard::{
+    parse_reports, report_reply, BodyPlan, HeaderEdit, LogLimiter, PageGuardConfig, PageRequest,
+    PageResponse, PolicyId, RequestDecision, Rewriter,
+};
+use gatehouse_host::{self as host, Body, Counters};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+const NAME: &str = "gatehouse.page_guard";
+
+proxy_wasm::main! {{
+    host::install_panic_hook(NAME);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { shared: None }) });
+}}
+
+struct Shared {
+    config: PageGuardConfig,
+    counters: Counters,
+    report_log: RefCell<LogLimiter>,
+}
+
+impl Shared {
+    fn count(&self, what: &str) {
+        self.counters.inc(&format!("{NAME}.{what}"));
+    }
+}
+
+struct Root {
+    shared: Option<Rc<Shared>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        // `nonce.placeholder_env` reads the VM's environment (WASI `environ_get`, filled from
+        // `vm_config.environment_variables`).
+        let env = |name: &str| host::env_var(name);
+        match PageGuardConfig::compile(&host::plugin_config(), &env) {
+            Ok(config) => {
+                host::log(
+                    LogLevel::Info,
+                    NAME,
+                    &format!(
+                        "configured: csp {}, nonce {}, sri manifest {} entries, {} rule(s), body cap {} bytes",
+                        if config.policy.csp.is_some() { "on" } else { "off" },
+                        match (&config.placeholder_env, config.placeholder.is_empty()) {
+                            (_, true) => "off".to_string(),
+                            (Some(var), false) => format!("placeholder from {var}"),
+                            (None, false) => "placeholder inline".to_string(),
+                        },
+                        config.sri.as_ref().map_or(0, |s| s.len()),
+                        config.rules.len(),
+                        config.max_body_bytes,
+                    ),
+                );
+                self.shared = Some(Rc::new(Shared {
+                    config,
+                    counters: Counters::default(),
+                    report_log: RefCell::new(LogLimiter::default()),
+                }));
+                true
+            }
+            Err(e) => {
+                host::log(LogLevel::Critical, NAME, &e.to_string());
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            shared: self.shared.clone()?,
+            mode: Mode::Off,
+            path: String::new(),
+            head: false,
+            forwarded_proto: None,
+            body: BodyPlan::Untouched,
+            nonce: None,
+            rewriter: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+enum Mode {
+    Off,
+    Report,
+    Guard(PolicyId),
+}
+
+struct Stream {
+    shared: Rc<Shared>,
+    mode: Mode,
+    path: String,
+    head: bool,
+    forwarded_proto: Option<String>,
+    body: BodyPlan,
+    nonce: Option<String>,
+    rewriter: Option<Rewriter>,
+}
+
+impl Context for Stream {}
+
+impl Stream {
+    fn answer_report(&self, body: &[u8]) {
+        let s = &self.shared;
+        let Some(reports) = &s.config.reports else {
+            return;
+        };
+        let content_type = host::request_header("content-type");
+        match parse_reports(content_type.as_deref(), body, reports.max_body_bytes) {
+            Ok(violations) => {
+                let now = host::now_secs();
+                for v in &violations {
+                    s.count(&format!("report.{}", v.directive));
+                    let allowed = s.report_log.borrow_mut().allow(now, reports.log_per_minute);
+                    if let Some(suppressed) = allowed {
+                        let more = if suppressed > 0 {
+                            format!(" ({suppressed} earlier report lines suppressed)")
+                        } else {
+                            String::new()
+                        };
+                        host::log(
+                            LogLevel::Warn,
+                            NAME,
+                            &format!(
+                                "violation of {} ({}): blocked {:?} on {:?}{more}",
+                                v.directive, v.disposition, v.blocked, v.document
+                            ),
+                        );
+                    }
+                }
+            }
+            Err(e) => s.count(&format!("report.invalid.{}", e.reason())),
+        }
+        host::send_reply(&report_reply());
+    }
+
+    /// Rewrite `data` (the whole buffered body, or one chunk when streaming).
+    fn rewrite(&mut self, data: &[u8], end: bool) -> Vec<u8> {
+        let s = &self.shared;
+        let params = s.config.rewrite_params(self.nonce.as_deref(), &self.path);
+        let rewriter = self.rewriter.get_or_insert_with(Rewriter::new);
+        let mut out = Vec::with_capacity(data.len() + 256);
+        rewriter.feed(&params, data, &mut out);
+        if end {
+            rewriter.finish(&params, &mut out);
+            let stats = rewriter.stats();
+            if stats.nonces > 0 {
+                s.count("tags.nonce");
+            }
+            if stats.integrity > 0 {
+                s.count("tags.integrity");
+            }
+            if stats.scrubbed > 0 {
+                s.count("placeholder_removed");
+            }
+            if stats.oversized_tags > 0 {
+                s.count("oversized_tag");
+            }
+        }
+        out
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let s = Rc::clone(&self.shared);
+        let method = host::request_header(":method").unwrap_or_default();
+        let path = host::request_header(":path").unwrap_or_default();
+        let authority = host::request_header(":authority").unwrap_or_default();
+        let route = host::property_text(vec!["xds", "route_name"]);
+        let decision = s.config.on_request(&PageRequest {
+            method: &method,
+            path: &path,
+            host: &authority,
+            route_name: route.as_deref(),
+        });
+        match decision {
+            RequestDecision::Report => {
+                self.mode = Mode::Report;
+                if end_of_stream {
+                    self.answer_report(b"");
+                }
+                Action::Pause
+            }
+            RequestDecision::Reply(reply) => {
+                s.count("report.invalid.method");
+                host::send_reply(&reply);
+                Action::Pause
+            }
+            RequestDecision::Guard { policy, identity } => {
+                self.mode = Mode::Guard(policy);
+                self.head = method.eq_ignore_ascii_case("HEAD");
+                self.path = path;
+                if s.config.trust_forwarded_proto {
+                    self.forwarded_proto = host::request_header("x-forwarded-proto");
+                }
+                if identity {
+                    host::set_request_header("accept-encoding", Some("identity"));
+                }
+                Action::Continue
+            }
+            RequestDecision::Off => {
+                s.count("off");
+                Action::Continue
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if !matches!(self.mode, Mode::Report) {
+            return Action::Continue;
+        }
+        let max = self
+            .shared
+            .config
+            .reports
+            .as_ref()
+            .map_or(0, |r| r.max_body_bytes);
+        if size > max {
+            // Too large to be a browser's report: answer without reading it.
+            self.shared.count("report.invalid.too_large");
+            host::send_reply(&report_reply());
+            return Action::Pause;
+        }
+        if end_of_stream {
+            let body = host::request_body(size);
+            self.answer_report(&body);
+        }
+        Action::Pause
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let Mode::Guard(id) = self.mode else {
+            return Action::Continue;
+        };
+        let s = Rc::clone(&self.shared);
+        let status = host::response_header(":status")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let content_type = host::response_header("content-type");
+        let content_encoding = host::response_header("content-encoding");
+        let content_length = host::response_header("content-length").and_then(|v| v.parse().ok());
+        let tls = s.config.hsts.is_some()
+            && host::property_text(vec!["connection", "tls_version"]).is_some();
+        let has_header = |name: &str| host::response_header(name).is_some();
+        let nonce = if s.config.placeholder.is_empty() {
+            None
+        } else {
+            host::random_16()
+        };
+        let plan = s.config.on_response(
+            s.config.policy(id),
+            &PageResponse {
+                status,
+                content_type: content_type.as_deref(),
+                content_encoding: content_encoding.as_deref(),
+                content_length,
+                head: self.head,
+                tls,
+                forwarded_proto: self.forwarded_proto.as_deref(),
+                has_header: &has_header,
+            },
+            nonce,
+        );
+        for edit in &plan.edits {
+            match edit {
+                HeaderEdit::Set(n, v) => host::set_response_header(n, Some(v)),
+                HeaderEdit::Add(n, v) => host::add_response_header(n, v),
+                HeaderEdit::Remove(n) => host::set_response_header(n, None),
+            }
+        }
+        s.count(plan.outcome.name());
+        self.nonce = plan.nonce;
+        self.body = plan.body;
+        match plan.body {
+            // Hold the headers until the whole body is read: Content-Length changes.
+            BodyPlan::Buffer if !end_of_stream => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        match self.body {
+            BodyPlan::Untouched => Action::Continue,
+            BodyPlan::Buffer => {
+                if end_of_stream {
+                    let body = host::response_body(size);
+                    let out = self.rewrite(&body, true);
+                    host::replace_body(Body::Response, size, &out);
+                    host::set_response_header("content-length", Some(&out.len().to_string()));
+                    self.body = BodyPlan::Untouched;
+                    Action::Continue
+                } else if size > self.shared.config.max_body_bytes {
+                    // Over the cap: what is buffered goes out rewritten, the rest streams.
+                    self.shared.count("over_cap");
+                    let body = host::response_body(size);
+                    let out = self.rewrite(&body, false);
+                    host::replace_body(Body::Response, size, &out);
+                    host::set_response_header("content-length", None);
+                    self.body = BodyPlan::Stream;
+                    Action::Continue
+                } else {
+                    Action::Pause
+                }
+            }
+            BodyPlan::Stream => {
+                let chunk = host::response_body(size);
+                let out = self.rewrite(&chunk, end_of_stream);
+                host::replace_body(Body::Response, size, &out);
+                if end_of_stream {
+                    self.body = BodyPlan::Untouched;
+                }
+                Action::Continue
+            }
+        }
+    }
+}
