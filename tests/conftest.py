@@ -130,6 +130,44 @@ def demo(tmp_path_factory):
 RUNNING: list["Envoy"] = []
 
 
+def shipped_config(envoy, demo: "Demo", edit=None) -> dict:
+    """envoy-config/envoy.yaml as `cargo xtask up` runs it, moved onto the test's free ports and in
+    front of the test's demo. The page's origin is this Envoy's, so token-proxy and
+    turn-credentials trust it.
+    `edit(root_id, config)` may change a gatehouse filter's JSON configuration in place."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
+    cfg["admin"]["address"]["socket_address"]["port_value"] = envoy.admin_port
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=envoy.port)
+    for c in cfg["static_resources"]["clusters"]:
+        if c["name"] == "demo":
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = demo.port
+    origin = f"http://127.0.0.1:{envoy.port}"
+    for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
+        config = f["typed_config"].get("config", {})
+        root_id = config.get("root_id")
+        if not root_id:
+            continue
+        value = json.loads(config["configuration"]["value"])
+        if root_id == "token_proxy":
+            value["trusted_web_origins"] = [origin]
+        if root_id == "turn_credentials" and "allowed_origins" in value:
+            value["allowed_origins"] = [origin]
+        if edit:
+            edit(root_id, value)
+        config["configuration"]["value"] = json.dumps(value)
+    return cfg
+
+
+def start_shipped(envoy_factory, demo: "Demo", edit=None, env: dict | None = None):
+    """An Envoy running [`shipped_config`], with the secrets the shipped config reads from the
+    environment (the demo's cookie keys; a fresh TURN secret unless `env` gives one)."""
+    secrets_env = {COOKIE_KEYS_VAR: demo.cookie_keys, "GATEHOUSE_TURN_SECRET": secrets.token_hex(32), **(env or {})}
+    return envoy_factory(demo, bootstrap=lambda envoy: shipped_config(envoy, demo, edit), env=secrets_env)
+
+
 def cluster(name: str, port: int) -> dict:
     return {
         "name": name,

@@ -450,46 +450,57 @@ def test_feed_down_fail_closed_refuses_and_closes_live_sockets(key, demo, envoy_
 # ------------------------------------------------------------------------- the shipped local stack
 
 
-def test_the_local_stack_caps_signaling_sockets_per_user(demo, envoy_factory):
-    """envoy-config/envoy.yaml as `cargo xtask up` runs it: session-binding on the signaling route,
-    8 sockets per user, the 9th closes with 4429, and closing one frees a slot."""
-    import yaml
+class LocalStack:
+    """envoy-config/envoy.yaml as `cargo xtask up` runs it, and a client of its dev login."""
 
-    from conftest import COOKIE_KEYS_VAR, ROOT
-    from cookies import new_key
+    def __init__(self, envoy):
+        self.envoy = envoy
+        self.gw = Gateway("jwt_auth", envoy, None)
 
-    def bootstrap(envoy):
-        cfg = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
-        cfg["admin"]["address"]["socket_address"]["port_value"] = envoy.admin_port
-        listener = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]
-        listener.update(address="127.0.0.1", port_value=envoy.port)
-        for c in cfg["static_resources"]["clusters"]:
-            if c["name"] == "demo":
-                c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = demo.port
-        return cfg
-
-    envoy = envoy_factory(demo, bootstrap=bootstrap, env={COOKIE_KEYS_VAR: demo.cookie_keys, "GATEHOUSE_TURN_SECRET": new_key()})
-    user = unique("stack-user")
-
-    def token():
-        r = requests.post(envoy.url + f"/dev/login?user={user}", timeout=5)
+    def login(self, user: str, sid: str | None = None) -> tuple[str, str]:
+        """A fresh token and its session id (the `gh-sid` cookie the login set); with `sid`, in
+        that session."""
+        cookies = {"gh-sid": sid} if sid else None
+        r = requests.post(self.envoy.url + f"/dev/login?user={user}", cookies=cookies, timeout=5)
         assert r.ok, r.text
-        return r.json()["access_token"]
+        return r.json()["access_token"], r.cookies["gh-sid"]
 
-    gw = Gateway("jwt_auth", envoy, None)
+    def logout(self, sid: str):
+        r = requests.post(self.envoy.url + "/dev/logout", cookies={"gh-sid": sid}, timeout=5)
+        assert r.status_code == 204, r.text
+
+    def connect(self, token: str, sid: str | None):
+        return websockets.connect(self.gw.url("/ws/echo"), **self.gw.ws_kwargs(token, cookie=f"gh-sid={sid}" if sid else None))
+
+    def outcome(self, token: str, sid: str | None):
+        return _outcome(self.gw, "/ws/echo", token, cookie=f"gh-sid={sid}" if sid else None)
+
+
+@pytest.fixture(scope="module")
+def local_stack(demo, envoy_factory):
+    from conftest import start_shipped
+
+    return LocalStack(start_shipped(envoy_factory, demo))
+
+
+def test_the_local_stack_caps_signaling_sockets_per_user(local_stack):
+    """session-binding on the shipped signaling route: 8 sockets per user, the 9th closes with
+    4429, and closing one frees a slot."""
+    stack = local_stack
+    user = unique("stack-user")
 
     async def go():
         # The remote JWKS arrives shortly after start; the first upgrade may wait for it.
         sockets = []
         for _ in range(8):
-            ws = await websockets.connect(gw.url("/ws/echo"), **gw.ws_kwargs(token()))
+            ws = await stack.connect(*stack.login(user))
             await ws.send("x")
             assert await ws.recv() == "x"
             sockets.append(ws)
-        ninth = await _outcome(gw, "/ws/echo", token())
+        ninth = await stack.outcome(*stack.login(user))
         await sockets[0].close()
         await asyncio.sleep(0.5)
-        after = await _outcome(gw, "/ws/echo", token())
+        after = await stack.outcome(*stack.login(user))
         for ws in sockets[1:]:
             await ws.close()
         return ninth, after
@@ -497,3 +508,61 @@ def test_the_local_stack_caps_signaling_sockets_per_user(demo, envoy_factory):
     ninth, after = run(go(), timeout=60)
     assert ninth[:2] == ("closed", 4429), ninth
     assert after[0] == "open"
+
+
+def test_the_local_stack_binds_connect_tokens_to_their_session_and_uses_them_once(local_stack):
+    stack = local_stack
+    user = unique("alice")
+    token, sid = stack.login(user)
+    _, other_sid = stack.login(unique("mallory"))
+
+    async def go():
+        return (await stack.outcome(token, None), await stack.outcome(token, other_sid),
+                await stack.outcome(token, sid), await stack.outcome(token, sid))
+
+    no_cookie, other_session, first, replay = run(go())
+    assert no_cookie[:2] == ("closed", 4401), "a token without its session cookie is useless"
+    assert other_session[:2] == ("closed", 4401), "a token with another session's cookie is useless"
+    assert first[0] == "open"
+    assert replay[:2] == ("closed", 4401), "a connect token opens one socket"
+    # A refresh stays in the session: its token opens a socket with the same cookie.
+    fresh, same_sid = stack.login(user, sid)
+    assert same_sid == sid
+    assert outcome(stack.gw, "/ws/echo", fresh, cookie=f"gh-sid={sid}")[0] == "open"
+
+
+def test_the_local_stack_closes_a_live_socket_at_logout(local_stack):
+    """Logout puts the session on the demo's revocation feed; session-binding refreshes it every
+    2 s and closes the session's socket with 4401 on its next frame; the session's tokens are
+    refused from then on, on the signaling route and on the API."""
+    stack = local_stack
+    user = unique("bob")
+    token, sid = stack.login(user)
+    other_token, other_sid = stack.login(user)  # the same user in another browser
+
+    async def go():
+        async with stack.connect(token, sid) as ws, stack.connect(other_token, other_sid) as other:
+            await ws.send("before")
+            assert await ws.recv() == "before"
+            await asyncio.to_thread(stack.logout, sid)
+            await asyncio.sleep(3)  # the feed is fetched every 2 s
+            await ws.send("after")
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    assert await asyncio.wait_for(ws.recv(), 10) != "after", "nothing passes after revocation"
+            await other.send("still here")
+            return ws.close_code, ws.close_reason, await other.recv()
+
+    assert run(go()) == (4401, "token revoked", "still here"), "only the logged-out session ends"
+    fresh, _ = stack.login(user, sid)  # the revoked session is not resumed: a new one starts
+    r = requests.get(stack.envoy.url + "/api/echo", headers={"authorization": "Bearer " + token}, timeout=5)
+    assert r.status_code == 401, "the revoked session's token is refused on the API"
+    assert stack.gw.stat("ws.closed.revoked_sid") >= 1
+    assert stack.gw.stat("denied.revoked_sid") >= 1
+    assert claims_sid(fresh) != sid
+
+
+def claims_sid(token: str) -> str:
+    from tokens import claims_of
+
+    return claims_of(token)["sid"]

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
-from conftest import COOKIE_KEYS_VAR, ROOT, free_port
-from cookies import new_key
+from conftest import COOKIE_KEYS_VAR, free_port, start_shipped
 
 OFF = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
 
@@ -175,32 +173,7 @@ def stack(demo, envoy_factory, require_envoy):
     """envoy-config/envoy.yaml as `cargo xtask up` runs it, on free ports in front of the test
     demo (token-proxy then jwt-auth on /api/, remote JWKS from the demo)."""
 
-    def bootstrap(envoy):
-        cfg = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
-        cfg["admin"]["address"]["socket_address"]["port_value"] = envoy.admin_port
-        listener = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]
-        listener.update(address="127.0.0.1", port_value=envoy.port)
-        for cluster in cfg["static_resources"]["clusters"]:
-            if cluster["name"] == "demo":
-                endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-                endpoint["address"]["socket_address"]["port_value"] = demo.port
-        http_filters = listener_filters(cfg)
-        for f in http_filters:
-            config = f["typed_config"].get("config", {})
-            if config.get("root_id") == "token_proxy":
-                value = json.loads(config["configuration"]["value"])
-                value["trusted_web_origins"] = [f"http://127.0.0.1:{envoy.port}"]
-                config["configuration"]["value"] = json.dumps(value)
-        return cfg
-
-    # The shipped config also loads turn-credentials, whose secret comes from the environment too.
-    secrets = {COOKIE_KEYS_VAR: demo.cookie_keys, "GATEHOUSE_TURN_SECRET": new_key()}
-    return envoy_factory(demo, bootstrap=bootstrap, env=secrets)
-
-
-def listener_filters(cfg: dict) -> list[dict]:
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return hcm["http_filters"]
+    return start_shipped(envoy_factory, demo)
 
 
 def wait_for_log_entry(page, text: str):
@@ -216,6 +189,7 @@ def test_phone_page_calls_the_api_with_cookies_through_the_shipped_config(stack,
     # token-proxy turned the cookies into a bearer token, jwt-auth verified it and forwarded `sub`.
     wait_for_log_entry(page, "API: HTTP 200 as demo-user")
     assert "gh-" not in page.evaluate("document.cookie")
-    # The signaling socket (token in Sec-WebSocket-Protocol, no cookies on /ws/) still works.
+    # The signaling socket (a fresh connect token in Sec-WebSocket-Protocol, with the session
+    # cookie gh-sid; the token cookies are Path=/api and never sent to /ws/) still works.
     page.click("#connect")
     wait_for_log_entry(page, "socket open, subprotocol sip")

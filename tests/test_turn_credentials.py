@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import COOKIE_KEYS_VAR, ENVOY_BIN, ROOT, free_port, missing, stop, wait_for
+from conftest import ENVOY_BIN, ROOT, free_port, missing, start_shipped, stop, wait_for
 from tokens import jwt_auth_config
 
 pytestmark = pytest.mark.usefixtures("require_envoy")
@@ -263,29 +263,12 @@ def test_the_demo_phone_page_gets_credentials_from_the_local_stack(demo, envoy_f
     coturn): the phone page logs in with the dev login, POSTs /turn-credentials with its token,
     and the credentials it got relay through the real coturn."""
 
-    def bootstrap(envoy):
-        cfg = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
-        cfg["admin"]["address"]["socket_address"]["port_value"] = envoy.admin_port
-        listener = cfg["static_resources"]["listeners"][0]
-        listener["address"]["socket_address"].update(address="127.0.0.1", port_value=envoy.port)
-        for c in cfg["static_resources"]["clusters"]:
-            if c["name"] == "demo":
-                c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = demo.port
-        origin = f"http://127.0.0.1:{envoy.port}"
-        for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
-            config = f["typed_config"].get("config", {})
-            if config.get("root_id") == "turn_credentials":
-                value = json.loads(config["configuration"]["value"])
-                assert value["secret"] == {"env": SECRET_VAR}, "the shipped config takes the secret from the environment"
-                value.update(urls=[f"turn:127.0.0.1:{coturn.port}?transport=udp"], allowed_origins=[origin])
-                config["configuration"]["value"] = json.dumps(value)
-            elif config.get("root_id") == "token_proxy":
-                value = json.loads(config["configuration"]["value"])
-                value["trusted_web_origins"] = [origin]
-                config["configuration"]["value"] = json.dumps(value)
-        return cfg
+    def edit(root_id, value):
+        if root_id == "turn_credentials":
+            assert value["secret"] == {"env": SECRET_VAR}, "the shipped config takes the secret from the environment"
+            value["urls"] = [f"turn:127.0.0.1:{coturn.port}?transport=udp"]
 
-    stack = envoy_factory(demo, bootstrap=bootstrap, env={COOKIE_KEYS_VAR: demo.cookie_keys, SECRET_VAR: turn_secret})
+    stack = start_shipped(envoy_factory, demo, edit, env={SECRET_VAR: turn_secret})
     browser_context.clear_cookies()
     page = browser_page
     page.goto(stack.url + "/")

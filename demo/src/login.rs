@@ -7,13 +7,20 @@
 //! CSRF token as encrypted `HttpOnly` cookies (`gh-at`, `gh-csrf`; Curity v1 format, sealed
 //! by `gatehouse_core::token_proxy::CookieKeys`, the code token-proxy decrypts with), and
 //! returns the CSRF value in the body for the page to send as `x-gh-csrf`.
+//!
+//! Sessions: every token carries `sid` (the session, also set as the `HttpOnly` cookie `gh-sid`
+//! on `/`, which session-binding compares on the signaling socket) and a fresh `jti` (connect
+//! tokens are single-use there). A login that presents a live `gh-sid` stays in that session, so
+//! a refresh extends the session's sockets (jwt-auth follows `sid`). `POST /dev/logout` revokes
+//! the session: it joins `GET /dev/revoked.json`, the revocation feed session-binding fetches,
+//! which closes the session's live sockets with 4401.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{AppendHeaders, IntoResponse, Response};
 use axum::Json;
 use gatehouse_cli::keys::{self, KeyAlg, PrivateKey};
@@ -30,6 +37,14 @@ pub const TOKEN_TTL_SECONDS: u64 = 300;
 pub const COOKIE_PREFIX: &str = "gh";
 /// Where token-proxy runs in the local stack; the cookies are only sent there.
 pub const COOKIE_PATH: &str = "/api";
+/// The session cookie (`Path=/`: the signaling upgrade carries it); session-binding's `session`
+/// binding in envoy-config/envoy.yaml compares it with the token's `sid`.
+pub const SID_COOKIE: &str = "gh-sid";
+/// How long a session lasts, and how long a logged-out session stays on the revocation feed:
+/// jwt-auth's `max_socket_seconds` in envoy-config/envoy.yaml.
+pub const SESSION_SECONDS: u64 = 12 * 3600;
+/// Revoked sessions the feed keeps (the oldest go first; this is a demo).
+const MAX_REVOKED: usize = 10_000;
 
 pub struct Issuer {
     key: PrivateKey,
@@ -37,6 +52,8 @@ pub struct Issuer {
     cookie_keys: CookieKeys,
     /// Lifetime of the tokens (and cookies) it issues, in seconds.
     ttl: u64,
+    /// Logged-out sessions and when they leave the feed.
+    revoked: Mutex<Vec<(String, u64)>>,
 }
 
 impl Issuer {
@@ -57,6 +74,7 @@ impl Issuer {
             jwks,
             cookie_keys,
             ttl,
+            revoked: Mutex::new(Vec::new()),
         })
     }
 
@@ -83,11 +101,48 @@ impl Issuer {
     }
 }
 
-/// A fresh CSRF token: 32 random bytes, base64url.
-fn csrf_token() -> Result<String, String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for the CSRF token: {e}"))?;
+/// `n` random bytes, base64url: CSRF tokens, session ids, token ids.
+fn random_text(n: usize) -> Result<String, String> {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness: {e}"))?;
     Ok(gatehouse_cli::b64url(&bytes))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The `gh-sid` cookie of the request, if it looks like one we issue (16 random bytes).
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|h| gatehouse_core::cookie::get(h, SID_COOKIE))
+        .filter(|v| {
+            v.len() == 22
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+impl Issuer {
+    fn is_revoked(&self, sid: &str) -> bool {
+        self.revoked
+            .lock()
+            .is_ok_and(|r| r.iter().any(|(s, _)| s == sid))
+    }
+
+    /// The session of this login: the caller's, unless it was logged out; else a new one.
+    fn session(&self, headers: &HeaderMap) -> Result<String, String> {
+        match session_cookie(headers) {
+            Some(sid) if !self.is_revoked(sid) => Ok(sid.to_owned()),
+            _ => random_text(16),
+        }
+    }
 }
 
 pub async fn jwks(State(issuer): State<Arc<Issuer>>) -> Json<Value> {
@@ -99,26 +154,31 @@ pub struct LoginQuery {
     user: Option<String>,
 }
 
-pub async fn login(State(issuer): State<Arc<Issuer>>, Query(q): Query<LoginQuery>) -> Response {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let claims = json!({
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": q.user.as_deref().unwrap_or("demo-user"),
-        "scope": "phone:call",
-    });
-    let issued = gatehouse_cli::mint(&issuer.key, &claims, now, issuer.ttl)
-        .map_err(|e| e.message().to_owned())
-        .and_then(|token| {
-            let csrf = csrf_token()?;
-            let cookies = issuer.cookies(&token, &csrf)?;
-            Ok((token, csrf, cookies))
+pub async fn login(
+    State(issuer): State<Arc<Issuer>>,
+    Query(q): Query<LoginQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let issued = issuer.session(&headers).and_then(|sid| {
+        let claims = json!({
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": q.user.as_deref().unwrap_or("demo-user"),
+            "scope": "phone:call",
+            "sid": sid,
+            "jti": random_text(16)?,
         });
+        let token = gatehouse_cli::mint(&issuer.key, &claims, now(), issuer.ttl)
+            .map_err(|e| e.message().to_owned())?;
+        let csrf = random_text(32)?;
+        let cookies = issuer.cookies(&token, &csrf)?;
+        let sid_cookie = format!(
+            "{SID_COOKIE}={sid}; Path=/; Max-Age={SESSION_SECONDS}; HttpOnly; Secure; SameSite=Strict"
+        );
+        Ok((token, csrf, cookies, sid_cookie))
+    });
     match issued {
-        Ok((token, csrf, [at_cookie, csrf_cookie])) => (
+        Ok((token, csrf, [at_cookie, csrf_cookie], sid_cookie)) => (
             [
                 ("x-gatehouse-dev-only", "true"),
                 (header::CACHE_CONTROL.as_str(), "no-store"),
@@ -127,6 +187,7 @@ pub async fn login(State(issuer): State<Arc<Issuer>>, Query(q): Query<LoginQuery
             AppendHeaders([
                 (header::SET_COOKIE, at_cookie),
                 (header::SET_COOKIE, csrf_cookie),
+                (header::SET_COOKIE, sid_cookie),
             ]),
             Json(json!({
                 "access_token": token,
@@ -138,4 +199,61 @@ pub async fn login(State(issuer): State<Arc<Issuer>>, Query(q): Query<LoginQuery
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
     }
+}
+
+/// `POST /dev/logout`: the caller's session goes on the revocation feed (session-binding closes
+/// its live sockets and refuses its tokens) and the browser's cookies are cleared.
+pub async fn logout(State(issuer): State<Arc<Issuer>>, headers: HeaderMap) -> Response {
+    if let Some(sid) = session_cookie(&headers) {
+        if let Ok(mut revoked) = issuer.revoked.lock() {
+            let now = now();
+            revoked.retain(|(s, until)| *until > now && s != sid);
+            if revoked.len() >= MAX_REVOKED {
+                revoked.remove(0);
+            }
+            revoked.push((sid.to_owned(), now + SESSION_SECONDS));
+        }
+    }
+    let gone = |name: &str, path: &str| {
+        format!("{name}=; Path={path}; Max-Age=0; HttpOnly; Secure; SameSite=Strict")
+    };
+    (
+        StatusCode::NO_CONTENT,
+        [
+            ("x-gatehouse-dev-only", "true"),
+            (header::CACHE_CONTROL.as_str(), "no-store"),
+        ],
+        AppendHeaders([
+            (header::SET_COOKIE, gone(SID_COOKIE, "/")),
+            (
+                header::SET_COOKIE,
+                gone(&format!("{COOKIE_PREFIX}-at"), COOKIE_PATH),
+            ),
+            (
+                header::SET_COOKIE,
+                gone(&format!("{COOKIE_PREFIX}-csrf"), COOKIE_PATH),
+            ),
+        ]),
+    )
+        .into_response()
+}
+
+/// `GET /dev/revoked.json`: session-binding's revocation feed in the local stack.
+pub async fn revoked(State(issuer): State<Arc<Issuer>>) -> Response {
+    let now = now();
+    let entries: Vec<Value> = issuer
+        .revoked
+        .lock()
+        .map(|r| {
+            r.iter()
+                .filter(|(_, until)| *until > now)
+                .map(|(sid, _)| json!({ "sid": sid }))
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({ "revoked": entries })),
+    )
+        .into_response()
 }

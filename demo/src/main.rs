@@ -5,7 +5,9 @@
 //! - `/ws/*`: a WebSocket echo that selects the app subprotocol `sip`;
 //! - `/`: a static demo phone page;
 //! - `/.well-known/jwks.json`: the public keys of the local stack;
-//! - `POST /dev/login`: DEV ONLY, mints a short-lived JWT with the local stack's key.
+//! - `POST /dev/login`: DEV ONLY, mints a short-lived JWT with the local stack's key, in the
+//!   caller's session (`gh-sid` cookie) or a new one; `POST /dev/logout` ends the session and
+//!   `GET /dev/revoked.json` lists ended sessions (session-binding's revocation feed).
 //!
 //! Settings come from the environment: `GATEHOUSE_DEMO_ADDR` (default `127.0.0.1:8081`),
 //! `GATEHOUSE_KEYS_DIR` (default `.local/keys`, generated on first run, git-ignored),
@@ -111,6 +113,8 @@ fn router(issuer: Arc<login::Issuer>) -> Router {
         .route("/ws/{*rest}", get(ws::upgrade))
         .route("/.well-known/jwks.json", get(login::jwks))
         .route("/dev/login", post(login::login))
+        .route("/dev/logout", post(login::logout))
+        .route("/dev/revoked.json", get(login::revoked))
         .with_state(issuer)
 }
 

@@ -3,6 +3,9 @@
 // into logs). jwt-auth in Envoy checks it; a refusal arrives as CloseEvent.code 4401/4403/4400.
 // The API is called without any token in JS: login set encrypted HttpOnly cookies for /api,
 // which token-proxy in Envoy turns into a bearer token; the page only sends the CSRF value.
+// Login also set the HttpOnly session cookie gh-sid: session-binding in Envoy accepts a connect
+// token only with the session it names, and only once, so every connect gets a fresh token.
+// Logout ends the session at the issuer; Envoy then closes the socket with 4401.
 "use strict";
 
 let token = null;
@@ -19,13 +22,20 @@ function log(text, cls) {
   $("log").prepend(li);
 }
 
-async function login() {
+// A fresh token in this browser's session (the gh-sid cookie), or null.
+async function freshToken() {
   const r = await fetch("/dev/login", { method: "POST" });
-  if (!r.ok) { log("login failed: HTTP " + r.status, "close"); return false; }
+  if (!r.ok) { log("login failed: HTTP " + r.status, "close"); return null; }
   const body = await r.json();
   token = body.access_token;
   csrf = body.csrf_token;
   $("expiry").textContent = new Date(Date.now() + body.expires_in * 1000).toLocaleTimeString();
+  return body;
+}
+
+async function login() {
+  const body = await freshToken();
+  if (!body) return false;
   $("connect").disabled = false;
   $("api").disabled = false;
   $("logout").disabled = false;
@@ -50,24 +60,31 @@ async function turnCredentials() {
 }
 
 async function refresh() {
-  if (!(await login())) return;
+  if (!(await freshToken())) return;
   if (socket && socket.readyState === WebSocket.OPEN) {
     socket.send(JSON.stringify({ type: "gatehouse.reauth", token }));
     log("token refreshed; socket re-authenticated in band");
   }
 }
 
-function logout() {
-  // No more fresh tokens: jwt-auth closes the socket with 4401 once the session's deadline passes.
+async function logout() {
   clearInterval(refresher);
   refresher = null;
   token = null;
   $("logout").disabled = true;
-  log("logged out; the socket closes when the session's last token expires");
+  $("connect").disabled = true;
+  $("api").disabled = true;
+  const r = await fetch("/dev/logout", { method: "POST" });
+  log("logged out (HTTP " + r.status + "): the session is revoked; Envoy closes its socket with 4401");
 }
 
-function connect(withToken) {
+async function connect(withToken) {
   if (socket) socket.close(1000);
+  // Connect tokens are single-use: take a fresh one for this socket.
+  if (withToken === undefined) {
+    if (!(await freshToken())) return;
+    withToken = token;
+  }
   const url = location.origin.replace(/^http/, "ws") + "/ws/echo";
   socket = new WebSocket(url, ["sip", "bearer." + withToken]);
   socket.onopen = () => { log("socket open, subprotocol " + socket.protocol); $("send").disabled = false; };
@@ -93,6 +110,6 @@ async function callApi() {
 $("login").onclick = login;
 $("logout").onclick = logout;
 $("api").onclick = callApi;
-$("connect").onclick = () => connect(token);
+$("connect").onclick = () => connect();
 $("bad").onclick = () => connect("not.a.token");
 $("send").onclick = () => socket && socket.send("INVITE sip:echo@gatehouse.local SIP/2.0");

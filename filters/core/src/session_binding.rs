@@ -952,6 +952,7 @@ pub fn token_id(claims: &Claims, kid: Option<&str>) -> TokenId {
         sub: text_claim(claims, "sub"),
         iat: claims.get("iat").and_then(Value::as_u64),
         kid: kid.map(str::to_string),
+        sid: text_claim(claims, "sid"),
     }
 }
 

@@ -4,7 +4,8 @@
 //! { "revoked": [
 //!     { "jti": "5f0c…" },                           // one token
 //!     { "sub": "alice", "issued_before": 1767225600 }, // log out everywhere: tokens issued before
-//!     { "kid": "2024-key" }                          // a compromised signing key
+//!     { "kid": "2024-key" },                         // a compromised signing key
+//!     { "sid": "7c1e…" }                             // one session (a logout)
 //! ] }
 //! ```
 //!
@@ -25,6 +26,8 @@ pub struct TokenId {
     pub sub: Option<String>,
     pub iat: Option<u64>,
     pub kid: Option<String>,
+    /// The session (`sid` claim).
+    pub sid: Option<String>,
 }
 
 /// Why a token is revoked (the stat `denied.revoked_<kind>`).
@@ -33,6 +36,7 @@ pub enum Revoked {
     Jti,
     Sub,
     Kid,
+    Sid,
 }
 
 impl Revoked {
@@ -41,6 +45,7 @@ impl Revoked {
             Revoked::Jti => "revoked_jti",
             Revoked::Sub => "revoked_sub",
             Revoked::Kid => "revoked_kid",
+            Revoked::Sid => "revoked_sid",
         }
     }
 }
@@ -52,6 +57,7 @@ pub struct RevocationList {
     /// sub → tokens issued before this time are revoked.
     subs: HashMap<String, u64>,
     kids: HashSet<String>,
+    sids: HashSet<String>,
 }
 
 impl RevocationList {
@@ -78,6 +84,8 @@ impl RevocationList {
                 list.jtis.insert(jti.to_string());
             } else if let Some(kid) = text("kid") {
                 list.kids.insert(kid.to_string());
+            } else if let Some(sid) = text("sid") {
+                list.sids.insert(sid.to_string());
             } else if let Some(sub) = text("sub") {
                 let Some(before) = e.get("issued_before").and_then(Value::as_u64) else {
                     return Err(format!(
@@ -88,7 +96,7 @@ impl RevocationList {
                 *slot = (*slot).max(before);
             } else {
                 return Err(format!(
-                    "revoked[{i}]: needs `jti`, `kid`, or `sub` + `issued_before`"
+                    "revoked[{i}]: needs `jti`, `kid`, `sid`, or `sub` + `issued_before`"
                 ));
             }
         }
@@ -96,7 +104,7 @@ impl RevocationList {
     }
 
     pub fn len(&self) -> usize {
-        self.jtis.len() + self.subs.len() + self.kids.len()
+        self.jtis.len() + self.subs.len() + self.kids.len() + self.sids.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -110,6 +118,9 @@ impl RevocationList {
         }
         if id.kid.as_ref().is_some_and(|k| self.kids.contains(k)) {
             return Some(Revoked::Kid);
+        }
+        if id.sid.as_ref().is_some_and(|s| self.sids.contains(s)) {
+            return Some(Revoked::Sid);
         }
         if let Some(before) = id.sub.as_ref().and_then(|s| self.subs.get(s)) {
             if id.iat.is_none_or(|iat| iat < *before) {
@@ -167,6 +178,7 @@ mod tests {
             sub: Some(sub.into()),
             iat,
             kid: Some(kid.into()),
+            sid: None,
         }
     }
 
@@ -191,6 +203,18 @@ mod tests {
         // The latest `issued_before` of a sub wins; tokens issued at or after it are fine.
         assert_eq!(l.check(&id("j2", "alice", Some(100), "k")), None);
         assert_eq!(l.check(&TokenId::default()), None);
+    }
+
+    #[test]
+    fn a_session_entry_revokes_every_token_of_that_session() {
+        let l = RevocationList::parse(br#"[{"sid":"s1"}]"#).unwrap();
+        let of = |sid: Option<&str>| TokenId {
+            sid: sid.map(str::to_string),
+            ..id("j", "alice", Some(1), "k")
+        };
+        assert_eq!(l.check(&of(Some("s1"))), Some(Revoked::Sid));
+        assert_eq!(l.check(&of(Some("s2"))), None);
+        assert_eq!(l.check(&of(None)), None);
     }
 
     #[test]
