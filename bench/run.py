@@ -5,19 +5,23 @@ Envoy, all in one run so their ratios are comparable. See docs/performance.md.
 Run it as `cargo xtask bench [args]` (builds dist/, creates .venv, checks wrk), or directly with a
 Python that has the test requirements: `.venv/bin/python bench/run.py --help`.
 
-Every scenario answers from a `direct_response` route, so no upstream process competes for the CPU
-and Envoy's own CPU time is the listener, the HTTP codec and the filter chain under test. For each
-scenario: start Envoy, check one request with the token is 200 (and one without is 401 where a
-JWT filter is active), warm up, then measure with wrk while reading Envoy's utime+stime from
-/proc/<pid>/stat before and after. Envoy and wrk are the only processes started, and only they are
-stopped, also on Ctrl-C.
+Every scenario answers from a `direct_response` route (`ok`, or a generated 50 KB HTML page for
+page-guard and its baseline), so no upstream process competes for the CPU and Envoy's own CPU time
+is the listener, the HTTP codec and the filter chain under test. For each scenario: start Envoy,
+check one request with the token is 200 (and one without is 401 where a JWT filter is active, the
+scenario's other refusals, and page-guard's rewrite of the page), warm up, then measure with wrk
+while reading Envoy's utime+stime from /proc/<pid>/stat before and after; the page scenarios also
+measure latency with one connection. Envoy and wrk are the only processes started, and only they
+are stopped, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -33,6 +37,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -57,6 +62,7 @@ WARM_OVER_NOOP_US = 5.0
 WARM_VS_NATIVE_CACHED = 0.85
 CHAIN_VS_BASELINE = 0.85
 VERIFY_TARGET_US = {"EdDSA": 200.0, "ES256": 300.0, "RS256": 300.0}
+PAGE_GUARD_ADDED_P50_US = 500.0   # p50 added to the 50 KB page, one connection (no queueing)
 WASM_MAX_KB = 500
 
 
@@ -76,18 +82,18 @@ def stop_started():
         STARTED.remove(proc)
 
 
-def http_status(url: str, token: str | None = None, timeout: float = 5, cookie: str | None = None) -> int:
-    req = urllib.request.Request(url)
-    if cookie is not None:
-        req.add_header("Cookie", cookie)
-    elif token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5):
+    """(status, response headers, body) of one GET."""
+    req = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            r.read()
-            return r.status
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code
+        return e.code, e.headers, e.read()
+
+
+def http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 5) -> int:
+    return http_get(url, headers, timeout)[0]
 
 
 def http_json(url: str, timeout: float = 5):
@@ -103,22 +109,27 @@ def find_envoy(arg: str | None) -> Path:
 
 
 class Envoy:
-    """One Envoy with `http_filters` in front of a direct_response route."""
+    """One Envoy with `http_filters` in front of a direct_response route that answers `body`
+    (with `content_type`, else Envoy's text/plain) on every path."""
 
-    def __init__(self, binary: Path, workdir: Path, http_filters: list[dict]):
+    def __init__(self, binary: Path, workdir: Path, http_filters: list[dict], body: str = "ok\n",
+                 content_type: str | None = None):
         self.port, self.admin_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
+        self.base = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
         self.log = workdir / "envoy.log"
+        route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}
+        if content_type:
+            route["response_headers_to_add"] = [{"header": {"key": "content-type", "value": content_type},
+                                                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
         hcm = {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "bench",
-            "route_config": {"virtual_hosts": [{
-                "name": "all",
-                "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"},
-                            "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}],
-            }]},
+            "route_config": {
+                # direct_response bodies are capped at 4096 bytes unless raised here.
+                "max_direct_response_body_size_bytes": max(4096, len(body.encode())),
+                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}],
+            },
             "http_filters": http_filters + [{
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -207,6 +218,132 @@ def native_filter(key: Key, cache: bool) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------ the page
+
+# page-guard's placeholder: what the upstream writes into the nonce of the tags it trusts.
+NONCE_MARKER = "GH_BENCH_NONCE_MARKER_5e1d7a3c"
+PAGE_BYTES = 50 * 1024
+HTML = "text/html; charset=utf-8"
+
+
+def sri(data: bytes) -> str:
+    return "sha384-" + base64.b64encode(hashlib.sha384(data).digest()).decode()
+
+
+# Three of the page's five external scripts and stylesheets are in the SRI manifest.
+SRI_MANIFEST = {url: sri(url.encode()) for url in
+                ("/static/phone.css", "/static/phone.js", "https://cdn.example.com/sip/sip.min.js")}
+
+
+def html_page(size: int = PAGE_BYTES) -> str:
+    """A call-centre page of `size` bytes (within a few hundred): a head with stylesheets and
+    scripts (some in SRI_MANIFEST), inline scripts and a style marked with NONCE_MARKER, an
+    unmarked inline script, a long contact table, and a script whose strings contain `<script`.
+    ASCII only, so characters are bytes."""
+    m = NONCE_MARKER
+    head = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Gatehouse phone &mdash; agent desk</title>
+<link rel="preload" href="/static/fonts/inter.woff2" as="font" type="font/woff2" crossorigin>
+<link rel="icon" href="/favicon.ico">
+<link rel="stylesheet" href="/static/phone.css">
+<link rel="stylesheet" href="/static/theme.css?v=42" media="screen">
+<style nonce="{m}">:root {{ --accent: #0a6; }} body {{ font: 15px/1.4 Inter, sans-serif; }}</style>
+<script nonce="{m}">window.__CONFIG__ = {{"signaling": "wss://signal.example.com/ws", "room": "r-1842", "features": ["video", "transfer", "record"]}};</script>
+<script nonce="{m}" src="/static/phone.js" defer></script>
+<script nonce="{m}" src="https://cdn.example.com/sip/sip.min.js" defer></script>
+<script src="/static/analytics.js" async></script>
+</head>
+<body class="desk">
+<header class="top"><nav aria-label="main"><ul>
+""" + "".join(f'<li><a href="/desk/{n}" class="nav-link" data-section="{n}">{n.title()}</a></li>\n'
+              for n in ("calls", "queues", "contacts", "history", "voicemail", "reports", "settings", "help")) + """</ul></nav>
+<div id="status" role="status" aria-live="polite">Connecting&hellip;</div></header>
+<main id="main">
+<section class="dialer"><form id="dial" action="/desk/calls" method="post">
+<label for="number">Number</label><input id="number" name="number" type="tel" autocomplete="tel" placeholder="+44 20 7946 0000">
+<button type="submit" class="btn btn-primary" data-action="call">Call</button></form></section>
+<section class="contacts"><h2>Contacts</h2>
+<table class="contacts"><thead><tr><th scope="col">Name</th><th scope="col">Team</th><th scope="col">Extension</th><th scope="col">Status</th><th scope="col"></th></tr></thead><tbody>
+"""
+    tail = f"""</tbody></table></section>
+</main>
+<footer class="bottom"><p>&copy; 2026 Example Ltd &middot; <a href="/legal/privacy">Privacy</a> &middot; <a href="/legal/terms">Terms</a></p></footer>
+<script nonce="{m}">
+  // Strings that look like tags: the script ends only at its closing tag.
+  var legacy = "<script src='/static/legacy.js'><\\/script>";
+  var hint = '<script nonce="x">alert(1)<\\/script> is not markup inside a string';
+  document.getElementById("status").textContent = legacy.length > 0 && hint ? "Ready" : "Offline";
+</script>
+<script>if (window.__CONFIG__) {{ document.body.dataset.ready = "1"; }}</script>
+</body>
+</html>
+"""
+    teams = ("Sales", "Support", "Billing", "Onboarding", "Escalations")
+    states = ("available", "on a call", "away", "offline")
+    rows, i = [], 0
+    while len(head) + sum(map(len, rows)) + len(tail) < size - 400:
+        rows.append(
+            f'<tr id="c{i}" class="contact {states[i % 4].replace(" ", "-")}"><td><a href="/desk/contacts/{i}">'
+            f'Agent {i:04d}</a><br><small class="email">agent{i:04d}@example.com</small></td>'
+            f'<td>{teams[i % 5]}</td><td><code>{2000 + i}</code></td><td><span class="badge">{states[i % 4]}</span>'
+            f'</td><td><button type="button" class="btn" data-action="call" data-ext="{2000 + i}">Call</button></td></tr>\n'
+        )
+        i += 1
+    return head + "".join(rows) + tail
+
+
+def page_guard_config() -> dict:
+    """Close to envoy-config/examples/page-guard.yaml: CSP with the nonce, SRI, the other headers."""
+    return {
+        "csp": {
+            "default-src": ["'self'"],
+            "script-src": ["'strict-dynamic'"],
+            "connect-src": ["'self'", "wss://signal.example.com"],
+            "img-src": ["'self'", "data:"],
+            "base-uri": ["'none'"],
+            "object-src": ["'none'"],
+        },
+        "nonce": {"placeholder": NONCE_MARKER},
+        "sri": {"manifest": SRI_MANIFEST},
+        "permissions_policy": {"microphone": ["self"], "camera": ["self"], "geolocation": []},
+        "reports": {"path": "/_gatehouse/csp-report"},
+    }
+
+
+def check_page(page: str, guarded: bool):
+    """A sanity check of the page scenarios' first response: the whole page, as HTML; with
+    page-guard, a CSP nonce written into every marked tag and no placeholder left."""
+
+    def check(headers, body: bytes):
+        text = body.decode()
+        ctype = headers.get("content-type", "")
+        if not ctype.startswith("text/html"):
+            raise RuntimeError(f"the page came back as {ctype!r}, not text/html")
+        if not guarded:
+            if text != page:
+                raise RuntimeError(f"the page came back changed ({len(body)} bytes, not {len(page.encode())})")
+            return
+        csp = headers.get("content-security-policy", "")
+        nonce = re.search(r"'nonce-([A-Za-z0-9+/_=-]+)'", csp)
+        if nonce is None:
+            raise RuntimeError(f"no nonce in Content-Security-Policy {csp!r}")
+        if NONCE_MARKER in text:
+            raise RuntimeError(f"the placeholder is still in the body ({text.count(NONCE_MARKER)} times)")
+        marked, written = page.count(f'nonce="{NONCE_MARKER}"'), text.count(f'nonce="{nonce.group(1)}"')
+        if written != marked:
+            raise RuntimeError(f"the nonce is in {written} tags, the page marked {marked}")
+        if (integrity := text.count('integrity="sha384-')) != len(SRI_MANIFEST):
+            raise RuntimeError(f"{integrity} tags got integrity, {len(SRI_MANIFEST)} are in the manifest")
+        if len(body) != int(headers.get("content-length", -1)):
+            raise RuntimeError(f"Content-Length {headers.get('content-length')} for {len(body)} bytes")
+
+    return check
+
+
 # ------------------------------------------------------------------------------------ scenarios
 
 
@@ -215,11 +352,28 @@ class Scenario:
     key: str
     label: str
     filters: list[dict]
-    token: str                        # the token of the sanity request (and of every request when warm)
+    token: str | None                 # the token of the sanity request (and of every request when warm)
     token_file: Path | None = None    # cold: wrk cycles through this file
     guarded: bool = False             # a JWT filter is active: a request without a token must be 401
     jwt_auth: str | None = None       # "warm" / "cold": check the jwt-auth cache counters afterwards
-    cookie: str | None = None         # sent instead of Authorization (the token-proxy chain)
+    cookie: str | None = None         # a Cookie header on every request
+    bearer: bool = True               # send the token as Authorization (not in the token-proxy chain,
+                                      # where the cookie carries it)
+    refusals: tuple = ()              # (what, path, headers, status): more sanity requests that must be refused
+    path: str = "/"
+    body: str = "ok\n"                # what the direct_response route answers
+    content_type: str | None = None   # its content-type (None: Envoy's text/plain)
+    check: Callable | None = None     # check(headers, body) of the sanity response; raises if wrong
+    counted: tuple[str, ...] = ()     # counters (after `gatehouse.`) whose increase is noted
+    one_connection: bool = False      # also measure latency with `wrk -c1` (no queueing in Envoy)
+
+    def headers(self) -> dict[str, str]:
+        h = {}
+        if self.token is not None and self.bearer:
+            h["Authorization"] = f"Bearer {self.token}"
+        if self.cookie is not None:
+            h["Cookie"] = self.cookie
+        return h
 
 
 @dataclass
@@ -233,6 +387,7 @@ class Result:
     cpu_us: float
     rss_mb: float
     note: str = ""
+    p50_c1_us: float | None = None    # p50 with one connection (Scenario.one_connection)
 
 
 @dataclass
@@ -244,6 +399,9 @@ class Summary:
 
     def total(self, attr: str) -> int:
         return sum(getattr(r, attr) for r in self.runs)
+
+
+BENCH_SID, BENCH_ROOM = "s-7d0c2a91e4b3", "r-1842"
 
 
 def scenarios(keys: dict[str, Key], tokens: dict[str, str], token_files: dict[str, Path], algs: list[str]):
@@ -269,7 +427,33 @@ def scenarios(keys: dict[str, Key], tokens: dict[str, str], token_files: dict[st
     proxy = wasm_filter("token_proxy", {"cookie_prefix": "gh", "encryption_keys": [cookie_key]})
     out.append(Scenario("chain", f"token-proxy + jwt-auth {alg} warm",
                         [proxy, wasm_filter("jwt_auth", jwt_auth_config(keys[alg]))], tokens[alg], guarded=True,
-                        jwt_auth="warm", cookie=f"gh-at={seal(cookie_key, tokens[alg])}"))
+                        jwt_auth="warm", cookie=f"gh-at={seal(cookie_key, tokens[alg])}", bearer=False))
+    # jwt-auth + session-binding chained, warm: session-binding reads jwt-auth's verified claims
+    # (filter state) and checks the session cookie against `sid` and the path's room against
+    # `room` on every request. No single_use: a jti store would refuse the repeated token.
+    bound = keys[alg].mint(ttl=6 * 3600, sid=BENCH_SID, room=BENCH_ROOM)
+    binding = {
+        "claims_from": [{"jwt_auth": {}}],
+        "rules": [{"match": {"prefix": "/rooms/"}, "session": {"claim": "sid", "cookie": "gh_sid"},
+                   "scope": [{"template": "/rooms/{room}"}], "fingerprint": "if_present"}],
+    }
+    out.append(Scenario("bound", f"jwt-auth + session-binding {alg} warm",
+                        [wasm_filter("jwt_auth", jwt_auth_config(keys[alg])), wasm_filter("session_binding", binding)],
+                        bound, guarded=True, jwt_auth="warm", cookie=f"gh_sid={BENCH_SID}",
+                        path=f"/rooms/{BENCH_ROOM}", counted=("session_binding.allowed",),
+                        refusals=(("the token without the session cookie", f"/rooms/{BENCH_ROOM}",
+                                   {"Authorization": f"Bearer {bound}"}, 401),
+                                  ("the token and cookie on another room", "/rooms/r-0001",
+                                   {"Authorization": f"Bearer {bound}", "Cookie": f"gh_sid={BENCH_SID}"}, 403))))
+    # page-guard on a 50 KB HTML page, against the same page without filters.
+    page = html_page()
+    out += [
+        Scenario("page", f"no filter, {len(page.encode()) / 1024:.0f} KB page", [], None, body=page, content_type=HTML,
+                 check=check_page(page, guarded=False), one_connection=True),
+        Scenario("page-guard", f"page-guard, {len(page.encode()) / 1024:.0f} KB page",
+                 [wasm_filter("page_guard", page_guard_config())], None, body=page, content_type=HTML,
+                 check=check_page(page, guarded=True), counted=("page_guard.rewritten",), one_connection=True),
+    ]
     return out
 
 
@@ -286,14 +470,16 @@ def _us(text: str) -> float:
     return float(m.group(1)) * _UNIT_US[m.group(2)]
 
 
-def wrk(args, url: str, seconds: int, sc: Scenario) -> dict:
-    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
+def wrk(args, url: str, seconds: int, sc: Scenario, connections: int | None = None) -> dict:
+    connections = connections or args.connections
+    cmd = ["wrk", f"-t{min(args.threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+           "--timeout", "10s"]
     if sc.token_file is not None:
         cmd += ["-s", str(LUA), url, "--", str(sc.token_file)]
-    elif sc.cookie is not None:
-        cmd += ["-H", f"Cookie: {sc.cookie}", url]
     else:
-        cmd += ["-H", f"Authorization: Bearer {sc.token}", url]
+        for name, value in sc.headers().items():
+            cmd += ["-H", f"{name}: {value}"]
+        cmd.append(url)
     done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     out = done.stdout
     if done.returncode != 0 or "requests in" not in out:
@@ -314,36 +500,56 @@ def wrk(args, url: str, seconds: int, sc: Scenario) -> dict:
 def run_scenario(args, envoy_bin: Path, workdir: Path, sc: Scenario) -> Result:
     wd = workdir / sc.key
     wd.mkdir(parents=True, exist_ok=True)
-    envoy = Envoy(envoy_bin, wd, sc.filters)
+    envoy = Envoy(envoy_bin, wd, sc.filters, body=sc.body, content_type=sc.content_type)
+    url = envoy.base + sc.path
     try:
-        status = http_status(envoy.url, sc.token, cookie=sc.cookie)
+        status, headers, body = http_get(url, sc.headers())
         if status != 200:
             raise RuntimeError(f"{sc.key}: the sanity request with the token got {status}, not 200\n"
                                + envoy.log.read_text(errors="replace")[-4000:])
-        if sc.guarded and (status := http_status(envoy.url)) != 401:
+        if sc.check is not None:
+            try:
+                sc.check(headers, body)
+            except RuntimeError as e:
+                raise RuntimeError(f"{sc.key}: {e}\n" + envoy.log.read_text(errors="replace")[-4000:]) from None
+        if sc.guarded and (status := http_status(url)) != 401:
             raise RuntimeError(f"{sc.key}: a request without a token got {status}, not 401: is the filter active?")
+        for what, path, refused_headers, expected in sc.refusals:
+            if (status := http_status(envoy.base + path, refused_headers)) != expected:
+                raise RuntimeError(f"{sc.key}: {what} got {status}, not {expected}: is the filter active?")
         if args.warmup > 0:
-            wrk(args, envoy.url, args.warmup, sc)
-        before_stats = envoy.counters("gatehouse.jwt_auth") if sc.jwt_auth else {}
+            wrk(args, url, args.warmup, sc)
+        counted = sc.jwt_auth or sc.counted
+        before = envoy.counters("gatehouse.") if counted else {}
         cpu0 = envoy.cpu_seconds()
-        w = wrk(args, envoy.url, args.seconds, sc)
+        w = wrk(args, url, args.seconds, sc)
         cpu1 = envoy.cpu_seconds()
         rss = envoy.rss_mb()
-        note = ""
+        after = envoy.counters("gatehouse.") if counted else {}
+        # Latency without queueing: one request at a time (after the counters and CPU are read).
+        one = wrk(args, url, args.seconds, sc, connections=1) if sc.one_connection else None
+        notes = []
         if sc.jwt_auth:
-            after = envoy.counters("gatehouse.jwt_auth")
-            delta = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1]: after.get(k, 0) - before_stats.get(k, 0)
-                     for k in after}
+            delta = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1]: after.get(k, 0) - before.get(k, 0)
+                     for k in after if ".jwt_auth." in k}
             hits, misses = delta.get("cache.hit", 0), delta.get("cache.miss", 0)
             note = f"cache hit/miss {hits}/{misses}"
             if sc.jwt_auth == "cold" and hits:
                 note += " (cold run hit the cache!)"
             if sc.jwt_auth == "warm" and misses > 1:
                 note += " (warm run missed the cache!)"
+            notes.append(note)
+        for name in sc.counted:
+            stat = f"wasmcustom.gatehouse.{name}"
+            n = after.get(stat, 0) - before.get(stat, 0)
+            # wrk counts the requests that completed; a few more may have been in flight.
+            notes.append(f"{name} {n}" + ("" if n >= w["requests"] else " (fewer than the requests!)"))
         requests = max(w["requests"], 1)
+        runs = [w, one] if one else [w]
         return Result(rps=w["rps"], p50_us=w["p50_us"], p99_us=w["p99_us"], requests=w["requests"],
-                      non2xx=w["non2xx"], socket_errors=w["socket_errors"],
-                      cpu_us=(cpu1 - cpu0) / requests * 1e6, rss_mb=rss, note=note)
+                      non2xx=sum(r["non2xx"] for r in runs), socket_errors=sum(r["socket_errors"] for r in runs),
+                      cpu_us=(cpu1 - cpu0) / requests * 1e6, rss_mb=rss, note=", ".join(notes),
+                      p50_c1_us=one["p50_us"] if one else None)
     finally:
         envoy.stop()
 
@@ -389,6 +595,10 @@ def fmt_us(us: float) -> str:
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
 
 
+def fmt_delta(us: float) -> str:
+    return ("+" if us >= 0 else "−") + fmt_us(abs(us))
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -427,11 +637,27 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
         )
 
     chain_alg = algs[0]
+    p50 = {k: v.med("p50_us") for k, v in results.items()}
+    p50_c1 = {k: statistics.median(r.p50_c1_us for r in v.runs) for k, v in results.items()
+              if all(r.p50_c1_us is not None for r in v.runs)}
+    added_p50 = p50_c1["page-guard"] - p50_c1["page"]
     lines += [
         "",
         f"token-proxy + jwt-auth chained ({chain_alg}, warm): {rps['chain']:,.0f} req/s = "
         f"{rps['chain'] / rps['none']:.2f} × no filter, {rps['chain'] / rps[f'warm-{chain_alg}']:.2f} × jwt-auth "
         f"alone; {cpu['chain'] - cpu[f'warm-{chain_alg}']:.1f} µs of Envoy CPU per request over jwt-auth alone.",
+        "",
+        f"jwt-auth + session-binding chained ({chain_alg}, warm; session cookie, room scope, fingerprint "
+        f"if present): {rps['bound']:,.0f} req/s = {rps['bound'] / rps['none']:.2f} × no filter, "
+        f"{rps['bound'] / rps[f'warm-{chain_alg}']:.2f} × jwt-auth alone; "
+        f"{cpu['bound'] - cpu[f'warm-{chain_alg}']:.1f} µs of Envoy CPU per request over jwt-auth alone.",
+        "",
+        f"page-guard on the {PAGE_BYTES // 1024} KB page: {rps['page-guard']:,.0f} req/s = "
+        f"{rps['page-guard'] / rps['page']:.2f} × the same page without filters; p50 with one connection "
+        f"{fmt_us(p50_c1['page-guard'])} vs {fmt_us(p50_c1['page'])} ({fmt_delta(added_p50)}), with "
+        f"{args.connections} connections {fmt_us(p50['page-guard'])} vs {fmt_us(p50['page'])} "
+        f"({fmt_delta(p50['page-guard'] - p50['page'])}, mostly queueing behind the one worker); "
+        f"{cpu['page-guard'] - cpu['page']:.1f} µs of Envoy CPU per request over the page without filters.",
     ]
 
     sizes = []
@@ -460,6 +686,9 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
     checks.append((ratio >= CHAIN_VS_BASELINE,
                    f"token-proxy + jwt-auth warm req/s {rps['chain']:,.0f} ≥ {CHAIN_VS_BASELINE} × no filter "
                    f"{rps['none']:,.0f} (ratio {ratio:.2f})"))
+    checks.append((added_p50 < PAGE_GUARD_ADDED_P50_US,
+                   f"page-guard adds {fmt_delta(added_p50)} at p50 to the {PAGE_BYTES // 1024} KB page (one connection) "
+                   f"< {PAGE_GUARD_ADDED_P50_US:.0f} µs"))
     for name, kb, in_dist in sizes:
         if in_dist:
             checks.append((kb <= WASM_MAX_KB, f"{name} {kb:.0f} KB ≤ {WASM_MAX_KB} KB"))
@@ -480,7 +709,7 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
         f"per alg; whole run {wall / 60:.1f} min.",
     ]
     if notes:
-        lines += ["", "jwt-auth counters during the measured runs: " + "; ".join(notes) + "."]
+        lines += ["", "Filter counters during the measured runs: " + "; ".join(notes) + "."]
     if bad:
         lines += ["", "**Errors**: " + "; ".join(
             f"{label}: {s.total('non2xx')} non-2xx, {s.total('socket_errors')} socket errors" for label, s in bad)]
@@ -531,7 +760,7 @@ def main() -> int:
     envoy_bin = find_envoy(args.envoy)
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is not installed (apt-get install wrk)")
-    for name in ("jwt-auth.wasm", "token-proxy.wasm"):
+    for name in ("jwt-auth.wasm", "token-proxy.wasm", "session-binding.wasm", "page-guard.wasm"):
         if not (DIST / name).exists():
             sys.exit(f"bench: dist/{name} is missing: run `cargo xtask build` (or `cargo xtask bench`)")
     build_noop(args.no_build)
@@ -545,7 +774,7 @@ def main() -> int:
         keys, tokens, files = mint_tokens(workdir, args.algs, args.tokens)
         order = scenarios(keys, tokens, files, args.algs)
         load_before = os.getloadavg()
-        est = len(order) * args.rounds * (args.seconds + args.warmup + 2)
+        est = sum(args.seconds * (2 if sc.one_connection else 1) + args.warmup + 2 for sc in order) * args.rounds
         print(f"bench: {len(order)} scenarios × {args.rounds} round(s), about {est / 60:.1f} min; "
               f"{envoy_version} --concurrency 1; wrk -t{args.threads} -c{args.connections} "
               f"{args.warmup:g}+{args.seconds:g} s; load average {load_before[0]:.2f}", flush=True)
@@ -554,9 +783,10 @@ def main() -> int:
                 r = run_scenario(args, envoy_bin, workdir, sc)
                 results.setdefault(sc.key, Summary()).runs.append(r)
                 warn = f"  non-2xx {r.non2xx} socket errors {r.socket_errors}" if r.non2xx or r.socket_errors else ""
+                one = f"  p50 -c1 {fmt_us(r.p50_c1_us)}" if r.p50_c1_us is not None else ""
                 print(f"  [{rnd + 1}/{args.rounds}] {sc.label:<38} {r.rps:>9,.0f} req/s  p50 {fmt_us(r.p50_us):>9}  "
                       f"p99 {fmt_us(r.p99_us):>9}  Envoy CPU {r.cpu_us:7.1f} µs/req"
-                      f"{'  ' + r.note if r.note else ''}{warn}", flush=True)
+                      f"{one}{'  ' + r.note if r.note else ''}{warn}", flush=True)
         load_after = os.getloadavg()
         table, target_lines = report(args, args.algs, order, results, envoy_version, load_before, load_after,
                                      time.monotonic() - started_at)
