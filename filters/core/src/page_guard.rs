@@ -1075,7 +1075,7 @@ pub struct PageRequest<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestDecision {
-    /// The CSP report endpoint: read the body, then [`PageGuardConfig::on_report`].
+    /// The CSP report endpoint: read the body, then [`parse_reports`].
     Report,
     /// A local reply (the report endpoint asked with another method than POST).
     Reply(LocalReply),

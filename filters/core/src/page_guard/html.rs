@@ -11,7 +11,7 @@
 //! until its `>` (up to [`MAX_TAG_BYTES`], then it passes unchanged).
 //!
 //! Speed: a tag that is whole in the chunk is read in one loop over the same states
-//! ([`Rewriter::scan_tag`], tested against the byte-by-byte path), and text and unchanged tags
+//! (`Rewriter::scan_tag`, tested against the byte-by-byte path), and text and unchanged tags
 //! are copied out a run at a time.
 //!
 //! A second stage removes every remaining occurrence of the placeholder (in a script body, a
