@@ -1,14 +1,20 @@
-//! A bounded cache of verified tokens, keyed by SHA-256 of the token.
+//! A bounded cache of verified tokens (or decrypted cookies), keyed by the token itself.
 //!
 //! It only saves the parse and the signature check: every time and rule check still runs on a
 //! hit, and an entry is dropped once its token expires, so the cache never changes a decision.
+//!
+//! The key is the whole token, found through std's `HashMap` (SipHash under a random key per
+//! process, so lookups cannot be steered into collisions) and compared byte for byte: a hit is
+//! exactly the token that was verified. Hashing a token with SHA-256 instead cost ~2 µs per
+//! request inside Envoy's V8, the largest part of a cache hit.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 pub struct TokenCache<V> {
     cap: usize,
-    map: HashMap<[u8; 32], (V, u64)>,
-    order: VecDeque<[u8; 32]>,
+    map: HashMap<Arc<[u8]>, (V, u64)>,
+    order: VecDeque<Arc<[u8]>>,
 }
 
 impl<V: Clone> TokenCache<V> {
@@ -29,7 +35,7 @@ impl<V: Clone> TokenCache<V> {
     }
 
     /// The entry for `key`, unless it is missing or expired (`now >= deadline`).
-    pub fn get(&mut self, key: &[u8; 32], now: u64) -> Option<V> {
+    pub fn get(&mut self, key: &[u8], now: u64) -> Option<V> {
         match self.map.get(key) {
             Some((v, deadline)) if now < *deadline => Some(v.clone()),
             Some(_) => {
@@ -42,10 +48,11 @@ impl<V: Clone> TokenCache<V> {
 
     /// Insert `value`, valid until `deadline`. When full, expired entries go first, then the
     /// oldest.
-    pub fn insert(&mut self, key: [u8; 32], value: V, deadline: u64, now: u64) {
+    pub fn insert(&mut self, key: &[u8], value: V, deadline: u64, now: u64) {
         if self.cap == 0 || now >= deadline {
             return;
         }
+        let key: Arc<[u8]> = Arc::from(key);
         if self.map.len() >= self.cap {
             self.map.retain(|_, (_, d)| now < *d);
             let map = &self.map;
@@ -59,7 +66,7 @@ impl<V: Clone> TokenCache<V> {
                 None => break,
             }
         }
-        if self.map.insert(key, (value, deadline)).is_none() {
+        if self.map.insert(key.clone(), (value, deadline)).is_none() {
             self.order.push_back(key);
         }
     }
@@ -77,24 +84,24 @@ mod tests {
     #[test]
     fn bounded_and_expiring() {
         let mut c = TokenCache::new(2);
-        c.insert([1; 32], "a", 100, 0);
-        c.insert([2; 32], "b", 50, 0);
+        c.insert(&[1; 32], "a", 100, 0);
+        c.insert(&[2; 32], "b", 50, 0);
         assert_eq!(c.get(&[1; 32], 10), Some("a"));
-        c.insert([3; 32], "c", 100, 10); // evicts the oldest
+        c.insert(&[3; 32], "c", 100, 10); // evicts the oldest
         assert_eq!(c.len(), 2);
         assert_eq!(c.get(&[1; 32], 10), None);
         assert_eq!(c.get(&[2; 32], 50), None, "expired at its deadline");
-        c.insert([4; 32], "d", 100, 60); // room after dropping the expired one
+        c.insert(&[4; 32], "d", 100, 60); // room after dropping the expired one
         assert_eq!(c.get(&[3; 32], 60), Some("c"));
         assert_eq!(c.get(&[4; 32], 60), Some("d"));
-        c.insert([5; 32], "e", 10, 20); // already expired: not stored
+        c.insert(&[5; 32], "e", 10, 20); // already expired: not stored
         assert_eq!(c.get(&[5; 32], 0), None);
     }
 
     #[test]
     fn zero_capacity_disables() {
         let mut c = TokenCache::new(0);
-        c.insert([1; 32], 1, 100, 0);
+        c.insert(&[1; 32], 1, 100, 0);
         assert!(c.is_empty());
     }
 }

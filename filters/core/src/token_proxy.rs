@@ -189,13 +189,17 @@ impl CookieKeys {
         if value.len() > MAX_COOKIE_BYTES {
             return Err(CookieError::TooLarge);
         }
-        let key = crate::sha256(value.as_bytes());
-        if let Some(plain) = self.decrypted.lock().ok().and_then(|mut c| c.get(&key, 0)) {
+        if let Some(plain) = self
+            .decrypted
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(value.as_bytes(), 0))
+        {
             return Ok(plain.to_string());
         }
         let plain = self.decrypt_uncached(value)?;
         if let Ok(mut cache) = self.decrypted.lock() {
-            cache.insert(key, Arc::from(plain.as_str()), u64::MAX, 0);
+            cache.insert(value.as_bytes(), Arc::from(plain.as_str()), u64::MAX, 0);
         }
         Ok(plain)
     }
