@@ -61,6 +61,22 @@ def run_async(coro, timeout: float = 30):
         return pool.submit(asyncio.run, asyncio.wait_for(coro, timeout)).result()
 
 
+async def closes_without(ws, frame: str, why: str, timeout: float = 10, send: bool = True) -> tuple[int, str]:
+    """Send `frame` (or, with `send=False`, wait for the upstream's), then read until the socket
+    closes, failing with `why` if `frame` arrives (it crossed the filter). Returns the close code
+    and reason."""
+    import websockets
+
+    if send:
+        await ws.send(frame)
+    try:
+        while True:
+            msg = await asyncio.wait_for(ws.recv(), timeout)
+            assert msg != frame, why
+    except websockets.ConnectionClosed:
+        return ws.close_code, ws.close_reason
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,11 +1,15 @@
-"""A small upstream for the page-guard tests: serves pages the test defines, optionally in
-separate chunks (so a tag arrives split across body chunks), gzip-encoded, or with upstream
-security headers. Listens on 127.0.0.1 only."""
+"""Small upstreams the tests define, on 127.0.0.1 only:
+
+- `Pages`: pages for the page-guard tests, optionally in separate chunks (so a tag arrives split
+  across body chunks), gzip-encoded, or with upstream security headers;
+- `JsonDocument`: one JSON document a filter fetches through an Envoy cluster (a remote JWKS, a
+  revocation feed), which the test changes, counts fetches of, and takes down."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,3 +76,36 @@ class Pages:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class JsonDocument:
+    """Answers every GET with `document` as JSON; `fetches` counts them; `stop()` takes it down."""
+
+    def __init__(self, document):
+        self.document = document
+        self.fetches = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.fetches += 1
+                body = json.dumps(outer.document).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.up = True
+
+    def stop(self):
+        if self.up:
+            self.up = False
+            self.httpd.shutdown()
+            self.httpd.server_close()

@@ -3,58 +3,23 @@ dispatch_http_call, refreshed on a timer, refetched on an unknown kid, kept when
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
+from pages import JsonDocument
 from tokens import AUDIENCE, ISSUER, Key, jwks
 
 pytestmark = pytest.mark.usefixtures("require_envoy")
 
 
-class JwksServer:
-    """A JWKS endpoint whose document the test can change, and which can go down."""
-
-    def __init__(self):
-        self.document = {"keys": []}
-        self.requests = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.requests += 1
-                body = json.dumps(outer.document).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def jwks_server():
-    srv = JwksServer()
+    """The identity provider's JWKS endpoint: a document the test changes, and can take down."""
+    srv = JsonDocument({"keys": []})
     yield srv
-    try:
-        srv.stop()
-    except Exception:
-        pass
+    srv.stop()
 
 
 def wait_until(pred, timeout=10.0):

@@ -53,8 +53,8 @@ PAGE = f"""<!doctype html>
 """
 
 
-@pytest.fixture(scope="module")
-def pages():
+def upstream_pages() -> Pages:
+    """The upstream of these tests: PAGE and the scripts and stylesheet it loads."""
     p = Pages()
     p.routes["/page"] = Page(PAGE)
     p.routes["/good.js"] = Page(GOOD_JS, "text/javascript")
@@ -62,6 +62,12 @@ def pages():
     # The manifest has the hash of ORIGINAL_JS; the upstream serves other bytes.
     p.routes["/tampered.js"] = Page(b"window.tampered = 'evil';\n", "text/javascript")
     p.routes["/unlisted.js"] = Page(b"window.unlisted = 1;\n", "text/javascript")
+    return p
+
+
+@pytest.fixture(scope="module")
+def pages():
+    p = upstream_pages()
     yield p
     p.stop()
 

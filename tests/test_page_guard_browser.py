@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from pages import Page, Pages
-from test_page_guard import GOOD_JS, PAGE, config, manifest, routes
+from test_page_guard import config, manifest, routes, upstream_pages
 
 RECORD_VIOLATIONS = """
 window.__violations = [];
@@ -23,12 +22,7 @@ document.addEventListener('securitypolicyviolation', (e) => {
 
 @pytest.fixture(scope="module")
 def pages():
-    p = Pages()
-    p.routes["/page"] = Page(PAGE)
-    p.routes["/good.js"] = Page(GOOD_JS, "text/javascript")
-    p.routes["/good.css"] = Page(b"p { color: green; }\n", "text/css")
-    p.routes["/tampered.js"] = Page(b"window.tampered = 'evil';\n", "text/javascript")
-    p.routes["/unlisted.js"] = Page(b"window.unlisted = 1;\n", "text/javascript")
+    p = upstream_pages()
     yield p
     p.stop()
 

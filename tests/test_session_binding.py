@@ -10,16 +10,15 @@ import asyncio
 import base64
 import hashlib
 import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 import websockets
 
-from conftest import cluster, run_async as run, wasm_filter
+from conftest import closes_without, cluster, run_async as run, wasm_filter
+from pages import JsonDocument
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config
 
 pytestmark = pytest.mark.usefixtures("require_envoy")
@@ -41,31 +40,11 @@ RULES = [
 ]
 
 
-class FeedServer:
+class FeedServer(JsonDocument):
     """The revocation feed: a document the test changes, and a server that can go down."""
 
     def __init__(self):
-        self.document = {"revoked": []}
-        self.fetches = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.fetches += 1
-                body = json.dumps(outer.document).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.up = True
+        super().__init__({"revoked": []})
 
     def set(self, *entries):
         """Publish `entries` and wait until the filters on every worker have fetched it."""
@@ -73,12 +52,6 @@ class FeedServer:
         seen = self.fetches
         wait_until(lambda: self.fetches >= seen + 6, 10)  # main thread + 2 workers, twice
         time.sleep(0.3)
-
-    def stop(self):
-        if self.up:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.up = False
 
 
 def wait_until(pred, timeout=10.0):
@@ -392,12 +365,7 @@ def test_revocation_of_each_kind_and_a_live_socket_closed_on_its_next_frame(fron
             from tokens import claims_of
             await asyncio.to_thread(feed.set, {"jti": claims_of(live_token)["jti"]},
                                     {"sub": "mallory", "issued_before": now - 5}, {"kid": k2.kid})
-            await ws.send("after")
-            with pytest.raises(websockets.ConnectionClosed):
-                while True:
-                    msg = await asyncio.wait_for(ws.recv(), 10)
-                    assert msg != "after", "a frame after revocation must not reach the upstream"
-            return ws.close_code, ws.close_reason
+            return await closes_without(ws, "after", "a frame after revocation must not reach the upstream")
 
     assert run(go()) == (4401, "token revoked")
     assert outcome(gw, "/ws/echo", live_token)[:2] == ("closed", 4401), "revoked jti"
@@ -434,11 +402,8 @@ def test_feed_down_fail_closed_refuses_and_closes_live_sockets(key, demo, envoy_
             assert await ws.recv() == "before"
             feed.stop()
             await asyncio.sleep(4)  # max_stale_seconds 2, refresh 1 s
-            await ws.send("after")
-            with pytest.raises(websockets.ConnectionClosed):
-                while True:
-                    assert await asyncio.wait_for(ws.recv(), 10) != "after"
-            return ws.close_code
+            code, _ = await closes_without(ws, "after", "a frame after the list went stale must not pass")
+            return code
 
     assert run(go()) == 1013
     assert outcome(gw, "/ws/echo", key.mint())[:2] == ("closed", 1013)
@@ -546,12 +511,9 @@ def test_the_local_stack_closes_a_live_socket_at_logout(local_stack):
             assert await ws.recv() == "before"
             await asyncio.to_thread(stack.logout, sid)
             await asyncio.sleep(3)  # the feed is fetched every 2 s
-            await ws.send("after")
-            with pytest.raises(websockets.ConnectionClosed):
-                while True:
-                    assert await asyncio.wait_for(ws.recv(), 10) != "after", "nothing passes after revocation"
+            closed = await closes_without(ws, "after", "nothing passes after revocation")
             await other.send("still here")
-            return ws.close_code, ws.close_reason, await other.recv()
+            return (*closed, await other.recv())
 
     assert run(go()) == (4401, "token revoked", "still here"), "only the logged-out session ends"
     fresh, _ = stack.login(user, sid)  # the revoked session is not resumed: a new one starts
