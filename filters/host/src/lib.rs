@@ -3,9 +3,10 @@
 //! the VM, failing every request after it). A failed host call is logged and degrades to
 //! "absent" / "not done", never to a panic.
 
-use gatehouse_core::reply::LocalReply;
+use gatehouse_core::reply::{LocalReply, Refusal};
+use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::UNIX_EPOCH;
@@ -107,6 +108,44 @@ pub fn send_reply(reply: &LocalReply) {
     let _ = hostcalls::send_http_response(reply.status, headers, Some(&reply.body));
 }
 
+/// Whether the request asks for a WebSocket upgrade (`upgrade: websocket`, in any case, possibly
+/// among other tokens).
+pub fn is_websocket_upgrade() -> bool {
+    request_header("upgrade").is_some_and(|u| {
+        u.split(',')
+            .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+    })
+}
+
+/// Refuse the request with `reply` and log it as
+/// `denied (<reason>) websocket|http <path without query> -> close <code>|<status>`.
+/// Returns the action that ends the request's header callback.
+pub fn refuse(
+    filter: &str,
+    reason: &str,
+    refusal: Refusal,
+    websocket: bool,
+    path: &str,
+    reply: &LocalReply,
+) -> Action {
+    let path_only = path.split('?').next().unwrap_or("");
+    log(
+        LogLevel::Info,
+        filter,
+        &format!(
+            "denied ({reason}) {} {path_only} -> {}",
+            if websocket { "websocket" } else { "http" },
+            if reply.status == 101 {
+                format!("close {}", refusal.close_code())
+            } else {
+                reply.status.to_string()
+            }
+        ),
+    );
+    send_reply(reply);
+    Action::Pause
+}
+
 /// Which body a chunk callback is about.
 #[derive(Clone, Copy)]
 pub enum Body {
@@ -121,6 +160,38 @@ pub fn replace_body(which: Body, size: usize, bytes: &[u8]) {
         Body::Response => BufferType::HttpResponseBody,
     };
     let _ = hostcalls::set_buffer(t, 0, size, bytes);
+}
+
+/// Pass the current chunk (`size` bytes going `dir`) of an upgraded stream through its live
+/// socket at `now`: once the socket closes, the chunk becomes its close frame (the first in each
+/// direction) or is dropped. An empty chunk matters only when a close is due. True when this
+/// chunk began the close (the socket was open before it), for the caller's log line and stat.
+pub fn live_chunk(
+    live: &mut LiveSocket,
+    dir: Dir,
+    size: usize,
+    now: u64,
+    session_deadline: impl FnOnce(&str) -> Option<u64>,
+) -> bool {
+    let was_closing = live.is_closing();
+    if size == 0 && !was_closing {
+        return false;
+    }
+    let which = match dir {
+        Dir::ToUpstream => Body::Request,
+        Dir::ToClient => Body::Response,
+    };
+    match live.on_chunk(dir, now, random_mask(), session_deadline) {
+        ChunkAction::Pass => false,
+        ChunkAction::Replace(frame) => {
+            replace_body(which, size, &frame);
+            !was_closing
+        }
+        ChunkAction::Drop => {
+            replace_body(which, size, &[]);
+            false
+        }
+    }
 }
 
 /// The first `size` bytes of the buffered request body (on an upgraded stream: what the client

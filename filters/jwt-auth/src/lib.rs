@@ -8,7 +8,7 @@ use gatehouse_core::jwt_auth::{
 };
 use gatehouse_core::reauth::{ClientFrames, Scan};
 use gatehouse_core::sessions;
-use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
+use gatehouse_core::ws::{Dir, LiveSocket};
 use gatehouse_host::{self as host, Body, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -263,13 +263,6 @@ fn session_deadline(session: &str) -> Option<u64> {
     sessions::lookup(&value?, session)
 }
 
-fn is_websocket_upgrade() -> bool {
-    host::request_header("upgrade").is_some_and(|u| {
-        u.split(',')
-            .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
-    })
-}
-
 impl Stream {
     /// Read the request, decide, apply. `may_fetch` is false once a JWKS fetch was made for
     /// this request.
@@ -291,7 +284,7 @@ impl Stream {
         } else {
             None
         };
-        let websocket = is_websocket_upgrade();
+        let websocket = host::is_websocket_upgrade();
         let ws_key = read_if(websocket, "sec-websocket-key");
         let ws_protocols = read_if(websocket, "sec-websocket-protocol");
         let authorization = host::request_header("authorization");
@@ -365,24 +358,15 @@ impl Stream {
             }
             Decision::Deny { denial, reply } => {
                 shared.count(&format!("denied.{}", denial.reason()));
-                let path_only = path.split('?').next().unwrap_or("");
-                host::log(
-                    LogLevel::Info,
-                    NAME,
-                    &format!(
-                        "denied ({}) {} {path_only} -> {}",
-                        denial.reason(),
-                        if websocket { "websocket" } else { "http" },
-                        if reply.status == 101 {
-                            format!("close {}", denial.refusal().close_code())
-                        } else {
-                            reply.status.to_string()
-                        }
-                    ),
-                );
                 drop(shared);
-                host::send_reply(&reply);
-                Action::Pause
+                host::refuse(
+                    NAME,
+                    denial.reason(),
+                    denial.refusal(),
+                    websocket,
+                    &path,
+                    &reply,
+                )
             }
             Decision::FetchJwks { provider } => {
                 let remote = shared
@@ -476,30 +460,13 @@ impl Stream {
         let Some(live) = self.live.as_mut() else {
             return;
         };
-        // An empty chunk matters only when a close is due (a refused re-auth took the chunk).
-        if size == 0 && !live.is_closing() {
-            return;
-        }
-        let was_closing = live.is_closing();
-        let which = match dir {
-            Dir::ToUpstream => Body::Request,
-            Dir::ToClient => Body::Response,
-        };
-        let now = host::now_secs();
-        match live.on_chunk(dir, now, host::random_mask(), session_deadline) {
-            ChunkAction::Pass => {}
-            ChunkAction::Replace(frame) => {
-                if !was_closing {
-                    self.shared.borrow().count("ws.expired_close");
-                    host::log(
-                        LogLevel::Info,
-                        NAME,
-                        &format!("live websocket: {}, closing with 4401", live.close_reason()),
-                    );
-                }
-                host::replace_body(which, size, &frame);
-            }
-            ChunkAction::Drop => host::replace_body(which, size, &[]),
+        if host::live_chunk(live, dir, size, host::now_secs(), session_deadline) {
+            self.shared.borrow().count("ws.expired_close");
+            host::log(
+                LogLevel::Info,
+                NAME,
+                &format!("live websocket: {}, closing with 4401", live.close_reason()),
+            );
         }
     }
 }

@@ -14,8 +14,8 @@ use gatehouse_core::session_binding::{
     parse_address, BindDecision, BindRequest, ClaimsSource, FingerprintMode, LiveTerms,
     SessionBinding, SessionBindingConfig, JWT_AUTHN_NAMESPACE,
 };
-use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
-use gatehouse_host::{self as host, Body, Counters};
+use gatehouse_core::ws::{Dir, LiveSocket};
+use gatehouse_host::{self as host, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use serde_json::Value;
@@ -258,13 +258,6 @@ struct Stream {
     slot: Option<(String, String)>,
 }
 
-fn is_websocket_upgrade() -> bool {
-    host::request_header("upgrade").is_some_and(|u| {
-        u.split(',')
-            .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
-    })
-}
-
 fn as_claims(bytes: &[u8]) -> Option<Claims> {
     match serde_json::from_slice(bytes) {
         Ok(Value::Object(map)) => Some(map),
@@ -339,7 +332,7 @@ impl Stream {
             binding.fingerprint,
         );
         let found = read_claims(&shared.binding.config.sources);
-        let websocket = is_websocket_upgrade();
+        let websocket = host::is_websocket_upgrade();
         let ws_key = read_if(websocket, "sec-websocket-key");
         let ws_protocols = read_if(websocket, "sec-websocket-protocol");
         let cookie = read_if(session, "cookie");
@@ -398,24 +391,15 @@ impl Stream {
             }
             BindDecision::Deny { denial, reply } => {
                 shared.count(&format!("denied.{}", denial.reason()));
-                let path_only = path.split('?').next().unwrap_or("");
-                host::log(
-                    LogLevel::Info,
-                    NAME,
-                    &format!(
-                        "denied ({}) {} {path_only} -> {}",
-                        denial.reason(),
-                        if websocket { "websocket" } else { "http" },
-                        if reply.status == 101 {
-                            format!("close {}", denial.refusal().close_code())
-                        } else {
-                            reply.status.to_string()
-                        }
-                    ),
-                );
                 drop(shared);
-                host::send_reply(&reply);
-                Action::Pause
+                host::refuse(
+                    NAME,
+                    denial.reason(),
+                    denial.refusal(),
+                    websocket,
+                    &path,
+                    &reply,
+                )
             }
         }
     }
@@ -447,18 +431,8 @@ impl Stream {
                 );
             }
         }
-        if size == 0 && !live.is_closing() {
-            return;
-        }
-        let which = match dir {
-            Dir::ToUpstream => Body::Request,
-            Dir::ToClient => Body::Response,
-        };
-        match live.on_chunk(dir, now, host::random_mask(), |_| None) {
-            ChunkAction::Pass => {}
-            ChunkAction::Replace(frame) => host::replace_body(which, size, &frame),
-            ChunkAction::Drop => host::replace_body(which, size, &[]),
-        }
+        // The socket has no deadline: only the check above closes it, and logged that.
+        host::live_chunk(live, dir, size, now, |_| None);
     }
 }
 
