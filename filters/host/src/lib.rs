@@ -5,10 +5,13 @@
 
 use gatehouse_core::reply::{LocalReply, Refusal};
 use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
+use gatehouse_core::ConfigError;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 pub use proxy_wasm;
@@ -25,6 +28,83 @@ pub fn install_panic_hook(filter: &'static str) {
     std::panic::set_hook(Box::new(move |info| {
         let _ = hostcalls::log(LogLevel::Critical, &format!("{filter}: panic: {info}"));
     }));
+}
+
+/// A filter's entry point: panics are logged with the filter's name (see
+/// [`install_panic_hook`]) and `root` (an expression, evaluated per root context) is the root
+/// context.
+#[macro_export]
+macro_rules! main {
+    ($filter:expr, $root:expr) => {
+        $crate::proxy_wasm::main! {{
+            $crate::install_panic_hook($filter);
+            $crate::proxy_wasm::set_root_context(
+                |_| -> Box<dyn $crate::proxy_wasm::traits::RootContext> { Box::new($root) },
+            );
+        }}
+    };
+}
+
+/// The plugin configuration compiled by `compile`, or `None` once the reason is logged at
+/// critical level (`on_configure` then returns false and Envoy refuses the configuration).
+pub fn configure<T>(
+    filter: &str,
+    compile: impl FnOnce(&[u8]) -> Result<T, ConfigError>,
+) -> Option<T> {
+    match compile(&plugin_config()) {
+        Ok(compiled) => Some(compiled),
+        Err(e) => {
+            log(LogLevel::Critical, filter, &e.to_string());
+            None
+        }
+    }
+}
+
+/// The root context of a filter whose streams share only what its configuration compiles to
+/// (no timers, no calls of its own): `configure` makes that state from the configuration bytes
+/// (see [`configure`]), `stream` makes each request's context from it.
+pub struct ConfiguredRoot<S> {
+    filter: &'static str,
+    configure: fn(&[u8]) -> Result<S, ConfigError>,
+    stream: fn(Rc<S>) -> Box<dyn HttpContext>,
+    shared: Option<Rc<S>>,
+}
+
+impl<S> ConfiguredRoot<S> {
+    pub fn new(
+        filter: &'static str,
+        configure: fn(&[u8]) -> Result<S, ConfigError>,
+        stream: fn(Rc<S>) -> Box<dyn HttpContext>,
+    ) -> Self {
+        Self {
+            filter,
+            configure,
+            stream,
+            shared: None,
+        }
+    }
+}
+
+impl<S> Context for ConfiguredRoot<S> {}
+
+impl<S> RootContext for ConfiguredRoot<S> {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        match configure(self.filter, self.configure) {
+            Some(shared) => {
+                self.shared = Some(Rc::new(shared));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some((self.stream)(self.shared.clone()?))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
 }
 
 /// Unix time in seconds (0 if the host cannot tell, which makes every token look valid for

@@ -21,10 +21,7 @@ const NAME: &str = "gatehouse.jwt_auth";
 /// Retry a failed JWKS fetch after this long (the last good keys stay in use meanwhile).
 const JWKS_RETRY_SECONDS: u64 = 5;
 
-proxy_wasm::main! {{
-    host::install_panic_hook(NAME);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
-}}
+host::main!(NAME, Root::default());
 
 /// Per-worker state shared by the root context and every stream.
 struct Shared {
@@ -132,12 +129,8 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let config = match JwtAuthConfig::compile(&host::plugin_config()) {
-            Ok(c) => c,
-            Err(e) => {
-                host::log(LogLevel::Critical, NAME, &e.to_string());
-                return false;
-            }
+        let Some(config) = host::configure(NAME, JwtAuthConfig::compile) else {
+            return false;
         };
         self.next_fetch = config
             .providers

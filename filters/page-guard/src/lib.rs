@@ -4,18 +4,28 @@ use gatehouse_core::page_guard::{
     parse_reports, report_reply, BodyPlan, HeaderEdit, LogLimiter, PageGuardConfig, PageRequest,
     PageResponse, PolicyId, RequestDecision, Rewriter,
 };
+use gatehouse_core::ConfigError;
 use gatehouse_host::{self as host, Body, Counters};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, LogLevel};
 use std::cell::RefCell;
 use std::rc::Rc;
 
 const NAME: &str = "gatehouse.page_guard";
 
-proxy_wasm::main! {{
-    host::install_panic_hook(NAME);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { shared: None }) });
-}}
+host::main!(
+    NAME,
+    host::ConfiguredRoot::new(NAME, configure, |shared| Box::new(Stream {
+        shared,
+        mode: Mode::Off,
+        path: String::new(),
+        head: false,
+        forwarded_proto: None,
+        body: BodyPlan::Untouched,
+        nonce: None,
+        rewriter: None,
+    }))
+);
 
 struct Shared {
     config: PageGuardConfig,
@@ -29,65 +39,36 @@ impl Shared {
     }
 }
 
-struct Root {
-    shared: Option<Rc<Shared>>,
-}
-
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        // `nonce.placeholder_env` reads the VM's environment (WASI `environ_get`, filled from
-        // `vm_config.environment_variables`).
-        let env = |name: &str| host::env_var(name);
-        match PageGuardConfig::compile(&host::plugin_config(), &env) {
-            Ok(config) => {
-                host::log(
-                    LogLevel::Info,
-                    NAME,
-                    &format!(
-                        "configured: csp {}, nonce {}, sri manifest {} entries, {} rule(s), body cap {} bytes",
-                        if config.policy.csp.is_some() { "on" } else { "off" },
-                        match (&config.placeholder_env, config.placeholder.is_empty()) {
-                            (_, true) => "off".to_string(),
-                            (Some(var), false) => format!("placeholder from {var}"),
-                            (None, false) => "placeholder inline".to_string(),
-                        },
-                        config.sri.as_ref().map_or(0, |s| s.len()),
-                        config.rules.len(),
-                        config.max_body_bytes,
-                    ),
-                );
-                self.shared = Some(Rc::new(Shared {
-                    config,
-                    counters: Counters::default(),
-                    report_log: RefCell::new(LogLimiter::default()),
-                }));
-                true
-            }
-            Err(e) => {
-                host::log(LogLevel::Critical, NAME, &e.to_string());
-                false
-            }
-        }
-    }
-
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream {
-            shared: self.shared.clone()?,
-            mode: Mode::Off,
-            path: String::new(),
-            head: false,
-            forwarded_proto: None,
-            body: BodyPlan::Untouched,
-            nonce: None,
-            rewriter: None,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
+/// Compile the configuration and say what it configured.
+fn configure(bytes: &[u8]) -> Result<Shared, ConfigError> {
+    // `nonce.placeholder_env` reads the VM's environment (WASI `environ_get`, filled from
+    // `vm_config.environment_variables`).
+    let config = PageGuardConfig::compile(bytes, &host::env_var)?;
+    host::log(
+        LogLevel::Info,
+        NAME,
+        &format!(
+            "configured: csp {}, nonce {}, sri manifest {} entries, {} rule(s), body cap {} bytes",
+            if config.policy.csp.is_some() {
+                "on"
+            } else {
+                "off"
+            },
+            match (&config.placeholder_env, config.placeholder.is_empty()) {
+                (_, true) => "off".to_string(),
+                (Some(var), false) => format!("placeholder from {var}"),
+                (None, false) => "placeholder inline".to_string(),
+            },
+            config.sri.as_ref().map_or(0, |s| s.len()),
+            config.rules.len(),
+            config.max_body_bytes,
+        ),
+    );
+    Ok(Shared {
+        config,
+        counters: Counters::default(),
+        report_log: RefCell::new(LogLimiter::default()),
+    })
 }
 
 enum Mode {

@@ -28,10 +28,7 @@ const NAME: &str = "gatehouse.session_binding";
 /// Retry a failed revocation fetch after this long (the last good list stays in use).
 const FEED_RETRY_SECONDS: u64 = 5;
 
-proxy_wasm::main! {{
-    host::install_panic_hook(NAME);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
-}}
+host::main!(NAME, Root::default());
 
 /// Envoy shared data: one store per Envoy process, seen by every worker's VM.
 struct SharedData;
@@ -139,12 +136,8 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let config = match SessionBindingConfig::compile(&host::plugin_config()) {
-            Ok(c) => c,
-            Err(e) => {
-                host::log(LogLevel::Critical, NAME, &e.to_string());
-                return false;
-            }
+        let Some(config) = host::configure(NAME, SessionBindingConfig::compile) else {
+            return false;
         };
         let now = host::now_secs();
         host::log(

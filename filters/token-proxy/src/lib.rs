@@ -1,17 +1,21 @@
 //! token-proxy: the proxy-wasm shell over `gatehouse_core::token_proxy`. See docs/token-proxy.md.
 
 use gatehouse_core::token_proxy::{ProxyDecision, ProxyRequest, TokenProxyConfig};
+use gatehouse_core::ConfigError;
 use gatehouse_host::{self as host, Counters};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, LogLevel};
 use std::rc::Rc;
 
 const NAME: &str = "gatehouse.token_proxy";
 
-proxy_wasm::main! {{
-    host::install_panic_hook(NAME);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { shared: None }) });
-}}
+host::main!(
+    NAME,
+    host::ConfiguredRoot::new(NAME, configure, |shared| Box::new(Stream {
+        shared,
+        origin: None
+    }))
+);
 
 struct Shared {
     config: TokenProxyConfig,
@@ -24,56 +28,29 @@ impl Shared {
     }
 }
 
-struct Root {
-    shared: Option<Rc<Shared>>,
-}
-
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        // `encryption_keys_env` reads the VM's environment: WASI `environ_get`, which Envoy
-        // fills with the variables listed in `vm_config.environment_variables`.
-        let env = |name: &str| std::env::var(name).ok();
-        match TokenProxyConfig::compile(&host::plugin_config(), &env) {
-            Ok(config) => {
-                host::log(
-                    LogLevel::Info,
-                    NAME,
-                    &format!(
-                        "configured: cookies {} / {}, {} key(s) {}",
-                        config.access_cookie,
-                        config.csrf_cookie,
-                        config.keys.len(),
-                        match &config.keys_env {
-                            Some(name) => format!("from environment variable {name}"),
-                            None => "inline".to_string(),
-                        }
-                    ),
-                );
-                self.shared = Some(Rc::new(Shared {
-                    config,
-                    counters: Counters::default(),
-                }));
-                true
+/// Compile the configuration and say what it configured.
+fn configure(bytes: &[u8]) -> Result<Shared, ConfigError> {
+    // `encryption_keys_env` reads the VM's environment: WASI `environ_get`, which Envoy
+    // fills with the variables listed in `vm_config.environment_variables`.
+    let config = TokenProxyConfig::compile(bytes, &host::env_var)?;
+    host::log(
+        LogLevel::Info,
+        NAME,
+        &format!(
+            "configured: cookies {} / {}, {} key(s) {}",
+            config.access_cookie,
+            config.csrf_cookie,
+            config.keys.len(),
+            match &config.keys_env {
+                Some(name) => format!("from environment variable {name}"),
+                None => "inline".to_string(),
             }
-            Err(e) => {
-                host::log(LogLevel::Critical, NAME, &e.to_string());
-                false
-            }
-        }
-    }
-
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream {
-            shared: self.shared.clone()?,
-            origin: None,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
+        ),
+    );
+    Ok(Shared {
+        config,
+        counters: Counters::default(),
+    })
 }
 
 struct Stream {

@@ -3,17 +3,18 @@
 
 use gatehouse_core::jwt_auth::CLAIMS_PROPERTY;
 use gatehouse_core::turn::{TurnConfig, TurnDecision, TurnRequest};
+use gatehouse_core::ConfigError;
 use gatehouse_host::{self as host, Counters};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, LogLevel};
 use std::rc::Rc;
 
 const NAME: &str = "gatehouse.turn_credentials";
 
-proxy_wasm::main! {{
-    host::install_panic_hook(NAME);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { shared: None }) });
-}}
+host::main!(
+    NAME,
+    host::ConfiguredRoot::new(NAME, configure, |shared| Box::new(Stream { shared }))
+);
 
 struct Shared {
     config: TurnConfig,
@@ -26,51 +27,26 @@ impl Shared {
     }
 }
 
-struct Root {
-    shared: Option<Rc<Shared>>,
-}
-
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        // Secrets given as `env` come from the VM's environment (Envoy's
-        // `vm_config.environment_variables`), never from the config itself.
-        match TurnConfig::compile(&host::plugin_config(), &host::env_var) {
-            Ok(config) => {
-                host::log(
-                    LogLevel::Info,
-                    NAME,
-                    &format!(
-                        "configured: {} answers for claim `{}`, ttl {} s, {} url(s)",
-                        config.path,
-                        config.user_claim,
-                        config.ttl,
-                        config.urls.len()
-                    ),
-                );
-                self.shared = Some(Rc::new(Shared {
-                    config,
-                    counters: Counters::default(),
-                }));
-                true
-            }
-            Err(e) => {
-                host::log(LogLevel::Critical, NAME, &e.to_string());
-                false
-            }
-        }
-    }
-
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream {
-            shared: self.shared.clone()?,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
+/// Compile the configuration and say what it configured.
+fn configure(bytes: &[u8]) -> Result<Shared, ConfigError> {
+    // Secrets given as `env` come from the VM's environment (Envoy's
+    // `vm_config.environment_variables`), never from the config itself.
+    let config = TurnConfig::compile(bytes, &host::env_var)?;
+    host::log(
+        LogLevel::Info,
+        NAME,
+        &format!(
+            "configured: {} answers for claim `{}`, ttl {} s, {} url(s)",
+            config.path,
+            config.user_claim,
+            config.ttl,
+            config.urls.len()
+        ),
+    );
+    Ok(Shared {
+        config,
+        counters: Counters::default(),
+    })
 }
 
 struct Stream {
