@@ -4,6 +4,7 @@
 //! host-free and deterministic: time comes in as a parameter (`now`, unix seconds), randomness
 //! (WebSocket masks) comes in as bytes, and the results are plain values the shell applies.
 
+mod buckets;
 pub mod cache;
 pub mod config;
 pub mod cookie;

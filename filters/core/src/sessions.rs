@@ -7,7 +7,7 @@
 //! session pushed out of a full bucket only loses its extension: its sockets close at their own
 //! deadline, never later.
 
-use std::fmt::Write as _;
+use crate::buckets::{self, entries};
 
 /// Number of shared-data keys used.
 pub const BUCKETS: u32 = 256;
@@ -16,19 +16,10 @@ pub const PER_BUCKET: usize = 64;
 
 /// The shared-data key holding `session`'s deadline.
 pub fn bucket_key(session: &str) -> String {
-    let h = crate::sha256(session.as_bytes());
-    let n = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % BUCKETS;
-    format!("gatehouse.jwt_auth.sessions.{n}")
-}
-
-fn entries(bucket: &[u8]) -> impl Iterator<Item = (&str, u64)> {
-    std::str::from_utf8(bucket)
-        .unwrap_or("")
-        .lines()
-        .filter_map(|line| {
-            let (k, d) = line.split_once(' ')?;
-            Some((k, d.parse().ok()?))
-        })
+    format!(
+        "gatehouse.jwt_auth.sessions.{}",
+        buckets::index(session, BUCKETS)
+    )
 }
 
 /// `session`'s deadline in a bucket value.
@@ -46,16 +37,8 @@ pub fn record(bucket: &[u8], session: &str, deadline: u64, now: u64) -> Option<V
         .filter(|(k, d)| *k != session && *d > now)
         .collect();
     kept.push((session, deadline));
-    // Over the cap, the entries that end soonest go.
-    while kept.len() > PER_BUCKET {
-        let soonest = (0..kept.len()).min_by_key(|&i| kept[i].1).unwrap_or(0);
-        kept.swap_remove(soonest);
-    }
-    let mut out = String::new();
-    for (k, d) in kept {
-        let _ = writeln!(out, "{k} {d}");
-    }
-    Some(out.into_bytes())
+    buckets::keep_latest(&mut kept, PER_BUCKET);
+    Some(buckets::write(&kept))
 }
 
 #[cfg(test)]

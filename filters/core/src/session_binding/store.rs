@@ -11,6 +11,7 @@
 //! spread over a fixed number of bucket keys, each bucket's value is a short text of lines,
 //! pruned of expired entries on every write and capped.
 
+use crate::buckets;
 use std::fmt::Write as _;
 
 /// A compare-and-swap key/value store: the shape of proxy-wasm shared data.
@@ -87,29 +88,12 @@ pub fn short_hash(text: &str) -> String {
     crate::b64url(&h[..12])
 }
 
-fn bucket_of(hash: &str, buckets: u32) -> u32 {
-    let h = crate::sha256(hash.as_bytes());
-    u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % buckets.max(1)
-}
-
 /// [`BindingStore`] over a CAS key/value store. Ids and owners given to it are already short
 /// hashes without spaces or newlines ([`short_hash`]).
 pub struct KvStore<K: Kv> {
     pub kv: K,
     pub jti: JtiLimits,
     pub slots: SlotLimits,
-}
-
-/// `<id> <until>` lines.
-fn jti_entries(bucket: &[u8]) -> Vec<(&str, u64)> {
-    std::str::from_utf8(bucket)
-        .unwrap_or("")
-        .lines()
-        .filter_map(|line| {
-            let (k, d) = line.split_once(' ')?;
-            Some((k, d.parse().ok()?))
-        })
-        .collect()
 }
 
 /// `<owner> <slot> <expires>` lines.
@@ -136,13 +120,13 @@ impl<K: Kv> KvStore<K> {
 
     /// The key of token id `id`'s bucket.
     pub fn jti_key(&self, id: &str) -> String {
-        format!("{JTI_PREFIX}{}", bucket_of(id, self.jti.buckets))
+        format!("{JTI_PREFIX}{}", buckets::index(id, self.jti.buckets))
     }
 
     /// The key of `owner`'s slot bucket (all of an owner's slots live in one bucket, so one CAS
     /// write counts and adds atomically).
     pub fn slot_key(&self, owner: &str) -> String {
-        format!("{SLOT_PREFIX}{}", bucket_of(owner, self.slots.buckets))
+        format!("{SLOT_PREFIX}{}", buckets::index(owner, self.slots.buckets))
     }
 
     /// Create every bucket that does not exist yet, once at start. Shared data cannot create a
@@ -185,10 +169,8 @@ impl<K: Kv> BindingStore for KvStore<K> {
         let key = self.jti_key(id);
         let limits = self.jti;
         self.update(&key, UseOnce::Full, |bucket| {
-            let mut kept: Vec<(&str, u64)> = jti_entries(bucket)
-                .into_iter()
-                .filter(|(_, d)| *d > now)
-                .collect();
+            let mut kept: Vec<(&str, u64)> =
+                buckets::entries(bucket).filter(|(_, d)| *d > now).collect();
             if kept.iter().any(|(k, _)| *k == id) {
                 return (None, UseOnce::Replay);
             }
@@ -197,18 +179,12 @@ impl<K: Kv> BindingStore for KvStore<K> {
                 if !limits.evict || limits.per_bucket == 0 {
                     return (None, UseOnce::Full);
                 }
-                while kept.len() >= limits.per_bucket {
-                    let soonest = (0..kept.len()).min_by_key(|&i| kept[i].1).unwrap_or(0);
-                    kept.swap_remove(soonest);
-                }
+                // Room for the new entry.
+                buckets::keep_latest(&mut kept, limits.per_bucket - 1);
                 outcome = UseOnce::FreshEvicted;
             }
             kept.push((id, until.max(now + 1)));
-            let mut out = String::new();
-            for (k, d) in kept {
-                let _ = writeln!(out, "{k} {d}");
-            }
-            (Some(out.into_bytes()), outcome)
+            (Some(buckets::write(&kept)), outcome)
         })
     }
 
