@@ -58,6 +58,36 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
     })
 }
 
+/// Check what every periodic fetch from an Envoy cluster needs: a cluster, a path starting with
+/// `/` and a refresh period of at least a second. Errors name the field under `at`
+/// (`revocation.cluster`, `providers[0].jwks.remote.path`).
+pub(crate) fn check_fetch(
+    at: &str,
+    cluster: &str,
+    path: &str,
+    refresh_seconds: u64,
+) -> Result<(), ConfigError> {
+    if cluster.is_empty() {
+        return Err(ConfigError::new(
+            format!("{at}.cluster"),
+            "must not be empty",
+        ));
+    }
+    if !path.starts_with('/') {
+        return Err(ConfigError::new(
+            format!("{at}.path"),
+            "must start with `/`",
+        ));
+    }
+    if refresh_seconds == 0 {
+        return Err(ConfigError::new(
+            format!("{at}.refresh_seconds"),
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
 /// How a filter reads the Wasm VM's environment (secrets given as `…_env`): WASI `environ_get`
 /// in the filters, Envoy's `host_env_keys` resolved by `gatehouse check`, a map in tests.
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;

@@ -5,7 +5,7 @@
 //! after which it decides again.
 
 use crate::cache::TokenCache;
-use crate::config::{parse_json, ConfigError};
+use crate::config::{check_fetch, parse_json, ConfigError};
 use crate::jwt::claims::{check_audience, claim_text};
 use crate::jwt::{Claims, Jws, KeySet, TimeRules, TokenError, TokenTimes, VerifyingKey};
 use crate::reply::{LocalReply, Refusal, WsHandshake};
@@ -386,24 +386,7 @@ fn compile_provider(i: usize, raw: RawProvider) -> Result<Provider, ConfigError>
             static_keys = keys;
         }
         Some(RawJwks::Remote(r)) => {
-            if r.cluster.is_empty() {
-                return Err(ConfigError::new(
-                    at("jwks.remote.cluster"),
-                    "must not be empty",
-                ));
-            }
-            if !r.path.starts_with('/') {
-                return Err(ConfigError::new(
-                    at("jwks.remote.path"),
-                    "must start with `/`",
-                ));
-            }
-            if r.refresh_seconds == 0 {
-                return Err(ConfigError::new(
-                    at("jwks.remote.refresh_seconds"),
-                    "must be at least 1",
-                ));
-            }
+            check_fetch(&at("jwks.remote"), &r.cluster, &r.path, r.refresh_seconds)?;
             if r.timeout_ms == 0 {
                 return Err(ConfigError::new(
                     at("jwks.remote.timeout_ms"),

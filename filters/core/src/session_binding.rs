@@ -13,7 +13,7 @@ pub mod metadata;
 pub mod revocation;
 pub mod store;
 
-use crate::config::{parse_json, ConfigError};
+use crate::config::{check_fetch, parse_json, ConfigError};
 use crate::jwt::claims::claim_text;
 use crate::jwt::Claims;
 use crate::jwt_auth::{Matcher, RawMatch};
@@ -616,18 +616,7 @@ impl SessionBindingConfig {
         let revocation = match raw.revocation {
             None => None,
             Some(r) => {
-                if r.cluster.is_empty() {
-                    return Err(ConfigError::new("revocation.cluster", "must not be empty"));
-                }
-                if !r.path.starts_with('/') {
-                    return Err(ConfigError::new("revocation.path", "must start with `/`"));
-                }
-                if r.refresh_seconds == 0 {
-                    return Err(ConfigError::new(
-                        "revocation.refresh_seconds",
-                        "must be at least 1",
-                    ));
-                }
+                check_fetch("revocation", &r.cluster, &r.path, r.refresh_seconds)?;
                 if r.max_stale_seconds < r.refresh_seconds {
                     return Err(ConfigError::new(
                         "revocation.max_stale_seconds",
