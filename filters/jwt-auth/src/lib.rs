@@ -263,32 +263,15 @@ impl Stream {
         // Every host call costs about a microsecond inside V8: read only what the config and
         // the kind of request need.
         let needs = self.shared.borrow().auth.config.needs();
-        let read_if = |need: bool, name: &str| {
-            if need {
-                host::request_header(name)
-            } else {
-                None
-            }
-        };
-        let path = host::request_header(":path").unwrap_or_default();
-        let authority = read_if(needs.host, ":authority").unwrap_or_default();
-        let route = if needs.route_name {
-            host::property_text(vec!["xds", "route_name"])
-        } else {
-            None
-        };
+        let (path, authority, route) = host::rule_target(&needs);
         let websocket = host::is_websocket_upgrade();
-        let ws_key = read_if(websocket, "sec-websocket-key");
-        let ws_protocols = read_if(websocket, "sec-websocket-protocol");
+        let ws_key = host::request_header_if(websocket, "sec-websocket-key");
+        let ws_protocols = host::request_header_if(websocket, "sec-websocket-protocol");
         let authorization = host::request_header("authorization");
-        let cookie = read_if(needs.cookie, "cookie");
+        let cookie = host::request_header_if(needs.cookie, "cookie");
         // Transport facts matter only for upgrades (`wss_only`): no host calls otherwise.
         let tls = websocket && host::property_text(vec!["connection", "tls_version"]).is_some();
-        let forwarded_proto = if websocket {
-            host::request_header("x-forwarded-proto")
-        } else {
-            None
-        };
+        let forwarded_proto = host::request_header_if(websocket, "x-forwarded-proto");
         let req = Request {
             path: &path,
             host: &authority,

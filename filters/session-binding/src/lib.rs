@@ -296,20 +296,7 @@ impl Stream {
             let config = &self.shared.borrow().binding.config;
             Needs::of_matchers(config.rules.iter().map(|(m, _)| m))
         };
-        let read_if = |need: bool, name: &str| {
-            if need {
-                host::request_header(name)
-            } else {
-                None
-            }
-        };
-        let path = host::request_header(":path").unwrap_or_default();
-        let authority = read_if(needs.host, ":authority").unwrap_or_default();
-        let route = if needs.route_name {
-            host::property_text(vec!["xds", "route_name"])
-        } else {
-            None
-        };
+        let (path, authority, route) = host::rule_target(&needs);
         let mut shared = self.shared.borrow_mut();
         let Some(binding) = shared
             .binding
@@ -326,13 +313,13 @@ impl Stream {
         );
         let found = read_claims(&shared.binding.config.sources);
         let websocket = host::is_websocket_upgrade();
-        let ws_key = read_if(websocket, "sec-websocket-key");
-        let ws_protocols = read_if(websocket, "sec-websocket-protocol");
-        let cookie = read_if(session, "cookie");
+        let ws_key = host::request_header_if(websocket, "sec-websocket-key");
+        let ws_protocols = host::request_header_if(websocket, "sec-websocket-protocol");
+        let cookie = host::request_header_if(session, "cookie");
         let has_cfp = found.as_ref().is_some_and(|(c, _)| c.contains_key("cfp"));
         let client = fingerprint == FingerprintMode::Required
             || (fingerprint != FingerprintMode::Off && has_cfp);
-        let user_agent = read_if(client, "user-agent");
+        let user_agent = host::request_header_if(client, "user-agent");
         let client_ip = if client {
             host::property_text(vec!["source", "address"]).and_then(|a| parse_address(&a))
         } else {
