@@ -283,7 +283,7 @@ class Envoy:
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": self.port}},
                     "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
                 }],
-                "clusters": [cluster("demo", demo.port)] + [cluster(n, p) for n, p in (extra_clusters or {}).items()],
+                "clusters": [cluster("demo", demo.port)] + [p if isinstance(p, dict) else cluster(n, p) for n, p in (extra_clusters or {}).items()],
             },
         }
         if bootstrap is not None:

@@ -19,12 +19,14 @@ def sri(data: bytes) -> str:
 
 class Page:
     def __init__(self, body: bytes | str, content_type: str = "text/html; charset=utf-8",
-                 chunks: list[int] | None = None, headers: dict[str, str] | None = None, status: int = 200):
+                 chunks: list[int] | None = None, headers: dict[str, str] | None = None, status: int = 200,
+                 trailers: dict[str, str] | None = None):
         self.body = body.encode() if isinstance(body, str) else body
         self.content_type = content_type
         self.chunks = chunks  # cut points: sent with Transfer-Encoding: chunked, a pause between
         self.headers = headers or {}
         self.status = status
+        self.trailers = trailers or {}  # sent after the last chunk (chunked encoding)
 
 class Pages:
     """`pages.routes[path] = Page(...)`; `pages.port`; `pages.requests` records (path, headers)."""
@@ -52,20 +54,20 @@ class Pages:
                 self.send_header("content-type", page.content_type)
                 for k, v in page.headers.items():
                     self.send_header(k, v)
-                if page.chunks is None:
+                if page.chunks is None and not page.trailers:
                     self.send_header("content-length", str(len(page.body)))
                     self.end_headers()
                     self.wfile.write(page.body)
                     return
                 self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
-                cuts = [0] + page.chunks + [len(page.body)]
+                cuts = [0] + (page.chunks or []) + [len(page.body)]
                 for a, b in zip(cuts, cuts[1:]):
                     if b > a:
                         self.wfile.write(b"%x\r\n%s\r\n" % (b - a, page.body[a:b]))
                         self.wfile.flush()
                         time.sleep(0.05)
-                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.write(b"0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in page.trailers.items()) + b"\r\n")
                 self.wfile.flush()
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -177,6 +177,27 @@ def test_over_the_cap_streams_and_still_rewrites(gw, pages):
     assert gw.stats()["wasmcustom.gatehouse.page_guard.over_cap"] >= 2
 
 
+@pytest.mark.parametrize("size", ["small", "over_the_cap"])
+def test_a_page_with_trailers_is_rewritten_too(demo, pages, envoy_factory, size):
+    """An upstream that ends the body with trailers: the last body chunk is not the end of the
+    stream, the trailers are. The page must still be rewritten, never forwarded as it was."""
+    from conftest import cluster
+
+    with_trailers = cluster("pages", pages.port)
+    with_trailers["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}}}}
+    gw = envoy_factory(demo, page_guard=config(manifest()), extra_clusters={"pages": with_trailers}, routes=routes())
+    body = PAGE if size == "small" else PAGE.replace("<body>", "<body>" + ("<p>" + "x" * 1000 + "</p>\n") * 100)
+    pages.routes["/trailers"] = Page(body, chunks=list(range(8192, len(body), 8192)), trailers={"x-checksum": "abc"})
+    r = requests.get(gw.url + "/trailers", timeout=10)
+    assert r.status_code == 200
+    nonce = nonce_of(r)
+    assert PLACEHOLDER not in r.text, "the placeholder never reaches the browser"
+    assert r.text.count(f'nonce="{nonce}"') == 4
+    assert r.headers.get("content-length") is None or int(r.headers["content-length"]) == len(r.content)
+
+
 def test_non_html_and_disabled_routes(gw, pages):
     r = requests.get(gw.url + "/good.js", timeout=5)
     assert r.content == GOOD_JS

@@ -305,4 +305,31 @@ impl HttpContext for Stream {
             }
         }
     }
+
+    /// A body that ends with trailers: its last chunk did not say `end_of_stream`, the trailers
+    /// do. A buffered body is complete now and is rewritten here, never forwarded as it came.
+    fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        match self.body {
+            BodyPlan::Untouched => {}
+            BodyPlan::Buffer => {
+                let body = host::response_body(ALL_BUFFERED);
+                let out = self.rewrite(&body, true);
+                host::replace_body(Body::Response, body.len(), &out);
+                host::set_response_header("content-length", Some(&out.len().to_string()));
+            }
+            BodyPlan::Stream => {
+                // The chunks went out as they came; no body can follow trailers. All the
+                // rewriter still holds is an unfinished start tag (which a browser drops at the
+                // end of a document too) or the start of a placeholder: it is dropped, counted.
+                if !self.rewrite(&[], true).is_empty() {
+                    self.shared.count("trailers.tail_dropped");
+                }
+            }
+        }
+        self.body = BodyPlan::Untouched;
+        Action::Continue
+    }
 }
+
+/// "Everything buffered" for a body read: proxy-wasm reads at most what there is.
+const ALL_BUFFERED: usize = i32::MAX as usize;
