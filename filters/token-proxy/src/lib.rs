@@ -64,11 +64,12 @@ impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let s = &self.shared;
         let method = host::request_header(":method").unwrap_or_default();
-        let origin = host::request_header("origin");
+        let (needs_origin, needs_preflight) = s.config.needs(&method);
+        let origin = host::request_header_if(needs_origin, "origin");
         let authorization = host::request_header("authorization");
         let cookie = host::request_header("cookie");
         let csrf = host::request_header(&s.config.csrf_header);
-        let preflight = host::request_header("access-control-request-method");
+        let preflight = host::request_header_if(needs_preflight, "access-control-request-method");
         let decision = s.config.decide(&ProxyRequest {
             method: &method,
             origin: origin.as_deref(),
@@ -125,7 +126,8 @@ impl HttpContext for Stream {
                 host::set_response_header(&name, Some(&value));
             }
         }
-        if !config.harden_names.is_empty() {
+        // Most responses set no cookie: one lookup before reading every header.
+        if !config.harden_names.is_empty() && host::response_header("set-cookie").is_some() {
             let cookies: Vec<String> = host::response_headers()
                 .into_iter()
                 .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
