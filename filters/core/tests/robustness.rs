@@ -1,6 +1,8 @@
 //! Robustness: hostile input never panics and never gets through. Mutations of a valid token
 //! (flipped, cut, spliced bytes), random header soup and random configs all run through the same
-//! entry points the filter uses. Deterministic (seeded), so a failure reproduces.
+//! entry points the filters use — jwt-auth, session-binding (configs, claims, cookies, revocation
+//! documents, garbage in shared-data buckets), page-guard (configs, CSP reports, responses) and
+//! turn-credentials. Deterministic (seeded), so a failure reproduces.
 
 #![allow(clippy::unwrap_used, clippy::panic)] // test code
 
@@ -253,6 +255,202 @@ fn session_buckets_and_turn_requests_survive_garbage() {
                 assert!(text.is_empty() || text.contains(':') || text.chars().any(char::is_control))
             }
             TurnDecision::Pass => panic!("the credentials path never passes"),
+        }
+    }
+}
+
+/// A mutated copy of one of `seeds`, or the seed itself.
+fn pick(rng: &mut Rng, seeds: &[&str]) -> String {
+    let s = seeds[rng.below(seeds.len())];
+    if rng.below(3) == 0 {
+        s.to_string()
+    } else {
+        mutate(rng, s)
+    }
+}
+
+#[test]
+fn session_binding_survives_random_configs_claims_cookies_feeds_and_buckets() {
+    use gatehouse_core::session_binding::revocation::{RevocationList, RevocationState};
+    use gatehouse_core::session_binding::store::{JtiLimits, Kv, KvStore, MemoryKv, SlotLimits};
+    use gatehouse_core::session_binding::{
+        BindDecision, BindRequest, SessionBinding, SessionBindingConfig,
+    };
+    let mut rng = Rng(0x5e55_1011);
+    let configs = [
+        r#"{"rules":[{"match":{"prefix":"/ws/rooms/"},"session":{"cookie":"sid"},"scope":[{"template":"/ws/rooms/{room}"}],"single_use":true,"max_sockets":{"limit":2,"per_claim":"sub"},"fingerprint":"required"}],"revocation":{"cluster":"c","path":"/r","refresh_seconds":1,"max_stale_seconds":5,"when_stale":"closed"}}"#,
+        r#"{"scope":[{"template":"/t/{tenant}/...","claims":{"tenant":"tenant_id"}}],"allow_missing":true}"#,
+        r#"{"claims_from":[{"jwt_authn":{"payload_key":"p"}}],"jti":{"max_entries":4,"buckets":2,"when_full":"evict"}}"#,
+        r#"{"rules":[{"match":{"host":""}}]}"#,
+    ];
+    for _ in 0..2000 {
+        let text = pick(&mut rng, &configs);
+        if let Err(e) = SessionBindingConfig::compile(text.as_bytes()) {
+            assert!(e.to_string().starts_with("config error"), "{e}");
+        }
+    }
+    let config = SessionBindingConfig::compile(configs[0].as_bytes()).unwrap();
+    let binding = SessionBinding::new(config);
+    // Garbage in some buckets (another writer, an old format) reads as no entries, never a panic.
+    let mut kv = MemoryKv::default();
+    for b in 0..4 {
+        if b % 2 == 0 {
+            let junk: Vec<u8> = (0..rng.below(200)).map(|_| rng.next() as u8).collect();
+            kv.set(&format!("gatehouse.session_binding.jti.{b}"), &junk, None);
+            kv.set(&format!("gatehouse.session_binding.slots.{b}"), &junk, None);
+        }
+    }
+    let mut store = KvStore::new(
+        kv,
+        JtiLimits {
+            buckets: 4,
+            per_bucket: 8,
+            evict: false,
+        },
+        SlotLimits {
+            buckets: 4,
+            per_bucket: 8,
+        },
+    );
+    store.create_buckets();
+    let feeds = [
+        r#"{"revoked":[{"jti":"j"},{"sid":"s"},{"sub":"a","issued_before":5},{"kid":"k"}]}"#,
+        r#"[{"sub":"a"}]"#,
+        r#"{"revoked":{}}"#,
+    ];
+    let claim_docs = [
+        r#"{"sub":"alice","sid":"s-1","room":"r1","jti":"j-1","exp":2000000000,"cfp":"x"}"#,
+        r#"{"sub":["a"],"room":["r1","r2"],"jti":7,"exp":-1}"#,
+        r#"{"sub":null,"sid":{},"room":""}"#,
+    ];
+    let paths = [
+        "/ws/rooms/r1",
+        "/ws/rooms/%72%31",
+        "/ws/rooms/",
+        "/ws/rooms/r1/x?a=b",
+        "/other",
+    ];
+    let (mut allowed, mut denied) = (0, 0);
+    for i in 0..5000 {
+        let mut state = RevocationState::new(NOW);
+        if let Ok(list) = RevocationList::parse(pick(&mut rng, &feeds).as_bytes()) {
+            state.loaded(list, NOW);
+        }
+        let claims: Option<serde_json::Map<String, serde_json::Value>> =
+            serde_json::from_str(&pick(&mut rng, &claim_docs)).ok();
+        let path = pick(&mut rng, &paths);
+        let cookie = pick(&mut rng, &["sid=s-1", "a=b; sid=s-1", "sid=", ""]);
+        let ua = pick(&mut rng, &["Mozilla/5.0", ""]);
+        let slot = format!("slot-{i}");
+        let req = BindRequest {
+            path: &path,
+            host: "gw",
+            websocket: rng.below(2) == 0,
+            ws_key: Some("dGhlIHNhbXBsZSBub25jZQ=="),
+            ws_protocols: Some("sip"),
+            cookie: Some(&cookie),
+            user_agent: Some(&ua),
+            client_ip: "192.0.2.7".parse().ok(),
+            claims: claims.as_ref(),
+            kid: Some("k"),
+            slot_id: &slot,
+            ..Default::default()
+        };
+        let now = NOW + rng.below(20) as u64;
+        match binding.decide(&req, now, Some(&state), &mut store) {
+            // A token the feed revoked, or a stale list (fail-closed), never passes.
+            BindDecision::Allow { .. } => {
+                allowed += 1;
+                assert!(
+                    !state.is_stale(now, 5),
+                    "a stale list refuses (fail-closed)"
+                )
+            }
+            BindDecision::Deny { reply, .. } => {
+                denied += 1;
+                assert!(
+                    matches!(reply.status, 101 | 401 | 403 | 429 | 503),
+                    "{}",
+                    reply.status
+                )
+            }
+            BindDecision::Pass => {}
+        }
+    }
+    assert!(
+        allowed > 0 && denied > 0,
+        "both outcomes are exercised: {allowed} / {denied}"
+    );
+}
+
+#[test]
+fn page_guard_survives_random_configs_reports_and_responses() {
+    use gatehouse_core::page_guard::{
+        parse_reports, PageGuardConfig, PageRequest, PageResponse, RequestDecision,
+    };
+    let mut rng = Rng(0x9a9e_6a4d);
+    let configs = [
+        r#"{"csp":{"default-src":["'self'"],"script-src":["'strict-dynamic'"]},"nonce":{"placeholder":"GH_NONCE_PLACEHOLDER_0123"},"sri":{"manifest":{"/a.js":"sha384-11LCxR+6DimqGQVwqdQlPkQHegWNMpf6OlYw1b0BJiL5fCisrtMTtcg7uZDKp9qF"},"integrity_policy":"report_only"},"permissions_policy":{"camera":["self"]},"reports":{"path":"/r"},"rules":[{"match":{"prefix":"/off"},"disabled":true}]}"#,
+        r#"{"headers":{"referrer-policy":"no-referrer"},"hsts":{"max_age_seconds":0},"upstream_headers":"merge"}"#,
+        r#"{"nonce":{"placeholder":{"env":"X"}},"max_body_bytes":0}"#,
+    ];
+    for _ in 0..3000 {
+        let text = pick(&mut rng, &configs);
+        if let Err(e) = PageGuardConfig::compile(text.as_bytes(), &|_| None) {
+            assert!(e.to_string().starts_with("config error"), "{e}");
+        }
+    }
+    let config = PageGuardConfig::compile(configs[0].as_bytes(), &|_| None).unwrap();
+    let reports = [
+        r#"[{"type":"csp-violation","body":{"effectiveDirective":"script-src-elem","blockedURL":"inline"}}]"#,
+        r#"{"csp-report":{"violated-directive":"script-src","blocked-uri":"https://evil"}}"#,
+    ];
+    let types = [
+        "application/reports+json",
+        "application/csp-report",
+        "text/html",
+        "",
+    ];
+    for _ in 0..3000 {
+        let body = pick(&mut rng, &reports);
+        let ct = types[rng.below(types.len())];
+        let _ = parse_reports(Some(ct), body.as_bytes(), 64 * 1024);
+        let path = pick(&mut rng, &["/", "/r", "/off/x", "/page?x=1"]);
+        let method = ["GET", "POST", "HEAD", "OPTIONS"][rng.below(4)];
+        let decision = config.on_request(&PageRequest {
+            method,
+            path: &path,
+            host: "gw",
+            route_name: None,
+        });
+        if let RequestDecision::Guard { policy, .. } = decision {
+            let content_type = pick(
+                &mut rng,
+                &["text/html; charset=utf-8", "TEXT/HTML", "text/plain", ""],
+            );
+            let encoding = pick(&mut rng, &["gzip", "identity", ""]);
+            let plan = config.on_response(
+                config.policy(policy),
+                &PageResponse {
+                    status: [200, 204, 304, 500][rng.below(4)],
+                    content_type: Some(&content_type),
+                    content_encoding: Some(&encoding),
+                    content_length: Some(rng.below(10)),
+                    head: method == "HEAD",
+                    tls: rng.below(2) == 0,
+                    forwarded_proto: None,
+                    has_header: &|name| name == "content-security-policy",
+                },
+                Some([7; 16]),
+            );
+            // A nonce promised in the CSP is only ever this response's.
+            for edit in &plan.edits {
+                let text = format!("{edit:?}");
+                assert!(
+                    !text.contains("GH_NONCE_PLACEHOLDER_0123"),
+                    "the placeholder never goes into a header"
+                );
+            }
         }
     }
 }
