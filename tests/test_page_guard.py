@@ -222,6 +222,21 @@ def test_upstream_csp_replaced_or_merged(demo, pages, envoy_factory):
     assert r.headers["referrer-policy"] == "no-referrer"
 
 
+def test_hsts_only_over_https_or_from_a_trusted_hop(demo, pages, envoy_factory):
+    """Plain http gets no Strict-Transport-Security; behind a TLS-terminating proxy the filter is
+    told to trust, `x-forwarded-proto: https` counts as https."""
+    trusting = envoy_factory(demo, page_guard=config(manifest(), trust_forwarded_proto=True),
+                             extra_clusters={"pages": pages.port}, routes=routes())
+    r = requests.get(trusting.url + "/page", headers={"x-forwarded-proto": "https"}, timeout=5)
+    assert r.headers["strict-transport-security"].startswith("max-age="), r.headers
+    assert "strict-transport-security" not in requests.get(trusting.url + "/page", timeout=5).headers
+
+
+def test_a_client_cannot_claim_https_to_a_filter_that_does_not_trust_the_hop(gw):
+    r = requests.get(gw.url + "/page", headers={"x-forwarded-proto": "https"}, timeout=5)
+    assert "strict-transport-security" not in r.headers
+
+
 def test_csp_report_endpoint(gw, pages):
     before = len(pages.requests)
     csp2 = {"csp-report": {"document-uri": "http://127.0.0.1/page", "effective-directive": "script-src-elem",
