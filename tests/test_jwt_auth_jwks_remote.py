@@ -8,6 +8,7 @@ import time
 import pytest
 import requests
 
+from conftest import wait_until
 from pages import JsonDocument
 from tokens import AUDIENCE, ISSUER, Key, jwks
 
@@ -20,15 +21,6 @@ def jwks_server():
     srv = JsonDocument({"keys": []})
     yield srv
     srv.stop()
-
-
-def wait_until(pred, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_rotation_and_outage(demo, envoy_factory, jwks_server):

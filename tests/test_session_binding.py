@@ -17,7 +17,7 @@ import pytest
 import requests
 import websockets
 
-from conftest import closes_without, cluster, run_async as run, wasm_filter
+from conftest import closes_without, cluster, run_async as run, wait_until, wasm_filter
 from pages import JsonDocument
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config
 
@@ -52,15 +52,6 @@ class FeedServer(JsonDocument):
         seen = self.fetches
         wait_until(lambda: self.fetches >= seen + 6, 10)  # main thread + 2 workers, twice
         time.sleep(0.3)
-
-
-def wait_until(pred, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def feed_config(port_name: str = "revocation", when_stale: str = "open", max_stale: int = 3) -> dict:
