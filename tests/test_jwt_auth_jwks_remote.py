@@ -3,7 +3,6 @@ dispatch_http_call, refreshed on a timer, refetched on an unknown kid, kept when
 
 from __future__ import annotations
 
-
 import pytest
 import requests
 
