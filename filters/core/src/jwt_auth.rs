@@ -268,7 +268,7 @@ pub struct Policy {
     pub wss_only: bool,
 }
 
-/// Which request facts a filter's config looks at ([`JwtAuthConfig::needs`]): a filter reads
+/// Which request facts a filter's config looks at (`JwtAuthConfig::needs`): a filter reads
 /// only these, since every host call costs about a microsecond inside V8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Needs {
@@ -322,6 +322,8 @@ pub struct JwtAuthConfig {
     pub trust_forwarded_proto: bool,
     pub default_policy: Arc<Policy>,
     pub rules: Vec<Rule>,
+    /// Which request facts it looks at beyond the path and the token headers (compiled once).
+    pub needs: Needs,
 }
 
 fn positive(value: Option<u64>, path: &str) -> Result<Option<u64>, ConfigError> {
@@ -572,7 +574,12 @@ impl JwtAuthConfig {
                 "must not be empty",
             ));
         }
+        let needs = Needs {
+            cookie: sources.iter().any(|s| matches!(s, Source::Cookie { .. })),
+            ..Needs::of_matchers(rules.iter().map(|r| &r.matcher))
+        };
         Ok(Self {
+            needs,
             providers,
             sources,
             refused_query_params: raw.refused_query_params.unwrap_or_else(|| {
@@ -599,18 +606,6 @@ impl JwtAuthConfig {
             default_policy: Arc::new(default_policy),
             rules,
         })
-    }
-
-    /// Which request facts this config looks at beyond the path and the token headers: every
-    /// host call costs about a microsecond inside V8, so the filter reads only these.
-    pub fn needs(&self) -> Needs {
-        Needs {
-            cookie: self
-                .sources
-                .iter()
-                .any(|s| matches!(s, Source::Cookie { .. })),
-            ..Needs::of_matchers(self.rules.iter().map(|r| &r.matcher))
-        }
     }
 
     /// The policy for a request: the first matching rule's, else the global one.

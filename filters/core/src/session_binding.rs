@@ -16,7 +16,7 @@ pub mod store;
 use crate::config::{check_fetch, parse_json, ConfigError};
 use crate::jwt::claims::claim_text;
 use crate::jwt::Claims;
-use crate::jwt_auth::{Matcher, RawMatch};
+use crate::jwt_auth::{Matcher, Needs, RawMatch};
 use crate::reply::{LocalReply, Refusal, WsHandshake};
 use crate::{cookie, ws};
 use revocation::{RevocationState, Revoked, TokenId};
@@ -296,6 +296,8 @@ pub struct SessionBindingConfig {
     pub jti: JtiSettings,
     pub sockets: SocketSettings,
     pub revocation: Option<RevocationFeed>,
+    /// Which request facts its rules match by (compiled once).
+    pub needs: Needs,
 }
 
 fn compile_template(raw: RawTemplate, at: &str) -> Result<Template, ConfigError> {
@@ -645,6 +647,7 @@ impl SessionBindingConfig {
             }
         };
         Ok(Self {
+            needs: Needs::of_matchers(rules.iter().map(|(m, _)| m)),
             sources,
             default_binding,
             rules,

@@ -334,16 +334,17 @@ pub fn random_id() -> String {
     use std::fmt::Write as _;
     use std::sync::atomic::{AtomicU64, Ordering};
     static FALLBACK: AtomicU64 = AtomicU64::new(0);
-    let mut b = [0u8; 16];
-    if getrandom::fill(&mut b).is_err() {
+    let b = random_16().unwrap_or_else(|| {
         let n = FALLBACK.fetch_add(1, Ordering::Relaxed);
         let t = hostcalls::get_current_time()
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos() as u64);
+        let mut b = [0u8; 16];
         b[..8].copy_from_slice(&t.to_be_bytes());
         b[8..].copy_from_slice(&n.to_be_bytes());
-    }
+        b
+    });
     let mut out = String::with_capacity(32);
     for byte in b {
         let _ = write!(out, "{byte:02x}");

@@ -262,7 +262,7 @@ impl Stream {
     fn decide(&mut self, may_fetch: bool) -> Action {
         // Every host call costs about a microsecond inside V8: read only what the config and
         // the kind of request need.
-        let needs = self.shared.borrow().auth.config.needs();
+        let needs = self.shared.borrow().auth.config.needs;
         let (path, authority, route) = host::rule_target(&needs);
         let websocket = host::is_websocket_upgrade();
         let ws_key = host::request_header_if(websocket, "sec-websocket-key");

@@ -7,7 +7,7 @@
 mod metadata;
 
 use gatehouse_core::jwt::Claims;
-use gatehouse_core::jwt_auth::{Needs, CLAIMS_PROPERTY, KID_PROPERTY};
+use gatehouse_core::jwt_auth::{CLAIMS_PROPERTY, KID_PROPERTY};
 use gatehouse_core::session_binding::revocation::{RevocationList, RevocationState};
 use gatehouse_core::session_binding::store::{BindingStore, Kv, KvStore};
 use gatehouse_core::session_binding::{
@@ -292,10 +292,7 @@ impl Stream {
     fn decide(&mut self) -> Action {
         // Every host call costs about a microsecond inside V8: read only what the binding of
         // this request needs, and nothing at all for a route it does not bind.
-        let needs = {
-            let config = &self.shared.borrow().binding.config;
-            Needs::of_matchers(config.rules.iter().map(|(m, _)| m))
-        };
+        let needs = self.shared.borrow().binding.config.needs;
         let (path, authority, route) = host::rule_target(&needs);
         let mut shared = self.shared.borrow_mut();
         let Some(binding) = shared
