@@ -78,6 +78,20 @@ impl Issuer {
         })
     }
 
+    fn is_revoked(&self, sid: &str) -> bool {
+        self.revoked
+            .lock()
+            .is_ok_and(|r| r.iter().any(|(s, _)| s == sid))
+    }
+
+    /// The session of this login: the caller's, unless it was logged out; else a new one.
+    fn session(&self, headers: &HeaderMap) -> Result<String, String> {
+        match session_cookie(headers) {
+            Some(sid) if !self.is_revoked(sid) => Ok(sid.to_owned()),
+            _ => random_text(16),
+        }
+    }
+
     /// `value` sealed as a token-handler cookie: AES-256-GCM under the current key, fresh IV.
     fn seal(&self, value: &str) -> Result<String, String> {
         let mut iv = [0u8; 12];
@@ -127,22 +141,6 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
                 && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
-}
-
-impl Issuer {
-    fn is_revoked(&self, sid: &str) -> bool {
-        self.revoked
-            .lock()
-            .is_ok_and(|r| r.iter().any(|(s, _)| s == sid))
-    }
-
-    /// The session of this login: the caller's, unless it was logged out; else a new one.
-    fn session(&self, headers: &HeaderMap) -> Result<String, String> {
-        match session_cookie(headers) {
-            Some(sid) if !self.is_revoked(sid) => Ok(sid.to_owned()),
-            _ => random_text(16),
-        }
-    }
 }
 
 pub async fn jwks(State(issuer): State<Arc<Issuer>>) -> Json<Value> {
