@@ -387,25 +387,36 @@ pub fn resume_request() {
     let _ = hostcalls::resume_http_request();
 }
 
-/// Envoy counters, defined on first use (Envoy shows them as `wasmcustom.<name>`).
-#[derive(Default)]
+/// A filter's Envoy counters, `<filter>.<what>`, defined on first use (Envoy shows them as
+/// `wasmcustom.<filter>.<what>`). Counting a known counter allocates nothing.
 pub struct Counters {
+    filter: &'static str,
     ids: RefCell<HashMap<String, u32>>,
 }
 
 impl Counters {
-    pub fn inc(&self, name: &str) {
+    pub fn new(filter: &'static str) -> Self {
+        Self {
+            filter,
+            ids: RefCell::default(),
+        }
+    }
+
+    pub fn inc(&self, what: &str) {
         let id = {
             let mut ids = self.ids.borrow_mut();
-            match ids.get(name) {
+            match ids.get(what) {
                 Some(id) => Some(*id),
-                None => match hostcalls::define_metric(MetricType::Counter, name) {
-                    Ok(id) => {
-                        ids.insert(name.to_string(), id);
-                        Some(id)
+                None => {
+                    let name = format!("{}.{what}", self.filter);
+                    match hostcalls::define_metric(MetricType::Counter, &name) {
+                        Ok(id) => {
+                            ids.insert(what.to_string(), id);
+                            Some(id)
+                        }
+                        Err(_) => None,
                     }
-                    Err(_) => None,
-                },
+                }
             }
         };
         if let Some(id) = id {

@@ -31,7 +31,7 @@ struct Shared {
 
 impl Shared {
     fn count(&self, what: &str) {
-        self.counters.inc(&format!("{NAME}.{what}"));
+        self.counters.inc(what);
     }
 
     /// Apply a fetched JWKS to `provider`. A failed fetch or an unusable document keeps the
@@ -150,7 +150,7 @@ impl RootContext for Root {
         );
         self.shared = Some(Rc::new(RefCell::new(Shared {
             auth: JwtAuth::new(config),
-            counters: Counters::default(),
+            counters: Counters::new(NAME),
         })));
         if !self.next_fetch.is_empty() {
             let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_secs(1));

@@ -55,7 +55,7 @@ struct Shared {
 
 impl Shared {
     fn count(&self, what: &str) {
-        self.counters.inc(&format!("{NAME}.{what}"));
+        self.counters.inc(what);
     }
 
     fn store(&self) -> KvStore<SharedData> {
@@ -179,7 +179,7 @@ impl RootContext for Root {
         store.create_buckets();
         self.shared = Some(Rc::new(RefCell::new(Shared {
             binding: SessionBinding::new(config),
-            counters: Counters::default(),
+            counters: Counters::new(NAME),
             revocations,
             live_slots: HashMap::new(),
         })));

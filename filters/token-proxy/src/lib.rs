@@ -24,7 +24,7 @@ struct Shared {
 
 impl Shared {
     fn count(&self, what: &str) {
-        self.counters.inc(&format!("{NAME}.{what}"));
+        self.counters.inc(what);
     }
 }
 
@@ -49,7 +49,7 @@ fn configure(bytes: &[u8]) -> Result<Shared, ConfigError> {
     );
     Ok(Shared {
         config,
-        counters: Counters::default(),
+        counters: Counters::new(NAME),
     })
 }
 
