@@ -109,9 +109,10 @@ fn default_sub() -> String {
 struct RawRule {
     #[serde(rename = "match")]
     matcher: RawMatch,
-    /// No binding at all on this rule's requests.
+    /// No binding at all on this rule's requests (the same word as Envoy's
+    /// `FilterConfig{disabled: true}` and page-guard's rules).
     #[serde(default)]
-    off: bool,
+    disabled: bool,
     session: Option<RawSession>,
     scope: Option<Vec<RawTemplate>>,
     fingerprint: Option<String>,
@@ -291,7 +292,7 @@ pub struct RevocationFeed {
 pub struct SessionBindingConfig {
     pub sources: Vec<ClaimsSource>,
     pub default_binding: Binding,
-    /// A rule's binding; `None` for `off`.
+    /// A rule's binding; `None` for a `disabled` rule.
     pub rules: Vec<(Matcher, Option<Binding>)>,
     pub jti: JtiSettings,
     pub sockets: SocketSettings,
@@ -537,7 +538,7 @@ impl SessionBindingConfig {
         for (i, r) in raw.rules.into_iter().enumerate() {
             let at = format!("rules[{i}]");
             let matcher = r.matcher.compile(&at)?;
-            let binding = if r.off {
+            let binding = if r.disabled {
                 if r.session.is_some()
                     || r.scope.is_some()
                     || r.fingerprint.is_some()
@@ -545,8 +546,8 @@ impl SessionBindingConfig {
                     || r.max_sockets.is_some()
                 {
                     return Err(ConfigError::new(
-                        format!("{at}.off"),
-                        "a rule that is `off` binds nothing else",
+                        format!("{at}.disabled"),
+                        "a `disabled` rule binds nothing else",
                     ));
                 }
                 None
@@ -657,7 +658,7 @@ impl SessionBindingConfig {
         })
     }
 
-    /// The binding of a request: the first matching rule's (`None` when it is `off`), else the
+    /// The binding of a request: the first matching rule's (`None` when it is `disabled`), else the
     /// top-level one.
     pub fn binding_for(&self, route: Option<&str>, path: &str, host: &str) -> Option<&Binding> {
         match self
@@ -908,7 +909,7 @@ pub struct LiveTerms {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum BindDecision {
-    /// No binding applies (a rule that is `off`, or claims missing where that is allowed).
+    /// No binding applies (a `disabled` rule, or claims missing where that is allowed).
     Pass,
     Allow {
         /// For an upgrade: what the live socket keeps.

@@ -113,7 +113,7 @@ fn session_binding_needs_the_cookie_that_matches_the_sid_claim() {
 #[test]
 fn no_claims_is_401_unless_allowed_and_off_rules_pass() {
     let b = config(json!({"rules": [
-        {"match": {"prefix": "/public/"}, "off": true},
+        {"match": {"prefix": "/public/"}, "disabled": true},
         {"match": {"prefix": "/maybe/"}, "allow_missing": true}
     ]}));
     let mut st = store();
@@ -184,8 +184,8 @@ fn template_config_errors_name_the_field() {
     assert!(err(json!({"rules": [{"match": {"prefix": "x"}}]}))
         .starts_with("config error at rules[0].match.prefix"));
     assert!(
-        err(json!({"rules": [{"match": {"prefix": "/x"}, "off": true, "single_use": true}]}))
-            .contains("off")
+        err(json!({"rules": [{"match": {"prefix": "/x"}, "disabled": true, "single_use": true}]}))
+            .contains("rules[0].disabled")
     );
     assert!(
         err(json!({"session": {"cookie": "a b"}})).starts_with("config error at session.cookie")
