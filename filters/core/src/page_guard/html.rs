@@ -155,6 +155,9 @@ pub struct Rewriter {
     attrs: Vec<Attr>,
     /// Stage 2: output not yet checked for a placeholder that may continue in the next chunk.
     pending: Vec<u8>,
+    /// Stage 2: the last bytes already let out (one fewer than the placeholder): removing a
+    /// placeholder can join them with what follows into another one.
+    sent: Vec<u8>,
     stats: RewriteStats,
 }
 
@@ -179,6 +182,7 @@ impl Rewriter {
             name_long: false,
             attrs: Vec::new(),
             pending: Vec::new(),
+            sent: Vec::new(),
             stats: RewriteStats::default(),
         }
     }
@@ -222,28 +226,44 @@ impl Rewriter {
     // ----------------------------------------------------------------------------- stage 2
 
     /// Remove every placeholder from `out[from..]`, in place. Removing one can join the bytes
-    /// around it into another, so it searches again until none is left. Unless this is the
+    /// around it into another, so it searches again until none is left — also one that begins
+    /// in bytes an earlier chunk let out (then the rest of it is removed). Unless this is the
     /// `last` call, a tail that could begin a placeholder is held back for the next chunk.
     fn scrub(&mut self, placeholder: &[u8], out: &mut Vec<u8>, from: usize, last: bool) {
         let n = placeholder.len();
         if n == 0 {
             return;
         }
-        let mut again = true;
-        while again {
-            again = false;
-            let (mut read, mut write) = (from, from);
-            while let Some(k) = memchr::memmem::find(&out[read..], placeholder) {
-                out.copy_within(read..read + k, write);
-                write += k;
-                read += k + n;
-                self.stats.scrubbed += 1;
-                again = true;
+        loop {
+            let mut again = true;
+            while again {
+                again = false;
+                let (mut read, mut write) = (from, from);
+                while let Some(k) = memchr::memmem::find(&out[read..], placeholder) {
+                    out.copy_within(read..read + k, write);
+                    write += k;
+                    read += k + n;
+                    self.stats.scrubbed += 1;
+                    again = true;
+                }
+                if again {
+                    let len = out.len();
+                    out.copy_within(read..len, write);
+                    out.truncate(len - (read - write));
+                }
             }
-            if again {
-                let len = out.len();
-                out.copy_within(read..len, write);
-                out.truncate(len - (read - write));
+            // A removal can also have joined bytes already let out (in an earlier chunk) with
+            // what follows into a placeholder. Those bytes are gone: remove the part still here,
+            // so the whole placeholder never reaches the client.
+            let joined = (1..n).find(|&k| {
+                self.sent.ends_with(&placeholder[..k]) && out[from..].starts_with(&placeholder[k..])
+            });
+            match joined {
+                Some(k) => {
+                    out.drain(from..from + (n - k));
+                    self.stats.scrubbed += 1;
+                }
+                None => break,
             }
         }
         if !last {
@@ -254,6 +274,9 @@ impl Rewriter {
                 .unwrap_or(0);
             self.pending = out.split_off(out.len() - keep);
         }
+        self.sent.extend_from_slice(&out[from..]);
+        let excess = self.sent.len().saturating_sub(n - 1);
+        self.sent.drain(..excess);
     }
 
     // ----------------------------------------------------------------------------- stage 1
