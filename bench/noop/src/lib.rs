@@ -62,7 +62,10 @@ impl RootContext for Root {
                 }
                 (Some("time"), None, None) => Call::Time,
                 _ => {
-                    let _ = hostcalls::log(LogLevel::Critical, &format!("bench.noop: bad line {line:?}"));
+                    let _ = hostcalls::log(
+                        LogLevel::Critical,
+                        &format!("bench.noop: bad line {line:?}"),
+                    );
                     return false;
                 }
             };
@@ -89,8 +92,12 @@ impl HttpContext for Noop {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         for call in self.0.iter() {
             let _ = match call {
-                Call::Read(name) => hostcalls::get_map_value(MapType::HttpRequestHeaders, name).map(drop),
-                Call::Remove(name) => hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None),
+                Call::Read(name) => {
+                    hostcalls::get_map_value(MapType::HttpRequestHeaders, name).map(drop)
+                }
+                Call::Remove(name) => {
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None)
+                }
                 Call::Publish(name, value) => hostcalls::set_property(vec![name], Some(value)),
                 Call::Count(id) => hostcalls::increment_metric(*id, 1),
                 Call::Time => hostcalls::get_current_time().map(drop),

@@ -183,10 +183,10 @@ fn template_config_errors_name_the_field() {
     );
     assert!(err(json!({"rules": [{"match": {"prefix": "x"}}]}))
         .starts_with("config error at rules[0].match.prefix"));
-    assert!(
-        err(json!({"rules": [{"match": {"prefix": "/x"}, "disabled": true, "single_use": true}]}))
-            .contains("rules[0].disabled")
-    );
+    assert!(err(
+        json!({"rules": [{"match": {"prefix": "/x"}, "disabled": true, "single_use": true}]})
+    )
+    .contains("rules[0].disabled"));
     assert!(
         err(json!({"session": {"cookie": "a b"}})).starts_with("config error at session.cookie")
     );
