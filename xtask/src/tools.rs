@@ -77,6 +77,35 @@ fn ensure_wasm_target() -> Result<(), String> {
     run(&mut cmd("rustup", &["target", "add", WASM_TARGET]))
 }
 
+/// The nightly toolchain and cargo-fuzz, for `cargo xtask fuzz` (libFuzzer needs nightly).
+pub fn ensure_fuzzing() -> Result<(), String> {
+    let toolchains = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .map_err(|e| format!("rustup is needed for the nightly toolchain: {e}"))?;
+    if !String::from_utf8_lossy(&toolchains.stdout)
+        .lines()
+        .any(|l| l.starts_with("nightly"))
+    {
+        println!("xtask: installing the nightly toolchain (for cargo-fuzz)");
+        run(&mut cmd(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        ))?;
+    }
+    let have_fuzz = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_fuzz {
+        println!("xtask: installing cargo-fuzz");
+        run(&mut cmd("cargo", &["install", "cargo-fuzz", "--locked"]))?;
+    }
+    Ok(())
+}
+
 /// Builds the filters into `dist/` (shrunk with `wasm-opt` when binaryen is installed), plus the
 /// demo and the CLI. Returns the `.wasm` paths.
 pub fn build() -> Result<Vec<PathBuf>, String> {
