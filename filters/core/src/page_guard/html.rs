@@ -274,9 +274,13 @@ impl Rewriter {
                 .unwrap_or(0);
             self.pending = out.split_off(out.len() - keep);
         }
-        self.sent.extend_from_slice(&out[from..]);
-        let excess = self.sent.len().saturating_sub(n - 1);
-        self.sent.drain(..excess);
+        if !last {
+            // Only the last n - 1 bytes can begin a placeholder: copy no more than those.
+            let fresh = &out[from.max(out.len().saturating_sub(n - 1))..];
+            self.sent.extend_from_slice(fresh);
+            let excess = self.sent.len().saturating_sub(n - 1);
+            self.sent.drain(..excess);
+        }
     }
 
     // ----------------------------------------------------------------------------- stage 1
