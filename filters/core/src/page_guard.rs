@@ -1274,29 +1274,4 @@ pub fn report_reply() -> LocalReply {
     }
 }
 
-/// At most `per_minute` log lines per minute (per Wasm VM); the rest are counted as suppressed.
-#[derive(Debug, Default)]
-pub struct LogLimiter {
-    window: u64,
-    used: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    /// May a line be logged at `now` (unix seconds)? Returns also how many lines were
-    /// suppressed since the last one logged.
-    pub fn allow(&mut self, now: u64, per_minute: u32) -> Option<u64> {
-        let w = now / 60;
-        if w != self.window {
-            self.window = w;
-            self.used = 0;
-        }
-        if self.used < per_minute {
-            self.used += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
+pub use crate::log_limit::LogLimiter;

@@ -4,6 +4,7 @@
 //! "absent" / "not done", never to a panic.
 
 use gatehouse_core::jwt_auth::Needs;
+use gatehouse_core::log_limit::LogLimiter;
 use gatehouse_core::reply::{LocalReply, Refusal};
 use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
 use gatehouse_core::ConfigError;
@@ -108,16 +109,36 @@ impl<S> RootContext for ConfiguredRoot<S> {
     }
 }
 
-/// Unix time in seconds (0 if the host cannot tell, which makes every token look valid for
-/// nothing: expiry checks fail closed only if `exp` is 0, so also log it).
-pub fn now_secs() -> u64 {
-    match hostcalls::get_current_time() {
-        Ok(t) => t
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        Err(_) => 0,
+/// Unix time in seconds, or `None` when the host cannot tell the time. A decision that needs
+/// the time must then fail closed (`Refusal::Unavailable`: 503 / close 1013), never treat an
+/// unknown time as 0 (which would make every expired token pass). Logged (bounded) when it
+/// happens.
+pub fn now() -> Option<u64> {
+    let t = hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .filter(|&s| s > 0);
+    if t.is_none() {
+        // Bounded without a clock: the first failure and every 10,000th after it.
+        CLOCK_FAILURES.with(|n| {
+            let count = n.get();
+            n.set(count.wrapping_add(1));
+            if count % 10_000 == 0 {
+                let _ = hostcalls::log(
+                    LogLevel::Error,
+                    &format!("gatehouse: the host cannot tell the time ({} times so far); refusing what needs it", count + 1),
+                );
+            }
+        });
     }
+    t
+}
+
+/// Unix time in seconds for bookkeeping that decides nothing (fetch schedules, log windows):
+/// 0 when the host cannot tell. Decisions use [`now`].
+pub fn now_secs() -> u64 {
+    now().unwrap_or(0)
 }
 
 /// The plugin configuration bytes given in the Envoy config.
@@ -220,7 +241,35 @@ pub fn is_websocket_upgrade() -> bool {
     })
 }
 
-/// Refuse the request with `reply` and log it as
+/// Denial lines logged at info level per minute and per VM; past that they are counted and
+/// the next line that gets through says how many were left out. Stats stay exact, and every
+/// denial is also logged at debug level.
+pub const DENIAL_LINES_PER_MINUTE: u32 = 20;
+
+thread_local! {
+    static CLOCK_FAILURES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static DENIAL_LINES: RefCell<LogLimiter> = RefCell::new(LogLimiter::default());
+}
+
+/// Log a denial line: always at debug, and at info within [`DENIAL_LINES_PER_MINUTE`].
+pub fn log_denial(filter: &str, line: &str) {
+    let allowed = DENIAL_LINES.with(|l| {
+        l.try_borrow_mut()
+            .ok()
+            .and_then(|mut l| l.allow(now_secs(), DENIAL_LINES_PER_MINUTE))
+    });
+    match allowed {
+        Some(0) => log(LogLevel::Info, filter, line),
+        Some(left_out) => log(
+            LogLevel::Info,
+            filter,
+            &format!("{line} ({left_out} more denial lines left out before this one; the stats count them all)"),
+        ),
+        None => log(LogLevel::Debug, filter, line),
+    }
+}
+
+/// Refuse the request with `reply` and log it (see [`log_denial`]) as
 /// `denied (<reason>) websocket|http <path without query> -> close <code>|<status>`.
 /// Returns the action that ends the request's header callback.
 pub fn refuse(
@@ -232,8 +281,7 @@ pub fn refuse(
     reply: &LocalReply,
 ) -> Action {
     let path_only = path.split('?').next().unwrap_or("");
-    log(
-        LogLevel::Info,
+    log_denial(
         filter,
         &format!(
             "denied ({reason}) {} {path_only} -> {}",

@@ -871,13 +871,3 @@ fn reports_in_both_formats() {
     );
     assert_eq!(report_reply().status, 204);
 }
-
-#[test]
-fn log_limiter() {
-    let mut l = LogLimiter::default();
-    assert_eq!(l.allow(60, 2), Some(0));
-    assert_eq!(l.allow(61, 2), Some(0));
-    assert_eq!(l.allow(62, 2), None);
-    assert_eq!(l.allow(63, 2), None);
-    assert_eq!(l.allow(120, 2), Some(2));
-}
