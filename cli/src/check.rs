@@ -67,22 +67,58 @@ impl FilterKind {
     }
 
     /// Compile `config` (the JSON in `configuration.value`) as the filter does at load. `env`
-    /// stands for the Wasm VM's environment (token-proxy's `encryption_keys_env`).
-    pub fn compile(self, config: &[u8], env: EnvLookup<'_>) -> Result<(), ConfigError> {
+    /// stands for the Wasm VM's environment (token-proxy's `encryption_keys_env`). Returns the
+    /// warnings about a config that loads but is weaker than it looks.
+    pub fn compile(self, config: &[u8], env: EnvLookup<'_>) -> Result<Vec<String>, ConfigError> {
         match self {
-            FilterKind::JwtAuth => JwtAuthConfig::compile(config).map(drop),
-            FilterKind::TokenProxy => TokenProxyConfig::compile(config, env).map(drop),
+            FilterKind::JwtAuth => JwtAuthConfig::compile(config).map(|c| jwt_auth_warnings(&c)),
+            FilterKind::TokenProxy => TokenProxyConfig::compile(config, env).map(|_| Vec::new()),
             FilterKind::TurnCredentials => {
-                gatehouse_core::turn::TurnConfig::compile(config, env).map(drop)
+                gatehouse_core::turn::TurnConfig::compile(config, env).map(|_| Vec::new())
             }
             FilterKind::SessionBinding => {
-                gatehouse_core::session_binding::SessionBindingConfig::compile(config).map(drop)
+                gatehouse_core::session_binding::SessionBindingConfig::compile(config)
+                    .map(|_| Vec::new())
             }
             FilterKind::PageGuard => {
-                gatehouse_core::page_guard::PageGuardConfig::compile(config, env).map(drop)
+                gatehouse_core::page_guard::PageGuardConfig::compile(config, env)
+                    .map(|_| Vec::new())
             }
         }
     }
+}
+
+/// What a jwt-auth config accepts that a reviewer should know about.
+fn jwt_auth_warnings(config: &JwtAuthConfig) -> Vec<String> {
+    config
+        .providers
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.audiences.is_empty())
+        .map(|(i, p)| {
+            format!(
+                "providers[{i}] ({}) has no `audiences`: any token its issuer signs is accepted, \
+                 whatever service it was minted for (RFC 8725 §3.9); list this API's audience",
+                p.name
+            )
+        })
+        .collect()
+}
+
+/// What the connection manager around gatehouse filters should say about paths: gatehouse
+/// refuses paths with dot-segments or encoded slashes, but Envoy routes on the path it
+/// normalizes, so it must normalize the same way for every filter and the router.
+fn connection_manager_warnings(hcm: &Map<String, Value>) -> Vec<String> {
+    ["normalize_path", "merge_slashes"]
+        .into_iter()
+        .filter(|k| hcm.get(*k).and_then(Value::as_bool) != Some(true))
+        .map(|k| {
+            format!(
+                "the HTTP connection manager has no `{k}: true`: set it so Envoy routes on the \
+                 same clean path the filters match (docs/security.md#paths)"
+            )
+        })
+        .collect()
 }
 
 /// What the check made of one Wasm filter.
@@ -262,6 +298,8 @@ struct Found<'a> {
     holder: Option<&'a Map<String, Value>>,
     /// The path to report: the holder's for a `typed_config`, else the config's own.
     path: String,
+    /// The HTTP connection manager config whose `http_filters` hold the filter, if any.
+    hcm: Option<&'a Map<String, Value>>,
 }
 
 fn child_path(path: &str, key: &str) -> String {
@@ -284,10 +322,16 @@ fn walk<'a>(
     v: &'a Value,
     path: &str,
     holder: Option<(&'a Map<String, Value>, &str, &str)>,
+    hcm: Option<&'a Map<String, Value>>,
     out: &mut Vec<Found<'a>>,
 ) {
     match v {
         Value::Object(obj) => {
+            let hcm = if obj.contains_key("http_filters") {
+                Some(obj)
+            } else {
+                hcm
+            };
             if is_wasm(v) {
                 let (holder_obj, report_path) = match holder {
                     Some((h, holder_path, "typed_config")) => (Some(h), holder_path.to_string()),
@@ -298,15 +342,16 @@ fn walk<'a>(
                     wasm: obj,
                     holder: holder_obj,
                     path: report_path,
+                    hcm,
                 });
             }
             for (k, child) in obj {
-                walk(child, &child_path(path, k), Some((obj, path, k)), out);
+                walk(child, &child_path(path, k), Some((obj, path, k)), hcm, out);
             }
         }
         Value::Array(items) => {
             for (i, child) in items.iter().enumerate() {
-                walk(child, &format!("{path}[{i}]"), None, out);
+                walk(child, &format!("{path}[{i}]"), None, hcm, out);
             }
         }
         _ => {}
@@ -426,13 +471,16 @@ fn check_found(found: &Found<'_>, root: &Path) -> Finding {
             ));
         }
     }
+    if let Some(hcm) = found.hcm {
+        warnings.extend(connection_manager_warnings(hcm));
+    }
     let vm_env = VmEnvironment::of(config);
     let outcome = match configuration_bytes(config) {
         Err(why) => Outcome::Failed(why),
         Ok(bytes) => match kind.compile(&bytes, &|name| vm_env.lookup(name)) {
             // page-guard holds the response headers while it reads an HTML body; without this
             // Envoy turns that pause into "stop all" and never hands it the body.
-            Ok(())
+            Ok(_)
                 if kind == FilterKind::PageGuard
                     && config
                         .and_then(|c| c.get("allow_on_headers_stop_iteration"))
@@ -446,7 +494,10 @@ fn check_found(found: &Found<'_>, root: &Path) -> Finding {
                         .to_string(),
                 )
             }
-            Ok(()) => Outcome::Ok,
+            Ok(config_warnings) => {
+                warnings.extend(config_warnings);
+                Outcome::Ok
+            }
             Err(e) => Outcome::Failed(e.to_string()),
         },
     };
@@ -527,7 +578,7 @@ impl VmEnvironment {
 /// files are looked up under.
 pub fn check_document(doc: &Value, root: &Path) -> Vec<Finding> {
     let mut found = Vec::new();
-    walk(doc, "", None, &mut found);
+    walk(doc, "", None, None, &mut found);
     found.iter().map(|f| check_found(f, root)).collect()
 }
 
@@ -560,7 +611,7 @@ mod tests {
         let doc = serde_json::json!({
             "static_resources": {"listeners": [{"filter_chains": [{"filters": [{
                 "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {"http_filters": [
+                "typed_config": {"normalize_path": true, "merge_slashes": true, "http_filters": [
                     filter("gatehouse.token_proxy", "token_proxy", string_value(TOKEN_PROXY)),
                     filter("gatehouse.jwt_auth", "jwt_auth", string_value(r#"{"providers":[]}"#)),
                     filter("other", "something_else", string_value("{}")),
@@ -591,6 +642,43 @@ mod tests {
                 skipped: 1,
                 warnings: 2
             }
+        );
+    }
+
+    #[test]
+    fn warns_of_unnormalized_paths_and_of_providers_without_audiences() {
+        let jwt = |audiences: &str| {
+            string_value(&format!(
+                r#"{{"providers":[{{"name":"idp","issuer":"https://idp","audiences":{audiences},
+                   "hs256_secrets":[{{"secret_base64url":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"}}]}}]}}"#
+            ))
+        };
+        let doc = |hcm_extra: Value, audiences: &str| {
+            let mut hcm =
+                serde_json::json!({"http_filters": [filter("j", "jwt_auth", jwt(audiences))]});
+            if let (Some(h), Value::Object(extra)) = (hcm.as_object_mut(), hcm_extra) {
+                h.extend(extra);
+            }
+            serde_json::json!({"filters": [{"typed_config": hcm}]})
+        };
+        let warnings = |d: &Value| {
+            let f = check_document(d, Path::new(".")).remove(0);
+            assert_eq!(f.outcome, Outcome::Ok);
+            f.warnings
+                .into_iter()
+                .filter(|w| !w.starts_with("module file"))
+                .collect::<Vec<_>>()
+        };
+        let w = warnings(&doc(serde_json::json!({}), r#"["api"]"#));
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("`normalize_path: true`") && w[1].contains("`merge_slashes: true`"));
+        let clean = serde_json::json!({"normalize_path": true, "merge_slashes": true});
+        assert!(warnings(&doc(clean.clone(), r#"["api"]"#)).is_empty());
+        let w = warnings(&doc(clean, "[]"));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("providers[0] (idp) has no `audiences`"),
+            "{w:?}"
         );
     }
 

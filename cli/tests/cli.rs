@@ -287,6 +287,8 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress
+          normalize_path: true
+          merge_slashes: true
           route_config:
             virtual_hosts:
             - name: all
