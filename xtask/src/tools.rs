@@ -14,7 +14,7 @@ pub const FILTERS: &[(&str, &str)] = &[
     ("gatehouse-page-guard", "page-guard.wasm"),
 ];
 
-const WASM_TARGET: &str = "wasm32-wasip1";
+pub const WASM_TARGET: &str = "wasm32-wasip1";
 
 pub fn root() -> PathBuf {
     // xtask/Cargo.toml lives one level below the workspace root.
@@ -62,7 +62,7 @@ pub fn need_program(name: &str, hint: &str) -> Result<(), String> {
     }
 }
 
-fn ensure_wasm_target() -> Result<(), String> {
+pub fn ensure_wasm_target() -> Result<(), String> {
     let out = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
@@ -75,6 +75,26 @@ fn ensure_wasm_target() -> Result<(), String> {
     }
     println!("xtask: installing the {WASM_TARGET} target");
     run(&mut cmd("rustup", &["target", "add", WASM_TARGET]))
+}
+
+/// rustfmt and clippy, for the lint step of `cargo xtask test`.
+pub fn ensure_lint_tools() -> Result<(), String> {
+    let have = |sub: &str| {
+        Command::new("cargo")
+            .args([sub, "--version"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if have("fmt") && have("clippy") {
+        return Ok(());
+    }
+    println!("xtask: installing rustfmt and clippy");
+    run(&mut cmd(
+        "rustup",
+        &["component", "add", "rustfmt", "clippy"],
+    ))
 }
 
 /// The nightly toolchain and cargo-fuzz, for `cargo xtask fuzz` (libFuzzer needs nightly).
