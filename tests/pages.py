@@ -77,7 +77,8 @@ class Pages:
                     self.send_header("content-length", "0")
                     self.end_headers()
                     return
-                parts = ranges(self.headers.get("range"), len(page.body))
+                # `Request-Range`: the old spelling Apache httpd still honours.
+                parts = ranges(self.headers.get("range") or self.headers.get("request-range"), len(page.body))
                 if parts and page.status == 200 and page.chunks is None and not page.trailers:
                     self.send_partial(page, parts)
                     return

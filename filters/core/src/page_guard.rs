@@ -1167,7 +1167,7 @@ pub enum RequestDecision {
     /// A local reply (the report endpoint asked with another method than POST).
     Reply(LocalReply),
     /// A guarded route with its policy; `identity`: ask the upstream for an uncompressed body;
-    /// `strip_range`: remove `range` and `if-range` from the request (a placeholder is
+    /// `strip_range`: remove `range`, `request-range` and `if-range` from the request (a placeholder is
     /// configured: a partial reply could cut it where no scrubber sees it whole), so the
     /// upstream answers with the whole body.
     Guard {

@@ -232,9 +232,11 @@ impl HttpContext for Stream {
                     host::set_request_header("accept-encoding", Some("identity"));
                 }
                 if strip_range {
-                    // The whole body, never a part that cuts the placeholder.
-                    host::set_request_header("range", None);
-                    host::set_request_header("if-range", None);
+                    // The whole body, never a part that cuts the placeholder (`request-range`:
+                    // the pre-HTTP/1.1 spelling that Apache httpd still honours).
+                    for name in ["range", "request-range", "if-range"] {
+                        host::set_request_header(name, None);
+                    }
                 }
                 Action::Continue
             }
