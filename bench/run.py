@@ -342,12 +342,14 @@ def check_page(page: str, guarded: bool):
                 raise RuntimeError(f"the page came back changed ({len(body)} bytes, not {len(page.encode())})")
             return
         csp = headers.get("content-security-policy", "")
-        nonce = re.search(r"'nonce-([A-Za-z0-9+/_=-]+)'", csp)
-        if nonce is None:
+        # One nonce for scripts, another for styles.
+        nonces = set(re.findall(r"'nonce-([A-Za-z0-9+/_=-]+)'", csp))
+        if not nonces:
             raise RuntimeError(f"no nonce in Content-Security-Policy {csp!r}")
         if NONCE_MARKER in text:
             raise RuntimeError(f"the placeholder is still in the body ({text.count(NONCE_MARKER)} times)")
-        marked, written = page.count(f'nonce="{NONCE_MARKER}"'), text.count(f'nonce="{nonce.group(1)}"')
+        marked = page.count(f'nonce="{NONCE_MARKER}"')
+        written = sum(text.count(f'nonce="{n}"') for n in nonces)
         if written != marked:
             raise RuntimeError(f"the nonce is in {written} tags, the page marked {marked}")
         if (integrity := text.count('integrity="sha384-')) != len(SRI_MANIFEST):

@@ -1,7 +1,9 @@
-"""page-guard in real Envoy: the security headers, a fresh nonce per HTML response written only
-into marked tags (also when a tag arrives split across body chunks), SRI integrity from the
-manifest, Content-Length fixed, compressed bodies untouched, bodies over the cap streamed, and
-the local CSP report endpoint."""
+"""page-guard in real Envoy: the security headers, fresh nonces per HTML response (one for
+scripts, one for styles) written only into marked tags (also when a tag arrives split across
+body chunks), never into a tag with a `<` in it, SRI integrity from the manifest, Content-Length
+fixed, the placeholder never out (not through `Range`, not in a body that is not HTML),
+compressed bodies refused, bodies over the cap streamed, paths with dot-segments refused, and the
+local CSP report endpoint."""
 
 from __future__ import annotations
 
@@ -89,9 +91,11 @@ def gw(demo, pages, envoy_factory):
     return envoy_factory(demo, page_guard=config(manifest()), extra_clusters={"pages": pages.port}, routes=routes())
 
 
-def nonce_of(resp) -> str:
-    m = re.search(r"'nonce-([A-Za-z0-9+/=]+)'", resp.headers["content-security-policy"])
-    assert m, resp.headers["content-security-policy"]
+def nonce_of(resp, directive: str = "script-src") -> str:
+    """The nonce of `directive` in the response's CSP."""
+    csp = resp.headers["content-security-policy"]
+    m = re.search(rf"(?:^|; ){re.escape(directive)} [^;]*'nonce-([A-Za-z0-9+/=]+)'", csp)
+    assert m, csp
     return m.group(1)
 
 
@@ -101,8 +105,11 @@ def test_headers_of_a_guarded_page(gw):
     h = r.headers
     csp = h["content-security-policy"]
     nonce = nonce_of(r)
-    assert f"script-src 'nonce-{nonce}'" in csp
-    assert f"style-src 'self' 'nonce-{nonce}'" in csp
+    style = nonce_of(r, "style-src")
+    assert f"script-src 'nonce-{nonce}';" in csp
+    assert f"style-src 'self' 'nonce-{style}';" in csp
+    assert style != nonce, "scripts and styles have nonces of their own"
+    assert len(__import__("base64").b64decode(style)) == 16
     for d in ["connect-src 'self' wss://signal.example", "frame-ancestors 'none'", "base-uri 'none'",
               "object-src 'none'", "report-uri /_gatehouse/csp", "report-to gatehouse-csp"]:
         assert d in csp, csp
@@ -152,13 +159,31 @@ def test_tags_split_across_chunks(gw, pages):
     assert int(r.headers["content-length"]) == len(r.content), "buffered: Content-Length set"
 
 
-def test_compressed_html_is_left_alone(gw, pages):
+def test_compressed_bodies_are_refused(gw, pages):
+    """page-guard asked for `accept-encoding: identity`; a compressed body anyway cannot be
+    scrubbed of the placeholder, so it never reaches the client: 503, whatever its type."""
     gz = gzip.compress(PAGE.encode())
     pages.routes["/gz"] = Page(gz, headers={"content-encoding": "gzip"})
-    raw = requests.get(gw.url + "/gz", timeout=5, stream=True)
+    pages.routes["/gz.json"] = Page(gzip.compress(json.dumps({"t": PLACEHOLDER}).encode()), "application/json",
+                                    headers={"content-encoding": "gzip"})
+    for path in ["/gz", "/gz.json"]:
+        raw = requests.get(gw.url + path, timeout=5, stream=True)
+        body = raw.raw.read(decode_content=False)
+        assert raw.status_code == 503, (path, raw.status_code)
+        assert body != gz and PLACEHOLDER.encode() not in body and b"\x1f\x8b" not in body
+    assert gw.stats()["wasmcustom.gatehouse.page_guard.denied.compressed"] >= 2
+    assert "denied (compressed) http /gz" in gw.log_text()
+
+
+def test_compressed_bodies_pass_when_the_config_says_skip(demo, pages, envoy_factory):
+    """`compressed: "skip"` is the operator's call (documented: such a body keeps its placeholder)."""
+    gz = gzip.compress(b"<p>no marker here</p>")
+    pages.routes["/gz-skip"] = Page(gz, headers={"content-encoding": "gzip"})
+    gw = envoy_factory(demo, page_guard=config(manifest(), compressed="skip"),
+                       extra_clusters={"pages": pages.port}, routes=routes())
+    raw = requests.get(gw.url + "/gz-skip", headers={"accept-encoding": "gzip"}, timeout=5, stream=True)
     assert raw.raw.read(decode_content=False) == gz, "the compressed body is never touched"
-    # No nonce was written, so none is allowed: marked scripts stay blocked (fail closed).
-    assert "'nonce-" not in raw.headers["content-security-policy"]
+    assert "'nonce-" not in raw.headers["content-security-policy"], "no nonce was written, none is allowed"
     assert gw.stats()["wasmcustom.gatehouse.page_guard.skipped.compressed"] >= 1
 
 
@@ -266,3 +291,120 @@ def test_a_bad_config_stops_the_filter_with_one_clear_line(demo, pages, envoy_fa
         envoy_factory(demo, page_guard=config(manifest(), csp={"script-src": ["self"]}),
                       extra_clusters={"pages": pages.port}, routes=routes())
     assert "config error at csp.script-src[0]: CSP keywords are quoted" in str(e.value)
+
+
+# --------------------------------------------------------------------------- issue 13 item 7
+
+def test_range_never_hands_out_the_placeholder(gw, pages):
+    """The upstream honours `Range` (a static file server does). page-guard removes `range` and
+    `if-range` on guarded routes: the upstream answers 200 with the whole page, which is
+    rewritten. Without that, `bytes=0-0,0-` came back as a `multipart/byteranges` 206 (not
+    HTML: passed untouched, placeholder and all), and a range ending inside the placeholder as
+    an HTML 206 whose unfinished tag `finish` let out with most of the secret."""
+    body = PAGE.encode()
+    inside = body.index(PLACEHOLDER.encode()) + len(PLACEHOLDER) - 4
+    for header, rng in [("range", "bytes=0-0,0-"), ("range", f"bytes=0-{inside}"),
+                        ("range", f"bytes=0-{inside},{inside + 1}-"), ("range", "bytes=-200"),
+                        ("request-range", "bytes=0-0,0-")]:
+        before = len(pages.requests)
+        r = requests.get(gw.url + "/page", headers={header: rng, "if-range": '"x"'}, timeout=5)
+        assert r.status_code == 200, (rng, r.status_code, r.headers)
+        assert PLACEHOLDER[:8] not in r.text, (rng, r.text)
+        assert r.text.count(f'nonce="{nonce_of(r)}"') == 4, "the whole page, rewritten"
+        seen = pages.requests[before:]
+        assert seen and not any({"range", "request-range", "if-range"} & h.keys() for _, h in seen), seen
+    # A body that ends inside the placeholder (here an upstream that cut its template short;
+    # before, a single range): the unfinished tag goes out without the placeholder's first part.
+    pages.routes["/cut"] = Page(body[:inside])
+    r = requests.get(gw.url + "/cut", timeout=5)
+    assert r.status_code == 200 and PLACEHOLDER[:8] not in r.text, r.text
+    assert r.text.endswith('<script nonce="'), r.text[-40:]
+    # Routes page-guard does not guard keep their ranges.
+    pages.routes["/off/page"] = Page(PAGE)
+    r = requests.get(gw.url + "/off/page", headers={"range": "bytes=0-9"}, timeout=5)
+    assert r.status_code == 206 and r.content == body[:10]
+
+
+def test_a_partial_reply_that_reaches_page_guard_is_refused(gw, pages):
+    """Something between page-guard and the upstream that answers ranges on its own: its parts
+    can cut the placeholder where no part shows it whole. A 206 on a guarded route is refused."""
+    part = PAGE.encode()[: PAGE.index(PLACEHOLDER) + 10]
+    pages.routes["/partial"] = Page(part, status=206, headers={"content-range": f"bytes 0-{len(part) - 1}/9999"})
+    multi = (b"--B\r\ncontent-type: text/html\r\n\r\n" + PAGE.encode() + b"\r\n--B--\r\n")
+    pages.routes["/partial-multi"] = Page(multi, "multipart/byteranges; boundary=B", status=206)
+    for path in ["/partial", "/partial-multi"]:
+        r = requests.get(gw.url + path, timeout=5)
+        assert r.status_code == 503, (path, r.status_code)
+        assert PLACEHOLDER[:8] not in r.text
+    assert gw.stats()["wasmcustom.gatehouse.page_guard.denied.partial"] >= 2
+
+
+def test_bodies_that_are_not_html_are_scrubbed_too(gw, pages):
+    """The upstream may serve a template as text/plain, JSON, a script, multipart: the
+    placeholder is blanked in place (same length, Content-Length still right), also when it
+    arrives cut across chunks or the body ends inside it."""
+    doc = json.dumps({"template": f'<script nonce="{PLACEHOLDER}">', "again": PLACEHOLDER}).encode()
+    cut = doc.index(PLACEHOLDER.encode()) + 5
+    pages.routes["/t.json"] = Page(doc, "application/json")
+    pages.routes["/t.txt"] = Page(doc + b"\n" + PLACEHOLDER[:12].encode(), "text/plain", chunks=[cut, cut + 7])
+    pages.routes["/t.multi"] = Page(b"--B\r\n\r\n" + PAGE.encode() + b"\r\n--B--\r\n", "multipart/byteranges; boundary=B")
+    for path in ["/t.json", "/t.txt", "/t.multi"]:
+        r = requests.get(gw.url + path, timeout=5)
+        assert r.status_code == 200
+        assert PLACEHOLDER[:8] not in r.text, (path, r.text)
+        if "content-length" in r.headers:
+            assert int(r.headers["content-length"]) == len(r.content)
+    r = requests.get(gw.url + "/t.json", timeout=5)
+    assert len(r.content) == len(doc) and int(r.headers["content-length"]) == len(doc)
+    assert json.loads(r.content)["again"] == " " * len(PLACEHOLDER)
+    assert requests.get(gw.url + "/good.js", timeout=5).content == GOOD_JS, "nothing to blank: unchanged"
+
+
+# --------------------------------------------------------------------------- issue 13 item 10
+
+def test_scripts_and_styles_get_separate_nonces(gw, pages):
+    page = (f'<style nonce="{PLACEHOLDER}">p{{}}</style><link rel="stylesheet" href="/good.css" nonce="{PLACEHOLDER}">'
+            f'<script nonce="{PLACEHOLDER}">1</script><link rel="modulepreload" href="/m.js" nonce="{PLACEHOLDER}">')
+    pages.routes["/styled"] = Page(page)
+    r = requests.get(gw.url + "/styled", timeout=5)
+    script, style = nonce_of(r), nonce_of(r, "style-src")
+    assert script != style
+    assert f"'nonce-{style}'" not in r.headers["content-security-policy"].split("script-src", 1)[1].split(";")[0]
+    assert r.text.count(f'nonce="{style}"') == 2 and r.text.count(f'nonce="{script}"') == 2, r.text
+
+
+def test_a_marked_tag_with_a_less_than_sign_gets_no_nonce(gw, pages):
+    """Dangling markup injected before a marked tag (`<img src='//evil?` or `<a x=<p`) swallows
+    it: a `<` anywhere in the tag refuses the nonce (stat, bounded log line)."""
+    page = (f"<p>hi</p><img title='<x' src=x nonce=\"{PLACEHOLDER}\"><script a=\"<b>\" nonce=\"{PLACEHOLDER}\">1</script>"
+            f"<script nonce=\"{PLACEHOLDER}\">ok</script>")
+    pages.routes["/dangling"] = Page(page)
+    r = requests.get(gw.url + "/dangling", timeout=5)
+    nonce = nonce_of(r)
+    assert r.text.count(nonce) == 1 and f'<script nonce="{nonce}">ok</script>' in r.text, r.text
+    assert '<script a="<b>" nonce="">1</script>' in r.text
+    assert PLACEHOLDER not in r.text
+    assert gw.stats()["wasmcustom.gatehouse.page_guard.tags.nonce_refused"] >= 1
+    assert "refused the nonce to 1 marked tag(s) on /dangling" in gw.log_text()
+
+
+# --------------------------------------------------------------------------- issue 13 item 6
+
+def test_dot_segments_cannot_walk_out_of_a_rule(gw, pages):
+    """`/off/` is a disabled rule. `/off/../page` matched it, turning page-guard off for a page
+    an upstream that resolves dot-segments serves as /page: placeholder and all, no CSP."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    for path in ["/off/../page", "/off/%2e%2e/page", "/off/.%2E/page", "/off%2f..%2fpage", "/off/..%2Fpage"]:
+        # http.client sends the path as written (requests would resolve the dot-segments).
+        conn = http.client.HTTPConnection(urlsplit(gw.url).netloc, timeout=5)
+        conn.request("GET", path)
+        r = conn.getresponse()
+        body = r.read().decode()
+        conn.close()
+        assert r.status == 400, (path, r.status)
+        assert PLACEHOLDER not in body
+    stats = gw.stats()
+    assert stats["wasmcustom.gatehouse.page_guard.denied.path_dot_segment"] >= 3
+    assert stats["wasmcustom.gatehouse.page_guard.denied.path_separator"] >= 1

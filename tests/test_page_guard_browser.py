@@ -1,8 +1,8 @@
 """page-guard in a real headless Chromium through real Envoy: a marked script runs, a script
 injected without the marker is blocked (securitypolicyviolation, and it has no effect), a script
 whose served bytes differ from the manifest is blocked by SRI, a script outside the manifest is
-blocked by Integrity-Policy, the CSP report endpoint receives the violation report, and
-Permissions-Policy is in force."""
+blocked by Integrity-Policy, the CSP report endpoint receives the violation report,
+Permissions-Policy is in force, and the style nonce does not run a script."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from test_page_guard import config, manifest, routes, upstream_pages
+from pages import Page
+from test_page_guard import PLACEHOLDER, config, manifest, routes, upstream_pages
 
 RECORD_VIOLATIONS = """
 window.__violations = [];
@@ -69,6 +70,33 @@ def test_nonce_sri_integrity_policy_and_reports_in_chromium(gw, pages, browser_p
         time.sleep(0.5)
     assert gw.stats().get(stat, 0) >= 1, ("no CSP report reached the endpoint", {k: v for k, v in gw.stats().items() if "page_guard" in k}, pages.requests)
     assert not any(p.startswith("/_gatehouse/csp") for p, _ in pages.requests), "reports never go upstream"
+
+
+def test_the_style_nonce_does_not_run_a_script(gw, pages, browser_page):
+    """Scripts and styles have nonces of their own (issue 13): a script created with the nonce
+    a marked `<style>` carries is blocked, one with the script nonce runs, and the marked style
+    applies."""
+    pages.routes["/two-nonces"] = Page(f"""<!doctype html><html><head>
+<style nonce="{PLACEHOLDER}">p {{ color: rgb(0, 128, 0); }}</style>
+<script nonce="{PLACEHOLDER}">
+  function add(nonce, code) {{
+    var s = document.createElement('script'); s.nonce = nonce; s.textContent = code; document.head.appendChild(s);
+  }}
+  add(document.querySelector('style').nonce, 'window.viaStyleNonce = 1;');
+  add(document.currentScript.nonce, 'window.viaScriptNonce = 1;');
+</script></head><body><p id="p">styled</p></body></html>""")
+    page = browser_page
+    page.add_init_script(RECORD_VIOLATIONS)
+    page.goto(gw.url + "/two-nonces")
+    page.wait_for_load_state("load")
+    state = page.evaluate("""() => ({
+        style: window.viaStyleNonce, script: window.viaScriptNonce,
+        color: getComputedStyle(document.getElementById('p')).color, violations: window.__violations,
+    })""")
+    assert state["script"] == 1, state
+    assert state.get("style") is None, ("the style nonce ran a script", state)
+    assert state["color"] == "rgb(0, 128, 0)", "the marked style applies"
+    assert [v for v in state["violations"] if v["directive"] == "script-src-elem"], state
 
 
 # ------------------------------------------------------------------ the demo phone page, as shipped

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 
-pub use html::{RewriteParams, RewriteStats, Rewriter};
+pub use html::{Blanker, Nonces, RewriteParams, RewriteStats, Rewriter};
 
 /// CSP directives page-guard knows; any other name is a config error (a typo would silently
 /// drop a restriction).
@@ -377,21 +377,59 @@ fn resolve_relative(page: &str, rel: &str) -> String {
     format!("/{}{tail}", segs.join("/"))
 }
 
-/// A CSP header value with slots for the nonce.
+/// Which nonce a nonce directive gets: `script-src*` the script nonce, `style-src*` the style
+/// nonce, any other (`default-src`, the fallback of both) both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Script,
+    Style,
+    Both,
+}
+
+impl Slot {
+    fn of(directive: &str) -> Slot {
+        if directive.starts_with("script-src") {
+            Slot::Script
+        } else if directive.starts_with("style-src") {
+            Slot::Style
+        } else {
+            Slot::Both
+        }
+    }
+}
+
+/// A CSP header value with slots for the nonces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CspTemplate {
     pub header: &'static str,
-    /// The value is these pieces joined with ` 'nonce-…'`.
+    /// The value is these pieces with ` 'nonce-…'` of `slots[i]` after `pieces[i]`.
     pieces: Vec<String>,
+    slots: Vec<Slot>,
 }
 
 impl CspTemplate {
-    /// The header value, with `nonce` in the nonce directives (`None`: without it).
-    pub fn value(&self, nonce: Option<&str>) -> String {
-        match nonce {
-            Some(n) => self.pieces.join(&format!(" 'nonce-{n}'")),
-            None => self.pieces.concat(),
+    /// The header value, with the nonces in the nonce directives (`None`: without them).
+    pub fn value(&self, nonce: Option<Nonces<'_>>) -> String {
+        let mut v = String::new();
+        for (i, piece) in self.pieces.iter().enumerate() {
+            v.push_str(piece);
+            if let (Some(n), Some(slot)) = (nonce, self.slots.get(i)) {
+                let mut put = |n: &str| {
+                    v.push_str(" 'nonce-");
+                    v.push_str(n);
+                    v.push('\'');
+                };
+                match slot {
+                    Slot::Script => put(n.script),
+                    Slot::Style => put(n.style),
+                    Slot::Both => {
+                        put(n.script);
+                        put(n.style);
+                    }
+                }
+            }
         }
+        v
     }
 }
 
@@ -516,6 +554,7 @@ fn compile_csp(
         .collect();
     order.extend(directives.keys().filter(|k| k.starts_with("report-")));
     let mut pieces = vec![String::new()];
+    let mut slots = Vec::new();
     for (i, name) in order.into_iter().enumerate() {
         let cur = pieces
             .last_mut()
@@ -529,6 +568,7 @@ fn compile_csp(
             cur.push_str(s);
         }
         if nonced.contains(&name.as_str()) {
+            slots.push(Slot::of(name));
             pieces.push(String::new());
         }
     }
@@ -539,6 +579,7 @@ fn compile_csp(
             "content-security-policy"
         },
         pieces,
+        slots,
     }))
 }
 
@@ -923,8 +964,17 @@ impl PageGuardConfig {
         self.select(route, path, host).map(|id| self.policy(id))
     }
 
-    /// The request side: the report endpoint, a guarded page, or nothing to do.
+    /// The request side: the report endpoint, a guarded page, or nothing to do. A path with a
+    /// dot-segment or a hidden separator is refused (400) before any rule looks at it: it could
+    /// match a `disabled` rule here (`/off/../page`) and reach a marked page upstream, which
+    /// would then leave unscrubbed.
     pub fn on_request(&self, req: &PageRequest<'_>) -> RequestDecision {
+        if let Err(e) = crate::path::check(req.path) {
+            return RequestDecision::Refuse {
+                reason: e.reason(),
+                reply: Refusal::BadRequest.reply(None),
+            };
+        }
         if let Some(r) = &self.reports {
             let p = req.path.split('?').next().unwrap_or("");
             if p == r.path {
@@ -941,17 +991,25 @@ impl PageGuardConfig {
             Some(policy) => RequestDecision::Guard {
                 policy,
                 identity: self.compressed == Compressed::RequestIdentity,
+                strip_range: !self.placeholder.is_empty(),
             },
         }
     }
 
-    /// The response side: header edits and what to do with the body. `nonce` is 16 fresh
-    /// random bytes (`None` when the host has no randomness: marked tags then get no nonce).
+    /// The response side: header edits and what to do with the body. `nonce` is 32 fresh
+    /// random bytes, the script nonce's 16 then the style nonce's (`None` when the host has no
+    /// randomness: marked tags then get no nonce).
+    ///
+    /// With a placeholder configured, no body on a guarded route leaves with it: HTML is
+    /// rewritten, any other type blanked ([`BodyPlan::Blank`]); a body that cannot be scrubbed
+    /// (compressed while `compressed` asks for identity, or a 206 part of one: page-guard
+    /// removed `Range`, and a part can cut the placeholder where no part shows it whole) is
+    /// refused ([`ResponsePlan::deny`]).
     pub fn on_response(
         &self,
         policy: &Policy,
         resp: &PageResponse<'_>,
-        nonce: Option<[u8; 16]>,
+        nonce: Option<[u8; 32]>,
     ) -> ResponsePlan {
         let mut edits = Vec::new();
         let mut outcome = Outcome::Headers;
@@ -962,9 +1020,16 @@ impl PageGuardConfig {
         let compressed = resp
             .content_encoding
             .is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
+        let secret = !self.placeholder.is_empty();
         let mut body = BodyPlan::Untouched;
-        let mut nonce_text = None;
-        if html && has_body {
+        let mut nonces = None;
+        let mut deny = None;
+        if has_body && secret && resp.status == 206 {
+            deny = Some(ResponseDenial::Partial);
+        } else if has_body && secret && compressed && self.compressed == Compressed::RequestIdentity
+        {
+            deny = Some(ResponseDenial::Compressed);
+        } else if html && has_body {
             if compressed {
                 outcome = Outcome::SkippedCompressed;
             } else {
@@ -977,10 +1042,15 @@ impl PageGuardConfig {
                     outcome = Outcome::Rewritten;
                     BodyPlan::Buffer
                 };
-                if !self.placeholder.is_empty() {
+                if secret {
                     match nonce {
                         Some(n) => {
-                            nonce_text = Some(base64::engine::general_purpose::STANDARD.encode(n))
+                            let b64 =
+                                |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+                            nonces = Some(NonceText {
+                                script: b64(&n[..16]),
+                                style: b64(&n[16..]),
+                            })
                         }
                         None => outcome = Outcome::NoRandomness,
                     }
@@ -988,6 +1058,18 @@ impl PageGuardConfig {
             }
         } else if !html {
             outcome = Outcome::NotHtml;
+            if has_body && secret && !compressed {
+                body = BodyPlan::Blank;
+            }
+        }
+        if let Some(d) = deny {
+            return ResponsePlan {
+                edits: Vec::new(),
+                body: BodyPlan::Untouched,
+                nonce: None,
+                outcome: Outcome::Denied(d),
+                deny: Some(Refusal::Unavailable.reply(None)),
+            };
         }
 
         for name in &self.remove_headers {
@@ -1007,7 +1089,11 @@ impl PageGuardConfig {
             }
         };
         if let Some(csp) = &policy.csp {
-            put(csp.header, csp.value(nonce_text.as_deref()), true);
+            put(
+                csp.header,
+                csp.value(nonces.as_ref().map(NonceText::as_nonces)),
+                true,
+            );
         }
         for (name, value) in &policy.headers {
             let mergeable = name == "permissions-policy" || name == "reporting-endpoints";
@@ -1026,20 +1112,21 @@ impl PageGuardConfig {
         ResponsePlan {
             edits,
             body,
-            nonce: nonce_text,
+            nonce: nonces,
             outcome,
+            deny: None,
         }
     }
 
     /// The rewriting settings for one response.
     pub fn rewrite_params<'a>(
         &'a self,
-        nonce: Option<&'a str>,
+        nonce: Option<&'a NonceText>,
         page_path: &'a str,
     ) -> RewriteParams<'a> {
         RewriteParams {
             placeholder: &self.placeholder,
-            nonce,
+            nonce: nonce.map(NonceText::as_nonces),
             sri: self.sri.as_ref(),
             page_path,
         }
@@ -1079,8 +1166,21 @@ pub enum RequestDecision {
     Report,
     /// A local reply (the report endpoint asked with another method than POST).
     Reply(LocalReply),
-    /// A guarded route with its policy; `identity`: ask the upstream for an uncompressed body.
-    Guard { policy: PolicyId, identity: bool },
+    /// A guarded route with its policy; `identity`: ask the upstream for an uncompressed body;
+    /// `strip_range`: remove `range`, `request-range` and `if-range` from the request (a placeholder is
+    /// configured: a partial reply could cut it where no scrubber sees it whole), so the
+    /// upstream answers with the whole body.
+    Guard {
+        policy: PolicyId,
+        identity: bool,
+        strip_range: bool,
+    },
+    /// Refused before any rule matched (a path with a dot-segment or a hidden separator):
+    /// count `denied.<reason>`, send `reply`.
+    Refuse {
+        reason: &'static str,
+        reply: LocalReply,
+    },
     /// page-guard is off on this route.
     Off,
 }
@@ -1115,6 +1215,46 @@ pub enum BodyPlan {
     Buffer,
     /// Rewrite chunk by chunk (`Content-Length` removed).
     Stream,
+    /// Not HTML: blank every placeholder chunk by chunk ([`Blanker`]); the length stays, and so
+    /// does `Content-Length`.
+    Blank,
+}
+
+/// Why a response on a guarded route was refused: its body may carry the placeholder and
+/// cannot be scrubbed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseDenial {
+    /// Compressed (any `content-encoding` but `identity`) although page-guard asked for
+    /// `identity` (`compressed: "request_identity"`).
+    Compressed,
+    /// A 206 Partial Content: page-guard removed `Range` and `If-Range`, so something between
+    /// it and the upstream answers ranges on its own.
+    Partial,
+}
+
+impl ResponseDenial {
+    pub fn reason(self) -> &'static str {
+        match self {
+            ResponseDenial::Compressed => "compressed",
+            ResponseDenial::Partial => "partial",
+        }
+    }
+}
+
+/// A response's nonces, base64.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonceText {
+    pub script: String,
+    pub style: String,
+}
+
+impl NonceText {
+    pub fn as_nonces(&self) -> Nonces<'_> {
+        Nonces {
+            script: &self.script,
+            style: &self.style,
+        }
+    }
 }
 
 /// The outcome of a response, counted as `gatehouse.page_guard.<name>`.
@@ -1132,6 +1272,8 @@ pub enum Outcome {
     NotHtml,
     /// HTML without a body (HEAD, 204, 304): headers only.
     Headers,
+    /// Refused: the body cannot be scrubbed of the placeholder.
+    Denied(ResponseDenial),
 }
 
 impl Outcome {
@@ -1143,6 +1285,8 @@ impl Outcome {
             Outcome::NoRandomness => "no_randomness",
             Outcome::NotHtml => "not_html",
             Outcome::Headers => "headers_only",
+            Outcome::Denied(ResponseDenial::Compressed) => "denied.compressed",
+            Outcome::Denied(ResponseDenial::Partial) => "denied.partial",
         }
     }
 }
@@ -1151,9 +1295,12 @@ impl Outcome {
 pub struct ResponsePlan {
     pub edits: Vec<HeaderEdit>,
     pub body: BodyPlan,
-    /// This response's nonce (base64), when the body is rewritten with one.
-    pub nonce: Option<String>,
+    /// This response's nonces, when the body is rewritten with them.
+    pub nonce: Option<NonceText>,
     pub outcome: Outcome,
+    /// Refused: send this reply instead of the response (503, as for any dependency that
+    /// cannot be trusted right now), count `outcome`, and apply nothing else.
+    pub deny: Option<LocalReply>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -441,7 +441,7 @@ fn page_guard_survives_random_configs_reports_and_responses() {
                     forwarded_proto: None,
                     has_header: &|name| name == "content-security-policy",
                 },
-                Some([7; 16]),
+                Some([7; 32]),
             );
             // A nonce promised in the CSP is only ever this response's.
             for edit in &plan.edits {

@@ -1,9 +1,10 @@
 //! page-guard: the proxy-wasm shell over `gatehouse_core::page_guard`. See docs/page-guard.md.
 
 use gatehouse_core::page_guard::{
-    parse_reports, report_reply, BodyPlan, HeaderEdit, LogLimiter, PageGuardConfig, PageRequest,
-    PageResponse, PolicyId, RequestDecision, Rewriter,
+    parse_reports, report_reply, Blanker, BodyPlan, HeaderEdit, LogLimiter, NonceText, Outcome,
+    PageGuardConfig, PageRequest, PageResponse, PolicyId, RequestDecision, Rewriter,
 };
+use gatehouse_core::reply::Refusal;
 use gatehouse_core::ConfigError;
 use gatehouse_host::{self as host, Body, Counters};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -24,6 +25,7 @@ host::main!(
         body: BodyPlan::Untouched,
         nonce: None,
         rewriter: None,
+        blanker: None,
     }))
 );
 
@@ -84,8 +86,9 @@ struct Stream {
     head: bool,
     forwarded_proto: Option<String>,
     body: BodyPlan,
-    nonce: Option<String>,
+    nonce: Option<NonceText>,
     rewriter: Option<Rewriter>,
+    blanker: Option<Blanker>,
 }
 
 impl Context for Stream {}
@@ -128,7 +131,7 @@ impl Stream {
     /// Rewrite `data` (the whole buffered body, or one chunk when streaming).
     fn rewrite(&mut self, data: &[u8], end: bool) -> Vec<u8> {
         let s = &self.shared;
-        let params = s.config.rewrite_params(self.nonce.as_deref(), &self.path);
+        let params = s.config.rewrite_params(self.nonce.as_ref(), &self.path);
         let rewriter = self.rewriter.get_or_insert_with(Rewriter::new);
         let mut out = Vec::with_capacity(data.len() + 256);
         rewriter.feed(&params, data, &mut out);
@@ -147,8 +150,40 @@ impl Stream {
             if stats.oversized_tags > 0 {
                 s.count("oversized_tag");
             }
+            if stats.nonce_refused > 0 {
+                // A marked tag with a `<` in it or duplicate attributes: what markup injected
+                // in front of it looks like. No nonce, the placeholder removed.
+                s.count("tags.nonce_refused");
+                let path = self.path.split('?').next().unwrap_or("");
+                host::log_denial(
+                    NAME,
+                    &format!(
+                        "refused the nonce to {} marked tag(s) on {path}: `<` or duplicate \
+                         attributes in the tag (injected markup?)",
+                        stats.nonce_refused
+                    ),
+                );
+            }
         }
         out
+    }
+
+    /// Blank the placeholder in `data` (a chunk of a body that is not HTML); `None`: the chunk
+    /// can pass as it is.
+    fn blank(&mut self, data: &[u8], end: bool) -> Option<Vec<u8>> {
+        let placeholder = &self.shared.config.placeholder;
+        let blanker = self.blanker.get_or_insert_with(Blanker::new);
+        let mut out = Vec::new();
+        let mut changed = blanker.feed(placeholder, data, &mut out);
+        if end {
+            let before = out.len();
+            blanker.finish(placeholder, &mut out);
+            changed |= out.len() != before;
+            if blanker.blanked() > 0 {
+                self.shared.count("placeholder_removed");
+            }
+        }
+        changed.then_some(out)
     }
 }
 
@@ -166,6 +201,10 @@ impl HttpContext for Stream {
             route_name: route.as_deref(),
         });
         match decision {
+            RequestDecision::Refuse { reason, reply } => {
+                s.count(&format!("denied.{reason}"));
+                host::refuse(NAME, reason, Refusal::BadRequest, false, &path, &reply)
+            }
             RequestDecision::Report => {
                 self.mode = Mode::Report;
                 if end_of_stream {
@@ -178,7 +217,11 @@ impl HttpContext for Stream {
                 host::send_reply(&reply);
                 Action::Pause
             }
-            RequestDecision::Guard { policy, identity } => {
+            RequestDecision::Guard {
+                policy,
+                identity,
+                strip_range,
+            } => {
                 self.mode = Mode::Guard(policy);
                 self.head = method.eq_ignore_ascii_case("HEAD");
                 self.path = path;
@@ -187,6 +230,13 @@ impl HttpContext for Stream {
                 }
                 if identity {
                     host::set_request_header("accept-encoding", Some("identity"));
+                }
+                if strip_range {
+                    // The whole body, never a part that cuts the placeholder (`request-range`:
+                    // the pre-HTTP/1.1 spelling that Apache httpd still honours).
+                    for name in ["range", "request-range", "if-range"] {
+                        host::set_request_header(name, None);
+                    }
                 }
                 Action::Continue
             }
@@ -234,10 +284,16 @@ impl HttpContext for Stream {
         let tls = s.config.hsts.is_some()
             && host::property_text(vec!["connection", "tls_version"]).is_some();
         let has_header = |name: &str| host::response_header(name).is_some();
+        // Two nonces: the script one, then the style one.
         let nonce = if s.config.placeholder.is_empty() {
             None
         } else {
-            host::random_16()
+            host::random_16().zip(host::random_16()).map(|(a, b)| {
+                let mut n = [0u8; 32];
+                n[..16].copy_from_slice(&a);
+                n[16..].copy_from_slice(&b);
+                n
+            })
         };
         let plan = s.config.on_response(
             s.config.policy(id),
@@ -253,6 +309,20 @@ impl HttpContext for Stream {
             },
             nonce,
         );
+        if let (Some(reply), Outcome::Denied(why)) = (&plan.deny, plan.outcome) {
+            // A body that may carry the placeholder and cannot be scrubbed: refused.
+            s.count(plan.outcome.name());
+            self.mode = Mode::Off;
+            self.body = BodyPlan::Untouched;
+            return host::refuse(
+                NAME,
+                why.reason(),
+                Refusal::Unavailable,
+                false,
+                &self.path,
+                reply,
+            );
+        }
         for edit in &plan.edits {
             match edit {
                 HeaderEdit::Set(n, v) => host::set_response_header(n, Some(v)),
@@ -303,6 +373,16 @@ impl HttpContext for Stream {
                 }
                 Action::Continue
             }
+            BodyPlan::Blank => {
+                let chunk = host::response_body(size);
+                if let Some(out) = self.blank(&chunk, end_of_stream) {
+                    host::replace_body(Body::Response, size, &out);
+                }
+                if end_of_stream {
+                    self.body = BodyPlan::Untouched;
+                }
+                Action::Continue
+            }
         }
     }
 
@@ -322,6 +402,12 @@ impl HttpContext for Stream {
                 // rewriter still holds is an unfinished start tag (which a browser drops at the
                 // end of a document too) or the start of a placeholder: it is dropped, counted.
                 if !self.rewrite(&[], true).is_empty() {
+                    self.shared.count("trailers.tail_dropped");
+                }
+            }
+            BodyPlan::Blank => {
+                // All a blanker holds back is the start of a placeholder: dropped, counted.
+                if self.blank(&[], true).is_some_and(|out| !out.is_empty()) {
                     self.shared.count("trailers.tail_dropped");
                 }
             }

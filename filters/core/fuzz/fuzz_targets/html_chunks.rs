@@ -5,7 +5,7 @@
 #![no_main]
 
 use gatehouse_core::page_guard::html::{RewriteParams, Rewriter};
-use gatehouse_core::page_guard::PageGuardConfig;
+use gatehouse_core::page_guard::{NonceText, PageGuardConfig};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
@@ -29,7 +29,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&split, body)) = data.split_first() else {
         return;
     };
-    let params: RewriteParams<'_> = config().rewrite_params(Some("bm9uY2U"), "/s/page.html");
+    let nonces = NonceText {
+        script: "bm9uY2U".into(),
+        style: "c3R5bGU".into(),
+    };
+    let params: RewriteParams<'_> = config().rewrite_params(Some(&nonces), "/s/page.html");
     let (whole, stats) = Rewriter::rewrite_all(&params, body);
     let mut rewriter = Rewriter::new();
     let mut chunked = Vec::new();

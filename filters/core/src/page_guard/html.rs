@@ -26,12 +26,23 @@ use super::SriManifest;
 /// A start tag longer than this is passed through unchanged.
 pub const MAX_TAG_BYTES: usize = 16 * 1024;
 
-/// What one response's rewriting uses: fixed per config, plus the nonce of this response.
+/// The nonces of one response: one for scripts, another for styles, so that a nonce read
+/// where styles are handled (or injected CSS that learns it) never runs a script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nonces<'a> {
+    /// For `<script>` and script preloads (`<link rel=modulepreload>`, `<link rel=preload
+    /// as=script>`): `script-src`.
+    pub script: &'a str,
+    /// For `<style>` and the other `<link>`s (`rel=stylesheet`, …): `style-src`.
+    pub style: &'a str,
+}
+
+/// What one response's rewriting uses: fixed per config, plus the nonces of this response.
 pub struct RewriteParams<'a> {
     /// The deployment-secret marker (empty: no nonce handling).
     pub placeholder: &'a [u8],
-    /// This response's nonce (`None`: the marker is removed, no tag gets a nonce).
-    pub nonce: Option<&'a str>,
+    /// This response's nonces (`None`: the marker is removed, no tag gets a nonce).
+    pub nonce: Option<Nonces<'a>>,
     pub sri: Option<&'a SriManifest>,
     /// The request path, for URLs relative to the page.
     pub page_path: &'a str,
@@ -48,6 +59,10 @@ pub struct RewriteStats {
     pub scrubbed: u32,
     /// Start tags longer than [`MAX_TAG_BYTES`], passed through unchanged.
     pub oversized_tags: u32,
+    /// Marked tags refused a nonce: not nonceable (duplicate attributes, or a `<` in the tag,
+    /// which is what injected dangling markup looks like), or not a `script`, `style` or
+    /// `link`. Their placeholder is removed.
+    pub nonce_refused: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,10 +145,17 @@ enum State {
 }
 
 /// How a start tag is rewritten: SRI attributes inserted after its name, the placeholder in
-/// its `nonce` value (a span of the tag) replaced by the nonce.
+/// its `nonce` value (a span of the tag) replaced by the nonce of its kind.
 struct TagEdit {
     insert: Option<String>,
-    replace: Option<(usize, usize)>,
+    replace: Option<(usize, usize, NonceKind)>,
+}
+
+/// Which of a response's nonces a marked tag gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NonceKind {
+    Script,
+    Style,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +180,9 @@ pub struct Rewriter {
     /// Stage 2: the last bytes already let out (one fewer than the placeholder): removing a
     /// placeholder can join them with what follows into another one.
     sent: Vec<u8>,
+    /// The last bytes of the body as it came (one fewer than the placeholder), to tell at
+    /// `finish` whether it was cut inside a placeholder.
+    raw_tail: Vec<u8>,
     stats: RewriteStats,
 }
 
@@ -183,6 +208,7 @@ impl Rewriter {
             attrs: Vec::new(),
             pending: Vec::new(),
             sent: Vec::new(),
+            raw_tail: Vec::new(),
             stats: RewriteStats::default(),
         }
     }
@@ -194,13 +220,20 @@ impl Rewriter {
     /// Rewrite one chunk; what can be emitted goes to `out` (a start tag or a possible
     /// placeholder prefix at the end of the chunk is held back).
     pub fn feed(&mut self, p: &RewriteParams<'_>, input: &[u8], out: &mut Vec<u8>) {
+        let keep = p.placeholder.len().saturating_sub(1);
+        self.raw_tail
+            .extend_from_slice(&input[input.len().saturating_sub(keep)..]);
+        let excess = self.raw_tail.len().saturating_sub(keep);
+        self.raw_tail.drain(..excess);
         let from = out.len();
         out.append(&mut self.pending);
         self.tokenize(p, input, out);
         self.scrub(p.placeholder, out, from, false);
     }
 
-    /// The end of the body: everything held back goes out (an unfinished start tag as it was).
+    /// The end of the body: everything held back goes out (an unfinished start tag as it was),
+    /// except the first part of a placeholder the body was cut in (a `Range` reply, a body
+    /// that ends inside a marked tag): that part would hand out most of the secret.
     pub fn finish(&mut self, p: &RewriteParams<'_>, out: &mut Vec<u8>) {
         let from = out.len();
         out.append(&mut self.pending);
@@ -212,6 +245,15 @@ impl Rewriter {
         self.tag.clear();
         self.state = State::Data;
         self.scrub(p.placeholder, out, from, true);
+        // Decided on the body as it came (not on the output, where removals can join a prefix
+        // that an earlier chunk already let out), so chunks never change the result. Those
+        // bytes are still here: held back as `pending` or in the unfinished tag.
+        let cut = placeholder_prefix_at_end(p.placeholder, &self.raw_tail);
+        if cut > 0 && out[from..].ends_with(&p.placeholder[..cut]) {
+            out.truncate(out.len() - cut);
+            self.stats.scrubbed += 1;
+        }
+        self.raw_tail.clear();
     }
 
     /// Rewrite a whole body at once.
@@ -267,11 +309,8 @@ impl Rewriter {
             }
         }
         if !last {
-            let tail = &out[from.max(out.len().saturating_sub(n - 1))..];
-            let keep = (1..=tail.len())
-                .rev()
-                .find(|&k| tail[tail.len() - k..] == placeholder[..k])
-                .unwrap_or(0);
+            // A tail that could begin a placeholder is held back for the next chunk.
+            let keep = placeholder_prefix_at_end(placeholder, &out[from..]);
             self.pending = out.split_off(out.len() - keep);
         }
         if !last {
@@ -961,8 +1000,40 @@ impl Rewriter {
         };
     }
 
+    /// Which nonce the current tag (its attributes in `self.attrs`) would get: `script` and
+    /// script preloads the script nonce, `style` and other `link`s the style nonce, any other
+    /// element none (a nonce means nothing there; its placeholder is removed).
+    fn nonce_kind(&self, tag: &[u8]) -> Option<NonceKind> {
+        match self.tag_name() {
+            b"script" => Some(NonceKind::Script),
+            b"style" => Some(NonceKind::Style),
+            b"link" => {
+                let value = |name: &[u8]| {
+                    self.attrs
+                        .iter()
+                        .find(|a| tag[a.name.0..a.name.1].eq_ignore_ascii_case(name))
+                        .and_then(|a| a.value.map(|(s, e)| &tag[s..e]))
+                        .unwrap_or_default()
+                };
+                let rel_has = |t: &[u8]| {
+                    value(b"rel")
+                        .split(|&c| is_ws(c))
+                        .any(|r| r.eq_ignore_ascii_case(t))
+                };
+                let script_preload = rel_has(b"modulepreload")
+                    || rel_has(b"preload") && value(b"as").eq_ignore_ascii_case(b"script");
+                Some(if script_preload {
+                    NonceKind::Script
+                } else {
+                    NonceKind::Style
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// How a start tag is rewritten (its attributes are in `self.attrs`), or `None`.
-    fn tag_edit(&self, p: &RewriteParams<'_>, tag: &[u8]) -> Option<TagEdit> {
+    fn tag_edit(&mut self, p: &RewriteParams<'_>, tag: &[u8]) -> Option<TagEdit> {
         let attr_name = |a: &Attr| &tag[a.name.0..a.name.1];
         let attr_value = |a: &Attr| a.value.map(|(s, e)| &tag[s..e]);
         let find = |name: &[u8]| {
@@ -970,15 +1041,23 @@ impl Rewriter {
                 .iter()
                 .find(|a| attr_name(a).eq_ignore_ascii_case(name))
         };
-        // The nonce: the first `nonce` attribute, when it is exactly the placeholder and the tag
-        // is nonceable (CSP3 "is element nonceable": no attribute name or value containing
-        // `<script` or `<style`, no duplicate attributes, which is how injected markup steals a
-        // following tag's nonce).
-        let mut replace: Option<(usize, usize)> = None;
+        // The nonce: the first `nonce` attribute, when it is exactly the placeholder, the tag
+        // is one a nonce applies to (its name picks which nonce) and it is nonceable (CSP3 "is
+        // element nonceable", tightened: no `<` anywhere in the tag, no duplicate attributes,
+        // which is how injected markup steals a following tag's nonce).
+        let mut replace: Option<(usize, usize, NonceKind)> = None;
+        let mut refused = false;
         if !p.placeholder.is_empty() {
             if let Some(a) = find(b"nonce") {
-                if attr_value(a) == Some(p.placeholder) && nonceable(tag, &self.attrs) {
-                    replace = a.value;
+                if attr_value(a) == Some(p.placeholder) {
+                    if let Some(kind) = self.nonce_kind(tag) {
+                        match a.value {
+                            Some((s, e)) if nonceable(tag, &self.attrs) => {
+                                replace = Some((s, e, kind))
+                            }
+                            _ => refused = true,
+                        }
+                    }
                 }
             }
         }
@@ -1011,6 +1090,9 @@ impl Rewriter {
                 }
             }
         }
+        if refused {
+            self.stats.nonce_refused += 1;
+        }
         if replace.is_none() && insert.is_none() {
             return None;
         }
@@ -1030,9 +1112,13 @@ impl Rewriter {
             last = name_end;
             self.stats.integrity += 1;
         }
-        if let Some((s, e)) = edit.replace {
+        if let Some((s, e, kind)) = edit.replace {
             out.extend_from_slice(&tag[last..s]);
-            if let Some(nonce) = p.nonce {
+            if let Some(nonces) = p.nonce {
+                let nonce = match kind {
+                    NonceKind::Script => nonces.script,
+                    NonceKind::Style => nonces.style,
+                };
                 out.extend_from_slice(nonce.as_bytes());
                 self.stats.nonces += 1;
             }
@@ -1164,6 +1250,84 @@ impl Rewriter {
     }
 }
 
+/// The length of the longest tail of `bytes` that is a proper prefix of `placeholder` (at most
+/// one byte shorter than it), 0 when none.
+fn placeholder_prefix_at_end(placeholder: &[u8], bytes: &[u8]) -> usize {
+    let n = placeholder.len();
+    let tail = &bytes[bytes.len().saturating_sub(n.saturating_sub(1))..];
+    (1..=tail.len())
+        .rev()
+        .find(|&k| tail[tail.len() - k..] == placeholder[..k])
+        .unwrap_or(0)
+}
+
+/// What a body that is not HTML gets on a guarded route: every placeholder in it replaced by as
+/// many spaces, so its length, and its `Content-Length`, stay as they were and it can stream
+/// (a space is outside the placeholder's alphabet, so no blanking can make a new one). A tail
+/// that could begin a placeholder is held back for the next chunk (never more than the
+/// placeholder's length) and blanked at the end of the body. The upstream may serve a template
+/// as `text/plain`, JSON, a script, …: the placeholder never leaves in any of them.
+#[derive(Debug, Default)]
+pub struct Blanker {
+    pending: Vec<u8>,
+    blanked: u32,
+}
+
+/// What a [`Blanker`] writes over a placeholder.
+pub const BLANK: u8 = b' ';
+
+impl Blanker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Placeholders (whole or cut at the end) blanked so far.
+    pub fn blanked(&self) -> u32 {
+        self.blanked
+    }
+
+    /// Blank one chunk into `out`. Returns whether `out` differs from `input` (something was
+    /// blanked, held back, or let out from the previous chunk): if not, the chunk can pass as
+    /// it is.
+    pub fn feed(&mut self, placeholder: &[u8], input: &[u8], out: &mut Vec<u8>) -> bool {
+        let from = out.len();
+        let held = self.pending.len();
+        out.append(&mut self.pending);
+        out.extend_from_slice(input);
+        let before = self.blanked;
+        self.blank(placeholder, out, from, false);
+        held > 0 || !self.pending.is_empty() || self.blanked != before
+    }
+
+    /// The end of the body: what was held back goes out, a cut placeholder blanked.
+    pub fn finish(&mut self, placeholder: &[u8], out: &mut Vec<u8>) {
+        let from = out.len();
+        out.append(&mut self.pending);
+        self.blank(placeholder, out, from, true);
+    }
+
+    fn blank(&mut self, placeholder: &[u8], out: &mut Vec<u8>, from: usize, last: bool) {
+        let n = placeholder.len();
+        if n == 0 {
+            return;
+        }
+        let mut at = from;
+        while let Some(k) = memchr::memmem::find(&out[at..], placeholder) {
+            out[at + k..at + k + n].fill(BLANK);
+            at += k + n;
+            self.blanked += 1;
+        }
+        let keep = placeholder_prefix_at_end(placeholder, &out[at..]);
+        let len = out.len();
+        if !last {
+            self.pending = out.split_off(len - keep);
+        } else if keep > 0 {
+            out[len - keep..].fill(BLANK);
+            self.blanked += 1;
+        }
+    }
+}
+
 /// One byte of raw text looking for `</name` + delimiter: `Some(next)` to stay in raw text,
 /// `None` when the end tag's name is complete and `b` is its delimiter.
 fn raw_end_step(
@@ -1205,24 +1369,17 @@ fn content_of(name: &[u8]) -> Option<Raw> {
     })
 }
 
-fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
-}
-
-/// CSP3 "is element nonceable?", on the tag as written.
+/// CSP3 "is element nonceable?", on the tag as written, tightened: CSP3 refuses an attribute
+/// name or value containing `<script` or `<style`; any `<` in the tag (its name, an attribute
+/// name or value) is refused here, since a `<` inside a start tag is what dangling markup
+/// injected before a marked tag looks like (`<img src='//evil?` swallowing the tag, `<a x=<p`).
+/// Duplicate attributes are refused too.
 fn nonceable(tag: &[u8], attrs: &[Attr]) -> bool {
+    if tag.get(1..).is_some_and(|rest| rest.contains(&b'<')) {
+        return false;
+    }
     for (i, a) in attrs.iter().enumerate() {
         let name = &tag[a.name.0..a.name.1];
-        if contains_ci(name, b"<script") || contains_ci(name, b"<style") {
-            return false;
-        }
-        if let Some((s, e)) = a.value {
-            let v = &tag[s..e];
-            if contains_ci(v, b"<script") || contains_ci(v, b"<style") {
-                return false;
-            }
-        }
         if attrs[..i]
             .iter()
             .any(|o| tag[o.name.0..o.name.1].eq_ignore_ascii_case(name))

@@ -3,6 +3,12 @@ use serde_json::json;
 
 const P: &str = "GATEHOUSE_NONCE_0123456789";
 const NONCE: &str = "AAECAwQFBgcICQoLDA0ODw==";
+/// The style nonce of the rewriter tests: not the script one.
+const SNONCE: &str = "EBESExQVFhcYGRobHB0eHw==";
+const NONCES: Nonces<'static> = Nonces {
+    script: NONCE,
+    style: SNONCE,
+};
 
 fn no_env(_: &str) -> Option<String> {
     None
@@ -41,7 +47,7 @@ fn manifest() -> SriManifest {
 fn params<'a>(m: Option<&'a SriManifest>) -> RewriteParams<'a> {
     RewriteParams {
         placeholder: P.as_bytes(),
-        nonce: Some(NONCE),
+        nonce: Some(NONCES),
         sri: m,
         page_path: "/app/index.html",
     }
@@ -92,8 +98,77 @@ fn marked_tags_get_the_nonce_unmarked_ones_do_not() {
     ));
     assert_eq!(
         out,
-        format!("<script nonce=\"{NONCE}\">a()</script><script>evil()</script><style nonce='{NONCE}'>p{{}}</style>")
+        format!("<script nonce=\"{NONCE}\">a()</script><script>evil()</script><style nonce='{SNONCE}'>p{{}}</style>")
     );
+}
+
+#[test]
+fn scripts_and_styles_get_nonces_of_their_own() {
+    let html = format!(
+        "<script nonce={P}></script><style nonce={P}></style><link rel=stylesheet href=/x.css nonce={P}>\
+         <link rel=modulepreload href=/m.js nonce={P}><link rel=preload as=script href=/p.js nonce={P}>\
+         <link rel=preload as=style href=/s.css nonce={P}><div nonce={P}></div><img nonce={P}>"
+    );
+    let m = manifest();
+    let (out, stats) = Rewriter::rewrite_all(&params(Some(&m)), html.as_bytes());
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!(
+            "<script nonce={NONCE}></script><style nonce={SNONCE}></style><link rel=stylesheet href=/x.css nonce={SNONCE}>\
+             <link rel=modulepreload href=/m.js nonce={NONCE}><link rel=preload as=script href=/p.js nonce={NONCE}>\
+             <link rel=preload as=style href=/s.css nonce={SNONCE}><div nonce=></div><img nonce=>"
+        ),
+        "the tag name (and a link's rel/as) picks the nonce; other elements get none"
+    );
+    assert_eq!(stats.nonces, 6);
+    assert_eq!(
+        stats.nonce_refused, 0,
+        "not a refusal: a nonce means nothing there"
+    );
+    // The CSP: each directive its own nonce, `default-src` (the fallback of both) both.
+    let mut v = full();
+    v["nonce"]["directives"] = json!(["script-src", "style-src-elem", "default-src"]);
+    let c = compile(v).unwrap();
+    let csp = c.policy.csp.as_ref().unwrap().value(Some(Nonces {
+        script: "N1",
+        style: "N2",
+    }));
+    assert!(csp.contains("script-src 'self' 'nonce-N1';"), "{csp}");
+    assert!(csp.contains("style-src-elem 'self' 'nonce-N2';"), "{csp}");
+    assert!(
+        csp.contains("default-src 'self' 'nonce-N1' 'nonce-N2';"),
+        "{csp}"
+    );
+    assert!(!csp.contains("style-src 'self' 'nonce-N1'"), "{csp}");
+}
+
+#[test]
+fn a_less_than_sign_in_a_marked_tag_refuses_its_nonce() {
+    // Dangling markup injected before a marked tag swallows it into an attribute value or
+    // name: any `<` in the tag (not only `<script` / `<style`) refuses the nonce.
+    for html in [
+        format!("<script data-y='<c>' nonce=\"{P}\">go()</script>"),
+        format!("<script src=\"/phone.js\" x=\"<p>\" nonce={P}></script>"),
+        format!("<script a<b nonce={P}></script>"),
+        format!("<style title='<img src=x' nonce={P}></style>"),
+        format!("<link rel=stylesheet href='/a.css?<' nonce={P}>"),
+    ] {
+        let m = manifest();
+        let (out, stats) = Rewriter::rewrite_all(&params(Some(&m)), html.as_bytes());
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains(NONCE) && !out.contains(SNONCE), "{out}");
+        assert!(!out.contains(P), "{out}");
+        assert_eq!(stats.nonce_refused, 1, "{html}");
+        assert_eq!(stats.nonces, 0, "{html}");
+        // Split anywhere, the same outcome.
+        assert_split_invariant(&html);
+    }
+    // A `<` outside any tag, or after a marked tag, changes nothing.
+    let (_, stats) = Rewriter::rewrite_all(
+        &params(None),
+        format!("a < b<script nonce={P}>if (a<b) x()</script>").as_bytes(),
+    );
+    assert_eq!((stats.nonces, stats.nonce_refused), (1, 0));
 }
 
 #[test]
@@ -109,7 +184,7 @@ fn uppercase_and_unquoted() {
 
 #[test]
 fn quotes_and_gt_inside_attributes() {
-    let html = format!("<script data-x=\"a>b\" data-y='<c>' nonce=\"{P}\">go()</script>");
+    let html = format!("<script data-x=\"a>b\" data-y='c>' nonce=\"{P}\">go()</script>");
     assert_eq!(rw(&html), html.replace(P, NONCE));
     // A `>` in a quoted value of a plain tag does not end it: the marker after it is a tag's.
     let html = format!("<div title=\"x>y\"><script nonce={P}>1</script></div>");
@@ -305,7 +380,8 @@ fn tags_split_at_every_byte_boundary() {
     );
     let out = assert_split_invariant(&html);
     assert!(!out.contains(P));
-    assert_eq!(out.matches(NONCE).count(), 3, "{out}");
+    assert_eq!(out.matches(NONCE).count(), 2, "{out}");
+    assert_eq!(out.matches(SNONCE).count(), 1, "{out}");
     assert_eq!(out.matches("integrity=").count(), 2, "{out}");
 }
 
@@ -345,6 +421,210 @@ fn odd_inputs_split_everywhere() {
 fn an_unfinished_tag_at_the_end_passes_without_the_placeholder() {
     let out = rw(&format!("<p>x</p><script nonce=\"{P}\""));
     assert_eq!(out, "<p>x</p><script nonce=\"\"");
+}
+
+#[test]
+fn a_body_cut_inside_the_placeholder_never_hands_out_its_first_part() {
+    // What a `Range` reply that ends inside the placeholder looks like: in an unfinished tag
+    // (held back, let out by `finish`), in text, in a script; whole or in chunks.
+    for cut in 1..P.len() {
+        let part = &P[..cut];
+        for html in [
+            format!("<p>x</p><script nonce=\"{part}"),
+            format!("<p>x</p><script nonce={part}"),
+            format!("<p>{part}"),
+            format!("<script>var n = '{part}"),
+            format!("<!-- {part}"),
+        ] {
+            let out = assert_split_invariant(&html);
+            assert!(!out.contains(part), "cut at {cut}: {html:?} -> {out:?}");
+            let m = manifest();
+            let (_, stats) = Rewriter::rewrite_all(&params(Some(&m)), html.as_bytes());
+            assert_eq!(stats.scrubbed, 1, "{html:?}");
+        }
+    }
+    // The body as it came decides, not the output: a prefix that only a removal makes is
+    // already out in chunks, so it stays whole too (the same output either way).
+    let html = format!("<p>GATEH{P}");
+    assert_eq!(assert_split_invariant(&html), "<p>GATEH");
+}
+
+#[test]
+fn range_is_removed_and_unscrubbable_bodies_are_refused() {
+    let c = compile(full()).unwrap();
+    let req = PageRequest {
+        method: "GET",
+        path: "/index.html",
+        host: "a",
+        route_name: None,
+    };
+    assert!(matches!(
+        c.on_request(&req),
+        RequestDecision::Guard {
+            strip_range: true,
+            ..
+        }
+    ));
+    let none = has(&[]);
+    // A 206 (multipart/byteranges or a single part): refused, whatever its type.
+    for ct in [
+        "multipart/byteranges; boundary=x",
+        "text/html",
+        "text/plain",
+    ] {
+        let partial = PageResponse {
+            status: 206,
+            content_type: Some(ct),
+            ..html_response(&none)
+        };
+        let plan = c.on_response(&c.policy, &partial, Some([0u8; 32]));
+        assert_eq!(
+            plan.outcome,
+            Outcome::Denied(ResponseDenial::Partial),
+            "{ct}"
+        );
+        assert_eq!(plan.outcome.name(), "denied.partial");
+        assert_eq!(plan.deny.as_ref().map(|r| r.status), Some(503));
+    }
+    // Every other type is blanked: multipart/byteranges at 200 too, text/plain, JSON.
+    for ct in [
+        "multipart/byteranges; boundary=x",
+        "text/plain",
+        "application/json",
+        "image/png",
+    ] {
+        let other = PageResponse {
+            content_type: Some(ct),
+            ..html_response(&none)
+        };
+        let plan = c.on_response(&c.policy, &other, Some([0u8; 32]));
+        assert_eq!((plan.body, plan.deny), (BodyPlan::Blank, None), "{ct}");
+    }
+    let untyped = PageResponse {
+        content_type: None,
+        ..html_response(&none)
+    };
+    assert_eq!(
+        c.on_response(&c.policy, &untyped, None).body,
+        BodyPlan::Blank
+    );
+    // Compressed anything: refused while page-guard asks for identity.
+    let gz_json = PageResponse {
+        content_type: Some("application/json"),
+        content_encoding: Some("br"),
+        ..html_response(&none)
+    };
+    let plan = c.on_response(&c.policy, &gz_json, None);
+    assert_eq!(plan.outcome.name(), "denied.compressed");
+    // `compressed: "skip"` is the operator's choice: it passes, headers only.
+    let mut v = full();
+    v["compressed"] = json!("skip");
+    let skip = compile(v).unwrap();
+    assert!(matches!(
+        skip.on_request(&req),
+        RequestDecision::Guard {
+            identity: false,
+            strip_range: true,
+            ..
+        }
+    ));
+    let plan = skip.on_response(&skip.policy, &gz_json, None);
+    assert_eq!(
+        (plan.body, plan.outcome, plan.deny),
+        (BodyPlan::Untouched, Outcome::NotHtml, None)
+    );
+    // Without a placeholder there is no secret: ranges, 206 and compressed bodies pass.
+    let mut v = full();
+    v.as_object_mut().unwrap().remove("nonce");
+    let plain = compile(v).unwrap();
+    assert!(matches!(
+        plain.on_request(&req),
+        RequestDecision::Guard {
+            strip_range: false,
+            ..
+        }
+    ));
+    let partial = PageResponse {
+        status: 206,
+        ..html_response(&none)
+    };
+    assert_eq!(plain.on_response(&plain.policy, &partial, None).deny, None);
+    assert_eq!(
+        plain.on_response(&plain.policy, &gz_json, None).body,
+        BodyPlan::Untouched
+    );
+    let text = PageResponse {
+        content_type: Some("text/plain"),
+        ..html_response(&none)
+    };
+    assert_eq!(
+        plain.on_response(&plain.policy, &text, None).body,
+        BodyPlan::Untouched
+    );
+}
+
+#[test]
+fn dot_segment_paths_are_refused_before_any_rule() {
+    let c = compile(full()).unwrap();
+    let req = |path| PageRequest {
+        method: "GET",
+        path,
+        host: "a",
+        route_name: None,
+    };
+    // `/api/` is a disabled rule: `/api/../index.html` would turn page-guard off for a page.
+    for (path, reason) in [
+        ("/api/../index.html", "path_dot_segment"),
+        ("/api/%2e%2e/index.html", "path_dot_segment"),
+        ("/api/.%2E/x", "path_dot_segment"),
+        ("/api%2f..%2findex.html", "path_separator"),
+        ("/api\\..\\index.html", "path_separator"),
+        ("/./_gatehouse/csp", "path_dot_segment"),
+    ] {
+        match c.on_request(&req(path)) {
+            RequestDecision::Refuse { reason: r, reply } => {
+                assert_eq!((r, reply.status), (reason, 400), "{path}")
+            }
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        c.on_request(&req("/api/x?next=/../y")),
+        RequestDecision::Off
+    );
+    assert!(matches!(
+        c.on_request(&req("/a..b/index.html")),
+        RequestDecision::Guard { .. }
+    ));
+}
+
+#[test]
+fn bodies_that_are_not_html_are_blanked_in_place() {
+    let body = format!("{{\"a\": \"{P}\", \"b\": \"x{P}{P}y\"}} tail {}", &P[..9]);
+    let expect = body
+        .replace(P, &" ".repeat(P.len()))
+        .replace(&P[..9], "         ");
+    for step in 1..=body.len() {
+        let mut b = Blanker::new();
+        let mut out = Vec::new();
+        for chunk in body.as_bytes().chunks(step) {
+            b.feed(P.as_bytes(), chunk, &mut out);
+        }
+        b.finish(P.as_bytes(), &mut out);
+        assert_eq!(String::from_utf8_lossy(&out), expect, "chunks of {step}");
+        assert_eq!(
+            out.len(),
+            body.len(),
+            "the length stays: Content-Length holds"
+        );
+        assert_eq!(b.blanked(), 4);
+    }
+    // A chunk with nothing to do passes as it is.
+    let mut b = Blanker::new();
+    let mut out = Vec::new();
+    assert!(!b.feed(P.as_bytes(), b"plain text\n", &mut out));
+    assert!(b.feed(P.as_bytes(), b"then GATE", &mut out), "held back");
+    assert_eq!(out, b"plain text\nthen ");
 }
 
 #[test]
@@ -425,7 +705,12 @@ fn random_markup_never_panics_and_never_leaks() {
             i = end;
         }
         r.finish(&p, &mut out);
-        assert_eq!(out, whole);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&whole),
+            "in chunks: {}",
+            String::from_utf8_lossy(&input)
+        );
         // Byte by byte, every tag goes through the tokenizer states (never the whole-tag path).
         let mut r = Rewriter::new();
         let mut slow = Vec::new();
@@ -499,17 +784,24 @@ fn header<'a>(plan: &'a ResponsePlan, name: &str) -> Option<&'a str> {
 fn headers_of_an_html_page() {
     let c = compile(full()).unwrap();
     let none = has(&[]);
-    let plan = c.on_response(&c.policy, &html_response(&none), Some([0u8; 16]));
+    let mut random = [0u8; 32];
+    random[16..].fill(1);
+    let plan = c.on_response(&c.policy, &html_response(&none), Some(random));
     assert_eq!(plan.body, BodyPlan::Buffer);
     assert_eq!(plan.outcome, Outcome::Rewritten);
     let nonce = plan.nonce.clone().unwrap();
-    assert_eq!(nonce, "AAAAAAAAAAAAAAAAAAAAAA==");
+    assert_eq!(nonce.script, "AAAAAAAAAAAAAAAAAAAAAA==");
+    assert_eq!(
+        nonce.style, "AQEBAQEBAQEBAQEBAQEBAQ==",
+        "a nonce of its own"
+    );
+    let (script, style) = (nonce.script, nonce.style);
     assert_eq!(
         header(&plan, "content-security-policy").unwrap(),
         format!(
             "base-uri 'none'; connect-src 'self' wss://signal.example; default-src 'self'; \
-             frame-ancestors 'none'; object-src 'none'; script-src 'self' 'nonce-{nonce}'; \
-             style-src 'self' 'nonce-{nonce}'; report-to gatehouse-csp; report-uri /_gatehouse/csp"
+             frame-ancestors 'none'; object-src 'none'; script-src 'self' 'nonce-{script}'; \
+             style-src 'self' 'nonce-{style}'; report-to gatehouse-csp; report-uri /_gatehouse/csp"
         )
     );
     assert_eq!(
@@ -544,7 +836,7 @@ fn headers_of_an_html_page() {
         .contains(&HeaderEdit::Remove("x-powered-by".into())));
 
     // Two responses, two nonces.
-    let other = c.on_response(&c.policy, &html_response(&none), Some([1u8; 16]));
+    let other = c.on_response(&c.policy, &html_response(&none), Some([1u8; 32]));
     assert_ne!(other.nonce, plan.nonce);
 
     // https: HSTS.
@@ -552,7 +844,7 @@ fn headers_of_an_html_page() {
         tls: true,
         ..html_response(&none)
     };
-    let plan = c.on_response(&c.policy, &tls, Some([0u8; 16]));
+    let plan = c.on_response(&c.policy, &tls, Some([0u8; 32]));
     assert_eq!(
         header(&plan, "strict-transport-security"),
         Some("max-age=31536000")
@@ -561,7 +853,7 @@ fn headers_of_an_html_page() {
         forwarded_proto: Some("https"),
         ..html_response(&none)
     };
-    let plan = c.on_response(&c.policy, &fwd, Some([0u8; 16]));
+    let plan = c.on_response(&c.policy, &fwd, Some([0u8; 32]));
     assert_eq!(
         header(&plan, "strict-transport-security"),
         None,
@@ -577,10 +869,11 @@ fn body_plans() {
         content_type: Some("text/javascript"),
         ..html_response(&none)
     };
-    let plan = c.on_response(&c.policy, &js, Some([0u8; 16]));
+    let plan = c.on_response(&c.policy, &js, Some([0u8; 32]));
     assert_eq!(
         (plan.body, plan.outcome),
-        (BodyPlan::Untouched, Outcome::NotHtml)
+        (BodyPlan::Blank, Outcome::NotHtml),
+        "not HTML, still blanked of the placeholder"
     );
     assert!(!header(&plan, "content-security-policy")
         .unwrap()
@@ -589,17 +882,19 @@ fn body_plans() {
         content_encoding: Some("gzip"),
         ..html_response(&none)
     };
-    let plan = c.on_response(&c.policy, &gz, Some([0u8; 16]));
+    let plan = c.on_response(&c.policy, &gz, Some([0u8; 32]));
     assert_eq!(
-        (plan.body, plan.outcome),
-        (BodyPlan::Untouched, Outcome::SkippedCompressed)
+        plan.outcome,
+        Outcome::Denied(ResponseDenial::Compressed),
+        "asked for identity, got bytes that cannot be scrubbed"
     );
-    assert!(plan.nonce.is_none());
+    assert_eq!(plan.deny.as_ref().map(|r| r.status), Some(503));
+    assert!(plan.nonce.is_none() && plan.edits.is_empty());
     let big = PageResponse {
         content_length: Some(2 * 1024 * 1024),
         ..html_response(&none)
     };
-    let plan = c.on_response(&c.policy, &big, Some([0u8; 16]));
+    let plan = c.on_response(&c.policy, &big, Some([0u8; 32]));
     assert_eq!(
         (plan.body, plan.outcome),
         (BodyPlan::Stream, Outcome::OverCap)
@@ -633,7 +928,7 @@ fn upstream_headers_replace_keep_merge() {
         "permissions-policy",
     ]);
     let c = compile(full()).unwrap();
-    let plan = c.on_response(&c.policy, &html_response(&up), Some([0u8; 16]));
+    let plan = c.on_response(&c.policy, &html_response(&up), Some([0u8; 32]));
     assert!(plan
         .edits
         .iter()
@@ -641,14 +936,14 @@ fn upstream_headers_replace_keep_merge() {
     let mut keep = full();
     keep["upstream_headers"] = json!("keep");
     let c = compile(keep).unwrap();
-    let plan = c.on_response(&c.policy, &html_response(&up), Some([0u8; 16]));
+    let plan = c.on_response(&c.policy, &html_response(&up), Some([0u8; 32]));
     assert_eq!(header(&plan, "content-security-policy"), None);
     assert_eq!(header(&plan, "referrer-policy"), None);
     assert!(header(&plan, "x-content-type-options").is_some());
     let mut merge = full();
     merge["upstream_headers"] = json!("merge");
     let c = compile(merge).unwrap();
-    let plan = c.on_response(&c.policy, &html_response(&up), Some([0u8; 16]));
+    let plan = c.on_response(&c.policy, &html_response(&up), Some([0u8; 32]));
     assert!(plan
         .edits
         .iter()
@@ -677,7 +972,8 @@ fn rules_and_the_report_endpoint() {
         c.on_request(&req("GET", "/", None)),
         RequestDecision::Guard {
             policy: c.select(None, "/", "a").unwrap(),
-            identity: true
+            identity: true,
+            strip_range: true,
         }
     );
     assert_eq!(
@@ -689,12 +985,16 @@ fn rules_and_the_report_endpoint() {
         other => panic!("{other:?}"),
     }
     let embed = c.policy_for(Some("embed"), "/", "a").unwrap();
-    let csp = embed.csp.as_ref().unwrap().value(Some("N"));
+    let csp = embed.csp.as_ref().unwrap().value(Some(Nonces {
+        script: "N",
+        style: "S",
+    }));
     assert!(csp.contains("frame-ancestors https://crm.example"), "{csp}");
     assert!(
-        csp.contains("script-src 'self' 'nonce-N'"),
+        csp.contains("script-src 'self' 'nonce-N';"),
         "derived from default-src: {csp}"
     );
+    assert!(csp.contains("style-src 'self' 'nonce-S';"), "{csp}");
 }
 
 #[test]
