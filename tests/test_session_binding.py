@@ -236,6 +236,28 @@ def test_the_weak_plain_mode_works_only_where_it_is_configured(gw):
     assert outcome(gw, "/ws/rooms/lobby", gw.key.mint(sid=sid, room="lobby"), cookie=sid_cookie(sid))[:2] == ("closed", 4401)
 
 
+def test_the_hmac_mode_needs_the_gateway_key_to_make_the_claim(key, demo, envoy_factory):
+    """`mode: hmac_sha256`: the claim is HMAC-SHA256(gateway key, cookie); the key comes from
+    the VM's environment. The plain SHA-256 of the cookie (what a token holder could compute
+    for a guessed cookie) does not pass."""
+    import hmac as hmac_mod
+    import secrets
+
+    gateway_key = secrets.token_urlsafe(32)
+    sb_cfg = {"rules": [{"match": {"prefix": "/ws/"}, "session": {
+        "cookie": SID_COOKIE, "mode": "hmac_sha256", "key": {"env": "GATEHOUSE_SESSION_KEY"}}}]}
+    jwt_cfg = jwt_auth_config(key, sources=[{"websocket_protocol": {"prefix": "bearer."}}])
+    envoy = envoy_factory(demo, jwt_auth=jwt_cfg, session_binding=sb_cfg, env={"GATEHOUSE_SESSION_KEY": gateway_key})
+    gw = Gateway("jwt_auth", envoy, key)
+    secret = unique("secret")
+    mac = hmac_mod.new(gateway_key.encode(), secret.encode(), hashlib.sha256).digest()
+    good = key.mint(sid_hash=base64.urlsafe_b64encode(mac).rstrip(b"=").decode())
+    assert outcome(gw, "/ws/x", good, cookie=sid_cookie(secret))[0] == "open"
+    assert outcome(gw, "/ws/x", key.mint(sid_hash=sid_hash(secret)), cookie=sid_cookie(secret))[:2] == ("closed", 4401)
+    assert outcome(gw, "/ws/x", good, cookie=sid_cookie(unique("other")))[:2] == ("closed", 4401)
+    assert gateway_key not in envoy.log_text()
+
+
 @pytest.mark.parametrize("path", ["/ws/rooms/kitchen", "/ws/rooms/lobby/extra"])
 def test_another_room_closes_4403(gw, path):
     secret = unique("secret")

@@ -76,7 +76,8 @@ impl FilterKind {
                 gatehouse_core::turn::TurnConfig::compile(config, env).map(drop)
             }
             FilterKind::SessionBinding => {
-                gatehouse_core::session_binding::SessionBindingConfig::compile(config).map(drop)
+                gatehouse_core::session_binding::SessionBindingConfig::compile_with_env(config, env)
+                    .map(drop)
             }
             FilterKind::PageGuard => {
                 gatehouse_core::page_guard::PageGuardConfig::compile(config, env).map(drop)

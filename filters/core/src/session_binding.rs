@@ -13,7 +13,7 @@ pub mod metadata;
 pub mod revocation;
 pub mod store;
 
-use crate::config::{check_fetch, parse_json, ConfigError};
+use crate::config::{check_fetch, parse_json, ConfigError, EnvLookup};
 use crate::jwt::claims::claim_text;
 use crate::jwt::Claims;
 use crate::jwt_auth::{Matcher, Needs, RawMatch};
@@ -86,7 +86,20 @@ struct RawSession {
     cookie: String,
     #[serde(default = "default_session_mode")]
     mode: String,
+    /// The gateway key of mode `hmac_sha256`.
+    key: Option<RawKey>,
 }
+
+/// Exactly one of `env` (an Envoy environment variable, see `host_env_keys`) or `value`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    env: Option<String>,
+    value: Option<String>,
+}
+
+/// The shortest HMAC key accepted for `hmac_sha256` (the hash's size).
+pub const MIN_SESSION_KEY_BYTES: usize = 32;
 
 fn default_session_mode() -> String {
     "sha256".into()
@@ -239,6 +252,19 @@ pub enum SessionMode {
     /// The claim equals the cookie value. **Weak**: the claim is readable in the token, so
     /// whoever holds the token can forge the cookie. Only for issuers that cannot mint a hash.
     Plain,
+    /// The claim is `base64url(HMAC-SHA256(key, cookie value))` with a key the issuer and the
+    /// gateway share: even a guessable cookie cannot be tested against a leaked token offline.
+    HmacSha256,
+}
+
+/// A key that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionKey(Vec<u8>);
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKey(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,6 +272,20 @@ pub struct SessionRule {
     pub claim: String,
     pub cookie: String,
     pub mode: SessionMode,
+    /// The key of [`SessionMode::HmacSha256`].
+    pub key: Option<SessionKey>,
+}
+
+impl SessionRule {
+    /// What the claim must be for the cookie value `cookie` (`None`: nothing can match).
+    pub fn expected(&self, cookie: &str) -> Option<String> {
+        match (self.mode, &self.key) {
+            (SessionMode::Plain, _) => Some(cookie.to_string()),
+            (SessionMode::Sha256, _) => Some(session_hash(cookie)),
+            (SessionMode::HmacSha256, Some(key)) => session_hmac(&key.0, cookie),
+            (SessionMode::HmacSha256, None) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -423,7 +463,31 @@ struct RawBindingFields {
     allow_missing: bool,
 }
 
-fn compile_binding(raw: RawBindingFields, at: &str) -> Result<Binding, ConfigError> {
+fn session_key(raw: RawKey, at: &str, env: EnvLookup<'_>) -> Result<SessionKey, ConfigError> {
+    let value = match (raw.env, raw.value) {
+        (Some(name), None) => env(&name).ok_or_else(|| {
+            ConfigError::new(
+                format!("{at}.env"),
+                format!("environment variable {name} is not set for the VM (list it in vm_config.environment_variables.host_env_keys)"),
+            )
+        })?,
+        (None, Some(v)) => v,
+        _ => return Err(ConfigError::new(at, "give exactly one of `env` or `value`")),
+    };
+    if value.len() < MIN_SESSION_KEY_BYTES {
+        return Err(ConfigError::new(
+            at,
+            format!("the key must be at least {MIN_SESSION_KEY_BYTES} bytes"),
+        ));
+    }
+    Ok(SessionKey(value.into_bytes()))
+}
+
+fn compile_binding(
+    raw: RawBindingFields,
+    at: &str,
+    env: EnvLookup<'_>,
+) -> Result<Binding, ConfigError> {
     let field = |f: &str| {
         if at.is_empty() {
             f.to_string()
@@ -436,17 +500,35 @@ fn compile_binding(raw: RawBindingFields, at: &str) -> Result<Binding, ConfigErr
         Some(s) => {
             let mode = match s.mode.as_str() {
                 "sha256" => SessionMode::Sha256,
+                "hmac_sha256" => SessionMode::HmacSha256,
                 "plain" => SessionMode::Plain,
                 _ => {
                     return Err(ConfigError::new(
                         field("session.mode"),
-                        "must be `sha256` (the claim is the cookie's hash) or `plain` (weak: the claim is the cookie)",
+                        "must be `sha256` (the claim is the cookie's hash), `hmac_sha256` (its HMAC with `key`) or `plain` (weak: the claim is the cookie)",
                     ))
                 }
             };
+            let key =
+                match (mode, s.key) {
+                    (SessionMode::HmacSha256, Some(k)) => {
+                        Some(session_key(k, &field("session.key"), env)?)
+                    }
+                    (SessionMode::HmacSha256, None) => return Err(ConfigError::new(
+                        field("session.key"),
+                        "mode `hmac_sha256` needs a `key` (`{\"env\": NAME}` or `{\"value\": …}`)",
+                    )),
+                    (_, Some(_)) => {
+                        return Err(ConfigError::new(
+                            field("session.key"),
+                            "only mode `hmac_sha256` takes a key",
+                        ))
+                    }
+                    (_, None) => None,
+                };
             let claim = s.claim.unwrap_or_else(|| {
                 match mode {
-                    SessionMode::Sha256 => "sid_hash",
+                    SessionMode::Sha256 | SessionMode::HmacSha256 => "sid_hash",
                     SessionMode::Plain => "sid",
                 }
                 .to_string()
@@ -471,6 +553,7 @@ fn compile_binding(raw: RawBindingFields, at: &str) -> Result<Binding, ConfigErr
                 claim,
                 cookie: s.cookie,
                 mode,
+                key,
             })
         }
     };
@@ -540,7 +623,13 @@ fn per_bucket(max_entries: usize, buckets: u32, at: &str) -> Result<usize, Confi
 }
 
 impl SessionBindingConfig {
+    /// [`Self::compile_with_env`] with an empty environment (a `session.key` from `env` fails).
     pub fn compile(bytes: &[u8]) -> Result<Self, ConfigError> {
+        Self::compile_with_env(bytes, &|_| None)
+    }
+
+    /// Compile the configuration; `env` stands for the Wasm VM's environment (`session.key`).
+    pub fn compile_with_env(bytes: &[u8], env: EnvLookup<'_>) -> Result<Self, ConfigError> {
         let raw: RawConfig = parse_json(bytes)?;
         let sources = match raw.claims_from {
             None => vec![ClaimsSource::JwtAuth],
@@ -580,6 +669,7 @@ impl SessionBindingConfig {
                 allow_missing: raw.allow_missing,
             },
             "",
+            env,
         )?;
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
@@ -609,6 +699,7 @@ impl SessionBindingConfig {
                         allow_missing: r.allow_missing,
                     },
                     &at,
+                    env,
                 )?)
             };
             rules.push((matcher, binding));
@@ -1052,6 +1143,15 @@ pub fn session_hash(cookie_value: &str) -> String {
     crate::b64url(&crate::sha256(cookie_value.as_bytes()))
 }
 
+/// The value an `hmac_sha256` session binding expects in the claim:
+/// `base64url_nopad(HMAC-SHA256(key, cookie value))`.
+pub fn session_hmac(key: &[u8], cookie_value: &str) -> Option<String> {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).ok()?;
+    mac.update(cookie_value.as_bytes());
+    Some(crate::b64url(&mac.finalize().into_bytes()))
+}
+
 /// The refusal of `denial` for `req`: problem+json, or a 101 and a close frame on an upgrade.
 pub fn deny(req: &BindRequest<'_>, denial: BindDenial) -> BindDecision {
     let hs = if req.websocket {
@@ -1130,11 +1230,10 @@ impl SessionBinding {
             else {
                 return deny(req, BindDenial::NoSessionCookie);
             };
-            let ok = match session.mode {
-                SessionMode::Sha256 => ct_eq(&want, &session_hash(have)),
-                SessionMode::Plain => ct_eq(&want, have),
-            };
-            if !ok {
+            if !session
+                .expected(have)
+                .is_some_and(|expected| ct_eq(&want, &expected))
+            {
                 return deny(req, BindDenial::SessionMismatch);
             }
         }

@@ -149,7 +149,9 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = host::configure(NAME, SessionBindingConfig::compile) else {
+        let Some(config) = host::configure(NAME, |bytes| {
+            SessionBindingConfig::compile_with_env(bytes, &host::env_var)
+        }) else {
             return false;
         };
         let now = host::now_secs();

@@ -77,7 +77,8 @@ fn session_binding_needs_the_cookie_whose_hash_the_token_carries() {
         Some(SessionRule {
             claim: "sid_hash".into(),
             cookie: "__Host-gh_sid".into(),
-            mode: SessionMode::Sha256
+            mode: SessionMode::Sha256,
+            key: None,
         }),
         "the default: the claim `sid_hash` carries the cookie's SHA-256"
     );
@@ -945,4 +946,61 @@ fn reauth_tokens_are_checked_against_the_feed_and_used_once() {
             .check_reauth(&mut l, &tok("r5"), None, Some(27), Some(&state), &mut st)
             .is_ok());
     }
+}
+
+#[test]
+fn the_hmac_mode_binds_to_the_cookie_with_a_gateway_key() {
+    let key = "k".repeat(32);
+    let env = |name: &str| (name == "GATEHOUSE_SESSION_KEY").then(|| "k".repeat(32));
+    let b = SessionBinding::new(
+        SessionBindingConfig::compile_with_env(
+            br#"{"session":{"cookie":"__Host-s","mode":"hmac_sha256","key":{"env":"GATEHOUSE_SESSION_KEY"}}}"#,
+            &env,
+        )
+        .unwrap(),
+    );
+    let s = b.config.default_binding.session.as_ref().unwrap();
+    assert_eq!(
+        (s.claim.as_str(), s.mode),
+        ("sid_hash", SessionMode::HmacSha256)
+    );
+    assert!(
+        !format!("{s:?}").contains(&key),
+        "the key never shows in Debug"
+    );
+    let mac = session_hmac(key.as_bytes(), "secret").unwrap();
+    assert_ne!(mac, session_hash("secret"));
+    let mut st = store();
+    let c = claims(json!({"sid_hash": mac}));
+    assert!(allowed(&b.decide(
+        &ws("/", &c, Some("__Host-s=secret")),
+        0,
+        None,
+        &mut st
+    )));
+    // The plain hash of the cookie (what an attacker without the key could compute) fails.
+    let h = claims(json!({"sid_hash": session_hash("secret")}));
+    assert_eq!(
+        denial(b.decide(&ws("/", &h, Some("__Host-s=secret")), 0, None, &mut st)).0,
+        BindDenial::SessionMismatch
+    );
+    let err = |v: &[u8]| {
+        SessionBindingConfig::compile_with_env(v, &env)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(br#"{"session":{"cookie":"s","mode":"hmac_sha256"}}"#)
+        .starts_with("config error at session.key"));
+    assert!(
+        err(br#"{"session":{"cookie":"s","mode":"hmac_sha256","key":{"env":"NOPE"}}}"#)
+            .starts_with("config error at session.key.env")
+    );
+    assert!(
+        err(br#"{"session":{"cookie":"s","mode":"hmac_sha256","key":{"value":"short"}}}"#)
+            .contains("at least 32 bytes")
+    );
+    assert!(err(
+        br#"{"rules":[{"match":{"prefix":"/"},"session":{"cookie":"s","key":{"value":"x"}}}]}"#
+    )
+    .starts_with("config error at rules[0].session.key"));
 }
