@@ -451,12 +451,14 @@ def scenarios(keys: dict[str, Key], tokens: dict[str, str], token_files: dict[st
                         [proxy, wasm_filter("jwt_auth", jwt_auth_config(keys[alg]))], tokens[alg], guarded=True,
                         jwt_auth="warm", cookie=f"gh-at={seal(cookie_key, tokens[alg])}", bearer=False))
     # jwt-auth + session-binding chained, warm: session-binding reads jwt-auth's verified claims
-    # (filter state) and checks the session cookie against `sid` and the path's room against
-    # `room` on every request. No single_use: a jti store would refuse the repeated token.
-    bound = keys[alg].mint(ttl=6 * 3600, sid=BENCH_SID, room=BENCH_ROOM)
+    # (filter state) and checks the session cookie's SHA-256 against `sid_hash` and the path's
+    # room against `room` on every request. No single_use: a jti store would refuse the repeated
+    # token.
+    sid_hash = base64.urlsafe_b64encode(hashlib.sha256(BENCH_SID.encode()).digest()).rstrip(b"=").decode()
+    bound = keys[alg].mint(ttl=6 * 3600, sid_hash=sid_hash, room=BENCH_ROOM)
     binding = {
         "claims_from": [{"jwt_auth": {}}],
-        "rules": [{"match": {"prefix": "/rooms/"}, "session": {"claim": "sid", "cookie": "gh_sid"},
+        "rules": [{"match": {"prefix": "/rooms/"}, "session": {"cookie": "gh_sid"},
                    "scope": [{"template": "/rooms/{room}"}], "fingerprint": "if_present"}],
     }
     out.append(Scenario("bound", f"jwt-auth + session-binding {alg} warm",

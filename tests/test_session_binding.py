@@ -1,14 +1,16 @@
 """session-binding in real Envoy (2 workers), behind gatehouse jwt-auth and behind Envoy's native
-jwt_authn, with real WebSocket clients against the real demo upstream: session cookie, path
-scope, client fingerprint, single-use connect tokens across workers, the socket cap, and the
-revocation feed (each kind, a live socket closed on its next frame, the feed going down under
-each staleness policy)."""
+jwt_authn, with real WebSocket clients against the real demo upstream: session cookie (its hash in
+the token, so a leaked token is useless without it), path hygiene and scope, client fingerprint,
+single-use connect tokens across workers (bounded by `exp` and per subject), the socket cap, the
+revocation feed (each kind, a live socket closed on its next frame, malformed entries skipped, the
+feed down from the start or going down under each staleness policy), and in-band re-auth tokens."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import hashlib
+import http.client
 import json
 import time
 import uuid
@@ -17,7 +19,7 @@ import pytest
 import requests
 import websockets
 
-from conftest import closes_without, cluster, run_async as run, wait_until, wasm_filter
+from conftest import ROOT, closes_without, cluster, free_port, run_async as run, wait_until, wasm_filter
 from pages import JsonDocument
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config
 
@@ -37,6 +39,8 @@ RULES = [
     {"match": {"prefix": "/ws/once/"}, "single_use": True},
     {"match": {"prefix": "/ws/capped/"}, "max_sockets": {"limit": 2, "per_claim": "sub"}},
     {"match": {"prefix": "/ws/fp/"}, "fingerprint": "required"},
+    # The old binding (claim `sid` == cookie), only where it is asked for by name.
+    {"match": {"prefix": "/ws/plain/"}, "session": {"mode": "plain", "cookie": SID_COOKIE}},
 ]
 
 
@@ -166,8 +170,18 @@ def outcome(gw, path, token, **kw):
     return run(_outcome(gw, path, token, **kw))
 
 
-def sid_cookie(sid: str) -> str:
-    return f"theme=dark; {SID_COOKIE}={sid}"
+def sid_cookie(secret: str) -> str:
+    return f"theme=dark; {SID_COOKIE}={secret}"
+
+
+def sid_hash(secret: str) -> str:
+    """What the token carries for the session cookie `secret`: base64url(SHA-256(secret))."""
+    return base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()).rstrip(b"=").decode()
+
+
+def session_token(gw, secret: str, **claims) -> str:
+    """A token bound to the session cookie `secret` (its hash), with a public `sid` as well."""
+    return gw.key.mint(sid=unique("sid"), sid_hash=sid_hash(secret), **claims)
 
 
 def unique(prefix: str) -> str:
@@ -178,25 +192,77 @@ def unique(prefix: str) -> str:
 
 
 def test_session_and_room_bound_socket_opens(gw):
-    sid = unique("sid")
-    token = gw.key.mint(sid=sid, room="lobby")
-    assert outcome(gw, "/ws/rooms/lobby", token, cookie=sid_cookie(sid)) == ("open", "hello")
+    secret = unique("secret")
+    token = session_token(gw, secret, room="lobby")
+    assert outcome(gw, "/ws/rooms/lobby", token, cookie=sid_cookie(secret)) == ("open", "hello")
 
 
-@pytest.mark.parametrize("case", ["no_cookie", "other_cookie", "no_sid_claim"])
+@pytest.mark.parametrize("case", ["no_cookie", "other_cookie", "no_hash_claim"])
 def test_session_mismatch_closes_4401(gw, case):
-    sid = unique("sid")
-    token = gw.key.mint(sid=None if case == "no_sid_claim" else sid, room="lobby")
-    cookie = {"no_cookie": None, "other_cookie": sid_cookie(unique("stolen")), "no_sid_claim": sid_cookie(sid)}[case]
+    secret = unique("secret")
+    token = (gw.key.mint(sid=secret, room="lobby") if case == "no_hash_claim"
+             else session_token(gw, secret, room="lobby"))
+    cookie = {"no_cookie": None, "other_cookie": sid_cookie(unique("stolen")), "no_hash_claim": sid_cookie(secret)}[case]
     got = outcome(gw, "/ws/rooms/lobby", token, cookie=cookie)
     assert got[:2] == ("closed", 4401), got
 
 
+@pytest.mark.parametrize("forged_from", ["sid", "sid_hash"])
+def test_a_leaked_token_cannot_forge_its_session_cookie(gw, forged_from):
+    """The attack of issue 13 #2: a leaked token plus `Cookie: <name>=<what the token says>`. The
+    token carries only the cookie's hash, and neither its `sid` nor the hash itself opens it."""
+    from tokens import claims_of
+
+    secret = unique("secret")
+    token = session_token(gw, secret, room="lobby")
+    forged = claims_of(token)[forged_from]
+    before = gw.stat("denied.session_mismatch")
+    got = outcome(gw, "/ws/rooms/lobby", token, cookie=sid_cookie(forged))
+    assert got[:2] == ("closed", 4401), got
+    assert gw.stat("denied.session_mismatch") == before + 1
+    r = requests.get(gw.envoy.url + "/api/rooms/lobby",
+                     headers={"authorization": "Bearer " + token, "cookie": sid_cookie(forged)}, timeout=5)
+    assert r.status_code == 401
+    # With the real cookie the same token works.
+    assert outcome(gw, "/ws/rooms/lobby", token, cookie=sid_cookie(secret))[0] == "open"
+
+
+def test_the_weak_plain_mode_works_only_where_it_is_configured(gw):
+    sid = unique("sid")
+    token = gw.key.mint(sid=sid)
+    assert outcome(gw, "/ws/plain/x", token, cookie=sid_cookie(sid))[0] == "open"
+    assert outcome(gw, "/ws/plain/x", token, cookie=sid_cookie(unique("other")))[:2] == ("closed", 4401)
+    # The same `sid == cookie` on a default (sha256) route is refused.
+    assert outcome(gw, "/ws/rooms/lobby", gw.key.mint(sid=sid, room="lobby"), cookie=sid_cookie(sid))[:2] == ("closed", 4401)
+
+
+def test_the_hmac_mode_needs_the_gateway_key_to_make_the_claim(key, demo, envoy_factory):
+    """`mode: hmac_sha256`: the claim is HMAC-SHA256(gateway key, cookie); the key comes from
+    the VM's environment. The plain SHA-256 of the cookie (what a token holder could compute
+    for a guessed cookie) does not pass."""
+    import hmac as hmac_mod
+    import secrets
+
+    gateway_key = secrets.token_urlsafe(32)
+    sb_cfg = {"rules": [{"match": {"prefix": "/ws/"}, "session": {
+        "cookie": SID_COOKIE, "mode": "hmac_sha256", "key": {"env": "GATEHOUSE_SESSION_KEY"}}}]}
+    jwt_cfg = jwt_auth_config(key, sources=[{"websocket_protocol": {"prefix": "bearer."}}])
+    envoy = envoy_factory(demo, jwt_auth=jwt_cfg, session_binding=sb_cfg, env={"GATEHOUSE_SESSION_KEY": gateway_key})
+    gw = Gateway("jwt_auth", envoy, key)
+    secret = unique("secret")
+    mac = hmac_mod.new(gateway_key.encode(), secret.encode(), hashlib.sha256).digest()
+    good = key.mint(sid_hash=base64.urlsafe_b64encode(mac).rstrip(b"=").decode())
+    assert outcome(gw, "/ws/x", good, cookie=sid_cookie(secret))[0] == "open"
+    assert outcome(gw, "/ws/x", key.mint(sid_hash=sid_hash(secret)), cookie=sid_cookie(secret))[:2] == ("closed", 4401)
+    assert outcome(gw, "/ws/x", good, cookie=sid_cookie(unique("other")))[:2] == ("closed", 4401)
+    assert gateway_key not in envoy.log_text()
+
+
 @pytest.mark.parametrize("path", ["/ws/rooms/kitchen", "/ws/rooms/lobby/extra"])
 def test_another_room_closes_4403(gw, path):
-    sid = unique("sid")
-    token = gw.key.mint(sid=sid, room="lobby")
-    got = outcome(gw, path, token, cookie=sid_cookie(sid))
+    secret = unique("secret")
+    token = session_token(gw, secret, room="lobby")
+    got = outcome(gw, path, token, cookie=sid_cookie(secret))
     assert got[:2] == ("closed", 4403), got
 
 
@@ -208,16 +274,51 @@ def test_tenant_and_agent_scope_with_list_claims(gw):
 
 
 def test_plain_http_gets_401_and_403(gw):
-    sid = unique("sid")
-    token = gw.key.mint(sid=sid, room="lobby")
+    secret = unique("secret")
+    token = session_token(gw, secret, room="lobby")
     url = gw.envoy.url
-    ok = requests.get(url + "/api/rooms/lobby", headers={"authorization": "Bearer " + token, "cookie": sid_cookie(sid)}, timeout=5)
+    ok = requests.get(url + "/api/rooms/lobby", headers={"authorization": "Bearer " + token, "cookie": sid_cookie(secret)}, timeout=5)
     assert ok.status_code == 200, ok.text
     no_cookie = requests.get(url + "/api/rooms/lobby", headers={"authorization": "Bearer " + token}, timeout=5)
     assert no_cookie.status_code == 401
     assert no_cookie.headers["content-type"] == "application/problem+json"
-    other_room = requests.get(url + "/api/rooms/kitchen", headers={"authorization": "Bearer " + token, "cookie": sid_cookie(sid)}, timeout=5)
+    other_room = requests.get(url + "/api/rooms/kitchen", headers={"authorization": "Bearer " + token, "cookie": sid_cookie(secret)}, timeout=5)
     assert other_room.status_code == 403
+
+
+# ------------------------------------------------------------------------------- path hygiene
+
+
+def raw_get(gw, path: str, headers: dict) -> int:
+    """GET `path` exactly as written (requests/urllib3 would remove dot-segments first)."""
+    conn = http.client.HTTPConnection("127.0.0.1", gw.envoy.port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", [
+    "/ws/tenants/t1/agents/a1/../../../t2/agents/a1",
+    "/ws/tenants/t1/agents/a1/%2e%2e/%2E%2e/../t2/agents/a1",
+    "/ws/tenants/t1/agents/a1/..%2f..%2f..%2ft2/agents/a1",
+    "/ws/tenants/t1%2Fagents%2Fa1/agents/a1",
+])
+def test_paths_that_walk_out_of_a_scope_template_are_refused_4400(gw, path):
+    """Issue 13 #6: the template binds `/ws/tenants/t1/…` as tenant t1, but upstream the path
+    is tenant t2's. Refused before any rule or template looks at it."""
+    token = gw.key.mint(tenant_id="t1", agent_id=["a1"])
+    reason = "path_separator" if "%2f" in path.lower() else "path_dot_segment"
+    before = gw.stat(f"denied.{reason}")
+    got = outcome(gw, path, token)
+    assert got[:2] == ("closed", 4400), got
+    assert raw_get(gw, path, {"authorization": "Bearer " + token}) == 400
+    if gw.front == "jwt_authn":
+        # (Behind gatehouse jwt-auth, jwt-auth may refuse such a path itself, first.)
+        assert gw.stat(f"denied.{reason}") == before + 2
+    # The clean path binds as before.
+    assert outcome(gw, "/ws/tenants/t1/agents/a1", token)[0] == "open"
 
 
 # ---------------------------------------------------------------------------------- fingerprint
@@ -292,12 +393,49 @@ def test_replay_over_plain_http_is_401(gw):
 def test_the_jti_store_is_capped_with_a_stat(key, demo, envoy_factory):
     gw = make_gateway("jwt_auth", key, demo, envoy_factory,
                       sb_extra={"jti": {"max_entries": 3, "buckets": 1, "when_full": "refuse"}})
+    # Three subjects (one subject alone may hold at most half a bucket).
     for _ in range(3):
-        assert outcome(gw, "/ws/once/x", key.mint())[0] == "open"
-    got = outcome(gw, "/ws/once/x", key.mint())
+        assert outcome(gw, "/ws/once/x", key.mint(sub=unique("user")))[0] == "open"
+    got = outcome(gw, "/ws/once/x", key.mint(sub=unique("user")))
     assert got[:2] == ("closed", 4429), got
     assert gw.stat("denied.jti_store_full") == 1
     # An expired entry makes room again: tokens that expired (exp + 30 s skew) are forgotten.
+
+
+def test_single_use_refuses_tokens_the_store_would_forget_while_valid(gw):
+    """Issue 13 #10: the store remembers a jti for at most `max_ttl_seconds` (3600 by default);
+    a token valid longer could be replayed once it is forgotten."""
+    before = gw.stat("denied.jti_unbounded")
+    got = outcome(gw, "/ws/once/long", gw.key.mint(ttl=2 * 3600))
+    assert got[:2] == ("closed", 4401), got
+    assert gw.stat("denied.jti_unbounded") == before + 1
+    assert outcome(gw, "/ws/once/short", gw.key.mint(ttl=600))[0] == "open"
+    if gw.front == "jwt_authn":
+        # Envoy's jwt_authn accepts a token without `exp`: session-binding refuses it single-use.
+        got = outcome(gw, "/ws/once/forever", gw.key.mint(exp=None))
+        assert got[:2] == ("closed", 4401), got
+        assert gw.stat("denied.jti_unbounded") == before + 2
+
+
+def test_one_subject_cannot_fill_the_jti_store(key, demo, envoy_factory):
+    """Issue 13 #10: a subject holds at most `jti.max_per_subject` outstanding single-use ids; the
+    next is 4429 and other subjects are untouched."""
+    gw = make_gateway("jwt_auth", key, demo, envoy_factory,
+                      sb_extra={"jti": {"max_entries": 64, "buckets": 1, "when_full": "evict", "max_per_subject": 2}})
+    mallory, bob = unique("mallory"), unique("bob")
+    bobs = key.mint(sub=bob)
+    assert outcome(gw, "/ws/once/x", bobs)[0] == "open"
+    for _ in range(2):
+        assert outcome(gw, "/ws/once/x", key.mint(sub=mallory))[0] == "open"
+    for _ in range(3):
+        got = outcome(gw, "/ws/once/x", key.mint(sub=mallory))
+        assert got[:2] == ("closed", 4429), got
+    assert gw.stat("denied.jti_subject_full") == 3
+    assert gw.stat("jti.evicted") == 0
+    assert outcome(gw, "/ws/once/x", bobs)[:2] == ("closed", 4401), "bob's jti is still remembered"
+    assert outcome(gw, "/ws/once/x", key.mint(sub=bob))[0] == "open"
+    r = requests.get(gw.envoy.url + "/ws/once/x", headers={"authorization": "Bearer " + key.mint(sub=mallory)}, timeout=5)
+    assert r.status_code == 429
 
 
 # ---------------------------------------------------------------------------------- socket cap
@@ -368,6 +506,42 @@ def test_revocation_of_each_kind_and_a_live_socket_closed_on_its_next_frame(fron
     assert gw.stat("ws.closed.revoked_jti") == 1
 
 
+def test_one_malformed_entry_does_not_throw_away_the_others(key, demo, envoy_factory, feed):
+    """Issue 13 #10: a feed entry of no known shape is skipped and counted; the valid ones apply."""
+    from tokens import claims_of
+
+    gw = make_gateway("jwt_auth", key, demo, envoy_factory, sb_extra={"revocation": feed_config(max_stale=30)},
+                      clusters={"revocation": feed.port})
+    revoked = key.mint()
+    feed.set({"sub": "mallory"}, {"jti": claims_of(revoked)["jti"]}, {"what": "ever"}, "text")
+    assert outcome(gw, "/ws/echo", revoked)[:2] == ("closed", 4401), "the valid entry applies"
+    assert outcome(gw, "/ws/echo", key.mint())[0] == "open"
+    assert gw.stat("denied.revoked_jti") == 1
+    assert gw.stat("revocation.entry_skipped") >= 3
+    assert "3 malformed entries skipped" in gw.envoy.log_text()
+
+
+@pytest.mark.parametrize("when_stale", ["closed", "open"])
+def test_a_list_never_loaded_is_stale(key, demo, envoy_factory, when_stale):
+    """Issue 13 #10: the feed is down from the start. A VM that never loaded the list knows no
+    revocation: under `closed` it refuses (503 / close 1013), under `open` it serves and counts."""
+    gw = make_gateway("jwt_auth", key, demo, envoy_factory,
+                      sb_extra={"revocation": feed_config(when_stale=when_stale, max_stale=300)},
+                      clusters={"revocation": free_port()})
+    assert wait_until(lambda: gw.stat("revocation.fetch_failed") >= 2, 10)
+    assert gw.stat("revocation.fetch_ok") == 0
+    got = outcome(gw, "/ws/echo", key.mint())
+    r = requests.get(gw.envoy.url + "/api/echo", headers={"authorization": "Bearer " + key.mint()}, timeout=5)
+    if when_stale == "closed":
+        assert got[:2] == ("closed", 1013), got
+        assert r.status_code == 503
+        assert gw.stat("denied.revocation_stale") == 2
+    else:
+        assert got[0] == "open", got
+        assert r.status_code == 200
+        assert gw.stat("revocation.stale_served") >= 2
+
+
 def test_feed_down_fail_open_keeps_serving_with_the_last_good_list(key, demo, envoy_factory, feed):
     gw = make_gateway("jwt_auth", key, demo, envoy_factory, sb_extra={"revocation": feed_config(when_stale="open", max_stale=2)},
                       clusters={"revocation": feed.port})
@@ -406,30 +580,50 @@ def test_feed_down_fail_closed_refuses_and_closes_live_sockets(key, demo, envoy_
 # ------------------------------------------------------------------------- the shipped local stack
 
 
+def shipped_signaling_session() -> dict:
+    """The `session` binding of the shipped config's signaling rule: the cookie's name comes from
+    there (the local stack may rename it, e.g. to a `__Host-` name), never hardcoded here."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for f in hcm["http_filters"]:
+        config = f["typed_config"].get("config", {})
+        if config.get("root_id") == "session_binding":
+            value = json.loads(config["configuration"]["value"])
+            return next(r["session"] for r in value["rules"] if r.get("match") == {"route": "signaling"})
+    raise AssertionError("no session-binding in envoy-config/envoy.yaml")
+
+
 class LocalStack:
     """envoy-config/envoy.yaml as `cargo xtask up` runs it, and a client of its dev login."""
 
     def __init__(self, envoy):
         self.envoy = envoy
         self.gw = Gateway("jwt_auth", envoy, None)
+        self.session = shipped_signaling_session()
+        self.cookie = self.session["cookie"]
 
-    def login(self, user: str, sid: str | None = None) -> tuple[str, str]:
-        """A fresh token and its session id (the `gh-sid` cookie the login set); with `sid`, in
-        that session."""
-        cookies = {"gh-sid": sid} if sid else None
+    def login(self, user: str, secret: str | None = None) -> tuple[str, str]:
+        """A fresh token and its session secret (the session cookie the login set); with `secret`,
+        in that session."""
+        cookies = {self.cookie: secret} if secret else None
         r = requests.post(self.envoy.url + f"/dev/login?user={user}", cookies=cookies, timeout=5)
         assert r.ok, r.text
-        return r.json()["access_token"], r.cookies["gh-sid"]
+        return r.json()["access_token"], r.cookies[self.cookie]
 
-    def logout(self, sid: str):
-        r = requests.post(self.envoy.url + "/dev/logout", cookies={"gh-sid": sid}, timeout=5)
+    def logout(self, secret: str):
+        r = requests.post(self.envoy.url + "/dev/logout", cookies={self.cookie: secret}, timeout=5)
         assert r.status_code == 204, r.text
 
-    def connect(self, token: str, sid: str | None):
-        return websockets.connect(self.gw.url("/ws/echo"), **self.gw.ws_kwargs(token, cookie=f"gh-sid={sid}" if sid else None))
+    def cookie_header(self, secret: str | None) -> str | None:
+        return f"{self.cookie}={secret}" if secret else None
 
-    def outcome(self, token: str, sid: str | None):
-        return _outcome(self.gw, "/ws/echo", token, cookie=f"gh-sid={sid}" if sid else None)
+    def connect(self, token: str, secret: str | None):
+        return websockets.connect(self.gw.url("/ws/echo"), **self.gw.ws_kwargs(token, cookie=self.cookie_header(secret)))
+
+    def outcome(self, token: str, secret: str | None):
+        return _outcome(self.gw, "/ws/echo", token, cookie=self.cookie_header(secret))
 
 
 @pytest.fixture(scope="module")
@@ -484,7 +678,30 @@ def test_the_local_stack_binds_connect_tokens_to_their_session_and_uses_them_onc
     # A refresh stays in the session: its token opens a socket with the same cookie.
     fresh, same_sid = stack.login(user, sid)
     assert same_sid == sid
-    assert outcome(stack.gw, "/ws/echo", fresh, cookie=f"gh-sid={sid}")[0] == "open"
+    assert claims_sid(fresh) == claims_sid(token)
+    assert outcome(stack.gw, "/ws/echo", fresh, cookie=stack.cookie_header(sid))[0] == "open"
+
+
+def test_the_local_stack_binds_to_a_cookie_secret_the_token_does_not_reveal(local_stack):
+    """Issue 13 #2 on the shipped stack: the dev login's session cookie is a random secret, the
+    token carries its SHA-256 (`sid_hash`) and a public `sid`; a leaked token with a cookie made
+    from anything in it is refused."""
+    from tokens import claims_of
+
+    stack = local_stack
+    assert stack.session.get("mode", "sha256") == "sha256", "the shipped config uses the strong binding"
+    token, secret = stack.login(unique("carol"))
+    claims = claims_of(token)
+    assert claims["sid_hash"] == sid_hash(secret)
+    assert secret not in token and claims["sid"] != secret
+
+    async def go():
+        return [await stack.outcome(token, claims[c]) for c in ("sid", "sid_hash")] + [await stack.outcome(token, secret)]
+
+    from_sid, from_hash, real = run(go())
+    assert from_sid[:2] == ("closed", 4401), "cookie = the token's sid"
+    assert from_hash[:2] == ("closed", 4401), "cookie = the token's sid_hash"
+    assert real[0] == "open"
 
 
 def test_the_local_stack_closes_a_live_socket_at_logout(local_stack):
@@ -507,15 +724,70 @@ def test_the_local_stack_closes_a_live_socket_at_logout(local_stack):
             return (*closed, await other.recv())
 
     assert run(go()) == (4401, "token revoked", "still here"), "only the logged-out session ends"
-    fresh, _ = stack.login(user, sid)  # the revoked session is not resumed: a new one starts
+    fresh, new_secret = stack.login(user, sid)  # the revoked session is not resumed: a new one starts
     r = requests.get(stack.envoy.url + "/api/echo", headers={"authorization": "Bearer " + token}, timeout=5)
     assert r.status_code == 401, "the revoked session's token is refused on the API"
     assert stack.gw.stat("ws.closed.revoked_sid") >= 1
     assert stack.gw.stat("denied.revoked_sid") >= 1
-    assert claims_sid(fresh) != sid
+    assert claims_sid(fresh) != claims_sid(token) and new_secret != sid
 
 
 def claims_sid(token: str) -> str:
     from tokens import claims_of
 
     return claims_of(token)["sid"]
+
+
+# ------------------------------------------------------------------------------ in-band re-auth
+
+
+def reauth_frame(token: str) -> str:
+    """jwt-auth's in-band re-auth frame (docs/jwt-auth.md, `reauth_type`)."""
+    return json.dumps({"type": "gatehouse.reauth", "token": token})
+
+
+@pytest.mark.xfail(strict=False, reason="needs h-jwt: jwt-auth publishing gatehouse.jwt_auth.reauth_claims")
+def test_reauth_tokens_are_checked_against_the_feed_and_used_once(key, demo, envoy_factory, feed):
+    """Issue 13 #9: a token that arrives in an in-band re-auth frame is checked like a connect
+    token. jwt-auth verifies it and publishes its payload as filter state
+    `gatehouse.jwt_auth.reauth_claims` (and `gatehouse.jwt_auth.reauth_kid`); session-binding
+    reads it on the next client chunk, checks the revocation feed and, on a single-use route,
+    claims its jti; a refusal closes the socket with 4401."""
+    from tokens import claims_of
+
+    jwt_cfg = jwt_auth_config(key, sources=[{"websocket_protocol": {"prefix": "bearer."}}, {"authorization": {}}],
+                              session_claims=["sid", "sub"], reauth_type="gatehouse.reauth")
+    envoy = envoy_factory(demo, jwt_auth=jwt_cfg,
+                          session_binding={"rules": RULES, "revocation": feed_config(max_stale=30)},
+                          extra_clusters={"revocation": feed.port})
+    gw = Gateway("jwt_auth", envoy, key)
+    assert wait_until(lambda: gw.stat("revocation.fetch_ok") >= 2, 10)
+    sid = unique("call")
+    reused, revoked = key.mint(sid=sid), key.mint(sid=sid)
+    feed.set({"jti": claims_of(revoked)["jti"]})
+
+    async def reauth(path: str, token: str, then_open: bool):
+        async with websockets.connect(gw.url(path), **gw.ws_kwargs(key.mint(sid=sid))) as ws:
+            await ws.send("hello")
+            assert await asyncio.wait_for(ws.recv(), 5) == "hello"
+            await ws.send(reauth_frame(token))
+            if then_open:
+                await ws.send("ping")
+                assert await asyncio.wait_for(ws.recv(), 5) == "ping", "an accepted re-auth keeps the socket"
+                return None
+            return await closes_without(ws, "after", "nothing passes after a refused re-auth token")
+
+    async def go():
+        first = await reauth("/ws/once/a", reused, then_open=True)
+        again = await reauth("/ws/once/b", reused, then_open=False)
+        revoked_close = await reauth("/ws/echo", revoked, then_open=False)
+        return first, again, revoked_close
+
+    first, again, revoked_close = run(go(), 60)
+    assert first is None
+    assert again == (4401, "token reused")
+    assert revoked_close == (4401, "token revoked")
+    assert gw.stat("ws.closed.replay") == 1
+    assert gw.stat("ws.closed.revoked_jti") == 1
+    # The re-auth token was claimed: as a connect token it is a replay.
+    assert outcome(gw, "/ws/once/c", reused)[:2] == ("closed", 4401)

@@ -9,6 +9,7 @@ VM's `host_env_keys`, named by `encryption_keys_env`.
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import pytest
 import requests
@@ -160,7 +161,11 @@ def test_demo_login_cookies_are_curity_v1_and_accepted(gw, demo, keys):
     assert unseal(keys["current"], csrf) == body["csrf_token"]
     claims = claims_of(body["access_token"])
     assert claims["sub"] == "cookie-user"
-    assert claims["sid"] == cookies["gh-sid"].split(";")[0].split("=", 1)[1] and claims["jti"]
+    # The session cookie is a secret: the token carries its SHA-256 (session-binding's `sid_hash`)
+    # and a public `sid` that is not the cookie.
+    secret = cookies["gh-sid"].split(";")[0].split("=", 1)[1]
+    assert claims["sid_hash"] == b64url(hashlib.sha256(secret.encode()).digest()) and claims["jti"]
+    assert claims["sid"] and claims["sid"] != secret
     r = send(gw, "POST", cookie=f"gh-at={at}; gh-csrf={csrf}", origin=gw.origin, **{"x-gh-csrf": body["csrf_token"]})
     assert r.status_code == 200, r.text
     assert r.json()["headers"]["authorization"] == f"Bearer {body['access_token']}"

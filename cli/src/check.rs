@@ -77,7 +77,7 @@ impl FilterKind {
                 gatehouse_core::turn::TurnConfig::compile(config, env).map(|_| Vec::new())
             }
             FilterKind::SessionBinding => {
-                gatehouse_core::session_binding::SessionBindingConfig::compile(config)
+                gatehouse_core::session_binding::SessionBindingConfig::compile_with_env(config, env)
                     .map(|_| Vec::new())
             }
             FilterKind::PageGuard => {

@@ -8,12 +8,15 @@
 //! by `gatehouse_core::token_proxy::CookieKeys`, the code token-proxy decrypts with), and
 //! returns the CSRF value in the body for the page to send as `x-gh-csrf`.
 //!
-//! Sessions: every token carries `sid` (the session, also set as the `HttpOnly` cookie `gh-sid`
-//! on `/`, which session-binding compares on the signaling socket) and a fresh `jti` (connect
-//! tokens are single-use there). A login that presents a live `gh-sid` stays in that session, so
-//! a refresh extends the session's sockets (jwt-auth follows `sid`). `POST /dev/logout` revokes
-//! the session: it joins `GET /dev/revoked.json`, the revocation feed session-binding fetches,
-//! which closes the session's live sockets with 4401.
+//! Sessions: the `HttpOnly` cookie `gh-sid` (on `/`) holds a fresh random **secret**; every
+//! token carries `sid_hash = base64url(SHA-256(secret))`, which session-binding compares with the
+//! hash of the cookie on the signaling socket, so a leaked token does not reveal the cookie. The
+//! token also carries `sid`, the session's public id (derived one-way from the secret, so the
+//! issuer keeps no session table), for revocation and jwt-auth's session following, and a fresh
+//! `jti` (connect tokens are single-use there). A login that presents a live `gh-sid` stays in
+//! that session, so a refresh extends the session's sockets (jwt-auth follows `sid`).
+//! `POST /dev/logout` revokes the session: its `sid` joins `GET /dev/revoked.json`, the
+//! revocation feed session-binding fetches, which closes the session's live sockets with 4401.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -38,7 +41,7 @@ pub const COOKIE_PREFIX: &str = "gh";
 /// Where token-proxy runs in the local stack; the cookies are only sent there.
 pub const COOKIE_PATH: &str = "/api";
 /// The session cookie (`Path=/`: the signaling upgrade carries it); session-binding's `session`
-/// binding in envoy-config/envoy.yaml compares it with the token's `sid`.
+/// binding in envoy-config/envoy.yaml compares its SHA-256 with the token's `sid_hash`.
 pub const SID_COOKIE: &str = "gh-sid";
 /// How long a session lasts, and how long a logged-out session stays on the revocation feed:
 /// jwt-auth's `max_socket_seconds` in envoy-config/envoy.yaml.
@@ -84,10 +87,11 @@ impl Issuer {
             .is_ok_and(|r| r.iter().any(|(s, _)| s == sid))
     }
 
-    /// The session of this login: the caller's, unless it was logged out; else a new one.
+    /// The session secret of this login (the `gh-sid` cookie's value): the caller's, unless its
+    /// session was logged out; else a new one.
     fn session(&self, headers: &HeaderMap) -> Result<String, String> {
         match session_cookie(headers) {
-            Some(sid) if !self.is_revoked(sid) => Ok(sid.to_owned()),
+            Some(secret) if !self.is_revoked(&sid_of(secret)) => Ok(secret.to_owned()),
             _ => random_text(16),
         }
     }
@@ -120,6 +124,18 @@ fn random_text(n: usize) -> Result<String, String> {
     let mut bytes = vec![0u8; n];
     getrandom::fill(&mut bytes).map_err(|e| format!("no randomness: {e}"))?;
     Ok(gatehouse_cli::b64url(&bytes))
+}
+
+/// The public session id of a session secret: one-way, so the token's `sid` (readable by whoever
+/// holds the token) reveals nothing of the cookie.
+fn sid_of(secret: &str) -> String {
+    let digest = gatehouse_core::sha256(format!("gatehouse-demo-sid\0{secret}").as_bytes());
+    gatehouse_cli::b64url(digest.get(..16).unwrap_or(&digest))
+}
+
+/// The `sid_hash` claim session-binding compares with the cookie (its default `sha256` mode).
+fn sid_hash(secret: &str) -> String {
+    gatehouse_core::session_binding::session_hash(secret)
 }
 
 fn now() -> u64 {
@@ -157,13 +173,14 @@ pub async fn login(
     Query(q): Query<LoginQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let issued = issuer.session(&headers).and_then(|sid| {
+    let issued = issuer.session(&headers).and_then(|secret| {
         let claims = json!({
             "iss": ISSUER,
             "aud": AUDIENCE,
             "sub": q.user.as_deref().unwrap_or("demo-user"),
             "scope": "phone:call",
-            "sid": sid,
+            "sid": sid_of(&secret),
+            "sid_hash": sid_hash(&secret),
             "jti": random_text(16)?,
         });
         let token = gatehouse_cli::mint(&issuer.key, &claims, now(), issuer.ttl)
@@ -171,7 +188,7 @@ pub async fn login(
         let csrf = random_text(32)?;
         let cookies = issuer.cookies(&token, &csrf)?;
         let sid_cookie = format!(
-            "{SID_COOKIE}={sid}; Path=/; Max-Age={SESSION_SECONDS}; HttpOnly; Secure; SameSite=Strict"
+            "{SID_COOKIE}={secret}; Path=/; Max-Age={SESSION_SECONDS}; HttpOnly; Secure; SameSite=Strict"
         );
         Ok((token, csrf, cookies, sid_cookie))
     });
@@ -202,14 +219,15 @@ pub async fn login(
 /// `POST /dev/logout`: the caller's session goes on the revocation feed (session-binding closes
 /// its live sockets and refuses its tokens) and the browser's cookies are cleared.
 pub async fn logout(State(issuer): State<Arc<Issuer>>, headers: HeaderMap) -> Response {
-    if let Some(sid) = session_cookie(&headers) {
+    if let Some(secret) = session_cookie(&headers) {
+        let sid = sid_of(secret);
         if let Ok(mut revoked) = issuer.revoked.lock() {
             let now = now();
-            revoked.retain(|(s, until)| *until > now && s != sid);
+            revoked.retain(|(s, until)| *until > now && *s != sid);
             if revoked.len() >= MAX_REVOKED {
                 revoked.remove(0);
             }
-            revoked.push((sid.to_owned(), now + SESSION_SECONDS));
+            revoked.push((sid, now + SESSION_SECONDS));
         }
     }
     let gone = |name: &str, path: &str| {

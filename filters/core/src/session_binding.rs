@@ -13,10 +13,11 @@ pub mod metadata;
 pub mod revocation;
 pub mod store;
 
-use crate::config::{check_fetch, parse_json, ConfigError};
+use crate::config::{check_fetch, parse_json, ConfigError, EnvLookup};
 use crate::jwt::claims::claim_text;
 use crate::jwt::Claims;
 use crate::jwt_auth::{Matcher, Needs, RawMatch};
+use crate::path::PathError;
 use crate::reply::{LocalReply, Refusal, WsHandshake};
 use crate::{cookie, ws};
 use revocation::{RevocationState, Revoked, TokenId};
@@ -29,6 +30,12 @@ use subtle::ConstantTimeEq;
 
 /// Envoy's native JWT filter: the dynamic-metadata namespace of `payload_in_metadata`.
 pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
+
+/// jwt-auth's filter state on a live socket: the payload of the last in-band re-auth token it
+/// verified and accepted (overwritten on every re-auth).
+pub const REAUTH_CLAIMS_PROPERTY: &str = "gatehouse.jwt_auth.reauth_claims";
+/// jwt-auth's filter state: the `kid` of that re-auth token.
+pub const REAUTH_KID_PROPERTY: &str = "gatehouse.jwt_auth.reauth_kid";
 
 // ---------------------------------------------------------------------------------------------
 // Raw config: exactly the JSON users write. Unknown fields are errors.
@@ -74,13 +81,28 @@ fn default_payload_key() -> String {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSession {
-    #[serde(default = "default_sid")]
-    claim: String,
+    /// Default: `sid_hash` (mode `sha256`), `sid` (mode `plain`).
+    claim: Option<String>,
     cookie: String,
+    #[serde(default = "default_session_mode")]
+    mode: String,
+    /// The gateway key of mode `hmac_sha256`.
+    key: Option<RawKey>,
 }
 
-fn default_sid() -> String {
-    "sid".into()
+/// Exactly one of `env` (an Envoy environment variable, see `host_env_keys`) or `value`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    env: Option<String>,
+    value: Option<String>,
+}
+
+/// The shortest HMAC key accepted for `hmac_sha256` (the hash's size).
+pub const MIN_SESSION_KEY_BYTES: usize = 32;
+
+fn default_session_mode() -> String {
+    "sha256".into()
 }
 
 #[derive(Deserialize)]
@@ -136,6 +158,8 @@ struct RawJti {
     max_ttl_seconds: u64,
     #[serde(default = "default_skew")]
     clock_skew_seconds: u64,
+    #[serde(default = "default_per_subject")]
+    max_per_subject: usize,
 }
 
 fn default_jti_entries() -> usize {
@@ -152,6 +176,9 @@ fn default_max_ttl() -> u64 {
 }
 fn default_skew() -> u64 {
     30
+}
+fn default_per_subject() -> usize {
+    64
 }
 
 #[derive(Deserialize)]
@@ -216,10 +243,49 @@ pub enum ClaimsSource {
     },
 }
 
+/// How the session cookie is compared with the claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionMode {
+    /// The claim is `base64url(SHA-256(cookie value))`: the token does not reveal the cookie, so
+    /// a leaked token is useless without the `HttpOnly` cookie itself (the default).
+    Sha256,
+    /// The claim equals the cookie value. **Weak**: the claim is readable in the token, so
+    /// whoever holds the token can forge the cookie. Only for issuers that cannot mint a hash.
+    Plain,
+    /// The claim is `base64url(HMAC-SHA256(key, cookie value))` with a key the issuer and the
+    /// gateway share: even a guessable cookie cannot be tested against a leaked token offline.
+    HmacSha256,
+}
+
+/// A key that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionKey(Vec<u8>);
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKey(<redacted>)")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRule {
     pub claim: String,
     pub cookie: String,
+    pub mode: SessionMode,
+    /// The key of [`SessionMode::HmacSha256`].
+    pub key: Option<SessionKey>,
+}
+
+impl SessionRule {
+    /// What the claim must be for the cookie value `cookie` (`None`: nothing can match).
+    pub fn expected(&self, cookie: &str) -> Option<String> {
+        match (self.mode, &self.key) {
+            (SessionMode::Plain, _) => Some(cookie.to_string()),
+            (SessionMode::Sha256, _) => Some(session_hash(cookie)),
+            (SessionMode::HmacSha256, Some(key)) => session_hmac(&key.0, cookie),
+            (SessionMode::HmacSha256, None) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,6 +334,9 @@ pub struct JtiSettings {
     pub limits: JtiLimits,
     pub max_ttl: u64,
     pub skew: u64,
+    /// Outstanding single-use token ids one subject (`iss` + `sub`) may hold: at most half a
+    /// bucket, so one subject alone can neither fill the store nor push out others' entries.
+    pub per_subject: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -394,7 +463,31 @@ struct RawBindingFields {
     allow_missing: bool,
 }
 
-fn compile_binding(raw: RawBindingFields, at: &str) -> Result<Binding, ConfigError> {
+fn session_key(raw: RawKey, at: &str, env: EnvLookup<'_>) -> Result<SessionKey, ConfigError> {
+    let value = match (raw.env, raw.value) {
+        (Some(name), None) => env(&name).ok_or_else(|| {
+            ConfigError::new(
+                format!("{at}.env"),
+                format!("environment variable {name} is not set for the VM (list it in vm_config.environment_variables.host_env_keys)"),
+            )
+        })?,
+        (None, Some(v)) => v,
+        _ => return Err(ConfigError::new(at, "give exactly one of `env` or `value`")),
+    };
+    if value.len() < MIN_SESSION_KEY_BYTES {
+        return Err(ConfigError::new(
+            at,
+            format!("the key must be at least {MIN_SESSION_KEY_BYTES} bytes"),
+        ));
+    }
+    Ok(SessionKey(value.into_bytes()))
+}
+
+fn compile_binding(
+    raw: RawBindingFields,
+    at: &str,
+    env: EnvLookup<'_>,
+) -> Result<Binding, ConfigError> {
     let field = |f: &str| {
         if at.is_empty() {
             f.to_string()
@@ -405,7 +498,42 @@ fn compile_binding(raw: RawBindingFields, at: &str) -> Result<Binding, ConfigErr
     let session = match raw.session {
         None => None,
         Some(s) => {
-            if s.claim.is_empty() {
+            let mode = match s.mode.as_str() {
+                "sha256" => SessionMode::Sha256,
+                "hmac_sha256" => SessionMode::HmacSha256,
+                "plain" => SessionMode::Plain,
+                _ => {
+                    return Err(ConfigError::new(
+                        field("session.mode"),
+                        "must be `sha256` (the claim is the cookie's hash), `hmac_sha256` (its HMAC with `key`) or `plain` (weak: the claim is the cookie)",
+                    ))
+                }
+            };
+            let key =
+                match (mode, s.key) {
+                    (SessionMode::HmacSha256, Some(k)) => {
+                        Some(session_key(k, &field("session.key"), env)?)
+                    }
+                    (SessionMode::HmacSha256, None) => return Err(ConfigError::new(
+                        field("session.key"),
+                        "mode `hmac_sha256` needs a `key` (`{\"env\": NAME}` or `{\"value\": …}`)",
+                    )),
+                    (_, Some(_)) => {
+                        return Err(ConfigError::new(
+                            field("session.key"),
+                            "only mode `hmac_sha256` takes a key",
+                        ))
+                    }
+                    (_, None) => None,
+                };
+            let claim = s.claim.unwrap_or_else(|| {
+                match mode {
+                    SessionMode::Sha256 | SessionMode::HmacSha256 => "sid_hash",
+                    SessionMode::Plain => "sid",
+                }
+                .to_string()
+            });
+            if claim.is_empty() {
                 return Err(ConfigError::new(
                     field("session.claim"),
                     "must not be empty",
@@ -422,8 +550,10 @@ fn compile_binding(raw: RawBindingFields, at: &str) -> Result<Binding, ConfigErr
                 ));
             }
             Some(SessionRule {
-                claim: s.claim,
+                claim,
                 cookie: s.cookie,
+                mode,
+                key,
             })
         }
     };
@@ -493,7 +623,13 @@ fn per_bucket(max_entries: usize, buckets: u32, at: &str) -> Result<usize, Confi
 }
 
 impl SessionBindingConfig {
+    /// [`Self::compile_with_env`] with an empty environment (a `session.key` from `env` fails).
     pub fn compile(bytes: &[u8]) -> Result<Self, ConfigError> {
+        Self::compile_with_env(bytes, &|_| None)
+    }
+
+    /// Compile the configuration; `env` stands for the Wasm VM's environment (`session.key`).
+    pub fn compile_with_env(bytes: &[u8], env: EnvLookup<'_>) -> Result<Self, ConfigError> {
         let raw: RawConfig = parse_json(bytes)?;
         let sources = match raw.claims_from {
             None => vec![ClaimsSource::JwtAuth],
@@ -533,6 +669,7 @@ impl SessionBindingConfig {
                 allow_missing: raw.allow_missing,
             },
             "",
+            env,
         )?;
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
@@ -562,6 +699,7 @@ impl SessionBindingConfig {
                         allow_missing: r.allow_missing,
                     },
                     &at,
+                    env,
                 )?)
             };
             rules.push((matcher, binding));
@@ -572,6 +710,7 @@ impl SessionBindingConfig {
             when_full: default_when_full(),
             max_ttl_seconds: default_max_ttl(),
             clock_skew_seconds: default_skew(),
+            max_per_subject: default_per_subject(),
         });
         let evict = match raw_jti.when_full.as_str() {
             "refuse" => false,
@@ -589,14 +728,22 @@ impl SessionBindingConfig {
                 "must be at least 1",
             ));
         }
+        if raw_jti.max_per_subject == 0 {
+            return Err(ConfigError::new(
+                "jti.max_per_subject",
+                "must be at least 1",
+            ));
+        }
+        let jti_per_bucket = per_bucket(raw_jti.max_entries, raw_jti.buckets, "jti")?;
         let jti = JtiSettings {
             limits: JtiLimits {
                 buckets: raw_jti.buckets,
-                per_bucket: per_bucket(raw_jti.max_entries, raw_jti.buckets, "jti")?,
+                per_bucket: jti_per_bucket,
                 evict,
             },
             max_ttl: raw_jti.max_ttl_seconds,
             skew: raw_jti.clock_skew_seconds,
+            per_subject: raw_jti.max_per_subject.min((jti_per_bucket / 2).max(1)),
         };
         let raw_sockets = raw.sockets.unwrap_or(RawSockets {
             slot_ttl_seconds: default_slot_ttl(),
@@ -836,6 +983,11 @@ pub struct BindRequest<'a> {
 /// Why a request was refused (the stat `denied.<reason>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BindDenial {
+    /// The path walks with dot-segments or hides a separator ([`crate::path::check`]): refused
+    /// before any rule or template looks at it.
+    BadPath(PathError),
+    /// A decision needed the time and the host could not tell it.
+    Clock,
     NoClaims,
     NoSessionCookie,
     NoSessionClaim,
@@ -846,8 +998,14 @@ pub enum BindDenial {
     NoFingerprint,
     FingerprintMismatch,
     NoJti,
+    /// A single-use token without `exp`, or whose `exp` lies beyond what the store remembers
+    /// (`exp + clock_skew_seconds > now + max_ttl_seconds`): a replay after the store forgot it
+    /// would pass.
+    JtiUnbounded,
     Replay,
     JtiStoreFull,
+    /// The subject already holds `jti.max_per_subject` outstanding single-use token ids.
+    JtiSubjectFull,
     Revoked(Revoked),
     RevocationStale,
     NoCapClaim,
@@ -858,6 +1016,8 @@ pub enum BindDenial {
 impl BindDenial {
     pub fn reason(self) -> &'static str {
         match self {
+            BindDenial::BadPath(e) => e.reason(),
+            BindDenial::Clock => "clock",
             BindDenial::NoClaims => "no_claims",
             BindDenial::NoSessionCookie => "no_session_cookie",
             BindDenial::NoSessionClaim => "no_session_claim",
@@ -867,8 +1027,10 @@ impl BindDenial {
             BindDenial::NoFingerprint => "no_fingerprint",
             BindDenial::FingerprintMismatch => "fingerprint_mismatch",
             BindDenial::NoJti => "no_jti",
+            BindDenial::JtiUnbounded => "jti_unbounded",
             BindDenial::Replay => "replay",
             BindDenial::JtiStoreFull => "jti_store_full",
+            BindDenial::JtiSubjectFull => "jti_subject_full",
             BindDenial::Revoked(r) => r.reason(),
             BindDenial::RevocationStale => "revocation_stale",
             BindDenial::NoCapClaim => "no_cap_claim",
@@ -879,6 +1041,7 @@ impl BindDenial {
 
     pub fn refusal(self) -> Refusal {
         match self {
+            BindDenial::BadPath(_) => Refusal::BadRequest,
             BindDenial::NoClaims => Refusal::MissingCredentials,
             BindDenial::NoSessionCookie
             | BindDenial::NoSessionClaim
@@ -886,15 +1049,29 @@ impl BindDenial {
             | BindDenial::NoFingerprint
             | BindDenial::FingerprintMismatch
             | BindDenial::NoJti
+            | BindDenial::JtiUnbounded
             | BindDenial::Replay
             | BindDenial::Revoked(_)
             | BindDenial::NoCapClaim => Refusal::InvalidCredentials,
             BindDenial::ScopeUnknown | BindDenial::ScopeMismatch => Refusal::Forbidden,
-            BindDenial::JtiStoreFull | BindDenial::TooManySockets | BindDenial::SlotStoreFull => {
-                Refusal::TooMany
-            }
-            BindDenial::RevocationStale => Refusal::Unavailable,
+            BindDenial::JtiStoreFull
+            | BindDenial::JtiSubjectFull
+            | BindDenial::TooManySockets
+            | BindDenial::SlotStoreFull => Refusal::TooMany,
+            BindDenial::RevocationStale | BindDenial::Clock => Refusal::Unavailable,
         }
+    }
+
+    /// How a live socket closes for this denial: `(code, reason, stat)`.
+    pub fn live_close(self) -> LiveClose {
+        let reason = match self {
+            BindDenial::Revoked(_) => "token revoked",
+            BindDenial::Replay => "token reused",
+            BindDenial::RevocationStale => "revocation list stale",
+            BindDenial::Clock => "clock unavailable",
+            _ => "re-auth refused",
+        };
+        (self.refusal().close_code(), reason, self.reason())
     }
 }
 
@@ -905,6 +1082,17 @@ pub struct LiveTerms {
     pub token: TokenId,
     /// The socket's slot `(owner, slot)`: refreshed while it lives, freed when it ends.
     pub slot: Option<(String, String)>,
+    /// The binding is single-use: an in-band re-auth token is claimed like a connect token.
+    pub single_use: bool,
+    /// The last accepted in-band re-auth token: checked against the revocation list too.
+    pub reauth: Option<Box<TokenId>>,
+}
+
+impl LiveTerms {
+    /// Must this socket look at in-band re-auth tokens (single use, or a revocation feed)?
+    pub fn checks_reauth(&self, binding: &SessionBinding) -> bool {
+        self.single_use || binding.config.revocation.is_some()
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -949,13 +1137,46 @@ pub fn token_id(claims: &Claims, kid: Option<&str>) -> TokenId {
     }
 }
 
+/// The value a `sha256` session binding expects in the claim for a cookie value:
+/// `base64url_nopad(SHA-256(cookie value))`.
+pub fn session_hash(cookie_value: &str) -> String {
+    crate::b64url(&crate::sha256(cookie_value.as_bytes()))
+}
+
+/// The value an `hmac_sha256` session binding expects in the claim:
+/// `base64url_nopad(HMAC-SHA256(key, cookie value))`.
+pub fn session_hmac(key: &[u8], cookie_value: &str) -> Option<String> {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).ok()?;
+    mac.update(cookie_value.as_bytes());
+    Some(crate::b64url(&mac.finalize().into_bytes()))
+}
+
+/// The refusal of `denial` for `req`: problem+json, or a 101 and a close frame on an upgrade.
+pub fn deny(req: &BindRequest<'_>, denial: BindDenial) -> BindDecision {
+    let hs = if req.websocket {
+        req.ws_key.map(|key| WsHandshake {
+            accept: ws::accept_key(key),
+            protocol: req
+                .ws_protocols
+                .and_then(|h| ws::protocols(h).next())
+                .map(str::to_string),
+        })
+    } else {
+        None
+    };
+    BindDecision::Deny {
+        denial,
+        reply: denial.refusal().reply(hs.as_ref()),
+    }
+}
+
 impl SessionBinding {
     pub fn new(config: SessionBindingConfig) -> Self {
         Self { config }
     }
 
-    /// Decide what happens to a request at `now`. `revocations` is the worker's list (`None`
-    /// without a feed); `store` holds used token ids and socket slots.
+    /// [`Self::decide_at`] with a known time.
     pub fn decide(
         &self,
         req: &BindRequest<'_>,
@@ -963,73 +1184,72 @@ impl SessionBinding {
         revocations: Option<&RevocationState>,
         store: &mut dyn BindingStore,
     ) -> BindDecision {
+        self.decide_at(req, Some(now), revocations, store)
+    }
+
+    /// Decide what happens to a request at `now` (`None`: the host cannot tell the time, and a
+    /// check that needs it refuses with 503 / close 1013, reason `clock`). `revocations` is the
+    /// worker's list (`None` without a feed); `store` holds used token ids and socket slots.
+    pub fn decide_at(
+        &self,
+        req: &BindRequest<'_>,
+        now: Option<u64>,
+        revocations: Option<&RevocationState>,
+        store: &mut dyn BindingStore,
+    ) -> BindDecision {
+        // Before any rule or template looks at the path.
+        if let Err(e) = crate::path::check(req.path) {
+            return deny(req, BindDenial::BadPath(e));
+        }
         let Some(binding) = self.config.binding_for(req.route_name, req.path, req.host) else {
             return BindDecision::Pass;
-        };
-        let deny = |denial: BindDenial| {
-            let hs = if req.websocket {
-                req.ws_key.map(|key| WsHandshake {
-                    accept: ws::accept_key(key),
-                    protocol: req
-                        .ws_protocols
-                        .and_then(|h| ws::protocols(h).next())
-                        .map(str::to_string),
-                })
-            } else {
-                None
-            };
-            BindDecision::Deny {
-                denial,
-                reply: denial.refusal().reply(hs.as_ref()),
-            }
         };
         let Some(claims) = req.claims else {
             return if binding.allow_missing {
                 BindDecision::Pass
             } else {
-                deny(BindDenial::NoClaims)
+                deny(req, BindDenial::NoClaims)
             };
         };
         let mut notes = Vec::new();
         let token = token_id(claims, req.kid);
 
         // Revocation first: a revoked token is refused whatever else it would pass.
-        if let (Some(feed), Some(state)) = (&self.config.revocation, revocations) {
-            if state.is_stale(now, feed.max_stale) {
-                if feed.fail_closed {
-                    return deny(BindDenial::RevocationStale);
-                }
-                notes.push("revocation.stale_served");
-            }
-            if let Some(r) = state.list.check(&token) {
-                return deny(BindDenial::Revoked(r));
-            }
+        if let Err(d) = self.check_revocation(&token, now, revocations, &mut notes) {
+            return deny(req, d);
         }
 
         if let Some(session) = &binding.session {
             let Some(want) = text_claim(claims, &session.claim) else {
-                return deny(BindDenial::NoSessionClaim);
+                return deny(req, BindDenial::NoSessionClaim);
             };
-            let Some(have) = req.cookie.and_then(|c| cookie::get(c, &session.cookie)) else {
-                return deny(BindDenial::NoSessionCookie);
+            let Some(have) = req
+                .cookie
+                .and_then(|c| cookie::get(c, &session.cookie))
+                .filter(|v| !v.is_empty())
+            else {
+                return deny(req, BindDenial::NoSessionCookie);
             };
-            if !ct_eq(&want, have) {
-                return deny(BindDenial::SessionMismatch);
+            if !session
+                .expected(have)
+                .is_some_and(|expected| ct_eq(&want, &expected))
+            {
+                return deny(req, BindDenial::SessionMismatch);
             }
         }
 
         if !binding.scope.is_empty() {
             match check_scope(&binding.scope, req.path, claims) {
                 ScopeCheck::Bound => {}
-                ScopeCheck::NoTemplate => return deny(BindDenial::ScopeUnknown),
-                ScopeCheck::Mismatch(_) => return deny(BindDenial::ScopeMismatch),
+                ScopeCheck::NoTemplate => return deny(req, BindDenial::ScopeUnknown),
+                ScopeCheck::Mismatch(_) => return deny(req, BindDenial::ScopeMismatch),
             }
         }
 
         if binding.fingerprint != FingerprintMode::Off {
             match claims.get("cfp") {
                 None if binding.fingerprint == FingerprintMode::Required => {
-                    return deny(BindDenial::NoFingerprint)
+                    return deny(req, BindDenial::NoFingerprint)
                 }
                 None => {}
                 Some(cfp) => {
@@ -1040,7 +1260,7 @@ impl SessionBinding {
                         _ => false,
                     };
                     if !ok {
-                        return deny(BindDenial::FingerprintMismatch);
+                        return deny(req, BindDenial::FingerprintMismatch);
                     }
                 }
             }
@@ -1048,27 +1268,20 @@ impl SessionBinding {
 
         // The checks that write to the store come last: a request refused above uses nothing.
         if binding.single_use {
-            let Some(jti) = &token.jti else {
-                return deny(BindDenial::NoJti);
-            };
-            let iss = text_claim(claims, "iss").unwrap_or_default();
-            let cap = now.saturating_add(self.config.jti.max_ttl);
-            let until = claims
-                .get("exp")
-                .and_then(Value::as_u64)
-                .map_or(cap, |exp| exp.saturating_add(self.config.jti.skew).min(cap));
-            match store.use_once(&short_hash(&format!("{iss}\0{jti}")), until, now) {
-                UseOnce::Fresh => {}
-                UseOnce::FreshEvicted => notes.push("jti.evicted"),
-                UseOnce::Replay => return deny(BindDenial::Replay),
-                UseOnce::Full => return deny(BindDenial::JtiStoreFull),
+            match self.use_jti(claims, now, store) {
+                Ok(Some(note)) => notes.push(note),
+                Ok(None) => {}
+                Err(d) => return deny(req, d),
             }
         }
 
         let mut slot = None;
         if let (true, Some(cap)) = (req.websocket, &binding.max_sockets) {
             let Some(value) = text_claim(claims, &cap.per_claim) else {
-                return deny(BindDenial::NoCapClaim);
+                return deny(req, BindDenial::NoCapClaim);
+            };
+            let Some(now) = now else {
+                return deny(req, BindDenial::Clock);
             };
             let owner = short_hash(&format!("{}\0{value}", cap.per_claim));
             match store.acquire_slot(
@@ -1079,37 +1292,148 @@ impl SessionBinding {
                 now,
             ) {
                 Acquire::Granted => slot = Some((owner, req.slot_id.to_string())),
-                Acquire::OverCap => return deny(BindDenial::TooManySockets),
-                Acquire::Full => return deny(BindDenial::SlotStoreFull),
+                Acquire::OverCap => return deny(req, BindDenial::TooManySockets),
+                Acquire::Full => return deny(req, BindDenial::SlotStoreFull),
             }
         }
 
         BindDecision::Allow {
-            live: req.websocket.then_some(LiveTerms { token, slot }),
+            live: req.websocket.then_some(LiveTerms {
+                token,
+                slot,
+                single_use: binding.single_use,
+                reauth: None,
+            }),
             notes,
         }
     }
 
-    /// Must a live socket carrying `token` close now? A revoked token closes it with 4401; a
-    /// stale list under fail-closed with 1013.
-    pub fn check_live(
+    /// The revocation feed's verdict on `token`: a stale list (or an unknown time) refuses under
+    /// fail-closed, and is noted under fail-open.
+    fn check_revocation(
         &self,
         token: &TokenId,
+        now: Option<u64>,
         revocations: Option<&RevocationState>,
-        now: u64,
+        notes: &mut Vec<&'static str>,
+    ) -> Result<(), BindDenial> {
+        let (Some(feed), Some(state)) = (&self.config.revocation, revocations) else {
+            return Ok(());
+        };
+        match now {
+            Some(now) if state.is_stale(now, feed.max_stale) => {
+                if feed.fail_closed {
+                    return Err(BindDenial::RevocationStale);
+                }
+                notes.push("revocation.stale_served");
+            }
+            Some(_) => {}
+            None if feed.fail_closed => return Err(BindDenial::Clock),
+            None => {}
+        }
+        match state.list.check(token) {
+            Some(r) => Err(BindDenial::Revoked(r)),
+            None => Ok(()),
+        }
+    }
+
+    /// Claim the `jti` of a single-use token: once per issuer, remembered until `exp` + skew,
+    /// which must lie within what the store remembers; at most `jti.max_per_subject` outstanding
+    /// per subject. `Ok(Some(note))` when the store pushed out another entry.
+    fn use_jti(
+        &self,
+        claims: &Claims,
+        now: Option<u64>,
+        store: &mut dyn BindingStore,
+    ) -> Result<Option<&'static str>, BindDenial> {
+        let Some(jti) = text_claim(claims, "jti") else {
+            return Err(BindDenial::NoJti);
+        };
+        let Some(now) = now else {
+            return Err(BindDenial::Clock);
+        };
+        let jti_cfg = &self.config.jti;
+        let Some(until) = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .map(|exp| exp.saturating_add(jti_cfg.skew))
+        else {
+            return Err(BindDenial::JtiUnbounded);
+        };
+        if until > now.saturating_add(jti_cfg.max_ttl) {
+            return Err(BindDenial::JtiUnbounded);
+        }
+        let iss = text_claim(claims, "iss").unwrap_or_default();
+        let owner = text_claim(claims, "sub").map(|sub| short_hash(&format!("{iss}\0sub\0{sub}")));
+        let id = short_hash(&format!("{iss}\0{jti}"));
+        match store.use_once(
+            &id,
+            owner.as_deref().map(|o| (o, jti_cfg.per_subject)),
+            until,
+            now,
+        ) {
+            UseOnce::Fresh => Ok(None),
+            UseOnce::FreshEvicted => Ok(Some("jti.evicted")),
+            UseOnce::Replay => Err(BindDenial::Replay),
+            UseOnce::Full => Err(BindDenial::JtiStoreFull),
+            UseOnce::OwnerFull => Err(BindDenial::JtiSubjectFull),
+        }
+    }
+
+    /// Must a live socket carrying `terms` close now? A revoked token (the connect token or the
+    /// last accepted re-auth token) closes it with 4401; a stale list, or an unknown time, under
+    /// fail-closed with 1013.
+    pub fn check_live(
+        &self,
+        terms: &LiveTerms,
+        revocations: Option<&RevocationState>,
+        now: Option<u64>,
     ) -> Option<LiveClose> {
         let (feed, state) = (self.config.revocation.as_ref()?, revocations?);
-        if let Some(r) = state.list.check(token) {
-            return Some((ws::CLOSE_UNAUTHORIZED, "token revoked", r.reason()));
+        for token in std::iter::once(&terms.token).chain(terms.reauth.as_deref()) {
+            if let Some(r) = state.list.check(token) {
+                return Some(BindDenial::Revoked(r).live_close());
+            }
         }
-        if feed.fail_closed && state.is_stale(now, feed.max_stale) {
-            return Some((
-                ws::CLOSE_TRY_AGAIN_LATER,
-                "revocation list stale",
-                "revocation_stale",
-            ));
+        if feed.fail_closed {
+            match now {
+                None => return Some(BindDenial::Clock.live_close()),
+                Some(now) if state.is_stale(now, feed.max_stale) => {
+                    return Some(BindDenial::RevocationStale.live_close())
+                }
+                Some(_) => {}
+            }
         }
         None
+    }
+
+    /// An in-band re-auth token that jwt-auth verified and accepted on a live socket (its
+    /// payload `claims` and `kid`): checked against the revocation feed and, on a single-use
+    /// binding, claimed like a connect token. `Ok` keeps the socket (and it is remembered in
+    /// `terms` for later revocation checks); `Err` says how to close it.
+    pub fn check_reauth(
+        &self,
+        terms: &mut LiveTerms,
+        claims: &Claims,
+        kid: Option<&str>,
+        now: Option<u64>,
+        revocations: Option<&RevocationState>,
+        store: &mut dyn BindingStore,
+    ) -> Result<Vec<&'static str>, LiveClose> {
+        let token = token_id(claims, kid);
+        let mut notes = Vec::new();
+        self.check_revocation(&token, now, revocations, &mut notes)
+            .map_err(BindDenial::live_close)?;
+        if terms.single_use {
+            if let Some(note) = self
+                .use_jti(claims, now, store)
+                .map_err(BindDenial::live_close)?
+            {
+                notes.push(note);
+            }
+        }
+        terms.reauth = Some(Box::new(token));
+        Ok(notes)
     }
 }
 

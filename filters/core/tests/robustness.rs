@@ -369,7 +369,7 @@ fn session_binding_survives_random_configs_claims_cookies_feeds_and_buckets() {
             BindDecision::Deny { reply, .. } => {
                 denied += 1;
                 assert!(
-                    matches!(reply.status, 101 | 401 | 403 | 429 | 503),
+                    matches!(reply.status, 101 | 400 | 401 | 403 | 429 | 503),
                     "{}",
                     reply.status
                 )

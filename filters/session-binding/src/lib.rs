@@ -12,7 +12,8 @@ use gatehouse_core::session_binding::revocation::{RevocationList, RevocationStat
 use gatehouse_core::session_binding::store::{BindingStore, Kv, KvStore};
 use gatehouse_core::session_binding::{
     parse_address, BindDecision, BindRequest, ClaimsSource, FingerprintMode, LiveTerms,
-    SessionBinding, SessionBindingConfig, JWT_AUTHN_NAMESPACE,
+    SessionBinding, SessionBindingConfig, JWT_AUTHN_NAMESPACE, REAUTH_CLAIMS_PROPERTY,
+    REAUTH_KID_PROPERTY,
 };
 use gatehouse_core::ws::{Dir, LiveSocket};
 use gatehouse_host::{self as host, Counters};
@@ -77,6 +78,8 @@ struct Root {
     fetch: Option<u32>,
     next_fetch: u64,
     next_refresh: u64,
+    /// Malformed entries the last good document had (logged when it changes).
+    last_skipped: usize,
 }
 
 impl Context for Root {
@@ -99,24 +102,34 @@ impl Context for Root {
             return;
         };
         let parsed = if status == 200 {
-            RevocationList::parse(&body)
+            RevocationList::parse_counted(&body)
         } else {
             Err(format!("HTTP status {status}"))
         };
         match parsed {
-            Ok(list) => {
+            Ok((list, skipped)) => {
                 let entries = list.len();
                 let first = shared.revocations.as_ref().is_some_and(|s| !s.ever_loaded);
                 if let Some(state) = shared.revocations.as_mut() {
                     let before = state.generation;
                     state.loaded(list, now);
-                    if first || state.generation != before {
+                    if first || state.generation != before || skipped != self.last_skipped {
                         host::log(
-                            LogLevel::Info,
+                            if skipped > 0 {
+                                LogLevel::Warn
+                            } else {
+                                LogLevel::Info
+                            },
                             NAME,
-                            &format!("revocation list loaded: {entries} entries"),
+                            &format!(
+                                "revocation list loaded: {entries} entries, {skipped} malformed entries skipped"
+                            ),
                         );
                     }
+                }
+                self.last_skipped = skipped;
+                for _ in 0..skipped {
+                    shared.count("revocation.entry_skipped");
                 }
                 shared.count("revocation.fetch_ok");
                 self.next_fetch = now + feed.refresh_seconds;
@@ -136,7 +149,9 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = host::configure(NAME, SessionBindingConfig::compile) else {
+        let Some(config) = host::configure(NAME, |bytes| {
+            SessionBindingConfig::compile_with_env(bytes, &host::env_var)
+        }) else {
             return false;
         };
         let now = host::now_secs();
@@ -233,6 +248,7 @@ impl RootContext for Root {
             pending: None,
             live: None,
             slot: None,
+            reauth_seen: None,
         }))
     }
 
@@ -249,6 +265,8 @@ struct Stream {
     live: Option<(LiveSocket, LiveTerms)>,
     /// The slot this stream holds, freed when it ends.
     slot: Option<(String, String)>,
+    /// jwt-auth's last published re-auth payload this stream checked.
+    reauth_seen: Option<Vec<u8>>,
 }
 
 fn as_claims(bytes: &[u8]) -> Option<Claims> {
@@ -295,19 +313,27 @@ impl Stream {
         let needs = self.shared.borrow().binding.config.needs;
         let (path, authority, route) = host::rule_target(&needs);
         let mut shared = self.shared.borrow_mut();
-        let Some(binding) = shared
-            .binding
-            .config
-            .binding_for(route.as_deref(), &path, &authority)
-        else {
-            shared.count("passed");
-            return Action::Continue;
+        // A path that walks (`..`, `%2e%2e`, `%2f`) matches no rule here: the core refuses it
+        // (400 / close 4400) before any rule or template looks at it.
+        let path_ok = gatehouse_core::path::check(&path).is_ok();
+        let (session, cap, fingerprint) = if path_ok {
+            let Some(binding) =
+                shared
+                    .binding
+                    .config
+                    .binding_for(route.as_deref(), &path, &authority)
+            else {
+                shared.count("passed");
+                return Action::Continue;
+            };
+            (
+                binding.session.is_some(),
+                binding.max_sockets.is_some(),
+                binding.fingerprint,
+            )
+        } else {
+            (false, false, FingerprintMode::Off)
         };
-        let (session, cap, fingerprint) = (
-            binding.session.is_some(),
-            binding.max_sockets.is_some(),
-            binding.fingerprint,
-        );
         let found = read_claims(&shared.binding.config.sources);
         let websocket = host::is_websocket_upgrade();
         let ws_key = host::request_header_if(websocket, "sec-websocket-key");
@@ -327,7 +353,8 @@ impl Stream {
         } else {
             String::new()
         };
-        let now = host::now_secs();
+        // `None` when the host cannot tell the time: what needs it refuses (503 / close 1013).
+        let now = host::now();
         let req = BindRequest {
             path: &path,
             host: &authority,
@@ -345,7 +372,7 @@ impl Stream {
         let mut store = shared.store();
         let decision = shared
             .binding
-            .decide(&req, now, shared.revocations.as_ref(), &mut store);
+            .decide_at(&req, now, shared.revocations.as_ref(), &mut store);
         match decision {
             BindDecision::Pass => {
                 shared.count("passed");
@@ -391,25 +418,63 @@ impl Stream {
         let Some((live, terms)) = self.live.as_mut() else {
             return;
         };
-        let now = host::now_secs();
+        let now = host::now();
         if !live.is_closing() {
             let shared = self.shared.borrow();
-            if let Some((code, reason, stat)) =
-                shared
-                    .binding
-                    .check_live(&terms.token, shared.revocations.as_ref(), now)
-            {
+            let mut close = shared
+                .binding
+                .check_live(terms, shared.revocations.as_ref(), now);
+            // An in-band re-auth token jwt-auth accepted on this socket (published as filter
+            // state before this filter sees the chunk): one property read per client chunk,
+            // only where the binding checks single use or revocation.
+            if close.is_none() && dir == Dir::ToUpstream && terms.checks_reauth(&shared.binding) {
+                if let Some(payload) = host::property_bytes(vec![REAUTH_CLAIMS_PROPERTY]) {
+                    if self.reauth_seen.as_deref() != Some(payload.as_slice()) {
+                        shared.count("reauth.checked");
+                        let kid = host::property_text(vec![REAUTH_KID_PROPERTY]);
+                        close = match as_claims(&payload) {
+                            Some(claims) => {
+                                let mut store = shared.store();
+                                match shared.binding.check_reauth(
+                                    terms,
+                                    &claims,
+                                    kid.as_deref(),
+                                    now,
+                                    shared.revocations.as_ref(),
+                                    &mut store,
+                                ) {
+                                    Ok(notes) => {
+                                        for note in notes {
+                                            shared.count(note);
+                                        }
+                                        None
+                                    }
+                                    Err(c) => Some(c),
+                                }
+                            }
+                            // Not the verified payload jwt-auth publishes: fail closed.
+                            None => Some((
+                                gatehouse_core::ws::CLOSE_UNAUTHORIZED,
+                                "re-auth refused",
+                                "reauth_unreadable",
+                            )),
+                        };
+                        self.reauth_seen = Some(payload);
+                    }
+                }
+            }
+            if let Some((code, reason, stat)) = close {
                 live.close_with(code, reason);
                 shared.count(&format!("ws.closed.{stat}"));
-                host::log(
-                    LogLevel::Info,
+                host::log_denial(
                     NAME,
-                    &format!("live websocket: {reason}, closing with {code}"),
+                    &format!("live websocket: {reason} ({stat}), closing with {code}"),
                 );
             }
         }
-        // The socket has no deadline: only the check above closes it, and logged that.
-        host::live_chunk(live, dir, size, now, |_| None);
+        // The socket has no deadline: only the checks above close it, and logged that. The
+        // deadline is `u64::MAX`, so an unknown time (0 here) closes nothing by itself.
+        host::live_chunk(live, dir, size, now.unwrap_or(0), |_| None);
     }
 }
 

@@ -9,9 +9,12 @@
 //! ] }
 //! ```
 //!
-//! A bare array of entries is accepted too. A failed fetch keeps the last good list; past
-//! `max_stale_seconds` without a good fetch the list is *stale*, and the filter either keeps
-//! serving with it (fail-open) or refuses (fail-closed).
+//! A bare array of entries is accepted too. An entry of no known shape is skipped and counted,
+//! the others apply: one bad line of a feed does not throw away every revocation in it. A
+//! document that is not of this shape at all is an error, and a failed fetch keeps the last
+//! good list. Before the first good document, and past `max_stale_seconds` without a good
+//! fetch, the list is *stale*, and the filter either keeps serving with it (fail-open) or
+//! refuses (fail-closed).
 
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -61,7 +64,15 @@ pub struct RevocationList {
 }
 
 impl RevocationList {
+    /// [`Self::parse_counted`] without the count of skipped entries.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
+        Self::parse_counted(body).map(|(list, _)| list)
+    }
+
+    /// The list of a document and how many of its entries were skipped (not of a known shape).
+    /// Only a document that is not JSON, has no `revoked` array, or is over [`MAX_ENTRIES`] is
+    /// an error.
+    pub fn parse_counted(body: &[u8]) -> Result<(Self, usize), String> {
         let doc: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
         let entries = match &doc {
             Value::Array(a) => a,
@@ -78,7 +89,8 @@ impl RevocationList {
             ));
         }
         let mut list = Self::default();
-        for (i, e) in entries.iter().enumerate() {
+        let mut skipped = 0;
+        for e in entries {
             let text = |k: &str| e.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
             if let Some(jti) = text("jti") {
                 list.jtis.insert(jti.to_string());
@@ -86,21 +98,17 @@ impl RevocationList {
                 list.kids.insert(kid.to_string());
             } else if let Some(sid) = text("sid") {
                 list.sids.insert(sid.to_string());
-            } else if let Some(sub) = text("sub") {
-                let Some(before) = e.get("issued_before").and_then(Value::as_u64) else {
-                    return Err(format!(
-                        "revoked[{i}]: `sub` needs `issued_before` (unix seconds)"
-                    ));
-                };
+            } else if let (Some(sub), Some(before)) =
+                (text("sub"), e.get("issued_before").and_then(Value::as_u64))
+            {
                 let slot = list.subs.entry(sub.to_string()).or_insert(0);
                 *slot = (*slot).max(before);
             } else {
-                return Err(format!(
-                    "revoked[{i}]: needs `jti`, `kid`, `sid`, or `sub` + `issued_before`"
-                ));
+                // Needs `jti`, `kid`, `sid`, or `sub` + `issued_before` (unix seconds).
+                skipped += 1;
             }
         }
-        Ok(list)
+        Ok((list, skipped))
     }
 
     pub fn len(&self) -> usize {
@@ -163,8 +171,10 @@ impl RevocationState {
         self.ever_loaded = true;
     }
 
+    /// Stale: never loaded (a VM that has not fetched the list yet knows no revocation), or no
+    /// good fetch for more than `max_stale` seconds.
     pub fn is_stale(&self, now: u64, max_stale: u64) -> bool {
-        now > self.good_at.saturating_add(max_stale)
+        !self.ever_loaded || now > self.good_at.saturating_add(max_stale)
     }
 }
 
@@ -222,20 +232,36 @@ mod tests {
         assert!(RevocationList::parse(b"[]").unwrap().is_empty());
         assert!(RevocationList::parse(b"nope").is_err());
         assert!(RevocationList::parse(br#"{"x":[]}"#).is_err());
-        assert!(RevocationList::parse(br#"[{"sub":"a"}]"#)
-            .unwrap_err()
-            .contains("issued_before"));
-        assert!(RevocationList::parse(br#"[{"what":"a"}]"#).is_err());
+        assert!(RevocationList::parse(br#"{"revoked":{}}"#).is_err());
+    }
+
+    #[test]
+    fn a_malformed_entry_is_skipped_and_counted_and_the_others_apply() {
+        let (l, skipped) = RevocationList::parse_counted(
+            br#"{"revoked":[{"sub":"a"},{"jti":"j1"},{"what":"x"},{"jti":7},{"sid":""},
+                {"sub":"bob","issued_before":"soon"},{"sid":"s1"},"text",null,
+                {"sub":"carol","issued_before":100}]}"#,
+        )
+        .unwrap();
+        assert_eq!(skipped, 7);
+        assert_eq!(l.len(), 3);
+        assert_eq!(l.check(&id("j1", "x", Some(1), "k")), Some(Revoked::Jti));
+        assert_eq!(
+            l.check(&id("j2", "carol", Some(99), "k")),
+            Some(Revoked::Sub)
+        );
+        let (_, none) = RevocationList::parse_counted(br#"[{"jti":"a"}]"#).unwrap();
+        assert_eq!(none, 0);
     }
 
     #[test]
     fn staleness_and_generations() {
         let mut s = RevocationState::new(1000);
-        assert!(!s.is_stale(1030, 30));
         assert!(
-            s.is_stale(1031, 30),
-            "never loaded: stale from the start time on"
+            s.is_stale(1000, 30),
+            "never loaded: stale at once (it knows no revocation)"
         );
+        assert!(s.is_stale(1031, 30));
         let l = RevocationList::parse(br#"[{"jti":"a"}]"#).unwrap();
         s.loaded(l.clone(), 1040);
         assert_eq!(s.generation, 1);

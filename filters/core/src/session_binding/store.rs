@@ -35,6 +35,8 @@ pub enum UseOnce {
     Replay,
     /// The store is full of unexpired entries (`when_full: refuse`), or too contended.
     Full,
+    /// The owner (the token's subject) already holds its cap of unexpired entries.
+    OwnerFull,
 }
 
 /// The outcome of asking for an open-socket slot.
@@ -49,8 +51,11 @@ pub enum Acquire {
 
 /// What session-binding needs from a store.
 pub trait BindingStore {
-    /// Record that token id `id` was used at `now`; it stays recorded until `until`.
-    fn use_once(&mut self, id: &str, until: u64, now: u64) -> UseOnce;
+    /// Record that token id `id` was used at `now`; it stays recorded until `until`. With
+    /// `owner = Some((owner, cap))` the owner (a subject) may hold at most `cap` unexpired ids:
+    /// one more is [`UseOnce::OwnerFull`], so one subject cannot fill the store.
+    fn use_once(&mut self, id: &str, owner: Option<(&str, usize)>, until: u64, now: u64)
+        -> UseOnce;
     /// Take one of `owner`'s `limit` slots for socket `slot`, held until `now + ttl` unless
     /// refreshed.
     fn acquire_slot(&mut self, owner: &str, slot: &str, limit: u32, ttl: u64, now: u64) -> Acquire;
@@ -118,7 +123,8 @@ impl<K: Kv> KvStore<K> {
         Self { kv, jti, slots }
     }
 
-    /// The key of token id `id`'s bucket.
+    /// The key of a token id's bucket: its owner's (all of a subject's ids share one bucket, so
+    /// one CAS write counts and adds atomically), else the id's own.
     pub fn jti_key(&self, id: &str) -> String {
         format!("{JTI_PREFIX}{}", buckets::index(id, self.jti.buckets))
     }
@@ -165,26 +171,44 @@ impl<K: Kv> KvStore<K> {
 }
 
 impl<K: Kv> BindingStore for KvStore<K> {
-    fn use_once(&mut self, id: &str, until: u64, now: u64) -> UseOnce {
-        let key = self.jti_key(id);
+    fn use_once(
+        &mut self,
+        id: &str,
+        owner: Option<(&str, usize)>,
+        until: u64,
+        now: u64,
+    ) -> UseOnce {
+        let key = self.jti_key(owner.map_or(id, |(o, _)| o));
         let limits = self.jti;
         self.update(&key, UseOnce::Full, |bucket| {
-            let mut kept: Vec<(&str, u64)> =
-                buckets::entries(bucket).filter(|(_, d)| *d > now).collect();
-            if kept.iter().any(|(k, _)| *k == id) {
+            let mut kept: Vec<(&str, u64, &str)> = jti_entries(bucket)
+                .into_iter()
+                .filter(|(_, d, _)| *d > now)
+                .collect();
+            if kept.iter().any(|(k, _, _)| *k == id) {
                 return (None, UseOnce::Replay);
+            }
+            if let Some((o, cap)) = owner {
+                if kept.iter().filter(|(_, _, ko)| *ko == o).count() >= cap {
+                    return (None, UseOnce::OwnerFull);
+                }
             }
             let mut outcome = UseOnce::Fresh;
             if kept.len() >= limits.per_bucket {
                 if !limits.evict || limits.per_bucket == 0 {
                     return (None, UseOnce::Full);
                 }
-                // Room for the new entry.
-                buckets::keep_latest(&mut kept, limits.per_bucket - 1);
+                // Room for the new entry: those that end soonest go.
+                kept.sort_by_key(|(_, d, _)| std::cmp::Reverse(*d));
+                kept.truncate(limits.per_bucket - 1);
                 outcome = UseOnce::FreshEvicted;
             }
-            kept.push((id, until.max(now + 1)));
-            (Some(buckets::write(&kept)), outcome)
+            kept.push((
+                id,
+                until.max(now.saturating_add(1)),
+                owner.map_or("", |(o, _)| o),
+            ));
+            (Some(write_jtis(&kept)), outcome)
         })
     }
 
@@ -244,6 +268,35 @@ impl<K: Kv> BindingStore for KvStore<K> {
             (Some(write_slots(&kept)), ())
         });
     }
+}
+
+/// `<id> <until>` or `<id> <until> <owner>` lines (malformed lines are skipped).
+fn jti_entries(bucket: &[u8]) -> Vec<(&str, u64, &str)> {
+    std::str::from_utf8(bucket)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split(' ');
+            let (Some(id), Some(until), owner, None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return None;
+            };
+            Some((id, until.parse().ok()?, owner.unwrap_or("")))
+        })
+        .collect()
+}
+
+fn write_jtis(entries: &[(&str, u64, &str)]) -> Vec<u8> {
+    let mut out = String::new();
+    for (id, until, owner) in entries {
+        let _ = if owner.is_empty() {
+            writeln!(out, "{id} {until}")
+        } else {
+            writeln!(out, "{id} {until} {owner}")
+        };
+    }
+    out.into_bytes()
 }
 
 fn write_slots(entries: &[(&str, &str, u64)]) -> Vec<u8> {
@@ -306,27 +359,27 @@ mod tests {
     #[test]
     fn a_token_id_is_used_once_until_it_expires() {
         let mut s = store(8, false);
-        assert_eq!(s.use_once("a", 100, 10), UseOnce::Fresh);
-        assert_eq!(s.use_once("a", 100, 50), UseOnce::Replay);
-        assert_eq!(s.use_once("b", 100, 50), UseOnce::Fresh);
+        assert_eq!(s.use_once("a", None, 100, 10), UseOnce::Fresh);
+        assert_eq!(s.use_once("a", None, 100, 50), UseOnce::Replay);
+        assert_eq!(s.use_once("b", None, 100, 50), UseOnce::Fresh);
         // Past its end the entry is pruned: the token itself is expired by then.
-        assert_eq!(s.use_once("a", 200, 100), UseOnce::Fresh);
+        assert_eq!(s.use_once("a", None, 200, 100), UseOnce::Fresh);
     }
 
     #[test]
     fn the_cap_refuses_or_evicts_and_expired_entries_make_room() {
         let mut s = store(2, false);
-        assert_eq!(s.use_once("a", 100, 0), UseOnce::Fresh);
-        assert_eq!(s.use_once("b", 200, 0), UseOnce::Fresh);
-        assert_eq!(s.use_once("c", 300, 0), UseOnce::Full);
-        assert_eq!(s.use_once("c", 300, 100), UseOnce::Fresh, "a expired");
+        assert_eq!(s.use_once("a", None, 100, 0), UseOnce::Fresh);
+        assert_eq!(s.use_once("b", None, 200, 0), UseOnce::Fresh);
+        assert_eq!(s.use_once("c", None, 300, 0), UseOnce::Full);
+        assert_eq!(s.use_once("c", None, 300, 100), UseOnce::Fresh, "a expired");
         let mut s = store(2, true);
-        s.use_once("a", 100, 0);
-        s.use_once("b", 200, 0);
-        assert_eq!(s.use_once("c", 300, 0), UseOnce::FreshEvicted);
+        s.use_once("a", None, 100, 0);
+        s.use_once("b", None, 200, 0);
+        assert_eq!(s.use_once("c", None, 300, 0), UseOnce::FreshEvicted);
         // The soonest-ending one went.
-        assert_eq!(s.use_once("b", 200, 0), UseOnce::Replay);
-        assert_eq!(s.use_once("a", 100, 0), UseOnce::FreshEvicted);
+        assert_eq!(s.use_once("b", None, 200, 0), UseOnce::Replay);
+        assert_eq!(s.use_once("a", None, 100, 0), UseOnce::FreshEvicted);
     }
 
     #[test]
@@ -370,10 +423,10 @@ mod tests {
         );
         s.create_buckets();
         s.kv.raced = false;
-        assert_eq!(s.use_once("y", 1000, 0), UseOnce::Fresh);
+        assert_eq!(s.use_once("y", None, 1000, 0), UseOnce::Fresh);
         // The other writer's entry survived our write.
-        assert_eq!(s.use_once("x", 1000, 0), UseOnce::Replay);
-        assert_eq!(s.use_once("y", 1000, 0), UseOnce::Replay);
+        assert_eq!(s.use_once("x", None, 1000, 0), UseOnce::Replay);
+        assert_eq!(s.use_once("y", None, 1000, 0), UseOnce::Replay);
     }
 
     #[test]
@@ -409,7 +462,7 @@ mod tests {
         let mut s = store(4, false);
         let key = s.jti_key("a");
         s.kv.set(&key, b"\xff\xfe\nno-number x\n", None);
-        assert_eq!(s.use_once("a", 100, 0), UseOnce::Fresh);
-        assert_eq!(s.use_once("a", 100, 0), UseOnce::Replay);
+        assert_eq!(s.use_once("a", None, 100, 0), UseOnce::Fresh);
+        assert_eq!(s.use_once("a", None, 100, 0), UseOnce::Replay);
     }
 }

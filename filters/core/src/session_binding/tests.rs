@@ -60,47 +60,101 @@ fn allowed(d: &BindDecision) -> bool {
     matches!(d, BindDecision::Allow { .. })
 }
 
+fn terms(token: TokenId) -> LiveTerms {
+    LiveTerms {
+        token,
+        slot: None,
+        single_use: false,
+        reauth: None,
+    }
+}
+
 #[test]
-fn session_binding_needs_the_cookie_that_matches_the_sid_claim() {
+fn session_binding_needs_the_cookie_whose_hash_the_token_carries() {
     let b = config(json!({"session": {"cookie": "__Host-gh_sid"}}));
-    let c = claims(json!({"sub": "alice", "sid": "s-123"}));
+    assert_eq!(
+        b.config.default_binding.session,
+        Some(SessionRule {
+            claim: "sid_hash".into(),
+            cookie: "__Host-gh_sid".into(),
+            mode: SessionMode::Sha256,
+            key: None,
+        }),
+        "the default: the claim `sid_hash` carries the cookie's SHA-256"
+    );
+    let secret = "k3Yb8w1QmZ0pVJt6xLr2aA";
+    assert_eq!(
+        session_hash(secret),
+        crate::b64url(&crate::sha256(secret.as_bytes()))
+    );
+    let c = claims(json!({"sub": "alice", "sid": "s-123", "sid_hash": session_hash(secret)}));
     let mut st = store();
+    let cookie = format!("a=1; __Host-gh_sid={secret}");
     assert!(allowed(&b.decide(
-        &ws("/ws/echo", &c, Some("a=1; __Host-gh_sid=s-123")),
+        &ws("/ws/echo", &c, Some(&cookie)),
         0,
         None,
         &mut st
     )));
-    assert_eq!(
-        denial(b.decide(
-            &ws("/ws/echo", &c, Some("__Host-gh_sid=s-999")),
-            0,
-            None,
-            &mut st
-        )),
-        (BindDenial::SessionMismatch, 101, Some(4401))
-    );
+    // A leaked token is useless without the cookie: what the token reveals does not open it.
+    for forged in [
+        "__Host-gh_sid=s-123".to_string(),
+        format!("__Host-gh_sid={}", session_hash(secret)),
+        "__Host-gh_sid=".to_string(),
+        "__Host-gh_sid=other".to_string(),
+    ] {
+        let (d, status, code) =
+            denial(b.decide(&ws("/ws/echo", &c, Some(&forged)), 0, None, &mut st));
+        assert!(
+            matches!(d, BindDenial::SessionMismatch | BindDenial::NoSessionCookie),
+            "{forged}: {d:?}"
+        );
+        assert_eq!((status, code), (101, Some(4401)), "{forged}");
+    }
     assert_eq!(
         denial(b.decide(&ws("/ws/echo", &c, None), 0, None, &mut st)),
         (BindDenial::NoSessionCookie, 101, Some(4401))
     );
-    let no_sid = claims(json!({"sub": "alice"}));
+    // A token without the hash claim (only a `sid`) is refused.
+    let no_hash = claims(json!({"sub": "alice", "sid": secret}));
     assert_eq!(
-        denial(b.decide(
-            &ws("/ws/echo", &no_sid, Some("__Host-gh_sid=s-123")),
-            0,
-            None,
-            &mut st
-        ))
-        .0,
+        denial(b.decide(&ws("/ws/echo", &no_hash, Some(&cookie)), 0, None, &mut st)).0,
         BindDenial::NoSessionClaim
     );
     // Plain HTTP: 401 problem+json.
     let mut http = ws("/api/x", &c, Some("__Host-gh_sid=nope"));
     http.websocket = false;
     assert_eq!(denial(b.decide(&http, 0, None, &mut st)).1, 401);
-    // A custom claim, numeric.
-    let b = config(json!({"session": {"claim": "session_id", "cookie": "s"}}));
+    // A custom claim name.
+    let b = config(json!({"session": {"claim": "cookie_hash", "cookie": "s"}}));
+    let c = claims(json!({"cookie_hash": session_hash("42")}));
+    assert!(allowed(&b.decide(
+        &ws("/", &c, Some("s=42")),
+        0,
+        None,
+        &mut st
+    )));
+}
+
+#[test]
+fn the_weak_plain_mode_compares_the_claim_with_the_cookie_only_when_configured() {
+    let b = config(json!({"session": {"mode": "plain", "cookie": "gh-sid"}}));
+    let s = b.config.default_binding.session.as_ref().unwrap();
+    assert_eq!((s.claim.as_str(), s.mode), ("sid", SessionMode::Plain));
+    let c = claims(json!({"sid": "s-123"}));
+    let mut st = store();
+    assert!(allowed(&b.decide(
+        &ws("/ws", &c, Some("gh-sid=s-123")),
+        0,
+        None,
+        &mut st
+    )));
+    assert_eq!(
+        denial(b.decide(&ws("/ws", &c, Some("gh-sid=s-999")), 0, None, &mut st)).0,
+        BindDenial::SessionMismatch
+    );
+    // Numbers compare as text.
+    let b = config(json!({"session": {"mode": "plain", "claim": "session_id", "cookie": "s"}}));
     let c = claims(json!({"session_id": 42}));
     assert!(allowed(&b.decide(
         &ws("/", &c, Some("s=42")),
@@ -108,6 +162,36 @@ fn session_binding_needs_the_cookie_that_matches_the_sid_claim() {
         None,
         &mut st
     )));
+    let err = SessionBindingConfig::compile(br#"{"session":{"cookie":"s","mode":"md5"}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("config error at session.mode"), "{err}");
+}
+
+#[test]
+fn host_prefixed_cookie_names_are_accepted() {
+    for name in ["__Host-gh_sid", "__Host-gh-sid", "__Secure-sid"] {
+        let b = config(json!({"session": {"cookie": name}}));
+        let c = claims(json!({"sid_hash": session_hash("v")}));
+        let mut st = store();
+        let cookie = format!("{name}=v");
+        assert!(allowed(&b.decide(
+            &ws("/", &c, Some(&cookie)),
+            0,
+            None,
+            &mut st
+        )));
+        // The unprefixed name (a cookie a sibling subdomain could toss) is another cookie.
+        let tossed = format!(
+            "{}=v",
+            name.trim_start_matches("__Host-")
+                .trim_start_matches("__Secure-")
+        );
+        assert_eq!(
+            denial(b.decide(&ws("/", &c, Some(&tossed)), 0, None, &mut st)).0,
+            BindDenial::NoSessionCookie
+        );
+    }
 }
 
 #[test]
@@ -326,7 +410,7 @@ fn a_refused_request_uses_neither_its_jti_nor_a_slot() {
     let b = config(json!({"single_use": true, "max_sockets": {"limit": 1},
                           "session": {"cookie": "sid"}}));
     let mut st = store();
-    let c = claims(json!({"sub": "a", "sid": "s", "jti": "j", "exp": 100}));
+    let c = claims(json!({"sub": "a", "sid_hash": session_hash("s"), "jti": "j", "exp": 100}));
     assert!(!allowed(&b.decide(
         &ws("/ws", &c, Some("sid=wrong")),
         0,
@@ -442,11 +526,11 @@ fn revoked_tokens_are_refused_and_live_sockets_closed() {
     )));
 
     // A live socket: fine until its token is revoked.
-    let live = token_id(&ok, Some("current"));
-    assert_eq!(b.check_live(&live, Some(&state), 20), None);
+    let live = terms(token_id(&ok, Some("current")));
+    assert_eq!(b.check_live(&live, Some(&state), Some(20)), None);
     state.loaded(RevocationList::parse(br#"[{"jti":"good"}]"#).unwrap(), 21);
     assert_eq!(
-        b.check_live(&live, Some(&state), 21),
+        b.check_live(&live, Some(&state), Some(21)),
         Some((4401, "token revoked", "revoked_jti"))
     );
 }
@@ -469,7 +553,7 @@ fn a_stale_list_serves_or_refuses_as_configured() {
         BindDenial::Revoked(Revoked::Jti)
     );
     assert_eq!(
-        open.check_live(&token_id(&c, None), Some(&state), 100),
+        open.check_live(&terms(token_id(&c, None)), Some(&state), Some(100)),
         None
     );
     let closed = config(json!({"revocation": feed("closed")}));
@@ -490,7 +574,7 @@ fn a_stale_list_serves_or_refuses_as_configured() {
         503
     );
     assert_eq!(
-        closed.check_live(&token_id(&c, None), Some(&state), 41),
+        closed.check_live(&terms(token_id(&c, None)), Some(&state), Some(41)),
         Some((1013, "revocation list stale", "revocation_stale"))
     );
 }
@@ -512,4 +596,411 @@ fn rules_pick_the_binding_and_are_complete() {
         denial(b.decide(&r, 0, None, &mut st)).0,
         BindDenial::NoSessionClaim
     );
+}
+
+#[test]
+fn dot_segments_and_hidden_separators_are_refused_before_rules_and_templates() {
+    let b = config(json!({
+        "rules": [
+            {"match": {"prefix": "/public/"}, "disabled": true},
+            {"match": {"prefix": "/tenants/"},
+             "scope": [{"template": "/tenants/{tenant}/...", "claims": {"tenant": "tenant_id"}}]}
+        ]
+    }));
+    let mut st = store();
+    let c = claims(json!({"tenant_id": "t1"}));
+    assert!(allowed(&b.decide(
+        &ws("/tenants/t1/calls", &c, None),
+        0,
+        None,
+        &mut st
+    )));
+    for (path, reason) in [
+        ("/tenants/t1/../t2/calls", "path_dot_segment"),
+        ("/tenants/t1/%2e%2e/t2/calls", "path_dot_segment"),
+        ("/tenants/t1/.%2E/t2", "path_dot_segment"),
+        ("/tenants/t1/./calls", "path_dot_segment"),
+        ("/tenants/t1/..%2ft2/calls", "path_separator"),
+        ("/tenants/t1%2Ft2/calls", "path_separator"),
+        ("/tenants/t1\\..\\t2", "path_separator"),
+        // A disabled rule's prefix does not let a walking path through either.
+        ("/public/../tenants/t2/calls", "path_dot_segment"),
+    ] {
+        let (d, status, code) = denial(b.decide(&ws(path, &c, None), 0, None, &mut st));
+        assert_eq!(
+            (d.reason(), status, code),
+            (reason, 101, Some(4400)),
+            "{path}"
+        );
+        let mut http = ws(path, &c, None);
+        http.websocket = false;
+        assert_eq!(denial(b.decide(&http, 0, None, &mut st)).1, 400, "{path}");
+    }
+    // The query string is not the path.
+    assert!(allowed(&b.decide(
+        &ws("/tenants/t1/calls?next=../x", &c, None),
+        0,
+        None,
+        &mut st
+    )));
+}
+
+#[test]
+fn single_use_refuses_tokens_that_outlive_the_stores_memory() {
+    // max_ttl 600 s, skew 30 s: a token must end (exp + skew) by now + 600.
+    let b = config(json!({"single_use": true, "jti": {"max_ttl_seconds": 600}}));
+    let mut st = store();
+    let now = 1000;
+    let ok = claims(json!({"jti": "a", "exp": now + 570}));
+    assert!(allowed(&b.decide(
+        &ws("/ws", &ok, None),
+        now,
+        None,
+        &mut st
+    )));
+    let long = claims(json!({"jti": "b", "exp": now + 571}));
+    assert_eq!(
+        denial(b.decide(&ws("/ws", &long, None), now, None, &mut st)),
+        (BindDenial::JtiUnbounded, 101, Some(4401))
+    );
+    let no_exp = claims(json!({"jti": "c"}));
+    assert_eq!(
+        denial(b.decide(&ws("/ws", &no_exp, None), now, None, &mut st)).0,
+        BindDenial::JtiUnbounded
+    );
+    assert_eq!(BindDenial::JtiUnbounded.reason(), "jti_unbounded");
+    // The accepted one is remembered for as long as it is valid: a replay just before its end.
+    assert_eq!(
+        denial(b.decide(&ws("/ws", &ok, None), now + 599, None, &mut st)).0,
+        BindDenial::Replay
+    );
+}
+
+#[test]
+fn one_subject_cannot_fill_the_jti_store_or_push_out_others() {
+    let b = config(json!({"single_use": true,
+                          "jti": {"max_entries": 8, "buckets": 1, "when_full": "evict",
+                                  "max_per_subject": 3}}));
+    assert_eq!(b.config.jti.per_subject, 3);
+    let mut st = KvStore::new(
+        MemoryKv::default(),
+        b.config.jti.limits,
+        b.config.sockets.limits,
+    );
+    st.create_buckets();
+    let tok =
+        |sub: &str, jti: &str| claims(json!({"iss": "i", "sub": sub, "jti": jti, "exp": 500}));
+    let bob = tok("bob", "bob-1");
+    assert!(allowed(&b.decide(&ws("/ws", &bob, None), 0, None, &mut st)));
+    for n in 0..3 {
+        let c = tok("mallory", &format!("m-{n}"));
+        assert!(allowed(&b.decide(&ws("/ws", &c, None), 0, None, &mut st)));
+    }
+    for n in 3..20 {
+        let c = tok("mallory", &format!("m-{n}"));
+        assert_eq!(
+            denial(b.decide(&ws("/ws", &c, None), 0, None, &mut st)),
+            (BindDenial::JtiSubjectFull, 101, Some(4429))
+        );
+    }
+    // Bob's entry was never pushed out: his replay is still caught, and he has room.
+    assert_eq!(
+        denial(b.decide(&ws("/ws", &bob, None), 1, None, &mut st)).0,
+        BindDenial::Replay
+    );
+    assert!(allowed(&b.decide(
+        &ws("/ws", &tok("bob", "bob-2"), None),
+        1,
+        None,
+        &mut st
+    )));
+    // A replay of one of mallory's is a replay, not "full".
+    assert_eq!(
+        denial(b.decide(&ws("/ws", &tok("mallory", "m-0"), None), 1, None, &mut st)).0,
+        BindDenial::Replay
+    );
+    // Expired entries give the subject its room back.
+    let later = claims(json!({"iss": "i", "sub": "mallory", "jti": "m-late", "exp": 1000}));
+    assert!(allowed(&b.decide(
+        &ws("/ws", &later, None),
+        531,
+        None,
+        &mut st
+    )));
+    // The cap is at most half a bucket, so one subject never fills one; and at least 1.
+    let small = config(json!({"jti": {"max_entries": 6, "buckets": 2}}));
+    assert_eq!(small.config.jti.per_subject, 1);
+    let default = config(json!({}));
+    assert_eq!(default.config.jti.per_subject, 64);
+    let err = SessionBindingConfig::compile(br#"{"jti":{"max_per_subject":0}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("config error at jti.max_per_subject"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_list_never_loaded_is_stale_open_serves_and_counts_closed_refuses() {
+    let mut st = store();
+    let state = RevocationState::new(0);
+    let c = claims(json!({"jti": "x"}));
+    let closed = config(json!({"revocation": feed("closed")}));
+    assert_eq!(
+        denial(closed.decide(&ws("/ws", &c, None), 1, Some(&state), &mut st)),
+        (BindDenial::RevocationStale, 101, Some(1013))
+    );
+    let open = config(json!({"revocation": feed("open")}));
+    match open.decide(&ws("/ws", &c, None), 1, Some(&state), &mut st) {
+        BindDecision::Allow { notes, .. } => assert_eq!(notes, vec!["revocation.stale_served"]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn without_a_clock_what_needs_the_time_fails_closed() {
+    let mut st = store();
+    let c = claims(json!({"sub": "a", "jti": "j", "exp": 100}));
+    let once = config(json!({"single_use": true}));
+    assert_eq!(
+        denial(once.decide_at(&ws("/ws", &c, None), None, None, &mut st)),
+        (BindDenial::Clock, 101, Some(1013))
+    );
+    let mut http = ws("/api", &c, None);
+    http.websocket = false;
+    let (d, status, _) = denial(once.decide_at(&http, None, None, &mut st));
+    assert_eq!((d.reason(), status), ("clock", 503));
+    let cap = config(json!({"max_sockets": {"limit": 1}}));
+    assert_eq!(
+        denial(cap.decide_at(&ws("/ws", &c, None), None, None, &mut st)).0,
+        BindDenial::Clock
+    );
+    let mut state = RevocationState::new(0);
+    state.loaded(RevocationList::default(), 0);
+    let closed = config(json!({"revocation": feed("closed")}));
+    assert_eq!(
+        denial(closed.decide_at(&ws("/ws", &c, None), None, Some(&state), &mut st)).0,
+        BindDenial::Clock
+    );
+    assert_eq!(
+        closed.check_live(&terms(token_id(&c, None)), Some(&state), None),
+        Some((1013, "clock unavailable", "clock"))
+    );
+    // Checks that need no time still decide: fail-open revocation, sessions, scopes.
+    let open = config(json!({"revocation": feed("open"), "scope": [{"template": "/ws/{room}"}]}));
+    let r = claims(json!({"room": "r1"}));
+    assert!(allowed(&open.decide_at(
+        &ws("/ws/r1", &r, None),
+        None,
+        Some(&state),
+        &mut st
+    )));
+    // The nothing-checked binding passes without a clock too.
+    assert!(allowed(&config(json!({})).decide_at(
+        &ws("/ws", &c, None),
+        None,
+        None,
+        &mut st
+    )));
+}
+
+#[test]
+fn reauth_tokens_are_checked_against_the_feed_and_used_once() {
+    let b = config(json!({"single_use": true, "revocation": feed("open")}));
+    let mut st = store();
+    let mut state = RevocationState::new(0);
+    state.loaded(
+        RevocationList::parse(
+            br#"[{"jti":"revoked"},{"sid":"gone"},{"kid":"old"},{"sub":"eve","issued_before":50}]"#,
+        )
+        .unwrap(),
+        10,
+    );
+    let connect = claims(json!({"iss": "i", "sub": "alice", "sid": "s1", "jti": "c1", "exp": 100}));
+    let mut live = match b.decide(&ws("/ws", &connect, None), 20, Some(&state), &mut st) {
+        BindDecision::Allow { live: Some(l), .. } => l,
+        other => panic!("{other:?}"),
+    };
+    assert!(live.single_use && live.checks_reauth(&b));
+    let tok = |jti: &str| {
+        claims(json!({"iss": "i", "sub": "alice", "sid": "s1", "jti": jti, "exp": 100}))
+    };
+    // A fresh re-auth token is fine, and is claimed: the same token again is a reuse.
+    assert_eq!(
+        b.check_reauth(
+            &mut live,
+            &tok("r1"),
+            Some("k"),
+            Some(21),
+            Some(&state),
+            &mut st
+        ),
+        Ok(vec![])
+    );
+    assert_eq!(
+        live.reauth.as_ref().and_then(|t| t.jti.as_deref()),
+        Some("r1")
+    );
+    let mut other_socket = live.clone();
+    assert_eq!(
+        b.check_reauth(
+            &mut other_socket,
+            &tok("r1"),
+            Some("k"),
+            Some(22),
+            Some(&state),
+            &mut st
+        ),
+        Err((4401, "token reused", "replay"))
+    );
+    // The connect token as a re-auth token: used already.
+    assert_eq!(
+        b.check_reauth(
+            &mut live,
+            &connect,
+            Some("k"),
+            Some(22),
+            Some(&state),
+            &mut st
+        ),
+        Err((4401, "token reused", "replay"))
+    );
+    // Revoked by jti, sid, kid, sub + issued_before.
+    assert_eq!(
+        b.check_reauth(
+            &mut live,
+            &tok("revoked"),
+            Some("k"),
+            Some(22),
+            Some(&state),
+            &mut st
+        ),
+        Err((4401, "token revoked", "revoked_jti"))
+    );
+    let gone = claims(json!({"iss": "i", "sub": "alice", "sid": "gone", "jti": "g1", "exp": 100}));
+    assert_eq!(
+        b.check_reauth(&mut live, &gone, None, Some(22), Some(&state), &mut st),
+        Err((4401, "token revoked", "revoked_sid"))
+    );
+    assert_eq!(
+        b.check_reauth(
+            &mut live,
+            &tok("k1"),
+            Some("old"),
+            Some(22),
+            Some(&state),
+            &mut st
+        ),
+        Err((4401, "token revoked", "revoked_kid"))
+    );
+    let eve = claims(json!({"iss": "i", "sub": "eve", "iat": 49, "jti": "e1", "exp": 100}));
+    assert_eq!(
+        b.check_reauth(&mut live, &eve, None, Some(22), Some(&state), &mut st),
+        Err((4401, "token revoked", "revoked_sub"))
+    );
+    // Single use rules apply as for a connect token: a jti, a bounded exp, a clock.
+    let no_jti = claims(json!({"iss": "i", "sub": "alice", "exp": 100}));
+    assert_eq!(
+        b.check_reauth(&mut live, &no_jti, None, Some(22), Some(&state), &mut st),
+        Err((4401, "re-auth refused", "no_jti"))
+    );
+    assert_eq!(
+        b.check_reauth(&mut live, &tok("r9"), None, None, Some(&state), &mut st),
+        Err((1013, "clock unavailable", "clock"))
+    );
+    // Once a re-auth token is accepted, its revocation closes the socket too.
+    let mut live2 = live.clone();
+    assert!(b
+        .check_reauth(
+            &mut live2,
+            &tok("r2"),
+            None,
+            Some(23),
+            Some(&state),
+            &mut st
+        )
+        .is_ok());
+    assert_eq!(b.check_live(&live2, Some(&state), Some(24)), None);
+    state.loaded(RevocationList::parse(br#"[{"jti":"r2"}]"#).unwrap(), 25);
+    assert_eq!(
+        b.check_live(&live2, Some(&state), Some(26)),
+        Some((4401, "token revoked", "revoked_jti"))
+    );
+    // A binding that is neither single-use nor fed checks nothing: the shell skips the read.
+    let plain = config(json!({}));
+    let l = match plain.decide(&ws("/ws", &connect, None), 20, None, &mut st) {
+        BindDecision::Allow { live: Some(l), .. } => l,
+        other => panic!("{other:?}"),
+    };
+    assert!(!l.checks_reauth(&plain));
+    // Revocation only (no single use): the re-auth token's jti is not claimed.
+    let fed = config(json!({"revocation": feed("open")}));
+    let mut l = match fed.decide(&ws("/ws", &connect, None), 20, Some(&state), &mut st) {
+        BindDecision::Allow { live: Some(l), .. } => l,
+        other => panic!("{other:?}"),
+    };
+    assert!(l.checks_reauth(&fed));
+    for _ in 0..2 {
+        assert!(fed
+            .check_reauth(&mut l, &tok("r5"), None, Some(27), Some(&state), &mut st)
+            .is_ok());
+    }
+}
+
+#[test]
+fn the_hmac_mode_binds_to_the_cookie_with_a_gateway_key() {
+    let key = "k".repeat(32);
+    let env = |name: &str| (name == "GATEHOUSE_SESSION_KEY").then(|| "k".repeat(32));
+    let b = SessionBinding::new(
+        SessionBindingConfig::compile_with_env(
+            br#"{"session":{"cookie":"__Host-s","mode":"hmac_sha256","key":{"env":"GATEHOUSE_SESSION_KEY"}}}"#,
+            &env,
+        )
+        .unwrap(),
+    );
+    let s = b.config.default_binding.session.as_ref().unwrap();
+    assert_eq!(
+        (s.claim.as_str(), s.mode),
+        ("sid_hash", SessionMode::HmacSha256)
+    );
+    assert!(
+        !format!("{s:?}").contains(&key),
+        "the key never shows in Debug"
+    );
+    let mac = session_hmac(key.as_bytes(), "secret").unwrap();
+    assert_ne!(mac, session_hash("secret"));
+    let mut st = store();
+    let c = claims(json!({"sid_hash": mac}));
+    assert!(allowed(&b.decide(
+        &ws("/", &c, Some("__Host-s=secret")),
+        0,
+        None,
+        &mut st
+    )));
+    // The plain hash of the cookie (what an attacker without the key could compute) fails.
+    let h = claims(json!({"sid_hash": session_hash("secret")}));
+    assert_eq!(
+        denial(b.decide(&ws("/", &h, Some("__Host-s=secret")), 0, None, &mut st)).0,
+        BindDenial::SessionMismatch
+    );
+    let err = |v: &[u8]| {
+        SessionBindingConfig::compile_with_env(v, &env)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(br#"{"session":{"cookie":"s","mode":"hmac_sha256"}}"#)
+        .starts_with("config error at session.key"));
+    assert!(
+        err(br#"{"session":{"cookie":"s","mode":"hmac_sha256","key":{"env":"NOPE"}}}"#)
+            .starts_with("config error at session.key.env")
+    );
+    assert!(
+        err(br#"{"session":{"cookie":"s","mode":"hmac_sha256","key":{"value":"short"}}}"#)
+            .contains("at least 32 bytes")
+    );
+    assert!(err(
+        br#"{"rules":[{"match":{"prefix":"/"},"session":{"cookie":"s","key":{"value":"x"}}}]}"#
+    )
+    .starts_with("config error at rules[0].session.key"));
 }
