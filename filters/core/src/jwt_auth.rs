@@ -8,8 +8,9 @@ use crate::cache::TokenCache;
 use crate::config::{check_fetch, parse_json, ConfigError};
 use crate::jwt::claims::{check_audience, claim_text};
 use crate::jwt::{Claims, Jws, KeySet, TimeRules, TokenError, TokenTimes, VerifyingKey};
+use crate::path::PathError;
 use crate::reply::{LocalReply, Refusal, WsHandshake};
-use crate::{b64url_decode, cookie, sha256, ws};
+use crate::{b64url_decode, cookie, origin, sha256, ws};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -51,6 +52,13 @@ struct RawConfig {
     wss_only: bool,
     #[serde(default)]
     trust_forwarded_proto: bool,
+    /// Forward the verified token upstream as `Authorization: Bearer <token>`.
+    #[serde(default)]
+    forward: bool,
+    /// Web origins whose pages may use a cookie-sourced token on a state-changing request or a
+    /// WebSocket upgrade.
+    #[serde(default)]
+    trusted_web_origins: Vec<String>,
     #[serde(default)]
     rules: Vec<RawRule>,
 }
@@ -150,6 +158,9 @@ struct RawRule {
     max_lifetime_seconds: Option<u64>,
     max_socket_seconds: Option<u64>,
     wss_only: Option<bool>,
+    forward: Option<bool>,
+    sources: Option<Vec<RawSource>>,
+    trusted_web_origins: Option<Vec<String>>,
 }
 
 /// A rule's `match`, as written (shared by every filter with rules).
@@ -266,6 +277,12 @@ pub struct Policy {
     pub max_socket: Option<u64>,
     /// Refuse upgrades that did not arrive over TLS (close 4400).
     pub wss_only: bool,
+    /// Forward the verified token upstream as `Authorization: Bearer <token>`.
+    pub forward: bool,
+    /// Where the token is looked for, in order.
+    pub sources: Vec<Source>,
+    /// Origins trusted for cookie-sourced tokens (lowercase).
+    pub trusted_web_origins: Vec<String>,
 }
 
 /// Which request facts a filter's config looks at (`JwtAuthConfig::needs`): a filter reads
@@ -306,7 +323,11 @@ pub struct Rule {
 #[derive(Debug)]
 pub struct JwtAuthConfig {
     pub providers: Vec<Provider>,
+    /// The global `sources` (a rule may override them: [`Policy::sources`]).
     pub sources: Vec<Source>,
+    /// Every credential location of every policy: removed from every request, whatever the
+    /// decision, so no credential jwt-auth did not verify reaches the upstream.
+    pub strip: Vec<Source>,
     pub refused_query_params: Vec<String>,
     pub max_token_bytes: usize,
     /// `(claim, lowercase header name)`.
@@ -359,6 +380,63 @@ fn compile_requirements(
             })
         })
         .collect()
+}
+
+fn compile_sources(raw: Vec<RawSource>, path: &str) -> Result<Vec<Source>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::new(path, "at least one source is required"));
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, s)| match s {
+            RawSource::WebsocketProtocol { prefix } if prefix.is_empty() => Err(ConfigError::new(
+                format!("{path}[{i}].websocket_protocol.prefix"),
+                "must not be empty",
+            )),
+            RawSource::WebsocketProtocol { prefix } => Ok(Source::WebsocketProtocol { prefix }),
+            RawSource::Authorization {} => Ok(Source::Authorization),
+            RawSource::Cookie { name } if name.is_empty() => Err(ConfigError::new(
+                format!("{path}[{i}].cookie.name"),
+                "must not be empty",
+            )),
+            RawSource::Cookie { name } => Ok(Source::Cookie { name }),
+        })
+        .collect()
+}
+
+/// Web origins as `scheme://host[:port]`, lowercased.
+fn compile_origins(raw: Vec<String>, path: &str) -> Result<Vec<String>, ConfigError> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let ok = o.split_once("://").is_some_and(|(scheme, rest)| {
+                !scheme.is_empty() && !rest.is_empty() && !rest.contains(['/', '?', '#', ' '])
+            });
+            if ok {
+                Ok(o.to_ascii_lowercase())
+            } else {
+                Err(ConfigError::new(
+                    format!("{path}[{i}]"),
+                    "must be an origin, `scheme://host[:port]` without a path",
+                ))
+            }
+        })
+        .collect()
+}
+
+/// A policy that takes tokens from a cookie must say which web origins may use it.
+fn check_cookie_origins(policy: &Policy, path: &str) -> Result<(), ConfigError> {
+    let cookie = policy
+        .sources
+        .iter()
+        .any(|s| matches!(s, Source::Cookie { .. }));
+    if cookie && policy.trusted_web_origins.is_empty() {
+        return Err(ConfigError::new(
+            path,
+            "a cookie source needs the web origins whose pages may use it (CSRF and cross-site WebSocket hijacking)",
+        ));
+    }
+    Ok(())
 }
 
 fn valid_header_name(name: &str) -> bool {
@@ -457,34 +535,7 @@ impl JwtAuthConfig {
                 },
                 Source::Authorization,
             ],
-            Some(list) => {
-                if list.is_empty() {
-                    return Err(ConfigError::new(
-                        "sources",
-                        "at least one source is required",
-                    ));
-                }
-                list.into_iter()
-                    .enumerate()
-                    .map(|(i, s)| match s {
-                        RawSource::WebsocketProtocol { prefix } if prefix.is_empty() => {
-                            Err(ConfigError::new(
-                                format!("sources[{i}].websocket_protocol.prefix"),
-                                "must not be empty",
-                            ))
-                        }
-                        RawSource::WebsocketProtocol { prefix } => {
-                            Ok(Source::WebsocketProtocol { prefix })
-                        }
-                        RawSource::Authorization {} => Ok(Source::Authorization),
-                        RawSource::Cookie { name } if name.is_empty() => Err(ConfigError::new(
-                            format!("sources[{i}].cookie.name"),
-                            "must not be empty",
-                        )),
-                        RawSource::Cookie { name } => Ok(Source::Cookie { name }),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-            }
+            Some(list) => compile_sources(list, "sources")?,
         };
         let mut forward_claims = Vec::new();
         for (claim, header) in raw.forward_claims {
@@ -518,7 +569,11 @@ impl JwtAuthConfig {
             time,
             max_socket: positive(raw.max_socket_seconds, "max_socket_seconds")?,
             wss_only: raw.wss_only,
+            forward: raw.forward,
+            sources: sources.clone(),
+            trusted_web_origins: compile_origins(raw.trusted_web_origins, "trusted_web_origins")?,
         };
+        check_cookie_origins(&default_policy, "trusted_web_origins")?;
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
             let at = |f: &str| format!("rules[{i}].{f}");
@@ -562,6 +617,16 @@ impl JwtAuthConfig {
             if let Some(w) = r.wss_only {
                 policy.wss_only = w;
             }
+            if let Some(f) = r.forward {
+                policy.forward = f;
+            }
+            if let Some(list) = r.sources {
+                policy.sources = compile_sources(list, &at("sources"))?;
+            }
+            if let Some(list) = r.trusted_web_origins {
+                policy.trusted_web_origins = compile_origins(list, &at("trusted_web_origins"))?;
+            }
+            check_cookie_origins(&policy, &at("trusted_web_origins"))?;
             rules.push(Rule {
                 matcher,
                 policy: Arc::new(policy),
@@ -574,14 +639,25 @@ impl JwtAuthConfig {
                 "must not be empty",
             ));
         }
+        // Every credential location any policy reads: stripped from every request.
+        let mut strip: Vec<Source> = Vec::new();
+        for s in std::iter::once(&default_policy)
+            .chain(rules.iter().map(|r| r.policy.as_ref()))
+            .flat_map(|p| p.sources.iter())
+        {
+            if !strip.contains(s) {
+                strip.push(s.clone());
+            }
+        }
         let needs = Needs {
-            cookie: sources.iter().any(|s| matches!(s, Source::Cookie { .. })),
+            cookie: strip.iter().any(|s| matches!(s, Source::Cookie { .. })),
             ..Needs::of_matchers(rules.iter().map(|r| &r.matcher))
         };
         Ok(Self {
             needs,
             providers,
             sources,
+            strip,
             refused_query_params: raw.refused_query_params.unwrap_or_else(|| {
                 ["access_token", "token", "jwt", "id_token"]
                     .map(String::from)
@@ -657,6 +733,11 @@ pub struct Request<'a> {
     pub tls: bool,
     /// `x-forwarded-proto` as received.
     pub forwarded_proto: Option<&'a str>,
+    /// `:method`, `Origin` and `Sec-Fetch-Site`: read only when a cookie source is configured
+    /// (`Needs::cookie`), for the origin check of cookie-sourced tokens.
+    pub method: Option<&'a str>,
+    pub origin: Option<&'a str>,
+    pub sec_fetch_site: Option<&'a str>,
 }
 
 /// A header change for the request that goes upstream.
@@ -674,8 +755,13 @@ pub struct Verified {
     /// The decoded payload, exactly as signed: what goes into filter state.
     pub payload: Vec<u8>,
     pub times: TokenTimes,
-    /// The protected header's `kid`.
+    /// The protected header's `kid` (what the token claims; not what verified it).
     pub kid: Option<String>,
+    /// The key that verified the signature: its `kid`, or its RFC 7638 thumbprint when it has
+    /// none. What is published as [`KID_PROPERTY`] (revocation by key id).
+    pub key_id: String,
+    /// That key, so a JWKS refresh keeps cached tokens whose key is still published.
+    pub key: Arc<VerifyingKey>,
     /// The session key of its claims (`session_claims`), hashed once here, not on every hit.
     pub session: Option<String>,
 }
@@ -695,6 +781,14 @@ pub enum Denial {
     InsecureTransport,
     /// A re-auth token of another session than the socket's.
     OtherSession,
+    /// A path with dot-segments or hidden separators (checked before any rule matches).
+    Path(PathError),
+    /// Two different tokens in the request's credential locations.
+    MultipleTokens,
+    /// A cookie-sourced token on a state-changing request or an upgrade from an untrusted origin.
+    Origin,
+    /// The host cannot tell the time: nothing time-bound can be decided.
+    Clock,
 }
 
 impl Denial {
@@ -708,17 +802,24 @@ impl Denial {
             Denial::Forbidden => "forbidden",
             Denial::InsecureTransport => "insecure_transport",
             Denial::OtherSession => "other_session",
+            Denial::Path(e) => e.reason(),
+            Denial::MultipleTokens => "multiple_tokens",
+            Denial::Origin => "origin",
+            Denial::Clock => "clock",
         }
     }
 
     pub fn refusal(self) -> Refusal {
         match self {
             Denial::Missing => Refusal::MissingCredentials,
-            Denial::QueryToken | Denial::WsProtocol | Denial::InsecureTransport => {
-                Refusal::BadRequest
-            }
+            Denial::QueryToken
+            | Denial::WsProtocol
+            | Denial::InsecureTransport
+            | Denial::Path(_)
+            | Denial::MultipleTokens => Refusal::BadRequest,
             Denial::Token(_) | Denial::OtherSession => Refusal::InvalidCredentials,
-            Denial::Forbidden => Refusal::Forbidden,
+            Denial::Forbidden | Denial::Origin => Refusal::Forbidden,
+            Denial::Clock => Refusal::Unavailable,
         }
     }
 }
@@ -825,34 +926,33 @@ impl JwtAuth {
 
     /// Decide what happens to a request at `now`.
     pub fn decide(&mut self, req: &Request<'_>, now: u64, may_fetch: bool) -> Decision {
-        let policy = self
-            .config
-            .policy_for(req.route_name, req.path, req.host)
-            .clone();
-        // Client-sent copies of forwarded-claim headers never reach the upstream.
-        let mut edits: Vec<HeaderEdit> = self
-            .config
-            .forward_claims
-            .iter()
-            .map(|(_, h)| HeaderEdit::Remove(h.clone()))
-            .collect();
+        self.decide_at(req, Some(now), may_fetch)
+    }
 
+    /// Decide what happens to a request; `now` is `None` when the host cannot tell the time,
+    /// and then every decision that needs it fails closed (503 / close 1013, `clock`).
+    pub fn decide_at(&mut self, req: &Request<'_>, now: Option<u64>, may_fetch: bool) -> Decision {
         let handshake = |protocol: Option<String>| {
             req.ws_key.map(|key| WsHandshake {
                 accept: ws::accept_key(key),
                 protocol,
             })
         };
-        let first_protocol = |skip_prefix: Option<&str>| {
-            req.ws_protocols.and_then(|h| {
-                ws::protocols(h)
-                    .find(|p| skip_prefix.is_none_or(|pre| !p.starts_with(pre)))
-                    .map(str::to_string)
+        let token_prefixes: Vec<&str> = self
+            .config
+            .strip
+            .iter()
+            .filter_map(|s| match s {
+                Source::WebsocketProtocol { prefix } => Some(prefix.as_str()),
+                _ => None,
             })
-        };
-        let token_prefix = self.config.sources.iter().find_map(|s| match s {
-            Source::WebsocketProtocol { prefix } => Some(prefix.as_str()),
-            _ => None,
+            .collect();
+        // The subprotocol a refusal selects: the first one that is not a token (a token is
+        // never echoed back in the 101).
+        let protocol = req.ws_protocols.and_then(|h| {
+            ws::protocols(h)
+                .find(|p| !token_prefixes.iter().any(|pre| p.starts_with(pre)))
+                .map(str::to_string)
         });
         let deny = |denial: Denial, protocol: Option<String>| {
             let hs = if req.websocket {
@@ -873,78 +973,38 @@ impl JwtAuth {
                 reply: Refusal::BadRequest.reply(None),
             };
         }
+        // Before any rule looks at the path: `/public/../api` must not match `/public`.
+        if let Err(e) = crate::path::check(req.path) {
+            return deny(Denial::Path(e), protocol);
+        }
+        let policy = self
+            .config
+            .policy_for(req.route_name, req.path, req.host)
+            .clone();
         if self.query_has_token(req.path) {
-            return deny(Denial::QueryToken, first_protocol(token_prefix));
+            return deny(Denial::QueryToken, protocol);
         }
         if req.websocket && policy.wss_only && !self.secure(req) {
-            return deny(Denial::InsecureTransport, first_protocol(token_prefix));
+            return deny(Denial::InsecureTransport, protocol);
         }
+
+        // Client-sent copies of forwarded-claim headers never reach the upstream, and neither
+        // does any credential in a location jwt-auth reads, whatever the decision.
+        let mut edits: Vec<HeaderEdit> = self
+            .config
+            .forward_claims
+            .iter()
+            .map(|(_, h)| HeaderEdit::Remove(h.clone()))
+            .collect();
         if req.websocket && self.config.reauth.is_some() {
             // Re-auth frames must be readable: no permessage-deflate.
             edits.push(HeaderEdit::Remove("sec-websocket-extensions".into()));
         }
+        let only_token_protocol = self.strip_credentials(req, &mut edits);
 
-        // Find the token: the first configured source that is present.
-        let mut token: Option<&str> = None;
-        for source in &self.config.sources {
-            match source {
-                Source::WebsocketProtocol { prefix } => {
-                    let Some(header) = req.ws_protocols else {
-                        continue;
-                    };
-                    let mut found = None;
-                    let mut others = Vec::new();
-                    for p in ws::protocols(header) {
-                        match p.strip_prefix(prefix.as_str()) {
-                            Some(t) if found.is_none() => found = Some(t),
-                            Some(_) => {} // a second token entry is dropped too
-                            None => others.push(p),
-                        }
-                    }
-                    let Some(t) = found else { continue };
-                    if others.is_empty() {
-                        // Nothing to select but the token: the browser needs an app protocol.
-                        let only = ws::protocols(header).next().map(str::to_string);
-                        return deny(Denial::WsProtocol, only);
-                    }
-                    edits.push(HeaderEdit::Set(
-                        "sec-websocket-protocol".into(),
-                        others.join(", "),
-                    ));
-                    token = Some(t);
-                    break;
-                }
-                Source::Authorization => {
-                    let Some(value) = req.authorization else {
-                        continue;
-                    };
-                    let Some((scheme, t)) = value.trim().split_once(' ') else {
-                        continue;
-                    };
-                    if !scheme.eq_ignore_ascii_case("bearer") {
-                        continue;
-                    }
-                    edits.push(HeaderEdit::Remove("authorization".into()));
-                    token = Some(t.trim());
-                    break;
-                }
-                Source::Cookie { name } => {
-                    let Some(header) = req.cookie else { continue };
-                    let Some(t) = cookie::get(header, name) else {
-                        continue;
-                    };
-                    edits.push(match cookie::without(header, &[name.as_str()]) {
-                        Some(rest) => HeaderEdit::Set("cookie".into(), rest),
-                        None => HeaderEdit::Remove("cookie".into()),
-                    });
-                    token = Some(t);
-                    break;
-                }
-            }
-        }
-        let protocol = first_protocol(token_prefix);
-
-        let Some(token) = token else {
+        // The tokens the policy's sources hold, in source order.
+        let found = policy_tokens(&policy, req);
+        let Some(&(token, from)) = found.first() else {
             if policy.allow_missing {
                 return Decision::Allow {
                     edits,
@@ -955,6 +1015,23 @@ impl JwtAuth {
                 };
             }
             return deny(Denial::Missing, protocol);
+        };
+        if found.iter().any(|(t, _)| *t != token) {
+            return deny(Denial::MultipleTokens, protocol);
+        }
+        if only_token_protocol && from == From::Protocol {
+            // Nothing to select but the token: the browser needs an app protocol. The refusal
+            // selects none (never the token).
+            return deny(Denial::WsProtocol, None);
+        }
+        if from == From::Cookie
+            && (req.websocket || req.method.is_some_and(origin::state_changing))
+            && !origin::is_trusted(req.origin, req.sec_fetch_site, &policy.trusted_web_origins)
+        {
+            return deny(Denial::Origin, protocol);
+        }
+        let Some(now) = now else {
+            return deny(Denial::Clock, protocol);
         };
 
         let (verified, cache_hit) = match self.verify(token, &policy, now, may_fetch) {
@@ -974,6 +1051,14 @@ impl JwtAuth {
                 }
             }
         }
+        if policy.forward {
+            // Only ever the token just verified, in the one place an API looks for it.
+            edits.retain(|e| !matches!(e, HeaderEdit::Remove(h) if h == "authorization"));
+            edits.push(HeaderEdit::Set(
+                "authorization".into(),
+                format!("Bearer {token}"),
+            ));
+        }
         let socket = SocketTerms {
             session: verified.session.clone(),
             until: policy.max_socket.map(|s| now.saturating_add(s)),
@@ -985,6 +1070,55 @@ impl JwtAuth {
             cache_hit,
             socket: Some(socket),
         }
+    }
+
+    /// Remove every credential from every location any policy reads (like Envoy's jwt_authn
+    /// `sanitizeHeaders`): token subprotocol entries, the `Authorization` header (all of its
+    /// values: Envoy joins repeated headers with `,`; and a `Bearer` one even when it is not a
+    /// source, since an upstream would take it for a token jwt-auth vouched for), the token
+    /// cookies. True when the subprotocol header held only token entries.
+    fn strip_credentials(&self, req: &Request<'_>, edits: &mut Vec<HeaderEdit>) -> bool {
+        let mut only_tokens = false;
+        let mut auth_source = false;
+        let mut cookies: Vec<&str> = Vec::new();
+        let mut prefixes: Vec<&str> = Vec::new();
+        for s in &self.config.strip {
+            match s {
+                Source::WebsocketProtocol { prefix } => prefixes.push(prefix),
+                Source::Authorization => auth_source = true,
+                Source::Cookie { name } => cookies.push(name),
+            }
+        }
+        if let Some(header) = req.ws_protocols.filter(|_| !prefixes.is_empty()) {
+            let all: Vec<&str> = ws::protocols(header).collect();
+            let others: Vec<&str> = all
+                .iter()
+                .copied()
+                .filter(|p| !prefixes.iter().any(|pre| p.starts_with(pre)))
+                .collect();
+            if others.len() != all.len() {
+                only_tokens = others.is_empty();
+                edits.push(if others.is_empty() {
+                    HeaderEdit::Remove("sec-websocket-protocol".into())
+                } else {
+                    HeaderEdit::Set("sec-websocket-protocol".into(), others.join(", "))
+                });
+            }
+        }
+        if let Some(value) = req.authorization {
+            if auth_source || !bearer_tokens(value).is_empty() {
+                edits.push(HeaderEdit::Remove("authorization".into()));
+            }
+        }
+        if let Some(header) = req.cookie.filter(|_| !cookies.is_empty()) {
+            if cookies.iter().any(|n| cookie::get(header, n).is_some()) {
+                edits.push(match cookie::without(header, &cookies) {
+                    Some(rest) => HeaderEdit::Set("cookie".into(), rest),
+                    None => HeaderEdit::Remove("cookie".into()),
+                });
+            }
+        }
+        only_tokens
     }
 
     /// An in-band re-auth token on a live socket of `session` opened on `(route, path, host)`:
@@ -1086,13 +1220,13 @@ impl JwtAuth {
                     .is_some_and(|pr| Some(pr.issuer.as_str()) == iss)
             })
             .ok_or(VerifyError::Token(TokenError::Issuer))?;
-        match jws.verify(&self.keys_of(provider)) {
-            Ok(()) => {}
+        let key = match jws.verify(&self.keys_of(provider)) {
+            Ok(key) => key,
             Err(TokenError::UnknownKey) if may_fetch && self.may_refetch(provider, now) => {
                 return Err(VerifyError::Fetch(provider));
             }
             Err(e) => return Err(VerifyError::Token(e)),
-        }
+        };
         let times = TokenTimes::read(&claims).map_err(VerifyError::Token)?;
         if let Some(p) = self.config.providers.get(provider) {
             check_audience(&claims, &p.audiences).map_err(VerifyError::Token)?;
@@ -1104,6 +1238,8 @@ impl JwtAuth {
             payload: jws.payload,
             times,
             kid: jws.kid,
+            key_id: key.id().to_string(),
+            key,
         });
         // Cached before the time check: validity is re-checked on every hit anyway.
         self.cache.insert(
@@ -1115,6 +1251,61 @@ impl JwtAuth {
         times.check(now, &policy.time).map_err(VerifyError::Token)?;
         Ok((verified, false))
     }
+}
+
+/// The `Bearer` credentials of an `Authorization` value (Envoy joins repeated headers with
+/// `,`; the scheme is case-insensitive and any run of spaces or tabs may follow it).
+pub fn bearer_tokens(value: &str) -> Vec<&str> {
+    value
+        .split(',')
+        .filter_map(|cred| {
+            let cred = cred.trim_matches([' ', '\t']);
+            let (scheme, rest) = cred.split_once([' ', '\t'])?;
+            let token = rest.trim_matches([' ', '\t']);
+            (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+        })
+        .collect()
+}
+
+/// Which kind of location a token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum From {
+    Protocol,
+    Authorization,
+    Cookie,
+}
+
+/// Every token in `policy`'s sources, in source order, with the kind of location it was in.
+fn policy_tokens<'r>(policy: &Policy, req: &Request<'r>) -> Vec<(&'r str, From)> {
+    let mut found = Vec::new();
+    for source in &policy.sources {
+        match source {
+            Source::WebsocketProtocol { prefix } => {
+                if let Some(header) = req.ws_protocols {
+                    found.extend(
+                        ws::protocols(header)
+                            .filter_map(|p| p.strip_prefix(prefix.as_str()))
+                            .map(|t| (t, From::Protocol)),
+                    );
+                }
+            }
+            Source::Authorization => {
+                if let Some(value) = req.authorization {
+                    found.extend(
+                        bearer_tokens(value)
+                            .into_iter()
+                            .map(|t| (t, From::Authorization)),
+                    );
+                }
+            }
+            Source::Cookie { name } => {
+                if let Some(t) = req.cookie.and_then(|h| cookie::get(h, name)) {
+                    found.push((t, From::Cookie));
+                }
+            }
+        }
+    }
+    found
 }
 
 enum VerifyError {

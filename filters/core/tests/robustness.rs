@@ -154,6 +154,9 @@ fn header_soup_never_panics() {
             route_name: None,
             tls: rng.below(2) == 0,
             forwarded_proto: Some(&a),
+            method: Some(&a),
+            origin: Some(&c),
+            sec_fetch_site: Some(&w),
         };
         let _ = auth.decide(&req, NOW, true);
     }

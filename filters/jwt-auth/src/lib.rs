@@ -8,7 +8,7 @@ use gatehouse_core::jwt_auth::{
 };
 use gatehouse_core::reauth::{ClientFrames, Scan};
 use gatehouse_core::sessions;
-use gatehouse_core::ws::{Dir, LiveSocket};
+use gatehouse_core::ws::{self, Dir, LiveSocket};
 use gatehouse_host::{self as host, Body, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -272,6 +272,10 @@ impl Stream {
         // Transport facts matter only for upgrades (`wss_only`): no host calls otherwise.
         let tls = websocket && host::property_text(vec!["connection", "tls_version"]).is_some();
         let forwarded_proto = host::request_header_if(websocket, "x-forwarded-proto");
+        // The origin check of cookie-sourced tokens: only when a cookie is a source.
+        let method = host::request_header_if(needs.cookie, ":method");
+        let origin = host::request_header_if(needs.cookie, "origin");
+        let sec_fetch_site = host::request_header_if(needs.cookie, "sec-fetch-site");
         let req = Request {
             path: &path,
             host: &authority,
@@ -283,10 +287,15 @@ impl Stream {
             cookie: cookie.as_deref(),
             tls,
             forwarded_proto: forwarded_proto.as_deref(),
+            method: method.as_deref(),
+            origin: origin.as_deref(),
+            sec_fetch_site: sec_fetch_site.as_deref(),
         };
-        let now = host::now_secs();
+        // No clock: the core refuses whatever needs the time (503 / close 1013, `clock`).
+        let clock = host::now();
+        let now = clock.unwrap_or(0);
         let mut shared = self.shared.borrow_mut();
-        match shared.auth.decide(&req, now, may_fetch) {
+        match shared.auth.decide_at(&req, clock, may_fetch) {
             Decision::Allow {
                 edits,
                 token,
@@ -309,9 +318,8 @@ impl Stream {
                                 "could not publish claims as filter state",
                             );
                         }
-                        if let Some(kid) = &t.kid {
-                            host::set_filter_state(KID_PROPERTY, kid.as_bytes());
-                        }
+                        // The key that verified the signature, never the header's claim.
+                        host::set_filter_state(KID_PROPERTY, t.key_id.as_bytes());
                         shared.count(if cache_hit { "cache.hit" } else { "cache.miss" });
                         shared.count("allowed");
                         let session = socket.as_ref().and_then(|s| s.session.clone());
@@ -436,7 +444,20 @@ impl Stream {
         let Some(live) = self.live.as_mut() else {
             return;
         };
-        if host::live_chunk(live, dir, size, host::now_secs(), session_deadline) {
+        let Some(now) = host::now() else {
+            // No clock, no deadline check: the socket closes with 1013 (try again later).
+            if !live.is_closing() {
+                live.close_with(ws::CLOSE_TRY_AGAIN_LATER, "clock unavailable");
+                self.shared.borrow().count("denied.clock");
+                host::log_denial(
+                    NAME,
+                    "live websocket: the host cannot tell the time, closing with 1013",
+                );
+            }
+            host::live_chunk(live, dir, size, 0, |_| None);
+            return;
+        };
+        if host::live_chunk(live, dir, size, now, session_deadline) {
             self.shared.borrow().count("ws.expired_close");
             host::log(
                 LogLevel::Info,

@@ -63,6 +63,9 @@ fuzz_target!(|data: &[u8]| {
         cookie,
         tls: flags & 4 != 0,
         forwarded_proto: (flags & 8 != 0).then_some("https"),
+        method: (flags & 32 != 0).then_some("POST"),
+        origin: cookie,
+        sec_fetch_site: (flags & 64 != 0).then_some("same-origin"),
     };
     let mut auth = auth().lock().expect("lock");
     match auth.decide(&req, NOW + u64::from(flags >> 4), flags & 16 != 0) {

@@ -21,6 +21,9 @@ enum Material {
 pub struct VerifyingKey {
     pub kid: Option<String>,
     pub alg: Alg,
+    /// RFC 7638 JWK thumbprint (SHA-256, base64url) of the public key: the key's identity
+    /// whatever its `kid` says.
+    pub thumbprint: String,
     material: Material,
 }
 
@@ -29,6 +32,7 @@ impl std::fmt::Debug for VerifyingKey {
         f.debug_struct("VerifyingKey")
             .field("kid", &self.kid)
             .field("alg", &self.alg)
+            .field("thumbprint", &self.thumbprint)
             .finish_non_exhaustive()
     }
 }
@@ -81,7 +85,34 @@ fn rs256_verify(key: &rsa::PublicKey, signing_input: &[u8], signature: &[u8]) ->
     high.iter().all(|&b| b == 0) && em == expected.as_slice()
 }
 
+/// RFC 7638: SHA-256 over the required members, sorted, without whitespace.
+fn thumbprint(members: &[(&str, &str)]) -> String {
+    let mut json = String::from("{");
+    for (i, (k, v)) in members.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&serde_json::json!(k).to_string());
+        json.push(':');
+        json.push_str(&serde_json::json!(v).to_string());
+    }
+    json.push('}');
+    crate::b64url(&crate::sha256(json.as_bytes()))
+}
+
 impl VerifyingKey {
+    /// What names this key in filter state and revocation lists: its `kid`, or its RFC 7638
+    /// thumbprint when it has none.
+    pub fn id(&self) -> &str {
+        self.kid.as_deref().unwrap_or(&self.thumbprint)
+    }
+
+    /// Same key material and algorithm (and the same `kid`): a refreshed JWKS that still
+    /// publishes it keeps what it verified.
+    pub fn same_key(&self, other: &VerifyingKey) -> bool {
+        self.thumbprint == other.thumbprint && self.alg == other.alg && self.kid == other.kid
+    }
+
     /// Check `signature` over `signing_input` (the ASCII `header.payload`).
     pub fn verify(&self, signing_input: &[u8], signature: &[u8]) -> bool {
         match &self.material {
@@ -114,6 +145,7 @@ impl VerifyingKey {
         Ok(Self {
             kid,
             alg: Alg::Hs256,
+            thumbprint: thumbprint(&[("k", &crate::b64url(&secret)), ("kty", "oct")]),
             material: Material::Hs256(secret),
         })
     }
@@ -141,6 +173,21 @@ impl VerifyingKey {
                 .as_deref()
                 .ok_or_else(|| ConfigError::new(name, "missing"))?;
             b64url_decode(s).ok_or_else(|| ConfigError::new(name, "not base64url"))
+        };
+        let text = |v: &Option<String>| v.clone().unwrap_or_default();
+        let print = match jwk.kty.as_str() {
+            "RSA" => thumbprint(&[("e", &text(&jwk.e)), ("kty", "RSA"), ("n", &text(&jwk.n))]),
+            "EC" => thumbprint(&[
+                ("crv", &text(&jwk.crv)),
+                ("kty", "EC"),
+                ("x", &text(&jwk.x)),
+                ("y", &text(&jwk.y)),
+            ]),
+            _ => thumbprint(&[
+                ("crv", &text(&jwk.crv)),
+                ("kty", "OKP"),
+                ("x", &text(&jwk.x)),
+            ]),
         };
         let (alg, material) = match jwk.kty.as_str() {
             "RSA" => {
@@ -209,6 +256,7 @@ impl VerifyingKey {
         Ok(Self {
             kid: jwk.kid,
             alg,
+            thumbprint: print,
             material,
         })
     }
@@ -285,11 +333,15 @@ impl KeySet {
     pub fn candidates<'a>(
         &'a self,
         kid: Option<&'a str>,
-    ) -> impl Iterator<Item = &'a VerifyingKey> + 'a {
+    ) -> impl Iterator<Item = &'a Arc<VerifyingKey>> + 'a {
         self.keys
             .iter()
-            .map(|k| k.as_ref())
             .filter(move |k| kid.is_none() || k.kid.as_deref() == kid)
+    }
+
+    /// Whether this set still has `key` (same material, algorithm and `kid`).
+    pub fn contains(&self, key: &VerifyingKey) -> bool {
+        self.keys.iter().any(|k| k.same_key(key))
     }
 }
 

@@ -1,8 +1,9 @@
 //! Compact JWS parsing, bounded before any decoding, and verification against a key set.
 
-use super::{Alg, KeySet, TokenError};
+use super::{Alg, KeySet, TokenError, VerifyingKey};
 use crate::b64url_decode;
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// A parsed, not yet verified, compact JWS.
 #[derive(Debug)]
@@ -70,7 +71,9 @@ impl<'a> Jws<'a> {
 
     /// Verify against `keys`. The key's algorithm must equal the header's: a token cannot pick
     /// HS256 to have an RSA public key used as an HMAC secret.
-    pub fn verify(&self, keys: &KeySet) -> Result<(), TokenError> {
+    /// Returns the key that verified the signature (for a token without `kid`, the one key of
+    /// the set that fits, whatever `kid` it is published under).
+    pub fn verify(&self, keys: &KeySet) -> Result<Arc<VerifyingKey>, TokenError> {
         let mut saw_key = false;
         let mut saw_alg = false;
         for key in keys.candidates(self.kid.as_deref()) {
@@ -80,7 +83,7 @@ impl<'a> Jws<'a> {
             }
             saw_alg = true;
             if key.verify(self.signing_input, &self.signature) {
-                return Ok(());
+                return Ok(key.clone());
             }
         }
         Err(match (saw_key, saw_alg) {
