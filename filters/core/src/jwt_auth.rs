@@ -21,6 +21,11 @@ pub const CLAIMS_PROPERTY: &str = "gatehouse.jwt_auth.claims";
 /// The filter-state property under which the verified token's `kid` is published (when it has
 /// one): session-binding revokes by key id.
 pub const KID_PROPERTY: &str = "gatehouse.jwt_auth.kid";
+/// The payload of the last in-band re-auth token accepted on a live socket (overwritten by each
+/// accepted re-auth): session-binding checks it (revocation, single use) on the same chunk.
+pub const REAUTH_CLAIMS_PROPERTY: &str = "gatehouse.jwt_auth.reauth_claims";
+/// The id of the key that verified that re-auth token (as [`KID_PROPERTY`]).
+pub const REAUTH_KID_PROPERTY: &str = "gatehouse.jwt_auth.reauth_kid";
 
 // ---------------------------------------------------------------------------------------------
 // Raw config: exactly the JSON users write. Unknown fields are errors.
@@ -59,6 +64,10 @@ struct RawConfig {
     /// WebSocket upgrade.
     #[serde(default)]
     trusted_web_origins: Vec<String>,
+    /// Token `typ` values accepted by every provider that does not set its own.
+    required_typ: Option<Vec<String>>,
+    #[serde(default = "default_sessions_per_subject")]
+    max_sessions_per_subject: usize,
     #[serde(default)]
     rules: Vec<RawRule>,
 }
@@ -84,6 +93,9 @@ fn default_timeout() -> u64 {
 fn default_min_refetch() -> u64 {
     10
 }
+fn default_sessions_per_subject() -> usize {
+    crate::sessions::DEFAULT_PER_SUBJECT
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +107,7 @@ struct RawProvider {
     jwks: Option<RawJwks>,
     #[serde(default)]
     hs256_secrets: Vec<RawSecret>,
+    required_typ: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -216,6 +229,8 @@ pub struct Provider {
     /// Inline JWKS keys and HS256 secrets.
     pub static_keys: KeySet,
     pub remote: Option<RemoteJwks>,
+    /// Accepted `typ` header values, normalised ([`normal_typ`]); empty: no check.
+    pub required_typ: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,6 +354,8 @@ pub struct JwtAuthConfig {
     pub session_claims: Vec<String>,
     /// The `type` of in-band re-auth messages on live sockets (see [`crate::reauth`]).
     pub reauth: Option<String>,
+    /// Session records one subject may keep per shared-data bucket (see [`crate::sessions`]).
+    pub sessions_per_subject: usize,
     /// Believe `x-forwarded-proto: https` from the hop before Envoy (for `wss_only`).
     pub trust_forwarded_proto: bool,
     pub default_policy: Arc<Policy>,
@@ -446,7 +463,39 @@ fn valid_header_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn compile_provider(i: usize, raw: RawProvider) -> Result<Provider, ConfigError> {
+/// A `typ` compared case-insensitively, `application/` prefix or not (RFC 7515 4.1.9).
+pub fn normal_typ(typ: &str) -> String {
+    let t = typ.trim().to_ascii_lowercase();
+    match t.strip_prefix("application/") {
+        Some(rest) => rest.to_string(),
+        None => t,
+    }
+}
+
+fn compile_typ(raw: Vec<String>, path: &str) -> Result<Vec<String>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::new(
+            path,
+            "list at least one `typ`, or leave it out",
+        ));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, t)| match normal_typ(t) {
+            n if n.is_empty() => Err(ConfigError::new(
+                format!("{path}[{i}]"),
+                "must not be empty",
+            )),
+            n => Ok(n),
+        })
+        .collect()
+}
+
+fn compile_provider(
+    i: usize,
+    raw: RawProvider,
+    default_typ: &[String],
+) -> Result<Provider, ConfigError> {
     let at = |field: &str| format!("providers[{i}].{field}");
     if raw.name.is_empty() {
         return Err(ConfigError::new(at("name"), "must not be empty"));
@@ -498,12 +547,17 @@ fn compile_provider(i: usize, raw: RawProvider) -> Result<Provider, ConfigError>
             "a provider needs `jwks` (inline or remote) or `hs256_secrets`",
         ));
     }
+    let required_typ = match raw.required_typ {
+        Some(list) => compile_typ(list, &at("required_typ"))?,
+        None => default_typ.to_vec(),
+    };
     Ok(Provider {
         name: raw.name,
         issuer: raw.issuer,
         audiences: raw.audiences,
         static_keys,
         remote,
+        required_typ,
     })
 }
 
@@ -518,6 +572,10 @@ impl JwtAuthConfig {
                 "at least one provider is required",
             ));
         }
+        let default_typ = match raw.required_typ {
+            Some(list) => compile_typ(list, "required_typ")?,
+            None => Vec::new(),
+        };
         let mut providers = Vec::with_capacity(raw.providers.len());
         for (i, p) in raw.providers.into_iter().enumerate() {
             if providers.iter().any(|q: &Provider| q.name == p.name) {
@@ -526,7 +584,7 @@ impl JwtAuthConfig {
                     "duplicate name",
                 ));
             }
-            providers.push(compile_provider(i, p)?);
+            providers.push(compile_provider(i, p, &default_typ)?);
         }
         let sources = match raw.sources {
             None => vec![
@@ -678,6 +736,15 @@ impl JwtAuthConfig {
                 t => t,
             },
             session_claims,
+            sessions_per_subject: match raw.max_sessions_per_subject {
+                0 => {
+                    return Err(ConfigError::new(
+                        "max_sessions_per_subject",
+                        "must be at least 1",
+                    ))
+                }
+                n => n,
+            },
             trust_forwarded_proto: raw.trust_forwarded_proto,
             default_policy: Arc::new(default_policy),
             rules,
@@ -876,12 +943,16 @@ impl JwtAuth {
         }
     }
 
-    /// Replace a provider's fetched keys. The cache is cleared: a decision must never rest on a
-    /// key that is no longer published.
+    /// Replace a provider's fetched keys. Cached tokens of the provider whose verifying key is
+    /// no longer published (same material, algorithm and `kid`) are dropped: a decision must
+    /// never rest on a withdrawn key. The others stay, so a refetch (which an unknown `kid` can
+    /// trigger, rate-limited) does not cost every user a signature check.
     pub fn set_remote_keys(&mut self, provider: usize, keys: KeySet) {
         if let Some(slot) = self.remote_keys.get_mut(provider) {
             *slot = Some(keys);
-            self.cache.clear();
+            let now_published = self.keys_of(provider);
+            self.cache
+                .retain(|v| v.provider != provider || now_published.contains(&v.key));
         }
     }
 
@@ -1123,14 +1194,16 @@ impl JwtAuth {
 
     /// An in-band re-auth token on a live socket of `session` opened on `(route, path, host)`:
     /// verified like a connect token, with the route's rules, and it must belong to the same
-    /// session. Returns the socket's new deadline.
+    /// session. Returns the socket's new deadline and the verified token: the shell publishes
+    /// it as [`REAUTH_CLAIMS_PROPERTY`] / [`REAUTH_KID_PROPERTY`] for session-binding, and never
+    /// extends the shared session deadline with it (a re-auth extends its own socket only).
     pub fn reauth(
         &mut self,
         token: &str,
         at: (Option<&str>, &str, &str),
         session: &str,
         now: u64,
-    ) -> Result<u64, Denial> {
+    ) -> Result<(u64, Arc<Verified>), Denial> {
         let policy = self.config.policy_for(at.0, at.1, at.2).clone();
         let (verified, _) = match self.verify(token, &policy, now, false) {
             Ok(v) => v,
@@ -1143,7 +1216,7 @@ impl JwtAuth {
         if verified.session.as_deref() != Some(session) {
             return Err(Denial::OtherSession);
         }
-        Ok(verified.times.deadline(policy.time.skew))
+        Ok((verified.times.deadline(policy.time.skew), verified))
     }
 
     /// TLS to Envoy, or `x-forwarded-proto: https` from a trusted hop.
@@ -1166,7 +1239,17 @@ impl JwtAuth {
             return None;
         }
         let digest = sha256(format!("{name}\0{value}").as_bytes());
-        Some(crate::b64url(&digest[..12]))
+        let hash = crate::b64url(&digest[..12]);
+        // Tagged with its subject, so one subject cannot fill the session buckets.
+        Some(
+            match claims.get("sub").map(claim_text).filter(|s| !s.is_empty()) {
+                Some(sub) => {
+                    let tag = sha256(format!("sub\0{sub}").as_bytes());
+                    format!("{}.{hash}", crate::b64url(&tag[..6]))
+                }
+                None => hash,
+            },
+        )
     }
 
     fn query_has_token(&self, path: &str) -> bool {
@@ -1220,6 +1303,18 @@ impl JwtAuth {
                     .is_some_and(|pr| Some(pr.issuer.as_str()) == iss)
             })
             .ok_or(VerifyError::Token(TokenError::Issuer))?;
+        // RFC 8725 3.11: a token of another type (an ID token, a logout token) is not an
+        // access token, even signed by the same key.
+        if let Some(p) = self.config.providers.get(provider) {
+            if !p.required_typ.is_empty()
+                && !jws
+                    .typ
+                    .as_deref()
+                    .is_some_and(|t| p.required_typ.contains(&normal_typ(t)))
+            {
+                return Err(VerifyError::Token(TokenError::Type));
+            }
+        }
         let key = match jws.verify(&self.keys_of(provider)) {
             Ok(key) => key,
             Err(TokenError::UnknownKey) if may_fetch && self.may_refetch(provider, now) => {

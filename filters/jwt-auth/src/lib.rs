@@ -5,6 +5,7 @@
 use gatehouse_core::jwt::KeySet;
 use gatehouse_core::jwt_auth::{
     Decision, Denial, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY, KID_PROPERTY,
+    REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
 };
 use gatehouse_core::reauth::{ClientFrames, Scan};
 use gatehouse_core::sessions;
@@ -61,6 +62,11 @@ impl Shared {
                 );
                 self.auth.set_remote_keys(provider, keys);
                 self.count("jwks.fetch_ok");
+                // Keys refused for what they are (RSA under 2048 bits, `key_ops` without
+                // `verify`, `use` other than `sig`, unsupported types): one count each.
+                for _ in 0..skipped {
+                    self.count("jwks.key_skipped");
+                }
                 true
             }
             Err(why) => {
@@ -212,6 +218,7 @@ impl RootContext for Root {
             live: None,
             frames: None,
             at: (None, String::new(), String::new()),
+            extend: None,
         }))
     }
 
@@ -232,16 +239,25 @@ struct Stream {
     frames: Option<ClientFrames>,
     /// Route name, path and host of an upgrade: re-auth tokens follow the same rules.
     at: (Option<String>, String, String),
+    /// The session deadline this request's token earns, written only once the whole chain
+    /// allowed the request (the response came from the upstream).
+    extend: Option<(String, u64)>,
 }
 
-/// Record a fresh deadline for `session` where every worker's live sockets look for it.
-fn extend_session(session: &str, deadline: u64, now: u64) {
+/// Record a fresh deadline for `session` where every worker's live sockets look for it, with at
+/// most `per_subject` records of its subject per bucket.
+fn extend_session(session: &str, deadline: u64, now: u64, per_subject: usize) {
     let key = sessions::bucket_key(session);
     // Compare-and-swap: another worker may write the same bucket at the same moment.
     for _ in 0..3 {
         let (value, cas) = host::shared_data(&key);
-        let Some(next) = sessions::record(value.as_deref().unwrap_or(&[]), session, deadline, now)
-        else {
+        let Some(next) = sessions::record(
+            value.as_deref().unwrap_or(&[]),
+            session,
+            deadline,
+            now,
+            per_subject,
+        ) else {
             return;
         };
         if host::set_shared_data(&key, &next, cas) {
@@ -324,7 +340,8 @@ impl Stream {
                         shared.count("allowed");
                         let session = socket.as_ref().and_then(|s| s.session.clone());
                         if let (Some(session), Some(deadline)) = (&session, deadline) {
-                            extend_session(session, deadline, now);
+                            // Not yet: a later filter (session-binding) may still refuse.
+                            self.extend = Some((session.clone(), deadline));
                         }
                         if websocket {
                             if session.is_some() && shared.auth.config.reauth.is_some() {
@@ -402,15 +419,24 @@ impl Stream {
         let Scan::Done { forward, tokens } = frames.scan(&data, &kind) else {
             return None;
         };
-        let now = host::now_secs();
+        let clock = host::now();
         for token in tokens {
+            let Some(now) = clock else {
+                // No clock: no re-auth can be checked; the socket closes with 1013.
+                live.close_with(ws::CLOSE_TRY_AGAIN_LATER, "clock unavailable");
+                shared.count("denied.clock");
+                break;
+            };
             match shared
                 .auth
                 .reauth(&token, (at.0.as_deref(), &at.1, &at.2), &session, now)
             {
-                Ok(deadline) => {
+                Ok((deadline, verified)) => {
+                    // Its own socket only: the shared session deadline is written by requests
+                    // the whole chain allowed. session-binding checks these on this chunk.
                     live.extend(deadline);
-                    extend_session(&session, deadline, now);
+                    host::set_filter_state(REAUTH_CLAIMS_PROPERTY, &verified.payload);
+                    host::set_filter_state(REAUTH_KID_PROPERTY, verified.key_id.as_bytes());
                     shared.count("ws.reauth");
                 }
                 Err(denial) => {
@@ -496,6 +522,16 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if let Some((session, deadline)) = self.extend.take() {
+            // Only a response from the upstream means every filter allowed the request: a
+            // later filter's local reply is not `via_upstream`.
+            let via_upstream = host::property_text(vec!["response", "code_details"]).as_deref()
+                == Some("via_upstream");
+            if let (true, Some(now)) = (via_upstream, host::now()) {
+                let per_subject = self.shared.borrow().auth.config.sessions_per_subject;
+                extend_session(&session, deadline, now, per_subject);
+            }
+        }
         if let Some(socket) = self.ws_socket.take() {
             if host::response_header(":status").as_deref() == Some("101") {
                 self.live = Some(socket);

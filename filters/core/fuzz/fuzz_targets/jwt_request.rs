@@ -23,6 +23,7 @@ fn auth() -> &'static Mutex<JwtAuth> {
             "providers": [{"name": "p", "issuer": "iss", "jwks": {"inline": {"keys": [
                 {"kty": "OKP", "crv": "Ed25519", "kid": "k", "x": b64(key.verifying_key().as_bytes())}]}}}],
             "sources": [{"websocket_protocol": {}}, {"authorization": {}}, {"cookie": {"name": "t"}}],
+            "trusted_web_origins": ["https://a.test"],
             "forward_claims": {"sub": "x-sub"},
             "rules": [{"match": {"prefix": "/open"}, "allow_missing": true},
                       {"match": {"prefix": "/admin"}, "require": [{"claim": "scope", "contains": "admin"}]}]

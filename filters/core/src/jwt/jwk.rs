@@ -154,6 +154,14 @@ impl VerifyingKey {
     pub fn from_jwk(value: &serde_json::Value) -> Result<Self, ConfigError> {
         let jwk: Jwk = serde_json::from_value(value.clone())
             .map_err(|e| ConfigError::new("", format!("not a JWK: {e}")))?;
+        if let Some(ops) = &jwk.key_ops {
+            if !ops.iter().any(|o| o == "verify") {
+                return Err(ConfigError::new(
+                    "key_ops",
+                    "does not include `verify`: the key is not for checking signatures",
+                ));
+            }
+        }
         if let Some(u) = jwk.use_.as_deref() {
             if u != "sig" {
                 return Err(ConfigError::new(
@@ -198,6 +206,16 @@ impl VerifyingKey {
                     rsa::BoxedUint::from_be_slice_vartime(&e),
                 )
                 .map_err(|err| ConfigError::new("n", format!("not a usable RSA key: {err}")))?;
+                {
+                    use rsa::traits::PublicKeyParts;
+                    // RFC 7518 3.3: 2048 bits or more.
+                    if key.n().as_ref().bit_width_vartime() < 2048 {
+                        return Err(ConfigError::new(
+                            "n",
+                            "RSA keys under 2048 bits are refused",
+                        ));
+                    }
+                }
                 match declared.unwrap_or(Alg::Rs256) {
                     Alg::Rs256 => (Alg::Rs256, Material::Rs256(key)),
                     // RFC 7518 3.5: the salt is as long as the hash.
@@ -273,6 +291,7 @@ struct Jwk {
     alg: Option<String>,
     #[serde(rename = "use")]
     use_: Option<String>,
+    key_ops: Option<Vec<String>>,
     crv: Option<String>,
     n: Option<String>,
     e: Option<String>,

@@ -1027,3 +1027,194 @@ fn no_clock_fails_closed() {
         Decision::Allow { token: None, .. }
     ));
 }
+
+#[test]
+fn required_typ_is_compared_case_insensitively_with_or_without_application() {
+    let mut f = config(json!({"required_typ": ["at+jwt", "JWT"]}));
+    for (typ, ok) in [
+        (Some("at+jwt"), true),
+        (Some("AT+JWT"), true),
+        (Some("application/at+jwt"), true),
+        (Some("jwt"), true),
+        (Some("logout+jwt"), false),
+        (Some("id_token+jwt"), false),
+        (None, false),
+    ] {
+        let mut header = json!({"alg": "EdDSA", "kid": "ed1"});
+        if let Some(t) = typ {
+            header["typ"] = json!(t);
+        }
+        let auth = bearer(&sign_ed(header, claims()));
+        let d = f.decide(&http(Some(&auth)), NOW, true);
+        if ok {
+            allowed(d);
+        } else {
+            let d = denial(d);
+            assert_eq!(
+                (d, d.reason()),
+                (Denial::Token(TokenError::Type), "typ"),
+                "{typ:?}"
+            );
+        }
+    }
+    // Per provider: overrides the global list.
+    let mut f = config(json!({
+        "required_typ": ["at+jwt"],
+        "providers": [{"name": "main", "issuer": ISS, "audiences": ["api"], "required_typ": ["JWT"],
+            "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
+    }));
+    allowed(f.decide(&http(Some(&bearer(&token()))), NOW, true));
+    // Off by default.
+    let mut f = config(json!({}));
+    let untyped = bearer(&sign_ed(json!({"alg": "EdDSA", "kid": "ed1"}), claims()));
+    allowed(f.decide(&http(Some(&untyped)), NOW, true));
+    let err = JwtAuthConfig::compile(
+        json!({"providers": [{"name": "p", "issuer": ISS, "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
+            "required_typ": []})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap_err();
+    assert_eq!(err.path, "required_typ");
+}
+
+#[test]
+fn any_crit_header_is_refused_even_null() {
+    let mut f = config(json!({}));
+    for crit in [json!(null), json!([]), json!(["exp"]), json!("b64")] {
+        let t = sign_ed(
+            json!({"alg": "EdDSA", "kid": "ed1", "crit": crit}),
+            claims(),
+        );
+        assert_eq!(
+            denial(f.decide(&http(Some(&bearer(&t))), NOW, true)),
+            Denial::Token(TokenError::Malformed),
+            "{crit}"
+        );
+    }
+}
+
+#[test]
+fn weak_or_non_verifying_keys_are_refused_inline_and_skipped_fetched() {
+    let small_rsa = json!({"kty": "RSA", "kid": "r1", "e": "AQAB",
+        "n": b64(&[&[0xc5u8][..], &[0x5a; 126][..], &[0x01][..]].concat())});
+    let sign_only = {
+        let mut k = ed_jwk("s1");
+        k["key_ops"] = json!(["sign"]);
+        k
+    };
+    let enc = {
+        let mut k = ed_jwk("e1");
+        k["use"] = json!("enc");
+        k
+    };
+    for (key, field, says) in [
+        (
+            small_rsa.clone(),
+            "providers[0].jwks.inline.keys[0].n",
+            "2048",
+        ),
+        (
+            sign_only.clone(),
+            "providers[0].jwks.inline.keys[0].key_ops",
+            "verify",
+        ),
+        (
+            enc.clone(),
+            "providers[0].jwks.inline.keys[0].use",
+            "signatures",
+        ),
+    ] {
+        let cfg = json!({"providers": [{"name": "p", "issuer": ISS, "jwks": {"inline": {"keys": [key]}}}]});
+        let err = JwtAuthConfig::compile(cfg.to_string().as_bytes()).unwrap_err();
+        assert_eq!(err.path, field);
+        assert!(err.message.contains(says), "{err}");
+    }
+    let mut verify_ok = ed_jwk("v1");
+    verify_ok["key_ops"] = json!(["verify"]);
+    assert!(VerifyingKey::from_jwk(&verify_ok).is_ok());
+    // A fetched JWKS skips (and counts) them, keeping the good key.
+    let (keys, skipped) = KeySet::from_jwks(
+        &json!({"keys": [small_rsa, sign_only, enc, ed_jwk("ed1")]}),
+        false,
+    )
+    .unwrap();
+    assert_eq!((keys.len(), skipped), (1, 3));
+}
+
+#[test]
+fn a_jwks_refresh_keeps_cached_tokens_whose_key_is_still_published() {
+    let mut f = JwtAuth::new(
+        JwtAuthConfig::compile(
+            json!({"providers": [{"name": "r", "issuer": ISS, "jwks": {"remote": {"cluster": "idp", "path": "/jwks"}}}]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap(),
+    );
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let other_jwk = json!({"kty": "OKP", "crv": "Ed25519", "kid": "k9", "x": b64(other.verifying_key().as_bytes())});
+    let set = |keys: Value| {
+        KeySet::from_jwks(&json!({ "keys": keys }), false)
+            .unwrap()
+            .0
+    };
+    f.set_remote_keys(0, set(json!([ed_jwk("ed1")])));
+    let auth = bearer(&token());
+    let (_, _, _, hit) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+    assert!(!hit);
+    // A refetch (say, for someone's unknown kid) that still publishes ed1: still a hit.
+    f.set_remote_keys(0, set(json!([ed_jwk("ed1"), other_jwk.clone()])));
+    let (_, _, _, hit) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+    assert!(hit, "the cache survives a refresh that keeps the key");
+    // The same kid with other material is another key: dropped.
+    let swapped = json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed1", "x": b64(other.verifying_key().as_bytes())});
+    f.set_remote_keys(0, set(json!([swapped])));
+    assert_eq!(
+        denial(f.decide(&http(Some(&auth)), NOW, false)),
+        Denial::Token(TokenError::Signature),
+        "never served from the cache once its key is gone"
+    );
+    // Withdrawn altogether: refused.
+    f.set_remote_keys(0, set(json!([ed_jwk("ed1")])));
+    allowed(f.decide(&http(Some(&auth)), NOW, true));
+    f.set_remote_keys(0, set(json!([other_jwk])));
+    assert_eq!(
+        denial(f.decide(&http(Some(&auth)), NOW, false)),
+        Denial::Token(TokenError::UnknownKey)
+    );
+}
+
+#[test]
+fn session_keys_are_tagged_with_their_subject() {
+    let mut f = config(json!({"session_claims": ["sid"]}));
+    let key = |f: &mut JwtAuth, sub: &str, sid: &str| {
+        let mut c = claims();
+        c["sub"] = json!(sub);
+        c["sid"] = json!(sid);
+        let auth = bearer(&sign_ed(json!({"alg": "EdDSA", "kid": "ed1"}), c));
+        match f.decide(&http(Some(&auth)), NOW, true) {
+            Decision::Allow { socket, .. } => socket.unwrap().session.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let a1 = key(&mut f, "alice", "s1");
+    let a2 = key(&mut f, "alice", "s2");
+    let b1 = key(&mut f, "bob", "s1");
+    assert_eq!(crate::sessions::subject(&a1), crate::sessions::subject(&a2));
+    assert_ne!(crate::sessions::subject(&a1), crate::sessions::subject(&b1));
+    assert_ne!(a1, b1, "the same sid of another subject is another session");
+    assert!(!a1.contains("alice") && !a1.contains("s1"));
+    assert_eq!(
+        f.config.sessions_per_subject,
+        crate::sessions::DEFAULT_PER_SUBJECT
+    );
+    let zero = json!({"providers": [{"name": "p", "issuer": ISS, "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
+        "max_sessions_per_subject": 0});
+    assert_eq!(
+        JwtAuthConfig::compile(zero.to_string().as_bytes())
+            .unwrap_err()
+            .path,
+        "max_sessions_per_subject"
+    );
+}
