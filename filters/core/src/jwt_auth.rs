@@ -108,6 +108,8 @@ struct RawProvider {
     #[serde(default)]
     hs256_secrets: Vec<RawSecret>,
     required_typ: Option<Vec<String>>,
+    #[serde(default)]
+    require_kid: bool,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +233,8 @@ pub struct Provider {
     pub remote: Option<RemoteJwks>,
     /// Accepted `typ` header values, normalised ([`normal_typ`]); empty: no check.
     pub required_typ: Vec<String>,
+    /// Refuse a token without `kid` when more than one of the provider's keys could verify it.
+    pub require_kid: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -558,6 +562,7 @@ fn compile_provider(
         static_keys,
         remote,
         required_typ,
+        require_kid: raw.require_kid,
     })
 }
 
@@ -1315,7 +1320,19 @@ impl JwtAuth {
                 return Err(VerifyError::Token(TokenError::Type));
             }
         }
-        let key = match jws.verify(&self.keys_of(provider)) {
+        let keys = self.keys_of(provider);
+        if jws.kid.is_none()
+            && self
+                .config
+                .providers
+                .get(provider)
+                .is_some_and(|p| p.require_kid)
+            && keys.candidates(None).filter(|k| k.alg == jws.alg).count() > 1
+        {
+            // Which key is meant is the token's to say when several could fit.
+            return Err(VerifyError::Token(TokenError::UnknownKey));
+        }
+        let key = match jws.verify(&keys) {
             Ok(key) => key,
             Err(TokenError::UnknownKey) if may_fetch && self.may_refetch(provider, now) => {
                 return Err(VerifyError::Fetch(provider));

@@ -1218,3 +1218,28 @@ fn session_keys_are_tagged_with_their_subject() {
         "max_sessions_per_subject"
     );
 }
+
+#[test]
+fn require_kid_refuses_kidless_tokens_only_when_several_keys_fit() {
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let other_jwk = json!({"kty": "OKP", "crv": "Ed25519", "kid": "k1", "x": b64(other.verifying_key().as_bytes())});
+    let kidless = bearer(&sign_ed(json!({"alg": "EdDSA"}), claims()));
+    let two = |require: bool| {
+        config(
+            json!({"providers": [{"name": "main", "issuer": ISS, "audiences": ["api"], "require_kid": require,
+            "jwks": {"inline": {"keys": [other_jwk.clone(), ed_jwk("ed1")]}}}]}),
+        )
+    };
+    allowed(two(false).decide(&http(Some(&kidless)), NOW, true));
+    assert_eq!(
+        denial(two(true).decide(&http(Some(&kidless)), NOW, true)),
+        Denial::Token(TokenError::UnknownKey)
+    );
+    allowed(two(true).decide(&http(Some(&bearer(&token()))), NOW, true));
+    // One key of the algorithm: nothing is ambiguous.
+    let mut one = config(
+        json!({"providers": [{"name": "main", "issuer": ISS, "audiences": ["api"], "require_kid": true,
+        "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}]}),
+    );
+    allowed(one.decide(&http(Some(&kidless)), NOW, true));
+}
