@@ -71,6 +71,13 @@ impl<V: Clone> TokenCache<V> {
         }
     }
 
+    /// Keep only the entries whose value passes `keep`.
+    pub fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        self.map.retain(|_, (v, _)| keep(v));
+        let map = &self.map;
+        self.order.retain(|k| map.contains_key(k));
+    }
+
     pub fn clear(&mut self) {
         self.map.clear();
         self.order.clear();
@@ -96,6 +103,24 @@ mod tests {
         assert_eq!(c.get(&[4; 32], 60), Some("d"));
         c.insert(&[5; 32], "e", 10, 20); // already expired: not stored
         assert_eq!(c.get(&[5; 32], 0), None);
+    }
+
+    #[test]
+    fn retain_keeps_what_passes() {
+        let mut c = TokenCache::new(4);
+        c.insert(&[1; 8], 1, 100, 0);
+        c.insert(&[2; 8], 2, 100, 0);
+        c.insert(&[3; 8], 3, 100, 0);
+        c.retain(|v| *v != 2);
+        assert_eq!(
+            (c.get(&[1; 8], 1), c.get(&[2; 8], 1), c.get(&[3; 8], 1)),
+            (Some(1), None, Some(3))
+        );
+        c.insert(&[4; 8], 4, 100, 0);
+        c.insert(&[5; 8], 5, 100, 0);
+        assert_eq!(c.len(), 4, "the order list was pruned with the map");
+        c.insert(&[6; 8], 6, 100, 0);
+        assert_eq!(c.get(&[1; 8], 1), None, "the oldest goes first");
     }
 
     #[test]

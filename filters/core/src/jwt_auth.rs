@@ -8,8 +8,9 @@ use crate::cache::TokenCache;
 use crate::config::{check_fetch, parse_json, ConfigError};
 use crate::jwt::claims::{check_audience, claim_text};
 use crate::jwt::{Claims, Jws, KeySet, TimeRules, TokenError, TokenTimes, VerifyingKey};
+use crate::path::PathError;
 use crate::reply::{LocalReply, Refusal, WsHandshake};
-use crate::{b64url_decode, cookie, sha256, ws};
+use crate::{b64url_decode, cookie, origin, sha256, ws};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -20,6 +21,11 @@ pub const CLAIMS_PROPERTY: &str = "gatehouse.jwt_auth.claims";
 /// The filter-state property under which the verified token's `kid` is published (when it has
 /// one): session-binding revokes by key id.
 pub const KID_PROPERTY: &str = "gatehouse.jwt_auth.kid";
+/// The payload of the last in-band re-auth token accepted on a live socket (overwritten by each
+/// accepted re-auth): session-binding checks it (revocation, single use) on the same chunk.
+pub const REAUTH_CLAIMS_PROPERTY: &str = "gatehouse.jwt_auth.reauth_claims";
+/// The id of the key that verified that re-auth token (as [`KID_PROPERTY`]).
+pub const REAUTH_KID_PROPERTY: &str = "gatehouse.jwt_auth.reauth_kid";
 
 // ---------------------------------------------------------------------------------------------
 // Raw config: exactly the JSON users write. Unknown fields are errors.
@@ -51,6 +57,17 @@ struct RawConfig {
     wss_only: bool,
     #[serde(default)]
     trust_forwarded_proto: bool,
+    /// Forward the verified token upstream as `Authorization: Bearer <token>`.
+    #[serde(default)]
+    forward: bool,
+    /// Web origins whose pages may use a cookie-sourced token on a state-changing request or a
+    /// WebSocket upgrade.
+    #[serde(default)]
+    trusted_web_origins: Vec<String>,
+    /// Token `typ` values accepted by every provider that does not set its own.
+    required_typ: Option<Vec<String>>,
+    #[serde(default = "default_sessions_per_subject")]
+    max_sessions_per_subject: usize,
     #[serde(default)]
     rules: Vec<RawRule>,
 }
@@ -76,6 +93,9 @@ fn default_timeout() -> u64 {
 fn default_min_refetch() -> u64 {
     10
 }
+fn default_sessions_per_subject() -> usize {
+    crate::sessions::DEFAULT_PER_SUBJECT
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +107,9 @@ struct RawProvider {
     jwks: Option<RawJwks>,
     #[serde(default)]
     hs256_secrets: Vec<RawSecret>,
+    required_typ: Option<Vec<String>>,
+    #[serde(default)]
+    require_kid: bool,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +173,9 @@ struct RawRule {
     max_lifetime_seconds: Option<u64>,
     max_socket_seconds: Option<u64>,
     wss_only: Option<bool>,
+    forward: Option<bool>,
+    sources: Option<Vec<RawSource>>,
+    trusted_web_origins: Option<Vec<String>>,
 }
 
 /// A rule's `match`, as written (shared by every filter with rules).
@@ -205,6 +231,10 @@ pub struct Provider {
     /// Inline JWKS keys and HS256 secrets.
     pub static_keys: KeySet,
     pub remote: Option<RemoteJwks>,
+    /// Accepted `typ` header values, normalised ([`normal_typ`]); empty: no check.
+    pub required_typ: Vec<String>,
+    /// Refuse a token without `kid` when more than one of the provider's keys could verify it.
+    pub require_kid: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +296,12 @@ pub struct Policy {
     pub max_socket: Option<u64>,
     /// Refuse upgrades that did not arrive over TLS (close 4400).
     pub wss_only: bool,
+    /// Forward the verified token upstream as `Authorization: Bearer <token>`.
+    pub forward: bool,
+    /// Where the token is looked for, in order.
+    pub sources: Vec<Source>,
+    /// Origins trusted for cookie-sourced tokens (lowercase).
+    pub trusted_web_origins: Vec<String>,
 }
 
 /// Which request facts a filter's config looks at (`JwtAuthConfig::needs`): a filter reads
@@ -306,7 +342,11 @@ pub struct Rule {
 #[derive(Debug)]
 pub struct JwtAuthConfig {
     pub providers: Vec<Provider>,
+    /// The global `sources` (a rule may override them: [`Policy::sources`]).
     pub sources: Vec<Source>,
+    /// Every credential location of every policy: removed from every request, whatever the
+    /// decision, so no credential jwt-auth did not verify reaches the upstream.
+    pub strip: Vec<Source>,
     pub refused_query_params: Vec<String>,
     pub max_token_bytes: usize,
     /// `(claim, lowercase header name)`.
@@ -318,6 +358,8 @@ pub struct JwtAuthConfig {
     pub session_claims: Vec<String>,
     /// The `type` of in-band re-auth messages on live sockets (see [`crate::reauth`]).
     pub reauth: Option<String>,
+    /// Session records one subject may keep per shared-data bucket (see [`crate::sessions`]).
+    pub sessions_per_subject: usize,
     /// Believe `x-forwarded-proto: https` from the hop before Envoy (for `wss_only`).
     pub trust_forwarded_proto: bool,
     pub default_policy: Arc<Policy>,
@@ -361,6 +403,63 @@ fn compile_requirements(
         .collect()
 }
 
+fn compile_sources(raw: Vec<RawSource>, path: &str) -> Result<Vec<Source>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::new(path, "at least one source is required"));
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, s)| match s {
+            RawSource::WebsocketProtocol { prefix } if prefix.is_empty() => Err(ConfigError::new(
+                format!("{path}[{i}].websocket_protocol.prefix"),
+                "must not be empty",
+            )),
+            RawSource::WebsocketProtocol { prefix } => Ok(Source::WebsocketProtocol { prefix }),
+            RawSource::Authorization {} => Ok(Source::Authorization),
+            RawSource::Cookie { name } if name.is_empty() => Err(ConfigError::new(
+                format!("{path}[{i}].cookie.name"),
+                "must not be empty",
+            )),
+            RawSource::Cookie { name } => Ok(Source::Cookie { name }),
+        })
+        .collect()
+}
+
+/// Web origins as `scheme://host[:port]`, lowercased.
+fn compile_origins(raw: Vec<String>, path: &str) -> Result<Vec<String>, ConfigError> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let ok = o.split_once("://").is_some_and(|(scheme, rest)| {
+                !scheme.is_empty() && !rest.is_empty() && !rest.contains(['/', '?', '#', ' '])
+            });
+            if ok {
+                Ok(o.to_ascii_lowercase())
+            } else {
+                Err(ConfigError::new(
+                    format!("{path}[{i}]"),
+                    "must be an origin, `scheme://host[:port]` without a path",
+                ))
+            }
+        })
+        .collect()
+}
+
+/// A policy that takes tokens from a cookie must say which web origins may use it.
+fn check_cookie_origins(policy: &Policy, path: &str) -> Result<(), ConfigError> {
+    let cookie = policy
+        .sources
+        .iter()
+        .any(|s| matches!(s, Source::Cookie { .. }));
+    if cookie && policy.trusted_web_origins.is_empty() {
+        return Err(ConfigError::new(
+            path,
+            "a cookie source needs the web origins whose pages may use it (CSRF and cross-site WebSocket hijacking)",
+        ));
+    }
+    Ok(())
+}
+
 fn valid_header_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -368,7 +467,39 @@ fn valid_header_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn compile_provider(i: usize, raw: RawProvider) -> Result<Provider, ConfigError> {
+/// A `typ` compared case-insensitively, `application/` prefix or not (RFC 7515 4.1.9).
+pub fn normal_typ(typ: &str) -> String {
+    let t = typ.trim().to_ascii_lowercase();
+    match t.strip_prefix("application/") {
+        Some(rest) => rest.to_string(),
+        None => t,
+    }
+}
+
+fn compile_typ(raw: Vec<String>, path: &str) -> Result<Vec<String>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::new(
+            path,
+            "list at least one `typ`, or leave it out",
+        ));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, t)| match normal_typ(t) {
+            n if n.is_empty() => Err(ConfigError::new(
+                format!("{path}[{i}]"),
+                "must not be empty",
+            )),
+            n => Ok(n),
+        })
+        .collect()
+}
+
+fn compile_provider(
+    i: usize,
+    raw: RawProvider,
+    default_typ: &[String],
+) -> Result<Provider, ConfigError> {
     let at = |field: &str| format!("providers[{i}].{field}");
     if raw.name.is_empty() {
         return Err(ConfigError::new(at("name"), "must not be empty"));
@@ -420,12 +551,18 @@ fn compile_provider(i: usize, raw: RawProvider) -> Result<Provider, ConfigError>
             "a provider needs `jwks` (inline or remote) or `hs256_secrets`",
         ));
     }
+    let required_typ = match raw.required_typ {
+        Some(list) => compile_typ(list, &at("required_typ"))?,
+        None => default_typ.to_vec(),
+    };
     Ok(Provider {
         name: raw.name,
         issuer: raw.issuer,
         audiences: raw.audiences,
         static_keys,
         remote,
+        required_typ,
+        require_kid: raw.require_kid,
     })
 }
 
@@ -440,6 +577,10 @@ impl JwtAuthConfig {
                 "at least one provider is required",
             ));
         }
+        let default_typ = match raw.required_typ {
+            Some(list) => compile_typ(list, "required_typ")?,
+            None => Vec::new(),
+        };
         let mut providers = Vec::with_capacity(raw.providers.len());
         for (i, p) in raw.providers.into_iter().enumerate() {
             if providers.iter().any(|q: &Provider| q.name == p.name) {
@@ -448,7 +589,7 @@ impl JwtAuthConfig {
                     "duplicate name",
                 ));
             }
-            providers.push(compile_provider(i, p)?);
+            providers.push(compile_provider(i, p, &default_typ)?);
         }
         let sources = match raw.sources {
             None => vec![
@@ -457,34 +598,7 @@ impl JwtAuthConfig {
                 },
                 Source::Authorization,
             ],
-            Some(list) => {
-                if list.is_empty() {
-                    return Err(ConfigError::new(
-                        "sources",
-                        "at least one source is required",
-                    ));
-                }
-                list.into_iter()
-                    .enumerate()
-                    .map(|(i, s)| match s {
-                        RawSource::WebsocketProtocol { prefix } if prefix.is_empty() => {
-                            Err(ConfigError::new(
-                                format!("sources[{i}].websocket_protocol.prefix"),
-                                "must not be empty",
-                            ))
-                        }
-                        RawSource::WebsocketProtocol { prefix } => {
-                            Ok(Source::WebsocketProtocol { prefix })
-                        }
-                        RawSource::Authorization {} => Ok(Source::Authorization),
-                        RawSource::Cookie { name } if name.is_empty() => Err(ConfigError::new(
-                            format!("sources[{i}].cookie.name"),
-                            "must not be empty",
-                        )),
-                        RawSource::Cookie { name } => Ok(Source::Cookie { name }),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-            }
+            Some(list) => compile_sources(list, "sources")?,
         };
         let mut forward_claims = Vec::new();
         for (claim, header) in raw.forward_claims {
@@ -518,7 +632,11 @@ impl JwtAuthConfig {
             time,
             max_socket: positive(raw.max_socket_seconds, "max_socket_seconds")?,
             wss_only: raw.wss_only,
+            forward: raw.forward,
+            sources: sources.clone(),
+            trusted_web_origins: compile_origins(raw.trusted_web_origins, "trusted_web_origins")?,
         };
+        check_cookie_origins(&default_policy, "trusted_web_origins")?;
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
             let at = |f: &str| format!("rules[{i}].{f}");
@@ -562,6 +680,16 @@ impl JwtAuthConfig {
             if let Some(w) = r.wss_only {
                 policy.wss_only = w;
             }
+            if let Some(f) = r.forward {
+                policy.forward = f;
+            }
+            if let Some(list) = r.sources {
+                policy.sources = compile_sources(list, &at("sources"))?;
+            }
+            if let Some(list) = r.trusted_web_origins {
+                policy.trusted_web_origins = compile_origins(list, &at("trusted_web_origins"))?;
+            }
+            check_cookie_origins(&policy, &at("trusted_web_origins"))?;
             rules.push(Rule {
                 matcher,
                 policy: Arc::new(policy),
@@ -574,14 +702,25 @@ impl JwtAuthConfig {
                 "must not be empty",
             ));
         }
+        // Every credential location any policy reads: stripped from every request.
+        let mut strip: Vec<Source> = Vec::new();
+        for s in std::iter::once(&default_policy)
+            .chain(rules.iter().map(|r| r.policy.as_ref()))
+            .flat_map(|p| p.sources.iter())
+        {
+            if !strip.contains(s) {
+                strip.push(s.clone());
+            }
+        }
         let needs = Needs {
-            cookie: sources.iter().any(|s| matches!(s, Source::Cookie { .. })),
+            cookie: strip.iter().any(|s| matches!(s, Source::Cookie { .. })),
             ..Needs::of_matchers(rules.iter().map(|r| &r.matcher))
         };
         Ok(Self {
             needs,
             providers,
             sources,
+            strip,
             refused_query_params: raw.refused_query_params.unwrap_or_else(|| {
                 ["access_token", "token", "jwt", "id_token"]
                     .map(String::from)
@@ -602,6 +741,15 @@ impl JwtAuthConfig {
                 t => t,
             },
             session_claims,
+            sessions_per_subject: match raw.max_sessions_per_subject {
+                0 => {
+                    return Err(ConfigError::new(
+                        "max_sessions_per_subject",
+                        "must be at least 1",
+                    ))
+                }
+                n => n,
+            },
             trust_forwarded_proto: raw.trust_forwarded_proto,
             default_policy: Arc::new(default_policy),
             rules,
@@ -657,6 +805,11 @@ pub struct Request<'a> {
     pub tls: bool,
     /// `x-forwarded-proto` as received.
     pub forwarded_proto: Option<&'a str>,
+    /// `:method`, `Origin` and `Sec-Fetch-Site`: read only when a cookie source is configured
+    /// (`Needs::cookie`), for the origin check of cookie-sourced tokens.
+    pub method: Option<&'a str>,
+    pub origin: Option<&'a str>,
+    pub sec_fetch_site: Option<&'a str>,
 }
 
 /// A header change for the request that goes upstream.
@@ -674,8 +827,13 @@ pub struct Verified {
     /// The decoded payload, exactly as signed: what goes into filter state.
     pub payload: Vec<u8>,
     pub times: TokenTimes,
-    /// The protected header's `kid`.
+    /// The protected header's `kid` (what the token claims; not what verified it).
     pub kid: Option<String>,
+    /// The key that verified the signature: its `kid`, or its RFC 7638 thumbprint when it has
+    /// none. What is published as [`KID_PROPERTY`] (revocation by key id).
+    pub key_id: String,
+    /// That key, so a JWKS refresh keeps cached tokens whose key is still published.
+    pub key: Arc<VerifyingKey>,
     /// The session key of its claims (`session_claims`), hashed once here, not on every hit.
     pub session: Option<String>,
 }
@@ -695,6 +853,14 @@ pub enum Denial {
     InsecureTransport,
     /// A re-auth token of another session than the socket's.
     OtherSession,
+    /// A path with dot-segments or hidden separators (checked before any rule matches).
+    Path(PathError),
+    /// Two different tokens in the request's credential locations.
+    MultipleTokens,
+    /// A cookie-sourced token on a state-changing request or an upgrade from an untrusted origin.
+    Origin,
+    /// The host cannot tell the time: nothing time-bound can be decided.
+    Clock,
 }
 
 impl Denial {
@@ -708,17 +874,24 @@ impl Denial {
             Denial::Forbidden => "forbidden",
             Denial::InsecureTransport => "insecure_transport",
             Denial::OtherSession => "other_session",
+            Denial::Path(e) => e.reason(),
+            Denial::MultipleTokens => "multiple_tokens",
+            Denial::Origin => "origin",
+            Denial::Clock => "clock",
         }
     }
 
     pub fn refusal(self) -> Refusal {
         match self {
             Denial::Missing => Refusal::MissingCredentials,
-            Denial::QueryToken | Denial::WsProtocol | Denial::InsecureTransport => {
-                Refusal::BadRequest
-            }
+            Denial::QueryToken
+            | Denial::WsProtocol
+            | Denial::InsecureTransport
+            | Denial::Path(_)
+            | Denial::MultipleTokens => Refusal::BadRequest,
             Denial::Token(_) | Denial::OtherSession => Refusal::InvalidCredentials,
-            Denial::Forbidden => Refusal::Forbidden,
+            Denial::Forbidden | Denial::Origin => Refusal::Forbidden,
+            Denial::Clock => Refusal::Unavailable,
         }
     }
 }
@@ -775,12 +948,16 @@ impl JwtAuth {
         }
     }
 
-    /// Replace a provider's fetched keys. The cache is cleared: a decision must never rest on a
-    /// key that is no longer published.
+    /// Replace a provider's fetched keys. Cached tokens of the provider whose verifying key is
+    /// no longer published (same material, algorithm and `kid`) are dropped: a decision must
+    /// never rest on a withdrawn key. The others stay, so a refetch (which an unknown `kid` can
+    /// trigger, rate-limited) does not cost every user a signature check.
     pub fn set_remote_keys(&mut self, provider: usize, keys: KeySet) {
         if let Some(slot) = self.remote_keys.get_mut(provider) {
             *slot = Some(keys);
-            self.cache.clear();
+            let now_published = self.keys_of(provider);
+            self.cache
+                .retain(|v| v.provider != provider || now_published.contains(&v.key));
         }
     }
 
@@ -825,34 +1002,33 @@ impl JwtAuth {
 
     /// Decide what happens to a request at `now`.
     pub fn decide(&mut self, req: &Request<'_>, now: u64, may_fetch: bool) -> Decision {
-        let policy = self
-            .config
-            .policy_for(req.route_name, req.path, req.host)
-            .clone();
-        // Client-sent copies of forwarded-claim headers never reach the upstream.
-        let mut edits: Vec<HeaderEdit> = self
-            .config
-            .forward_claims
-            .iter()
-            .map(|(_, h)| HeaderEdit::Remove(h.clone()))
-            .collect();
+        self.decide_at(req, Some(now), may_fetch)
+    }
 
+    /// Decide what happens to a request; `now` is `None` when the host cannot tell the time,
+    /// and then every decision that needs it fails closed (503 / close 1013, `clock`).
+    pub fn decide_at(&mut self, req: &Request<'_>, now: Option<u64>, may_fetch: bool) -> Decision {
         let handshake = |protocol: Option<String>| {
             req.ws_key.map(|key| WsHandshake {
                 accept: ws::accept_key(key),
                 protocol,
             })
         };
-        let first_protocol = |skip_prefix: Option<&str>| {
-            req.ws_protocols.and_then(|h| {
-                ws::protocols(h)
-                    .find(|p| skip_prefix.is_none_or(|pre| !p.starts_with(pre)))
-                    .map(str::to_string)
+        let token_prefixes: Vec<&str> = self
+            .config
+            .strip
+            .iter()
+            .filter_map(|s| match s {
+                Source::WebsocketProtocol { prefix } => Some(prefix.as_str()),
+                _ => None,
             })
-        };
-        let token_prefix = self.config.sources.iter().find_map(|s| match s {
-            Source::WebsocketProtocol { prefix } => Some(prefix.as_str()),
-            _ => None,
+            .collect();
+        // The subprotocol a refusal selects: the first one that is not a token (a token is
+        // never echoed back in the 101).
+        let protocol = req.ws_protocols.and_then(|h| {
+            ws::protocols(h)
+                .find(|p| !token_prefixes.iter().any(|pre| p.starts_with(pre)))
+                .map(str::to_string)
         });
         let deny = |denial: Denial, protocol: Option<String>| {
             let hs = if req.websocket {
@@ -873,78 +1049,38 @@ impl JwtAuth {
                 reply: Refusal::BadRequest.reply(None),
             };
         }
+        // Before any rule looks at the path: `/public/../api` must not match `/public`.
+        if let Err(e) = crate::path::check(req.path) {
+            return deny(Denial::Path(e), protocol);
+        }
+        let policy = self
+            .config
+            .policy_for(req.route_name, req.path, req.host)
+            .clone();
         if self.query_has_token(req.path) {
-            return deny(Denial::QueryToken, first_protocol(token_prefix));
+            return deny(Denial::QueryToken, protocol);
         }
         if req.websocket && policy.wss_only && !self.secure(req) {
-            return deny(Denial::InsecureTransport, first_protocol(token_prefix));
+            return deny(Denial::InsecureTransport, protocol);
         }
+
+        // Client-sent copies of forwarded-claim headers never reach the upstream, and neither
+        // does any credential in a location jwt-auth reads, whatever the decision.
+        let mut edits: Vec<HeaderEdit> = self
+            .config
+            .forward_claims
+            .iter()
+            .map(|(_, h)| HeaderEdit::Remove(h.clone()))
+            .collect();
         if req.websocket && self.config.reauth.is_some() {
             // Re-auth frames must be readable: no permessage-deflate.
             edits.push(HeaderEdit::Remove("sec-websocket-extensions".into()));
         }
+        let only_token_protocol = self.strip_credentials(req, &mut edits);
 
-        // Find the token: the first configured source that is present.
-        let mut token: Option<&str> = None;
-        for source in &self.config.sources {
-            match source {
-                Source::WebsocketProtocol { prefix } => {
-                    let Some(header) = req.ws_protocols else {
-                        continue;
-                    };
-                    let mut found = None;
-                    let mut others = Vec::new();
-                    for p in ws::protocols(header) {
-                        match p.strip_prefix(prefix.as_str()) {
-                            Some(t) if found.is_none() => found = Some(t),
-                            Some(_) => {} // a second token entry is dropped too
-                            None => others.push(p),
-                        }
-                    }
-                    let Some(t) = found else { continue };
-                    if others.is_empty() {
-                        // Nothing to select but the token: the browser needs an app protocol.
-                        let only = ws::protocols(header).next().map(str::to_string);
-                        return deny(Denial::WsProtocol, only);
-                    }
-                    edits.push(HeaderEdit::Set(
-                        "sec-websocket-protocol".into(),
-                        others.join(", "),
-                    ));
-                    token = Some(t);
-                    break;
-                }
-                Source::Authorization => {
-                    let Some(value) = req.authorization else {
-                        continue;
-                    };
-                    let Some((scheme, t)) = value.trim().split_once(' ') else {
-                        continue;
-                    };
-                    if !scheme.eq_ignore_ascii_case("bearer") {
-                        continue;
-                    }
-                    edits.push(HeaderEdit::Remove("authorization".into()));
-                    token = Some(t.trim());
-                    break;
-                }
-                Source::Cookie { name } => {
-                    let Some(header) = req.cookie else { continue };
-                    let Some(t) = cookie::get(header, name) else {
-                        continue;
-                    };
-                    edits.push(match cookie::without(header, &[name.as_str()]) {
-                        Some(rest) => HeaderEdit::Set("cookie".into(), rest),
-                        None => HeaderEdit::Remove("cookie".into()),
-                    });
-                    token = Some(t);
-                    break;
-                }
-            }
-        }
-        let protocol = first_protocol(token_prefix);
-
-        let Some(token) = token else {
+        // The tokens the policy's sources hold, in source order.
+        let found = policy_tokens(&policy, req);
+        let Some(&(token, from)) = found.first() else {
             if policy.allow_missing {
                 return Decision::Allow {
                     edits,
@@ -955,6 +1091,23 @@ impl JwtAuth {
                 };
             }
             return deny(Denial::Missing, protocol);
+        };
+        if found.iter().any(|(t, _)| *t != token) {
+            return deny(Denial::MultipleTokens, protocol);
+        }
+        if only_token_protocol && from == From::Protocol {
+            // Nothing to select but the token: the browser needs an app protocol. The refusal
+            // selects none (never the token).
+            return deny(Denial::WsProtocol, None);
+        }
+        if from == From::Cookie
+            && (req.websocket || req.method.is_some_and(origin::state_changing))
+            && !origin::is_trusted(req.origin, req.sec_fetch_site, &policy.trusted_web_origins)
+        {
+            return deny(Denial::Origin, protocol);
+        }
+        let Some(now) = now else {
+            return deny(Denial::Clock, protocol);
         };
 
         let (verified, cache_hit) = match self.verify(token, &policy, now, may_fetch) {
@@ -974,6 +1127,14 @@ impl JwtAuth {
                 }
             }
         }
+        if policy.forward {
+            // Only ever the token just verified, in the one place an API looks for it.
+            edits.retain(|e| !matches!(e, HeaderEdit::Remove(h) if h == "authorization"));
+            edits.push(HeaderEdit::Set(
+                "authorization".into(),
+                format!("Bearer {token}"),
+            ));
+        }
         let socket = SocketTerms {
             session: verified.session.clone(),
             until: policy.max_socket.map(|s| now.saturating_add(s)),
@@ -987,16 +1148,67 @@ impl JwtAuth {
         }
     }
 
+    /// Remove every credential from every location any policy reads (like Envoy's jwt_authn
+    /// `sanitizeHeaders`): token subprotocol entries, the `Authorization` header (all of its
+    /// values: Envoy joins repeated headers with `,`; and a `Bearer` one even when it is not a
+    /// source, since an upstream would take it for a token jwt-auth vouched for), the token
+    /// cookies. True when the subprotocol header held only token entries.
+    fn strip_credentials(&self, req: &Request<'_>, edits: &mut Vec<HeaderEdit>) -> bool {
+        let mut only_tokens = false;
+        let mut auth_source = false;
+        let mut cookies: Vec<&str> = Vec::new();
+        let mut prefixes: Vec<&str> = Vec::new();
+        for s in &self.config.strip {
+            match s {
+                Source::WebsocketProtocol { prefix } => prefixes.push(prefix),
+                Source::Authorization => auth_source = true,
+                Source::Cookie { name } => cookies.push(name),
+            }
+        }
+        if let Some(header) = req.ws_protocols.filter(|_| !prefixes.is_empty()) {
+            let all: Vec<&str> = ws::protocols(header).collect();
+            let others: Vec<&str> = all
+                .iter()
+                .copied()
+                .filter(|p| !prefixes.iter().any(|pre| p.starts_with(pre)))
+                .collect();
+            if others.len() != all.len() {
+                only_tokens = others.is_empty();
+                edits.push(if others.is_empty() {
+                    HeaderEdit::Remove("sec-websocket-protocol".into())
+                } else {
+                    HeaderEdit::Set("sec-websocket-protocol".into(), others.join(", "))
+                });
+            }
+        }
+        if let Some(value) = req.authorization {
+            if auth_source || !bearer_tokens(value).is_empty() {
+                edits.push(HeaderEdit::Remove("authorization".into()));
+            }
+        }
+        if let Some(header) = req.cookie.filter(|_| !cookies.is_empty()) {
+            if cookies.iter().any(|n| cookie::get(header, n).is_some()) {
+                edits.push(match cookie::without(header, &cookies) {
+                    Some(rest) => HeaderEdit::Set("cookie".into(), rest),
+                    None => HeaderEdit::Remove("cookie".into()),
+                });
+            }
+        }
+        only_tokens
+    }
+
     /// An in-band re-auth token on a live socket of `session` opened on `(route, path, host)`:
     /// verified like a connect token, with the route's rules, and it must belong to the same
-    /// session. Returns the socket's new deadline.
+    /// session. Returns the socket's new deadline and the verified token: the shell publishes
+    /// it as [`REAUTH_CLAIMS_PROPERTY`] / [`REAUTH_KID_PROPERTY`] for session-binding, and never
+    /// extends the shared session deadline with it (a re-auth extends its own socket only).
     pub fn reauth(
         &mut self,
         token: &str,
         at: (Option<&str>, &str, &str),
         session: &str,
         now: u64,
-    ) -> Result<u64, Denial> {
+    ) -> Result<(u64, Arc<Verified>), Denial> {
         let policy = self.config.policy_for(at.0, at.1, at.2).clone();
         let (verified, _) = match self.verify(token, &policy, now, false) {
             Ok(v) => v,
@@ -1009,7 +1221,7 @@ impl JwtAuth {
         if verified.session.as_deref() != Some(session) {
             return Err(Denial::OtherSession);
         }
-        Ok(verified.times.deadline(policy.time.skew))
+        Ok((verified.times.deadline(policy.time.skew), verified))
     }
 
     /// TLS to Envoy, or `x-forwarded-proto: https` from a trusted hop.
@@ -1032,7 +1244,17 @@ impl JwtAuth {
             return None;
         }
         let digest = sha256(format!("{name}\0{value}").as_bytes());
-        Some(crate::b64url(&digest[..12]))
+        let hash = crate::b64url(&digest[..12]);
+        // Tagged with its subject, so one subject cannot fill the session buckets.
+        Some(
+            match claims.get("sub").map(claim_text).filter(|s| !s.is_empty()) {
+                Some(sub) => {
+                    let tag = sha256(format!("sub\0{sub}").as_bytes());
+                    format!("{}.{hash}", crate::b64url(&tag[..6]))
+                }
+                None => hash,
+            },
+        )
     }
 
     fn query_has_token(&self, path: &str) -> bool {
@@ -1086,13 +1308,37 @@ impl JwtAuth {
                     .is_some_and(|pr| Some(pr.issuer.as_str()) == iss)
             })
             .ok_or(VerifyError::Token(TokenError::Issuer))?;
-        match jws.verify(&self.keys_of(provider)) {
-            Ok(()) => {}
+        // RFC 8725 3.11: a token of another type (an ID token, a logout token) is not an
+        // access token, even signed by the same key.
+        if let Some(p) = self.config.providers.get(provider) {
+            if !p.required_typ.is_empty()
+                && !jws
+                    .typ
+                    .as_deref()
+                    .is_some_and(|t| p.required_typ.contains(&normal_typ(t)))
+            {
+                return Err(VerifyError::Token(TokenError::Type));
+            }
+        }
+        let keys = self.keys_of(provider);
+        if jws.kid.is_none()
+            && self
+                .config
+                .providers
+                .get(provider)
+                .is_some_and(|p| p.require_kid)
+            && keys.candidates(None).filter(|k| k.alg == jws.alg).count() > 1
+        {
+            // Which key is meant is the token's to say when several could fit.
+            return Err(VerifyError::Token(TokenError::UnknownKey));
+        }
+        let key = match jws.verify(&keys) {
+            Ok(key) => key,
             Err(TokenError::UnknownKey) if may_fetch && self.may_refetch(provider, now) => {
                 return Err(VerifyError::Fetch(provider));
             }
             Err(e) => return Err(VerifyError::Token(e)),
-        }
+        };
         let times = TokenTimes::read(&claims).map_err(VerifyError::Token)?;
         if let Some(p) = self.config.providers.get(provider) {
             check_audience(&claims, &p.audiences).map_err(VerifyError::Token)?;
@@ -1104,6 +1350,8 @@ impl JwtAuth {
             payload: jws.payload,
             times,
             kid: jws.kid,
+            key_id: key.id().to_string(),
+            key,
         });
         // Cached before the time check: validity is re-checked on every hit anyway.
         self.cache.insert(
@@ -1115,6 +1363,61 @@ impl JwtAuth {
         times.check(now, &policy.time).map_err(VerifyError::Token)?;
         Ok((verified, false))
     }
+}
+
+/// The `Bearer` credentials of an `Authorization` value (Envoy joins repeated headers with
+/// `,`; the scheme is case-insensitive and any run of spaces or tabs may follow it).
+pub fn bearer_tokens(value: &str) -> Vec<&str> {
+    value
+        .split(',')
+        .filter_map(|cred| {
+            let cred = cred.trim_matches([' ', '\t']);
+            let (scheme, rest) = cred.split_once([' ', '\t'])?;
+            let token = rest.trim_matches([' ', '\t']);
+            (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+        })
+        .collect()
+}
+
+/// Which kind of location a token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum From {
+    Protocol,
+    Authorization,
+    Cookie,
+}
+
+/// Every token in `policy`'s sources, in source order, with the kind of location it was in.
+fn policy_tokens<'r>(policy: &Policy, req: &Request<'r>) -> Vec<(&'r str, From)> {
+    let mut found = Vec::new();
+    for source in &policy.sources {
+        match source {
+            Source::WebsocketProtocol { prefix } => {
+                if let Some(header) = req.ws_protocols {
+                    found.extend(
+                        ws::protocols(header)
+                            .filter_map(|p| p.strip_prefix(prefix.as_str()))
+                            .map(|t| (t, From::Protocol)),
+                    );
+                }
+            }
+            Source::Authorization => {
+                if let Some(value) = req.authorization {
+                    found.extend(
+                        bearer_tokens(value)
+                            .into_iter()
+                            .map(|t| (t, From::Authorization)),
+                    );
+                }
+            }
+            Source::Cookie { name } => {
+                if let Some(t) = req.cookie.and_then(|h| cookie::get(h, name)) {
+                    found.push((t, From::Cookie));
+                }
+            }
+        }
+    }
+    found
 }
 
 enum VerifyError {

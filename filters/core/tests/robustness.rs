@@ -33,7 +33,8 @@ fn setup() -> (JwtAuth, String) {
     let kp = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
     let cfg = json!({"providers": [{"name": "p", "issuer": "iss", "jwks": {"inline": {"keys": [
         {"kty": "OKP", "crv": "Ed25519", "kid": "k", "x": b64(kp.verifying_key().as_bytes())}]}}}],
-        "sources": [{"websocket_protocol": {}}, {"authorization": {}}, {"cookie": {"name": "t"}}]});
+        "sources": [{"websocket_protocol": {}}, {"authorization": {}}, {"cookie": {"name": "t"}}],
+        "trusted_web_origins": ["https://a.test"]});
     let auth = JwtAuth::new(JwtAuthConfig::compile(cfg.to_string().as_bytes()).unwrap());
     let input = format!(
         "{}.{}",
@@ -154,6 +155,9 @@ fn header_soup_never_panics() {
             route_name: None,
             tls: rng.below(2) == 0,
             forwarded_proto: Some(&a),
+            method: Some(&a),
+            origin: Some(&c),
+            sec_fetch_site: Some(&w),
         };
         let _ = auth.decide(&req, NOW, true);
     }
@@ -230,8 +234,8 @@ fn session_buckets_and_turn_requests_survive_garbage() {
         let len = rng.below(200);
         let junk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
         let _ = lookup(&junk, "s");
-        if let Some(next) = record(&junk, "s", NOW + 10, NOW) {
-            assert_eq!(lookup(&next, "s"), Some(NOW + 10));
+        if let Some(next) = record(&junk, "t.s", NOW + 10, NOW, 2) {
+            assert_eq!(lookup(&next, "t.s"), Some(NOW + 10));
         }
         let text = String::from_utf8_lossy(&junk).into_owned();
         let req = TurnRequest {

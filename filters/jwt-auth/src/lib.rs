@@ -5,10 +5,11 @@
 use gatehouse_core::jwt::KeySet;
 use gatehouse_core::jwt_auth::{
     Decision, Denial, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY, KID_PROPERTY,
+    REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
 };
 use gatehouse_core::reauth::{ClientFrames, Scan};
 use gatehouse_core::sessions;
-use gatehouse_core::ws::{Dir, LiveSocket};
+use gatehouse_core::ws::{self, Dir, LiveSocket};
 use gatehouse_host::{self as host, Body, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -61,6 +62,11 @@ impl Shared {
                 );
                 self.auth.set_remote_keys(provider, keys);
                 self.count("jwks.fetch_ok");
+                // Keys refused for what they are (RSA under 2048 bits, `key_ops` without
+                // `verify`, `use` other than `sig`, unsupported types): one count each.
+                for _ in 0..skipped {
+                    self.count("jwks.key_skipped");
+                }
                 true
             }
             Err(why) => {
@@ -212,6 +218,7 @@ impl RootContext for Root {
             live: None,
             frames: None,
             at: (None, String::new(), String::new()),
+            extend: None,
         }))
     }
 
@@ -232,16 +239,25 @@ struct Stream {
     frames: Option<ClientFrames>,
     /// Route name, path and host of an upgrade: re-auth tokens follow the same rules.
     at: (Option<String>, String, String),
+    /// The session deadline this request's token earns, written only once the whole chain
+    /// allowed the request (the response came from the upstream).
+    extend: Option<(String, u64)>,
 }
 
-/// Record a fresh deadline for `session` where every worker's live sockets look for it.
-fn extend_session(session: &str, deadline: u64, now: u64) {
+/// Record a fresh deadline for `session` where every worker's live sockets look for it, with at
+/// most `per_subject` records of its subject per bucket.
+fn extend_session(session: &str, deadline: u64, now: u64, per_subject: usize) {
     let key = sessions::bucket_key(session);
     // Compare-and-swap: another worker may write the same bucket at the same moment.
     for _ in 0..3 {
         let (value, cas) = host::shared_data(&key);
-        let Some(next) = sessions::record(value.as_deref().unwrap_or(&[]), session, deadline, now)
-        else {
+        let Some(next) = sessions::record(
+            value.as_deref().unwrap_or(&[]),
+            session,
+            deadline,
+            now,
+            per_subject,
+        ) else {
             return;
         };
         if host::set_shared_data(&key, &next, cas) {
@@ -272,6 +288,10 @@ impl Stream {
         // Transport facts matter only for upgrades (`wss_only`): no host calls otherwise.
         let tls = websocket && host::property_text(vec!["connection", "tls_version"]).is_some();
         let forwarded_proto = host::request_header_if(websocket, "x-forwarded-proto");
+        // The origin check of cookie-sourced tokens: only when a cookie is a source.
+        let method = host::request_header_if(needs.cookie, ":method");
+        let origin = host::request_header_if(needs.cookie, "origin");
+        let sec_fetch_site = host::request_header_if(needs.cookie, "sec-fetch-site");
         let req = Request {
             path: &path,
             host: &authority,
@@ -283,10 +303,15 @@ impl Stream {
             cookie: cookie.as_deref(),
             tls,
             forwarded_proto: forwarded_proto.as_deref(),
+            method: method.as_deref(),
+            origin: origin.as_deref(),
+            sec_fetch_site: sec_fetch_site.as_deref(),
         };
-        let now = host::now_secs();
+        // No clock: the core refuses whatever needs the time (503 / close 1013, `clock`).
+        let clock = host::now();
+        let now = clock.unwrap_or(0);
         let mut shared = self.shared.borrow_mut();
-        match shared.auth.decide(&req, now, may_fetch) {
+        match shared.auth.decide_at(&req, clock, may_fetch) {
             Decision::Allow {
                 edits,
                 token,
@@ -309,14 +334,14 @@ impl Stream {
                                 "could not publish claims as filter state",
                             );
                         }
-                        if let Some(kid) = &t.kid {
-                            host::set_filter_state(KID_PROPERTY, kid.as_bytes());
-                        }
+                        // The key that verified the signature, never the header's claim.
+                        host::set_filter_state(KID_PROPERTY, t.key_id.as_bytes());
                         shared.count(if cache_hit { "cache.hit" } else { "cache.miss" });
                         shared.count("allowed");
                         let session = socket.as_ref().and_then(|s| s.session.clone());
                         if let (Some(session), Some(deadline)) = (&session, deadline) {
-                            extend_session(session, deadline, now);
+                            // Not yet: a later filter (session-binding) may still refuse.
+                            self.extend = Some((session.clone(), deadline));
                         }
                         if websocket {
                             if session.is_some() && shared.auth.config.reauth.is_some() {
@@ -394,15 +419,24 @@ impl Stream {
         let Scan::Done { forward, tokens } = frames.scan(&data, &kind) else {
             return None;
         };
-        let now = host::now_secs();
+        let clock = host::now();
         for token in tokens {
+            let Some(now) = clock else {
+                // No clock: no re-auth can be checked; the socket closes with 1013.
+                live.close_with(ws::CLOSE_TRY_AGAIN_LATER, "clock unavailable");
+                shared.count("denied.clock");
+                break;
+            };
             match shared
                 .auth
                 .reauth(&token, (at.0.as_deref(), &at.1, &at.2), &session, now)
             {
-                Ok(deadline) => {
+                Ok((deadline, verified)) => {
+                    // Its own socket only: the shared session deadline is written by requests
+                    // the whole chain allowed. session-binding checks these on this chunk.
                     live.extend(deadline);
-                    extend_session(&session, deadline, now);
+                    host::set_filter_state(REAUTH_CLAIMS_PROPERTY, &verified.payload);
+                    host::set_filter_state(REAUTH_KID_PROPERTY, verified.key_id.as_bytes());
                     shared.count("ws.reauth");
                 }
                 Err(denial) => {
@@ -436,7 +470,20 @@ impl Stream {
         let Some(live) = self.live.as_mut() else {
             return;
         };
-        if host::live_chunk(live, dir, size, host::now_secs(), session_deadline) {
+        let Some(now) = host::now() else {
+            // No clock, no deadline check: the socket closes with 1013 (try again later).
+            if !live.is_closing() {
+                live.close_with(ws::CLOSE_TRY_AGAIN_LATER, "clock unavailable");
+                self.shared.borrow().count("denied.clock");
+                host::log_denial(
+                    NAME,
+                    "live websocket: the host cannot tell the time, closing with 1013",
+                );
+            }
+            host::live_chunk(live, dir, size, 0, |_| None);
+            return;
+        };
+        if host::live_chunk(live, dir, size, now, session_deadline) {
             self.shared.borrow().count("ws.expired_close");
             host::log(
                 LogLevel::Info,
@@ -475,6 +522,16 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if let Some((session, deadline)) = self.extend.take() {
+            // Only a response from the upstream means every filter allowed the request: a
+            // later filter's local reply is not `via_upstream`.
+            let via_upstream = host::property_text(vec!["response", "code_details"]).as_deref()
+                == Some("via_upstream");
+            if let (true, Some(now)) = (via_upstream, host::now()) {
+                let per_subject = self.shared.borrow().auth.config.sessions_per_subject;
+                extend_session(&session, deadline, now, per_subject);
+            }
+        }
         if let Some(socket) = self.ws_socket.take() {
             if host::response_header(":status").as_deref() == Some("101") {
                 self.live = Some(socket);

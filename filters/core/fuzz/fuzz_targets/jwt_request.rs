@@ -23,6 +23,7 @@ fn auth() -> &'static Mutex<JwtAuth> {
             "providers": [{"name": "p", "issuer": "iss", "jwks": {"inline": {"keys": [
                 {"kty": "OKP", "crv": "Ed25519", "kid": "k", "x": b64(key.verifying_key().as_bytes())}]}}}],
             "sources": [{"websocket_protocol": {}}, {"authorization": {}}, {"cookie": {"name": "t"}}],
+            "trusted_web_origins": ["https://a.test"],
             "forward_claims": {"sub": "x-sub"},
             "rules": [{"match": {"prefix": "/open"}, "allow_missing": true},
                       {"match": {"prefix": "/admin"}, "require": [{"claim": "scope", "contains": "admin"}]}]
@@ -63,6 +64,9 @@ fuzz_target!(|data: &[u8]| {
         cookie,
         tls: flags & 4 != 0,
         forwarded_proto: (flags & 8 != 0).then_some("https"),
+        method: (flags & 32 != 0).then_some("POST"),
+        origin: cookie,
+        sec_fetch_site: (flags & 64 != 0).then_some("same-origin"),
     };
     let mut auth = auth().lock().expect("lock");
     match auth.decide(&req, NOW + u64::from(flags >> 4), flags & 16 != 0) {

@@ -85,7 +85,9 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             let _ = sessions::lookup(input, "s");
-            if let Some(next) = sessions::record(input, "s", 1_700_000_010, 1_700_000_000) {
+            if let Some(next) =
+                sessions::record(input, "s", 1_700_000_010, 1_700_000_000, sessions::DEFAULT_PER_SUBJECT)
+            {
                 // Recorded, unless the bucket is full of entries that end no sooner (then the
                 // session only loses its extension; its sockets close at their own deadline).
                 if sessions::lookup(&next, "s") != Some(1_700_000_010) {

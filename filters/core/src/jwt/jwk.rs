@@ -21,6 +21,9 @@ enum Material {
 pub struct VerifyingKey {
     pub kid: Option<String>,
     pub alg: Alg,
+    /// RFC 7638 JWK thumbprint (SHA-256, base64url) of the public key: the key's identity
+    /// whatever its `kid` says.
+    pub thumbprint: String,
     material: Material,
 }
 
@@ -29,6 +32,7 @@ impl std::fmt::Debug for VerifyingKey {
         f.debug_struct("VerifyingKey")
             .field("kid", &self.kid)
             .field("alg", &self.alg)
+            .field("thumbprint", &self.thumbprint)
             .finish_non_exhaustive()
     }
 }
@@ -81,7 +85,34 @@ fn rs256_verify(key: &rsa::PublicKey, signing_input: &[u8], signature: &[u8]) ->
     high.iter().all(|&b| b == 0) && em == expected.as_slice()
 }
 
+/// RFC 7638: SHA-256 over the required members, sorted, without whitespace.
+fn thumbprint(members: &[(&str, &str)]) -> String {
+    let mut json = String::from("{");
+    for (i, (k, v)) in members.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&serde_json::json!(k).to_string());
+        json.push(':');
+        json.push_str(&serde_json::json!(v).to_string());
+    }
+    json.push('}');
+    crate::b64url(&crate::sha256(json.as_bytes()))
+}
+
 impl VerifyingKey {
+    /// What names this key in filter state and revocation lists: its `kid`, or its RFC 7638
+    /// thumbprint when it has none.
+    pub fn id(&self) -> &str {
+        self.kid.as_deref().unwrap_or(&self.thumbprint)
+    }
+
+    /// Same key material and algorithm (and the same `kid`): a refreshed JWKS that still
+    /// publishes it keeps what it verified.
+    pub fn same_key(&self, other: &VerifyingKey) -> bool {
+        self.thumbprint == other.thumbprint && self.alg == other.alg && self.kid == other.kid
+    }
+
     /// Check `signature` over `signing_input` (the ASCII `header.payload`).
     pub fn verify(&self, signing_input: &[u8], signature: &[u8]) -> bool {
         match &self.material {
@@ -114,6 +145,7 @@ impl VerifyingKey {
         Ok(Self {
             kid,
             alg: Alg::Hs256,
+            thumbprint: thumbprint(&[("k", &crate::b64url(&secret)), ("kty", "oct")]),
             material: Material::Hs256(secret),
         })
     }
@@ -122,6 +154,14 @@ impl VerifyingKey {
     pub fn from_jwk(value: &serde_json::Value) -> Result<Self, ConfigError> {
         let jwk: Jwk = serde_json::from_value(value.clone())
             .map_err(|e| ConfigError::new("", format!("not a JWK: {e}")))?;
+        if let Some(ops) = &jwk.key_ops {
+            if !ops.iter().any(|o| o == "verify") {
+                return Err(ConfigError::new(
+                    "key_ops",
+                    "does not include `verify`: the key is not for checking signatures",
+                ));
+            }
+        }
         if let Some(u) = jwk.use_.as_deref() {
             if u != "sig" {
                 return Err(ConfigError::new(
@@ -142,6 +182,21 @@ impl VerifyingKey {
                 .ok_or_else(|| ConfigError::new(name, "missing"))?;
             b64url_decode(s).ok_or_else(|| ConfigError::new(name, "not base64url"))
         };
+        let text = |v: &Option<String>| v.clone().unwrap_or_default();
+        let print = match jwk.kty.as_str() {
+            "RSA" => thumbprint(&[("e", &text(&jwk.e)), ("kty", "RSA"), ("n", &text(&jwk.n))]),
+            "EC" => thumbprint(&[
+                ("crv", &text(&jwk.crv)),
+                ("kty", "EC"),
+                ("x", &text(&jwk.x)),
+                ("y", &text(&jwk.y)),
+            ]),
+            _ => thumbprint(&[
+                ("crv", &text(&jwk.crv)),
+                ("kty", "OKP"),
+                ("x", &text(&jwk.x)),
+            ]),
+        };
         let (alg, material) = match jwk.kty.as_str() {
             "RSA" => {
                 let n = field("n", &jwk.n)?;
@@ -151,6 +206,16 @@ impl VerifyingKey {
                     rsa::BoxedUint::from_be_slice_vartime(&e),
                 )
                 .map_err(|err| ConfigError::new("n", format!("not a usable RSA key: {err}")))?;
+                {
+                    use rsa::traits::PublicKeyParts;
+                    // RFC 7518 3.3: 2048 bits or more.
+                    if key.n().as_ref().bit_width_vartime() < 2048 {
+                        return Err(ConfigError::new(
+                            "n",
+                            "RSA keys under 2048 bits are refused",
+                        ));
+                    }
+                }
                 match declared.unwrap_or(Alg::Rs256) {
                     Alg::Rs256 => (Alg::Rs256, Material::Rs256(key)),
                     // RFC 7518 3.5: the salt is as long as the hash.
@@ -209,6 +274,7 @@ impl VerifyingKey {
         Ok(Self {
             kid: jwk.kid,
             alg,
+            thumbprint: print,
             material,
         })
     }
@@ -225,6 +291,7 @@ struct Jwk {
     alg: Option<String>,
     #[serde(rename = "use")]
     use_: Option<String>,
+    key_ops: Option<Vec<String>>,
     crv: Option<String>,
     n: Option<String>,
     e: Option<String>,
@@ -285,11 +352,15 @@ impl KeySet {
     pub fn candidates<'a>(
         &'a self,
         kid: Option<&'a str>,
-    ) -> impl Iterator<Item = &'a VerifyingKey> + 'a {
+    ) -> impl Iterator<Item = &'a Arc<VerifyingKey>> + 'a {
         self.keys
             .iter()
-            .map(|k| k.as_ref())
             .filter(move |k| kid.is_none() || k.kid.as_deref() == kid)
+    }
+
+    /// Whether this set still has `key` (same material, algorithm and `kid`).
+    pub fn contains(&self, key: &VerifyingKey) -> bool {
+        self.keys.iter().any(|k| k.same_key(key))
     }
 }
 

@@ -1,14 +1,17 @@
 //! Compact JWS parsing, bounded before any decoding, and verification against a key set.
 
-use super::{Alg, KeySet, TokenError};
+use super::{Alg, KeySet, TokenError, VerifyingKey};
 use crate::b64url_decode;
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// A parsed, not yet verified, compact JWS.
 #[derive(Debug)]
 pub struct Jws<'a> {
     pub alg: Alg,
     pub kid: Option<String>,
+    /// The header's `typ`, as written.
+    pub typ: Option<String>,
     /// `header.payload`, the bytes the signature covers.
     pub signing_input: &'a [u8],
     /// The decoded payload (JSON).
@@ -20,7 +23,15 @@ pub struct Jws<'a> {
 struct Header {
     alg: String,
     kid: Option<String>,
-    crit: Option<serde_json::Value>,
+    typ: Option<String>,
+    /// Present at all (even `null`): see `parse`.
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
+}
+
+/// `true` for any value, `null` included (a missing field takes the default, `false`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
 fn is_b64url(s: &str) -> bool {
@@ -47,8 +58,9 @@ impl<'a> Jws<'a> {
         let header_json = b64url_decode(h).ok_or(TokenError::Malformed)?;
         let header: Header =
             serde_json::from_slice(&header_json).map_err(|_| TokenError::Malformed)?;
-        // RFC 7515 4.1.11: we understand no extension, so any `crit` makes the token unusable.
-        if header.crit.is_some() {
+        // RFC 7515 4.1.11: `crit` must list extensions the recipient understands; we understand
+        // none, so any `crit` (`null`, `[]` and a list alike) makes the token unusable.
+        if header.crit {
             return Err(TokenError::Malformed);
         }
         // Before the signature is even looked at: `alg: none` tokens (empty signature) are
@@ -62,6 +74,7 @@ impl<'a> Jws<'a> {
         Ok(Self {
             alg,
             kid: header.kid,
+            typ: header.typ,
             signing_input: &token.as_bytes()[..h.len() + 1 + p.len()],
             payload,
             signature,
@@ -70,7 +83,9 @@ impl<'a> Jws<'a> {
 
     /// Verify against `keys`. The key's algorithm must equal the header's: a token cannot pick
     /// HS256 to have an RSA public key used as an HMAC secret.
-    pub fn verify(&self, keys: &KeySet) -> Result<(), TokenError> {
+    /// Returns the key that verified the signature (for a token without `kid`, the one key of
+    /// the set that fits, whatever `kid` it is published under).
+    pub fn verify(&self, keys: &KeySet) -> Result<Arc<VerifyingKey>, TokenError> {
         let mut saw_key = false;
         let mut saw_alg = false;
         for key in keys.candidates(self.kid.as_deref()) {
@@ -80,7 +95,7 @@ impl<'a> Jws<'a> {
             }
             saw_alg = true;
             if key.verify(self.signing_input, &self.signature) {
-                return Ok(());
+                return Ok(key.clone());
             }
         }
         Err(match (saw_key, saw_alg) {

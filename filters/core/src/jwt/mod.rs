@@ -65,6 +65,8 @@ pub enum TokenError {
     Lifetime,
     Issuer,
     Audience,
+    /// The header's `typ` is not one of the provider's `required_typ` (RFC 8725 3.11).
+    Type,
 }
 
 impl TokenError {
@@ -82,6 +84,7 @@ impl TokenError {
             TokenError::Lifetime => "lifetime",
             TokenError::Issuer => "issuer",
             TokenError::Audience => "audience",
+            TokenError::Type => "typ",
         }
     }
 }

@@ -383,6 +383,7 @@ fn query_string_tokens_are_refused() {
 fn cookie_source_and_forwarded_claims() {
     let mut f = config(json!({
         "sources": [{"cookie": {"name": "gh_jwt"}}],
+        "trusted_web_origins": ["https://app.test"],
         "forward_claims": {"sub": "X-Gatehouse-Sub"},
     }));
     let cookie = format!("a=1; gh_jwt={}; b=2", token());
@@ -613,4 +614,632 @@ fn socket_terms_name_the_session_by_hash_and_bound_the_lifetime() {
         err.to_string(),
         "config error at rules[0].max_socket_seconds: must be at least 1"
     );
+}
+
+fn ws<'a>(protocols: &'a str) -> Request<'a> {
+    Request {
+        websocket: true,
+        ws_key: Some("dGhlIHNhbXBsZSBub25jZQ=="),
+        ws_protocols: Some(protocols),
+        ..http(None)
+    }
+}
+
+fn sets(edits: &[HeaderEdit], name: &str) -> Option<String> {
+    edits.iter().rev().find_map(|e| match e {
+        HeaderEdit::Set(n, v) if n == name => Some(v.clone()),
+        _ => None,
+    })
+}
+
+fn removes(edits: &[HeaderEdit], name: &str) -> bool {
+    edits
+        .iter()
+        .any(|e| matches!(e, HeaderEdit::Remove(n) if n == name))
+}
+
+#[test]
+fn forward_sends_only_the_verified_token_as_bearer() {
+    // Global `forward`, token from a cookie: the upstream gets it as Authorization.
+    let mut f = config(json!({
+        "sources": [{"cookie": {"name": "at"}}, {"authorization": {}}],
+        "trusted_web_origins": ["https://app.test"],
+        "forward": true,
+    }));
+    let t = token();
+    let cookie = format!("at={t}; theme=dark");
+    let req = Request {
+        cookie: Some(&cookie),
+        ..http(None)
+    };
+    let (edits, tok, _, _) = allowed(f.decide(&req, NOW, true));
+    assert!(tok.is_some());
+    assert_eq!(sets(&edits, "authorization"), Some(format!("Bearer {t}")));
+    assert!(!removes(&edits, "authorization"), "set, not removed after");
+    assert_eq!(sets(&edits, "cookie").as_deref(), Some("theme=dark"));
+    // From Authorization (any whitespace): forwarded normalised.
+    let auth = format!("bearer\t {t}");
+    let (edits, _, _, _) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+    assert_eq!(sets(&edits, "authorization"), Some(format!("Bearer {t}")));
+    // Never an unverified one: a bad token is refused, nothing is forwarded.
+    let bad = format!("at={}x", t);
+    let req = Request {
+        cookie: Some(&bad),
+        ..http(None)
+    };
+    assert!(matches!(f.decide(&req, NOW, true), Decision::Deny { .. }));
+
+    // Per rule: off globally, on for /api/.
+    let mut f = config(json!({
+        "rules": [{"match": {"prefix": "/api/"}, "forward": true}],
+    }));
+    let auth = bearer(&t);
+    let (edits, _, _, _) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+    assert_eq!(sets(&edits, "authorization"), Some(format!("Bearer {t}")));
+    let req = Request {
+        path: "/other",
+        ..http(Some(&auth))
+    };
+    let (edits, _, _, _) = allowed(f.decide(&req, NOW, true));
+    assert!(removes(&edits, "authorization"));
+    assert_eq!(sets(&edits, "authorization"), None, "default: stripped");
+    // A subprotocol token is stripped by default, forwarded only when asked.
+    let proto = format!("sip, bearer.{t}");
+    let (edits, _, _, _) = allowed(f.decide(
+        &Request {
+            path: "/ws",
+            ..ws(&proto)
+        },
+        NOW,
+        true,
+    ));
+    assert_eq!(sets(&edits, "authorization"), None);
+    assert_eq!(
+        sets(&edits, "sec-websocket-protocol").as_deref(),
+        Some("sip")
+    );
+}
+
+#[test]
+fn every_credential_location_is_stripped_on_every_decision() {
+    let t = token();
+    let forged = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJtYWxsb3J5In0.";
+    let mut f = config(json!({
+        "rules": [{"match": {"prefix": "/public/"}, "allow_missing": true}],
+    }));
+    // A valid subprotocol token plus a forged Authorization: two different tokens, 400.
+    let proto = format!("sip, bearer.{t}");
+    let auth = bearer(forged);
+    let req = Request {
+        authorization: Some(&auth),
+        ..ws(&proto)
+    };
+    let Decision::Deny { denial, reply } = f.decide(&req, NOW, true) else {
+        panic!()
+    };
+    assert_eq!(denial, Denial::MultipleTokens);
+    assert_eq!(&reply.body[2..4], &4400u16.to_be_bytes());
+    // The same token twice is one credential; both copies are stripped.
+    let same = bearer(&t);
+    let req = Request {
+        authorization: Some(&same),
+        ..ws(&proto)
+    };
+    let (edits, _, _, _) = allowed(f.decide(&req, NOW, true));
+    assert!(removes(&edits, "authorization"));
+    // Authorization that is not a Bearer token is still removed when it is a source.
+    let basic = "Basic YTpi".to_string();
+    let req = Request {
+        authorization: Some(&basic),
+        ..ws(&proto)
+    };
+    let (edits, _, _, _) = allowed(f.decide(&req, NOW, true));
+    assert!(removes(&edits, "authorization"));
+    // allow_missing: `Bearer\t<jwt>`, and two headers (Envoy joins them with `,`), stripped.
+    for value in [
+        format!("Bearer\t{forged}"),
+        format!("Basic YTpi, Bearer {forged}"),
+    ] {
+        let req = Request {
+            path: "/public/x",
+            ..http(Some(&value))
+        };
+        let d = f.decide(&req, NOW, true);
+        match d {
+            Decision::Allow { edits, token, .. } => {
+                assert!(token.is_none());
+                panic!("a present token is verified, not waved through: {edits:?}");
+            }
+            Decision::Deny { denial, .. } => {
+                assert_eq!(denial, Denial::Token(TokenError::Algorithm), "{value}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let two = format!("Bearer {t}, Bearer {forged}");
+    let req = Request {
+        path: "/public/x",
+        ..http(Some(&two))
+    };
+    assert_eq!(
+        super::tests::denial(f.decide(&req, NOW, true)),
+        Denial::MultipleTokens
+    );
+    // No token at all but a non-bearer credential on an allow_missing route: stripped.
+    let req = Request {
+        path: "/public/x",
+        ..http(Some(&basic))
+    };
+    let (edits, tok, _, _) = allowed(f.decide(&req, NOW, true));
+    assert!(tok.is_none());
+    assert!(removes(&edits, "authorization"));
+
+    // Only the subprotocol is a source: a Bearer Authorization header still never passes.
+    let mut f = config(json!({"sources": [{"websocket_protocol": {}}]}));
+    let req = Request {
+        authorization: Some(&auth),
+        ..ws(&proto)
+    };
+    let (edits, _, _, _) = allowed(f.decide(&req, NOW, true));
+    assert!(removes(&edits, "authorization"));
+    // Cookie sources of other rules are stripped too.
+    let mut f = config(json!({
+        "trusted_web_origins": ["https://app.test"],
+        "rules": [{"match": {"prefix": "/c/"}, "sources": [{"cookie": {"name": "at"}}]}],
+    }));
+    let cookie = format!("at={forged}; x=1");
+    let req = Request {
+        cookie: Some(&cookie),
+        ..http(Some(&same))
+    };
+    let (edits, _, _, _) = allowed(f.decide(&req, NOW, true));
+    assert_eq!(sets(&edits, "cookie").as_deref(), Some("x=1"));
+    assert!(f.config.needs.cookie);
+}
+
+#[test]
+fn only_the_token_subprotocol_is_refused_without_echoing_it() {
+    let mut f = config(json!({}));
+    let only = format!("bearer.{}", token());
+    let Decision::Deny { denial, reply } = f.decide(&ws(&only), NOW, true) else {
+        panic!()
+    };
+    assert_eq!(denial, Denial::WsProtocol);
+    assert_eq!(reply.status, 101);
+    assert!(
+        !reply
+            .headers
+            .iter()
+            .any(|(k, _)| k == "sec-websocket-protocol"),
+        "the token is never echoed in the 101"
+    );
+}
+
+#[test]
+fn published_key_id_is_the_verifying_keys() {
+    // Two keys; the token has no kid and verifies with the second, published as `k2`.
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let other_jwk = json!({"kty": "OKP", "crv": "Ed25519", "kid": "k1", "x": b64(other.verifying_key().as_bytes())});
+    let mut f = config(json!({
+        "providers": [{"name": "main", "issuer": ISS, "audiences": ["api"],
+            "jwks": {"inline": {"keys": [other_jwk, ed_jwk("k2")]}}}],
+    }));
+    let kidless = sign_ed(json!({"alg": "EdDSA"}), claims());
+    let auth = bearer(&kidless);
+    let (_, tok, _, _) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+    let tok = tok.unwrap();
+    assert_eq!(tok.kid, None);
+    assert_eq!(tok.key_id, "k2");
+    // A key without kid is named by its RFC 7638 thumbprint.
+    let x = b64(keypair().verifying_key().as_bytes());
+    let mut f = config(json!({
+        "providers": [{"name": "main", "issuer": ISS, "audiences": ["api"],
+            "jwks": {"inline": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x}]}}}],
+    }));
+    let (_, tok, _, _) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+    let want = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#);
+    assert_eq!(
+        tok.unwrap().key_id,
+        crate::b64url(&crate::sha256(want.as_bytes()))
+    );
+}
+
+#[test]
+fn rfc7638_thumbprint_example() {
+    // RFC 7638 section 3.1.
+    let jwk = json!({"kty": "RSA",
+        "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+        "e": "AQAB", "alg": "RS256", "kid": "2011-04-29"});
+    let key = VerifyingKey::from_jwk(&jwk).unwrap();
+    assert_eq!(
+        key.thumbprint,
+        "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+    );
+    assert_eq!(key.id(), "2011-04-29");
+}
+
+#[test]
+fn cookie_tokens_need_a_trusted_origin_for_writes_and_upgrades() {
+    let mut f = config(json!({
+        "trusted_web_origins": ["https://app.test"],
+        "rules": [
+            {"match": {"prefix": "/ws/"}, "sources": [{"websocket_protocol": {}}]},
+            {"match": {"prefix": "/api/"}, "sources": [{"cookie": {"name": "at"}}]},
+        ],
+    }));
+    let t = token();
+    let cookie = format!("at={t}");
+    let base = Request {
+        cookie: Some(&cookie),
+        ..http(None)
+    };
+    // A GET from anywhere is fine (CORS keeps the response from a foreign page).
+    let get = Request {
+        method: Some("GET"),
+        origin: Some("https://evil.test"),
+        ..base.clone()
+    };
+    assert!(matches!(f.decide(&get, NOW, true), Decision::Allow { .. }));
+    for (method, origin, site, ok) in [
+        ("POST", Some("https://app.test"), None, true),
+        ("post", Some("https://APP.test"), None, true),
+        ("DELETE", Some("https://evil.test"), None, false),
+        ("PUT", None, None, false),
+        ("PATCH", None, Some("same-origin"), true),
+        ("POST", None, Some("same-site"), false),
+    ] {
+        let req = Request {
+            method: Some(method),
+            origin,
+            sec_fetch_site: site,
+            ..base.clone()
+        };
+        let d = f.decide(&req, NOW, true);
+        if ok {
+            assert!(matches!(d, Decision::Allow { .. }), "{method} {origin:?}");
+        } else {
+            let Decision::Deny { denial, reply } = d else {
+                panic!("{method} {origin:?}")
+            };
+            assert_eq!((denial, reply.status), (Denial::Origin, 403));
+            assert_eq!(denial.reason(), "origin");
+        }
+    }
+    // An upgrade with a cookie token: even a GET, and no Origin is refused (close 4403).
+    let mut f2 = config(json!({
+        "sources": [{"cookie": {"name": "at"}}],
+        "trusted_web_origins": ["https://app.test"],
+    }));
+    let up = Request {
+        cookie: Some(&cookie),
+        method: Some("GET"),
+        ..ws("sip")
+    };
+    let Decision::Deny { denial, reply } = f2.decide(&up, NOW, true) else {
+        panic!()
+    };
+    assert_eq!(denial, Denial::Origin);
+    assert_eq!(&reply.body[2..4], &4403u16.to_be_bytes());
+    let up_ok = Request {
+        origin: Some("https://app.test"),
+        ..up.clone()
+    };
+    assert!(matches!(
+        f2.decide(&up_ok, NOW, true),
+        Decision::Allow { .. }
+    ));
+    // The subprotocol route takes no cookie at all: the cookie is stripped, the token missing.
+    let req = Request {
+        path: "/ws/x",
+        cookie: Some(&cookie),
+        ..ws("sip")
+    };
+    assert_eq!(
+        super::tests::denial(f.decide(&req, NOW, true)),
+        Denial::Missing
+    );
+    // A cookie source without trusted origins does not load.
+    for (cfg, field) in [
+        (
+            json!({"sources": [{"cookie": {"name": "at"}}]}),
+            "trusted_web_origins",
+        ),
+        (
+            json!({"rules": [{"match": {"prefix": "/a"}, "sources": [{"cookie": {"name": "at"}}]}]}),
+            "rules[0].trusted_web_origins",
+        ),
+        (
+            json!({"trusted_web_origins": ["app.test"]}),
+            "trusted_web_origins[0]",
+        ),
+    ] {
+        let mut base = json!({
+            "providers": [{"name": "main", "issuer": ISS, "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
+        });
+        for (k, v) in cfg.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        let err = JwtAuthConfig::compile(base.to_string().as_bytes())
+            .err()
+            .unwrap();
+        assert_eq!(err.path, field);
+    }
+}
+
+#[test]
+fn dot_segments_never_reach_rule_matching() {
+    let mut f = config(json!({
+        "rules": [{"match": {"prefix": "/public/"}, "allow_missing": true}],
+    }));
+    let ok = Request {
+        path: "/public/x",
+        ..http(None)
+    };
+    assert!(matches!(
+        f.decide(&ok, NOW, true),
+        Decision::Allow { token: None, .. }
+    ));
+    for (path, reason) in [
+        ("/public/../api/x", "path_dot_segment"),
+        ("/public/%2e%2e/api/x", "path_dot_segment"),
+        ("/public/.%2E/api", "path_dot_segment"),
+        ("/public/..%2fapi/x", "path_separator"),
+        ("/public/a%5c..", "path_separator"),
+    ] {
+        let req = Request { path, ..http(None) };
+        let Decision::Deny { denial, reply } = f.decide(&req, NOW, true) else {
+            panic!("{path}")
+        };
+        assert_eq!((denial.reason(), reply.status), (reason, 400), "{path}");
+    }
+    let req = Request {
+        path: "/public/../api",
+        ..ws("sip")
+    };
+    let Decision::Deny { reply, .. } = f.decide(&req, NOW, true) else {
+        panic!()
+    };
+    assert_eq!(&reply.body[2..4], &4400u16.to_be_bytes());
+}
+
+#[test]
+fn no_clock_fails_closed() {
+    let mut f = config(json!({
+        "rules": [{"match": {"prefix": "/public/"}, "allow_missing": true}],
+    }));
+    let auth = bearer(&token());
+    let Decision::Deny { denial, reply } = f.decide_at(&http(Some(&auth)), None, true) else {
+        panic!()
+    };
+    assert_eq!((denial.reason(), reply.status), ("clock", 503));
+    let proto = format!("sip, bearer.{}", token());
+    let Decision::Deny { reply, .. } = f.decide_at(&ws(&proto), None, true) else {
+        panic!()
+    };
+    assert_eq!(&reply.body[2..4], &1013u16.to_be_bytes());
+    // What needs no time still works: an allowed missing token.
+    let req = Request {
+        path: "/public/x",
+        ..http(None)
+    };
+    assert!(matches!(
+        f.decide_at(&req, None, true),
+        Decision::Allow { token: None, .. }
+    ));
+}
+
+#[test]
+fn required_typ_is_compared_case_insensitively_with_or_without_application() {
+    let mut f = config(json!({"required_typ": ["at+jwt", "JWT"]}));
+    for (typ, ok) in [
+        (Some("at+jwt"), true),
+        (Some("AT+JWT"), true),
+        (Some("application/at+jwt"), true),
+        (Some("jwt"), true),
+        (Some("logout+jwt"), false),
+        (Some("id_token+jwt"), false),
+        (None, false),
+    ] {
+        let mut header = json!({"alg": "EdDSA", "kid": "ed1"});
+        if let Some(t) = typ {
+            header["typ"] = json!(t);
+        }
+        let auth = bearer(&sign_ed(header, claims()));
+        let d = f.decide(&http(Some(&auth)), NOW, true);
+        if ok {
+            allowed(d);
+        } else {
+            let d = denial(d);
+            assert_eq!(
+                (d, d.reason()),
+                (Denial::Token(TokenError::Type), "typ"),
+                "{typ:?}"
+            );
+        }
+    }
+    // Per provider: overrides the global list.
+    let mut f = config(json!({
+        "required_typ": ["at+jwt"],
+        "providers": [{"name": "main", "issuer": ISS, "audiences": ["api"], "required_typ": ["JWT"],
+            "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
+    }));
+    allowed(f.decide(&http(Some(&bearer(&token()))), NOW, true));
+    // Off by default.
+    let mut f = config(json!({}));
+    let untyped = bearer(&sign_ed(json!({"alg": "EdDSA", "kid": "ed1"}), claims()));
+    allowed(f.decide(&http(Some(&untyped)), NOW, true));
+    let err = JwtAuthConfig::compile(
+        json!({"providers": [{"name": "p", "issuer": ISS, "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
+            "required_typ": []})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap_err();
+    assert_eq!(err.path, "required_typ");
+}
+
+#[test]
+fn any_crit_header_is_refused_even_null() {
+    let mut f = config(json!({}));
+    for crit in [json!(null), json!([]), json!(["exp"]), json!("b64")] {
+        let t = sign_ed(
+            json!({"alg": "EdDSA", "kid": "ed1", "crit": crit}),
+            claims(),
+        );
+        assert_eq!(
+            denial(f.decide(&http(Some(&bearer(&t))), NOW, true)),
+            Denial::Token(TokenError::Malformed),
+            "{crit}"
+        );
+    }
+}
+
+#[test]
+fn weak_or_non_verifying_keys_are_refused_inline_and_skipped_fetched() {
+    let small_rsa = json!({"kty": "RSA", "kid": "r1", "e": "AQAB",
+        "n": b64(&[&[0xc5u8][..], &[0x5a; 126][..], &[0x01][..]].concat())});
+    let sign_only = {
+        let mut k = ed_jwk("s1");
+        k["key_ops"] = json!(["sign"]);
+        k
+    };
+    let enc = {
+        let mut k = ed_jwk("e1");
+        k["use"] = json!("enc");
+        k
+    };
+    for (key, field, says) in [
+        (
+            small_rsa.clone(),
+            "providers[0].jwks.inline.keys[0].n",
+            "2048",
+        ),
+        (
+            sign_only.clone(),
+            "providers[0].jwks.inline.keys[0].key_ops",
+            "verify",
+        ),
+        (
+            enc.clone(),
+            "providers[0].jwks.inline.keys[0].use",
+            "signatures",
+        ),
+    ] {
+        let cfg = json!({"providers": [{"name": "p", "issuer": ISS, "jwks": {"inline": {"keys": [key]}}}]});
+        let err = JwtAuthConfig::compile(cfg.to_string().as_bytes()).unwrap_err();
+        assert_eq!(err.path, field);
+        assert!(err.message.contains(says), "{err}");
+    }
+    let mut verify_ok = ed_jwk("v1");
+    verify_ok["key_ops"] = json!(["verify"]);
+    assert!(VerifyingKey::from_jwk(&verify_ok).is_ok());
+    // A fetched JWKS skips (and counts) them, keeping the good key.
+    let (keys, skipped) = KeySet::from_jwks(
+        &json!({"keys": [small_rsa, sign_only, enc, ed_jwk("ed1")]}),
+        false,
+    )
+    .unwrap();
+    assert_eq!((keys.len(), skipped), (1, 3));
+}
+
+#[test]
+fn a_jwks_refresh_keeps_cached_tokens_whose_key_is_still_published() {
+    let mut f = JwtAuth::new(
+        JwtAuthConfig::compile(
+            json!({"providers": [{"name": "r", "issuer": ISS, "jwks": {"remote": {"cluster": "idp", "path": "/jwks"}}}]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap(),
+    );
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let other_jwk = json!({"kty": "OKP", "crv": "Ed25519", "kid": "k9", "x": b64(other.verifying_key().as_bytes())});
+    let set = |keys: Value| {
+        KeySet::from_jwks(&json!({ "keys": keys }), false)
+            .unwrap()
+            .0
+    };
+    f.set_remote_keys(0, set(json!([ed_jwk("ed1")])));
+    let auth = bearer(&token());
+    let (_, _, _, hit) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+    assert!(!hit);
+    // A refetch (say, for someone's unknown kid) that still publishes ed1: still a hit.
+    f.set_remote_keys(0, set(json!([ed_jwk("ed1"), other_jwk.clone()])));
+    let (_, _, _, hit) = allowed(f.decide(&http(Some(&auth)), NOW, true));
+    assert!(hit, "the cache survives a refresh that keeps the key");
+    // The same kid with other material is another key: dropped.
+    let swapped = json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed1", "x": b64(other.verifying_key().as_bytes())});
+    f.set_remote_keys(0, set(json!([swapped])));
+    assert_eq!(
+        denial(f.decide(&http(Some(&auth)), NOW, false)),
+        Denial::Token(TokenError::Signature),
+        "never served from the cache once its key is gone"
+    );
+    // Withdrawn altogether: refused.
+    f.set_remote_keys(0, set(json!([ed_jwk("ed1")])));
+    allowed(f.decide(&http(Some(&auth)), NOW, true));
+    f.set_remote_keys(0, set(json!([other_jwk])));
+    assert_eq!(
+        denial(f.decide(&http(Some(&auth)), NOW, false)),
+        Denial::Token(TokenError::UnknownKey)
+    );
+}
+
+#[test]
+fn session_keys_are_tagged_with_their_subject() {
+    let mut f = config(json!({"session_claims": ["sid"]}));
+    let key = |f: &mut JwtAuth, sub: &str, sid: &str| {
+        let mut c = claims();
+        c["sub"] = json!(sub);
+        c["sid"] = json!(sid);
+        let auth = bearer(&sign_ed(json!({"alg": "EdDSA", "kid": "ed1"}), c));
+        match f.decide(&http(Some(&auth)), NOW, true) {
+            Decision::Allow { socket, .. } => socket.unwrap().session.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let a1 = key(&mut f, "alice", "s1");
+    let a2 = key(&mut f, "alice", "s2");
+    let b1 = key(&mut f, "bob", "s1");
+    assert_eq!(crate::sessions::subject(&a1), crate::sessions::subject(&a2));
+    assert_ne!(crate::sessions::subject(&a1), crate::sessions::subject(&b1));
+    assert_ne!(a1, b1, "the same sid of another subject is another session");
+    assert!(!a1.contains("alice") && !a1.contains("s1"));
+    assert_eq!(
+        f.config.sessions_per_subject,
+        crate::sessions::DEFAULT_PER_SUBJECT
+    );
+    let zero = json!({"providers": [{"name": "p", "issuer": ISS, "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
+        "max_sessions_per_subject": 0});
+    assert_eq!(
+        JwtAuthConfig::compile(zero.to_string().as_bytes())
+            .unwrap_err()
+            .path,
+        "max_sessions_per_subject"
+    );
+}
+
+#[test]
+fn require_kid_refuses_kidless_tokens_only_when_several_keys_fit() {
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let other_jwk = json!({"kty": "OKP", "crv": "Ed25519", "kid": "k1", "x": b64(other.verifying_key().as_bytes())});
+    let kidless = bearer(&sign_ed(json!({"alg": "EdDSA"}), claims()));
+    let two = |require: bool| {
+        config(
+            json!({"providers": [{"name": "main", "issuer": ISS, "audiences": ["api"], "require_kid": require,
+            "jwks": {"inline": {"keys": [other_jwk.clone(), ed_jwk("ed1")]}}}]}),
+        )
+    };
+    allowed(two(false).decide(&http(Some(&kidless)), NOW, true));
+    assert_eq!(
+        denial(two(true).decide(&http(Some(&kidless)), NOW, true)),
+        Denial::Token(TokenError::UnknownKey)
+    );
+    allowed(two(true).decide(&http(Some(&bearer(&token()))), NOW, true));
+    // One key of the algorithm: nothing is ambiguous.
+    let mut one = config(
+        json!({"providers": [{"name": "main", "issuer": ISS, "audiences": ["api"], "require_kid": true,
+        "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}]}),
+    );
+    allowed(one.decide(&http(Some(&kidless)), NOW, true));
 }
