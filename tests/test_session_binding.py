@@ -746,7 +746,6 @@ def reauth_frame(token: str) -> str:
     return json.dumps({"type": "gatehouse.reauth", "token": token})
 
 
-@pytest.mark.xfail(strict=False, reason="needs h-jwt: jwt-auth publishing gatehouse.jwt_auth.reauth_claims")
 def test_reauth_tokens_are_checked_against_the_feed_and_used_once(key, demo, envoy_factory, feed):
     """Issue 13 #9: a token that arrives in an in-band re-auth frame is checked like a connect
     token. jwt-auth verifies it and publishes its payload as filter state

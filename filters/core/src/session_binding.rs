@@ -31,11 +31,9 @@ use subtle::ConstantTimeEq;
 /// Envoy's native JWT filter: the dynamic-metadata namespace of `payload_in_metadata`.
 pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
 
-/// jwt-auth's filter state on a live socket: the payload of the last in-band re-auth token it
-/// verified and accepted (overwritten on every re-auth).
-pub const REAUTH_CLAIMS_PROPERTY: &str = "gatehouse.jwt_auth.reauth_claims";
-/// jwt-auth's filter state: the `kid` of that re-auth token.
-pub const REAUTH_KID_PROPERTY: &str = "gatehouse.jwt_auth.reauth_kid";
+/// jwt-auth's filter state on a live socket: the payload and the verifying key id of the last
+/// in-band re-auth token it accepted (overwritten on every re-auth).
+pub use crate::jwt_auth::{REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY};
 
 // ---------------------------------------------------------------------------------------------
 // Raw config: exactly the JSON users write. Unknown fields are errors.
