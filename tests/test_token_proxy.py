@@ -8,12 +8,13 @@ VM's `host_env_keys`, named by `encryption_keys_env`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
 import requests
 
-from conftest import COOKIE_KEYS_VAR, free_port
+from conftest import COOKIE_KEYS_VAR, free_port, run_async
 from cookies import IV_LEN, b64url, new_key, raw, seal, unseal
 from tokens import Key, claims_of, jwt_auth_config
 
@@ -331,6 +332,69 @@ def test_get_without_csrf_header_or_origin_passes(gw, keys, signer):
     r = send(gw, "GET", cookie=logged_in(keys, token))
     assert r.status_code == 200, r.text
     assert r.json()["headers"]["authorization"] == f"Bearer {token}"
+
+
+# ------------------------------------------------ WebSocket upgrades: cross-site hijacking
+
+
+async def _upgrade(gw, cookie: str, origin: str | None, **headers):
+    """Open /ws/echo with the cookie; returns (headers the upstream saw or None, close code)."""
+    import json
+
+    import websockets
+
+    if origin is not None:
+        headers["origin"] = origin
+    async with websockets.connect(gw.ws_url + "/ws/echo", subprotocols=["sip"],
+                                  additional_headers={"cookie": cookie, **headers}) as ws:
+        try:
+            await ws.send("__headers__")
+            return json.loads(await asyncio.wait_for(ws.recv(), 5)), None
+        except websockets.ConnectionClosed:
+            return None, ws.close_code
+
+
+def upgrade(gw, cookie: str, origin: str | None, **headers):
+    return run_async(_upgrade(gw, cookie, origin, **headers), 20)
+
+
+def test_a_websocket_upgrade_with_the_cookie_from_a_trusted_origin_gets_the_token(gw, keys, signer):
+    token = signer.mint()
+    seen, code = upgrade(gw, logged_in(keys, token), gw.origin)
+    assert code is None and seen is not None
+    assert seen["authorization"] == f"Bearer {token}"
+    assert "gh-at" not in seen.get("cookie", "")
+
+
+@pytest.mark.parametrize("origin, site", [
+    ("http://evil.test", None),                 # cross-site WebSocket hijacking
+    ("http://evil.test", "cross-site"),
+    ("http://sub.127.0.0.1.nip.io", "same-site"),  # a sibling: SameSite does not stop it
+    ("null", None),
+    (None, None),                               # browsers always send Origin on an upgrade
+    (None, "same-origin"),
+], ids=["cross_site", "cross_site_fetch_metadata", "same_site", "null", "no_origin", "no_origin_same_origin"])
+def test_a_websocket_upgrade_with_the_cookie_from_elsewhere_closes_4403(gw, keys, signer, origin, site):
+    before = counter(gw, "denied.origin")
+    headers = {"sec-fetch-site": site} if site else {}
+    seen, code = upgrade(gw, logged_in(keys, signer.mint()), origin, **headers)
+    assert seen is None, "the upgrade must not reach the upstream"
+    assert code == 4403, "a completed handshake and a close frame: the page reads 4403, not 1006"
+    assert counter(gw, "denied.origin") == before + 1
+    assert "gatehouse.token_proxy: denied (origin) GET /ws/echo -> close 4403" in gw.log_text()
+
+
+def test_a_websocket_upgrade_the_browser_calls_same_origin_is_trusted(gw, keys, signer):
+    token = signer.mint()
+    # The origin the page was served from is not in the list, but the browser says the
+    # request is same-origin (Sec-Fetch-Site is set by the browser, never by page script).
+    seen, code = upgrade(gw, logged_in(keys, token), "http://localhost:1", **{"sec-fetch-site": "same-origin"})
+    assert code is None and seen["authorization"] == f"Bearer {token}"
+
+
+def test_a_websocket_upgrade_without_the_cookie_is_not_token_proxys_business(gw):
+    seen, code = upgrade(gw, "theme=dark", "http://evil.test")
+    assert code is None and seen is not None and "authorization" not in seen
 
 
 # ------------------------------------------------------------------ client bearer, CORS

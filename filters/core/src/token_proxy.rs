@@ -8,7 +8,9 @@
 use crate::cache::TokenCache;
 use crate::config::{parse_json, ConfigError};
 use crate::cookie;
-use crate::reply::{LocalReply, Refusal};
+use crate::origin;
+use crate::reply::{LocalReply, Refusal, WsHandshake};
+use crate::ws;
 use aes_gcm::aead::Aead;
 use aes_gcm::{Aes256Gcm, KeyInit};
 use base64::Engine;
@@ -91,7 +93,8 @@ pub enum ProxyDenial {
     Cookie(CookieError),
     /// A bearer token sent by the client while `allow_tokens` is off.
     TokenNotAllowed,
-    /// `Origin` missing or not trusted on a state-changing request (or a preflight).
+    /// `Origin` missing or not trusted on a state-changing request, a WebSocket upgrade that
+    /// carries the access cookie, or a preflight.
     Origin,
     /// The CSRF header is missing or does not match the CSRF cookie.
     Csrf,
@@ -109,6 +112,15 @@ impl ProxyDenial {
             ProxyDenial::TokenNotAllowed => "token_not_allowed",
             ProxyDenial::Origin => "origin",
             ProxyDenial::Csrf => "csrf",
+        }
+    }
+
+    /// How the client is refused: a generic 401 (close 4401 on an upgrade), except a WebSocket
+    /// upgrade from an untrusted origin, which is forbidden (close 4403).
+    pub fn refusal(self, websocket: bool) -> Refusal {
+        match self {
+            ProxyDenial::Origin if websocket => Refusal::Forbidden,
+            _ => Refusal::InvalidCredentials,
         }
     }
 }
@@ -391,12 +403,10 @@ impl TokenProxyConfig {
         })
     }
 
+    /// Is `origin` one of `trusted_web_origins` (for CORS: what the browser's `Origin` says,
+    /// nothing else)?
     fn trusted(&self, origin: Option<&str>) -> bool {
-        origin.is_some_and(|o| {
-            self.trusted_origins
-                .iter()
-                .any(|t| t.eq_ignore_ascii_case(o))
-        })
+        origin::is_trusted(origin, None, &self.trusted_origins)
     }
 
     /// CORS headers for a response to `origin` (only a trusted one gets any).
@@ -422,6 +432,26 @@ pub struct ProxyRequest<'a> {
     pub csrf_header: Option<&'a str>,
     /// `Access-Control-Request-Method`: present on a CORS preflight.
     pub preflight_method: Option<&'a str>,
+    /// `Sec-Fetch-Site` (read when [`Needs::sec_fetch_site`]).
+    pub sec_fetch_site: Option<&'a str>,
+    /// A WebSocket upgrade (`Upgrade: websocket`).
+    pub websocket: bool,
+    /// `Sec-WebSocket-Key` and `Sec-WebSocket-Protocol` of an upgrade: a refusal completes the
+    /// handshake and closes, so browser code sees the close code rather than 1006.
+    pub ws_key: Option<&'a str>,
+    pub ws_protocols: Option<&'a str>,
+}
+
+/// Which request headers a request needs read (every host call costs about a microsecond
+/// inside V8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// `Origin`: CORS, a state-changing request, or an upgrade.
+    pub origin: bool,
+    /// `Sec-Fetch-Site`: a state-changing request or an upgrade.
+    pub sec_fetch_site: bool,
+    /// `Access-Control-Request-Method`: a possible CORS preflight.
+    pub preflight: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -441,29 +471,38 @@ pub enum ProxyDecision {
     },
 }
 
-fn state_changing(method: &str) -> bool {
-    matches!(
-        method.to_ascii_uppercase().as_str(),
-        "POST" | "PUT" | "PATCH" | "DELETE"
-    )
-}
-
 impl TokenProxyConfig {
-    /// Does a request with `method` need its `Origin` (CSRF check or CORS) and its
-    /// `Access-Control-Request-Method` (a CORS preflight)? Otherwise the filter does not read
-    /// them: every host call costs about a microsecond inside V8.
-    pub fn needs(&self, method: &str) -> (bool, bool) {
+    /// The headers a request with `method` (a WebSocket upgrade when `websocket`) needs read;
+    /// the filter reads no others.
+    pub fn needs(&self, method: &str, websocket: bool) -> Needs {
         let cors = self.cors.is_some();
-        (
-            cors || state_changing(method),
-            cors && method.eq_ignore_ascii_case("OPTIONS"),
-        )
+        let checked = origin::state_changing(method) || websocket;
+        Needs {
+            origin: cors || checked,
+            sec_fetch_site: checked,
+            preflight: cors && method.eq_ignore_ascii_case("OPTIONS"),
+        }
     }
 
     pub fn decide(&self, req: &ProxyRequest<'_>) -> ProxyDecision {
         let refuse = |denial: ProxyDenial| {
-            let mut reply = Refusal::InvalidCredentials.reply(None);
-            reply.headers.extend(self.cors_headers(req.origin));
+            let handshake = req
+                .websocket
+                .then_some(req.ws_key)
+                .flatten()
+                .map(|key| WsHandshake {
+                    accept: ws::accept_key(key),
+                    // The browser fails a handshake that selects none of the subprotocols it
+                    // offered: select the first, the close frame follows at once.
+                    protocol: req
+                        .ws_protocols
+                        .and_then(|h| ws::protocols(h).next())
+                        .map(str::to_string),
+                });
+            let mut reply = denial.refusal(req.websocket).reply(handshake.as_ref());
+            if handshake.is_none() {
+                reply.headers.extend(self.cors_headers(req.origin));
+            }
             ProxyDecision::Reply {
                 reply,
                 denial: Some(denial),
@@ -522,10 +561,18 @@ impl TokenProxyConfig {
             Ok(t) => t,
             Err(e) => return refuse(ProxyDenial::Cookie(e)),
         };
-        if state_changing(req.method) {
-            if !self.trusted(req.origin) {
-                return refuse(ProxyDenial::Origin);
-            }
+        // A cookie rides along whatever page made the request: the credential it carries is only
+        // good on a state-changing request or a WebSocket upgrade (which CORS does not guard)
+        // from a trusted origin. Browsers always send `Origin` on an upgrade: one without it
+        // is refused.
+        let state_changing = origin::state_changing(req.method);
+        if (state_changing || req.websocket)
+            && (!origin::is_trusted(req.origin, req.sec_fetch_site, &self.trusted_origins)
+                || (req.websocket && req.origin.is_none()))
+        {
+            return refuse(ProxyDenial::Origin);
+        }
+        if state_changing {
             let expected =
                 match cookie::get(cookies, &self.csrf_cookie).map(|c| self.keys.decrypt(c)) {
                     Some(Ok(v)) => v,
@@ -731,6 +778,162 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    fn close_code(reply: &LocalReply) -> Option<u16> {
+        let b = &reply.body;
+        (reply.status == 101 && b.len() >= 4 && b[0] == 0x88)
+            .then(|| u16::from_be_bytes([b[2], b[3]]))
+    }
+
+    #[test]
+    fn a_websocket_upgrade_with_the_cookie_needs_a_trusted_origin() {
+        let c = cfg(json!({}));
+        let cookie = format!("gh-at={}", seal(&c, "tok"));
+        let upgrade = |origin: Option<&'static str>, site: Option<&'static str>| {
+            c.decide(&ProxyRequest {
+                method: "GET",
+                origin,
+                sec_fetch_site: site,
+                cookie: Some(&cookie),
+                websocket: true,
+                ws_key: Some("dGhlIHNhbXBsZSBub25jZQ=="),
+                ws_protocols: Some("sip, other"),
+                ..Default::default()
+            })
+        };
+        for (origin, site) in [
+            (Some("http://localhost:8080"), None),
+            (Some("http://LOCALHOST:8080"), Some("same-site")),
+            // The browser says the page is the gateway's own origin.
+            (Some("http://127.0.0.1:9000"), Some("same-origin")),
+        ] {
+            assert!(
+                matches!(upgrade(origin, site), ProxyDecision::Forward { .. }),
+                "{origin:?} {site:?}"
+            );
+        }
+        for (origin, site) in [
+            (Some("http://evil.test"), None),
+            (Some("http://evil.test"), Some("cross-site")),
+            (Some("http://sub.localhost:8080"), Some("same-site")),
+            (Some("null"), None),
+            (None, None),
+            // Browsers always send Origin on an upgrade.
+            (None, Some("same-origin")),
+        ] {
+            let ProxyDecision::Reply { reply, denial } = upgrade(origin, site) else {
+                panic!("{origin:?} {site:?} must be refused")
+            };
+            assert_eq!(denial, Some(ProxyDenial::Origin));
+            // A completed handshake and a close frame: browser code reads 4403, not 1006.
+            assert_eq!(close_code(&reply), Some(4403), "{origin:?} {site:?}");
+            assert!(reply.headers.contains(&(
+                "sec-websocket-accept".into(),
+                "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into()
+            )));
+            assert!(reply
+                .headers
+                .contains(&("sec-websocket-protocol".into(), "sip".into())));
+        }
+        // Without the cookie token-proxy has nothing to protect: the upgrade passes (jwt-auth
+        // decides on whatever credential it carries).
+        let d = c.decide(&ProxyRequest {
+            method: "GET",
+            origin: Some("http://evil.test"),
+            websocket: true,
+            ws_key: Some("k"),
+            ..Default::default()
+        });
+        assert_eq!(d, ProxyDecision::Pass);
+        // A bad cookie on an upgrade closes 4401; without a key there is no handshake to
+        // complete: a plain 403.
+        let bad = c.decide(&ProxyRequest {
+            method: "GET",
+            origin: Some("http://localhost:8080"),
+            cookie: Some("gh-at=garbage"),
+            websocket: true,
+            ws_key: Some("k"),
+            ..Default::default()
+        });
+        let ProxyDecision::Reply { reply, .. } = bad else {
+            panic!()
+        };
+        assert_eq!(close_code(&reply), Some(4401));
+        let keyless = c.decide(&ProxyRequest {
+            method: "GET",
+            origin: Some("http://evil.test"),
+            cookie: Some(&cookie),
+            websocket: true,
+            ..Default::default()
+        });
+        let ProxyDecision::Reply { reply, .. } = keyless else {
+            panic!()
+        };
+        assert_eq!(reply.status, 403);
+    }
+
+    #[test]
+    fn sec_fetch_site_same_origin_counts_as_trusted_on_state_changing_requests() {
+        let c = cfg(json!({}));
+        let cookie = format!("gh-at={}; gh-csrf={}", seal(&c, "tok"), seal(&c, "s3cret"));
+        let post = |origin: Option<&'static str>, site: Option<&'static str>| {
+            c.decide(&ProxyRequest {
+                method: "DELETE",
+                origin,
+                sec_fetch_site: site,
+                cookie: Some(&cookie),
+                csrf_header: Some("s3cret"),
+                ..Default::default()
+            })
+        };
+        assert!(matches!(
+            post(None, Some("same-origin")),
+            ProxyDecision::Forward { .. }
+        ));
+        for site in [None, Some("same-site"), Some("cross-site"), Some("none")] {
+            assert!(
+                matches!(
+                    post(Some("https://sibling.localhost"), site),
+                    ProxyDecision::Reply {
+                        denial: Some(ProxyDenial::Origin),
+                        ..
+                    }
+                ),
+                "{site:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_headers_a_request_needs_are_read() {
+        let plain = cfg(json!({"cors": {"enabled": false}}));
+        let n = |c: &TokenProxyConfig, m, ws| c.needs(m, ws);
+        assert_eq!(
+            n(&plain, "GET", false),
+            Needs {
+                origin: false,
+                sec_fetch_site: false,
+                preflight: false
+            }
+        );
+        assert_eq!(
+            n(&plain, "GET", true),
+            Needs {
+                origin: true,
+                sec_fetch_site: true,
+                preflight: false
+            }
+        );
+        assert_eq!(
+            n(&plain, "patch", false),
+            Needs {
+                origin: true,
+                sec_fetch_site: true,
+                preflight: false
+            }
+        );
+        assert!(n(&cfg(json!({})), "OPTIONS", false).preflight);
     }
 
     #[test]
