@@ -243,7 +243,7 @@ fn session_buckets_and_turn_requests_survive_garbage() {
             origin: Some("https://a"),
             claims: Some(&junk),
         };
-        if let TurnDecision::Minted { user, .. } = turn.decide(&req, NOW) {
+        if let TurnDecision::Minted { user, .. } = turn.decide(&req, Some(NOW)) {
             assert!(!user.contains(':') && !user.chars().any(char::is_control));
         }
         // Claims that parse, with a random user: minted only for a usable user name.
@@ -252,7 +252,7 @@ fn session_buckets_and_turn_requests_survive_garbage() {
             claims: Some(&claims),
             ..req
         };
-        match turn.decide(&req, NOW) {
+        match turn.decide(&req, Some(NOW)) {
             TurnDecision::Minted { user, .. } => assert_eq!(user, text),
             TurnDecision::Refused { .. } => {
                 assert!(text.is_empty() || text.contains(':') || text.chars().any(char::is_control))
