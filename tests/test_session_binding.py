@@ -414,22 +414,22 @@ class LocalStack:
         self.gw = Gateway("jwt_auth", envoy, None)
 
     def login(self, user: str, sid: str | None = None) -> tuple[str, str]:
-        """A fresh token and its session id (the `gh-sid` cookie the login set); with `sid`, in
-        that session."""
-        cookies = {"gh-sid": sid} if sid else None
+        """A fresh token and its session id (the `__Host-gh-sid` cookie the login set); with
+        `sid`, in that session."""
+        cookies = {"__Host-gh-sid": sid} if sid else None
         r = requests.post(self.envoy.url + f"/dev/login?user={user}", cookies=cookies, timeout=5)
         assert r.ok, r.text
-        return r.json()["access_token"], r.cookies["gh-sid"]
+        return r.json()["access_token"], r.cookies["__Host-gh-sid"]
 
     def logout(self, sid: str):
-        r = requests.post(self.envoy.url + "/dev/logout", cookies={"gh-sid": sid}, timeout=5)
+        r = requests.post(self.envoy.url + "/dev/logout", cookies={"__Host-gh-sid": sid}, timeout=5)
         assert r.status_code == 204, r.text
 
     def connect(self, token: str, sid: str | None):
-        return websockets.connect(self.gw.url("/ws/echo"), **self.gw.ws_kwargs(token, cookie=f"gh-sid={sid}" if sid else None))
+        return websockets.connect(self.gw.url("/ws/echo"), **self.gw.ws_kwargs(token, cookie=f"__Host-gh-sid={sid}" if sid else None))
 
     def outcome(self, token: str, sid: str | None):
-        return _outcome(self.gw, "/ws/echo", token, cookie=f"gh-sid={sid}" if sid else None)
+        return _outcome(self.gw, "/ws/echo", token, cookie=f"__Host-gh-sid={sid}" if sid else None)
 
 
 @pytest.fixture(scope="module")
@@ -484,7 +484,7 @@ def test_the_local_stack_binds_connect_tokens_to_their_session_and_uses_them_onc
     # A refresh stays in the session: its token opens a socket with the same cookie.
     fresh, same_sid = stack.login(user, sid)
     assert same_sid == sid
-    assert outcome(stack.gw, "/ws/echo", fresh, cookie=f"gh-sid={sid}")[0] == "open"
+    assert outcome(stack.gw, "/ws/echo", fresh, cookie=f"__Host-gh-sid={sid}")[0] == "open"
 
 
 def test_the_local_stack_closes_a_live_socket_at_logout(local_stack):

@@ -149,19 +149,19 @@ def test_demo_login_cookies_are_curity_v1_and_accepted(gw, demo, keys):
     assert r.status_code == 200, r.text
     body = r.json()
     cookies = {c.split("=", 1)[0]: c for c in set_cookie_headers(r)}
-    assert set(cookies) == {"gh-at", "gh-csrf", "gh-sid"}
+    assert set(cookies) == {"__Host-gh-at", "__Host-gh-csrf", "__Host-gh-sid"}
     for name, c in cookies.items():
         attrs = [a.strip() for a in c.split(";")[1:]]
-        # The session id goes wherever the signaling socket goes; the token cookies only to /api.
-        path = "Path=/" if name == "gh-sid" else "Path=/api"
-        assert {"HttpOnly", "Secure", "SameSite=Strict", path} <= set(attrs), c
-    at = cookies["gh-at"].split(";")[0].split("=", 1)[1]
-    csrf = cookies["gh-csrf"].split(";")[0].split("=", 1)[1]
+        # `__Host-` cookies: Secure, Path=/ and no Domain, or the browser drops them.
+        assert {"HttpOnly", "Secure", "SameSite=Strict", "Path=/"} <= set(attrs), c
+        assert not any(a.lower().startswith(("domain", "path=/api")) for a in attrs), c
+    at = cookies["__Host-gh-at"].split(";")[0].split("=", 1)[1]
+    csrf = cookies["__Host-gh-csrf"].split(";")[0].split("=", 1)[1]
     assert unseal(keys["current"], at) == body["access_token"]
     assert unseal(keys["current"], csrf) == body["csrf_token"]
     claims = claims_of(body["access_token"])
     assert claims["sub"] == "cookie-user"
-    assert claims["sid"] == cookies["gh-sid"].split(";")[0].split("=", 1)[1] and claims["jti"]
+    assert claims["sid"] == cookies["__Host-gh-sid"].split(";")[0].split("=", 1)[1] and claims["jti"]
     r = send(gw, "POST", cookie=f"gh-at={at}; gh-csrf={csrf}", origin=gw.origin, **{"x-gh-csrf": body["csrf_token"]})
     assert r.status_code == 200, r.text
     assert r.json()["headers"]["authorization"] == f"Bearer {body['access_token']}"

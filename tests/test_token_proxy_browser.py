@@ -1,9 +1,10 @@
 """token-proxy with a real headless Chromium, through real Envoy (ropnop style: what can the page,
 and a page on another origin, actually do with the cookies?).
 
-The page logs in with the demo's dev login, which sets the encrypted `gh-at` / `gh-csrf` cookies
-(HttpOnly, Secure, SameSite=Strict, Path=/api) and returns the CSRF value. Envoy's token-proxy
-holds the same key, from its environment.
+The page logs in with the demo's dev login, which sets the encrypted `__Host-gh-at` /
+`__Host-gh-csrf` cookies (HttpOnly, Secure, SameSite=Strict, Path=/, no Domain: the `__Host-`
+prefix, which Chromium accepts on http://127.0.0.1) and returns the CSRF value. Envoy's
+token-proxy holds the same key, from its environment.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def gw(demo, envoy_factory, require_envoy):
         {"name": "public", "match": {"prefix": "/"}, "route": {"cluster": "demo"},
          "typed_per_filter_config": {"gatehouse.token_proxy": OFF}},
     ]
-    cfg = {"cookie_prefix": "gh", "encryption_keys_env": COOKIE_KEYS_VAR, "trusted_web_origins": [origin], "cors": {}}
+    cfg = {"cookie_prefix": "__Host-gh", "encryption_keys_env": COOKIE_KEYS_VAR, "trusted_web_origins": [origin], "cors": {}}
     envoy = envoy_factory(demo, port=port, routes=routes, access_log=True,
                           env={COOKIE_KEYS_VAR: demo.cookie_keys}, token_proxy=cfg)
     envoy.origin = origin
@@ -115,10 +116,12 @@ def test_after_login_document_cookie_does_not_contain_the_token(gw, page, browse
     # The browser did store them: HttpOnly, and Secure is accepted on http://127.0.0.1.
     # (Playwright's URL filter leaves out Secure cookies for http URLs: read the whole jar.)
     jar = {c["name"]: c for c in browser_context.cookies() if c["domain"] == "127.0.0.1"}
-    assert set(jar) >= {"gh-at", "gh-csrf"}, jar
-    for name in ("gh-at", "gh-csrf"):
+    assert set(jar) >= {"__Host-gh-at", "__Host-gh-csrf", "__Host-gh-sid"}, jar
+    for name in ("__Host-gh-at", "__Host-gh-csrf", "__Host-gh-sid"):
         c = jar[name]
-        assert (c["httpOnly"], c["secure"], c["sameSite"], c["path"]) == (True, True, "Strict", "/api"), c
+        # `__Host-`: a host-only cookie (no Domain: the jar's domain has no leading dot).
+        assert (c["httpOnly"], c["secure"], c["sameSite"], c["path"]) == (True, True, "Strict", "/"), c
+        assert not c["domain"].startswith("."), c
         assert body["access_token"] not in c["value"], "the cookie is encrypted"
 
 
@@ -190,6 +193,6 @@ def test_phone_page_calls_the_api_with_cookies_through_the_shipped_config(stack,
     wait_for_log_entry(page, "API: HTTP 200 as demo-user")
     assert "gh-" not in page.evaluate("document.cookie")
     # The signaling socket (a fresh connect token in Sec-WebSocket-Protocol, with the session
-    # cookie gh-sid; the token cookies are Path=/api and never sent to /ws/) still works.
+    # cookie __Host-gh-sid; token-proxy is off there) still works.
     page.click("#connect")
     wait_for_log_entry(page, "socket open, subprotocol sip")

@@ -75,6 +75,26 @@ fn default_path() -> String {
     "/".to_string()
 }
 
+/// Cookie name prefixes the browser enforces (RFC 6265bis §4.1.3): a `__Secure-` cookie must be
+/// `Secure`; a `__Host-` cookie must also have `Path=/` and no `Domain`, so a sibling subdomain
+/// cannot set or shadow it (cookie tossing). Browsers match them case-insensitively.
+const HOST_PREFIX: &str = "__Host-";
+const SECURE_PREFIX: &str = "__Secure-";
+
+fn has_prefix(name: &str, prefix: &str) -> bool {
+    name.get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+}
+
+/// `name` without a `__Host-` / `__Secure-` prefix.
+fn without_cookie_prefix(name: &str) -> &str {
+    [HOST_PREFIX, SECURE_PREFIX]
+        .iter()
+        .find(|p| has_prefix(name, p))
+        .and_then(|p| name.get(p.len()..))
+        .unwrap_or(name)
+}
+
 /// Why a request was refused. The client only ever sees a generic 401; this goes to the log and
 /// the stat `gatehouse.token_proxy.denied.<reason>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,7 +382,12 @@ impl TokenProxyConfig {
             }
             trusted_origins.push(o.to_ascii_lowercase());
         }
-        let csrf_header = format!("x-{}-csrf", prefix.to_ascii_lowercase());
+        // `__Host-gh` names the cookies `__Host-gh-at` / `__Host-gh-csrf`; the header stays
+        // `x-gh-csrf` (the browser prefix means nothing in a header name).
+        let csrf_header = format!(
+            "x-{}-csrf",
+            without_cookie_prefix(&prefix).to_ascii_lowercase()
+        );
         let cors = match raw.cors {
             Some(c) if c.enabled => {
                 if trusted_origins.is_empty() {
@@ -384,6 +409,17 @@ impl TokenProxyConfig {
                         "harden_cookies.path",
                         "must start with `/`",
                     ));
+                }
+                if let Some(name) = h.names.iter().find(|n| has_prefix(n, HOST_PREFIX)) {
+                    if h.path != "/" {
+                        return Err(ConfigError::new(
+                            "harden_cookies.path",
+                            format!(
+                                "must be `/` for the `__Host-` cookie `{name}` (browsers drop a \
+                                 `__Host-` cookie with another path)"
+                            ),
+                        ));
+                    }
                 }
                 (h.names, h.path)
             }
@@ -595,7 +631,8 @@ impl TokenProxyConfig {
 
     /// Harden one `Set-Cookie` value if it sets a configured cookie: `HttpOnly; Secure;
     /// SameSite=Strict` and the configured `Path`, replacing whatever the upstream said for
-    /// those attributes. Other cookies come back unchanged.
+    /// those attributes; a `__Host-` cookie also loses any `Domain` (its path is `/`, checked at
+    /// load). Other cookies come back unchanged.
     pub fn harden_set_cookie(&self, value: &str) -> Option<String> {
         let mut parts = value.split(';');
         let pair = parts.next()?.trim();
@@ -603,6 +640,7 @@ impl TokenProxyConfig {
         if !self.harden_names.iter().any(|n| n == name) {
             return None;
         }
+        let host_only = has_prefix(name, HOST_PREFIX);
         let mut out = vec![pair.to_string()];
         for attr in parts.map(str::trim).filter(|a| !a.is_empty()) {
             let key = attr
@@ -610,7 +648,9 @@ impl TokenProxyConfig {
                 .map_or(attr, |(k, _)| k)
                 .trim()
                 .to_ascii_lowercase();
-            if !matches!(key.as_str(), "httponly" | "secure" | "samesite" | "path") {
+            let replaced = matches!(key.as_str(), "httponly" | "secure" | "samesite" | "path")
+                || (host_only && key == "domain");
+            if !replaced {
                 out.push(attr.to_string());
             }
         }
@@ -1004,6 +1044,65 @@ mod tests {
             Some("gh-at=v; Max-Age=300; Path=/api; HttpOnly; Secure; SameSite=Strict")
         );
         assert_eq!(c.harden_set_cookie("theme=dark; Path=/"), None);
+    }
+
+    #[test]
+    fn host_prefixed_cookies() {
+        let c = cfg(json!({
+            "cookie_prefix": "__Host-gh",
+            "harden_cookies": {"names": ["__Host-gh-at", "__Host-gh-csrf"]},
+        }));
+        assert_eq!(
+            (
+                c.access_cookie.as_str(),
+                c.csrf_cookie.as_str(),
+                c.csrf_header.as_str()
+            ),
+            ("__Host-gh-at", "__Host-gh-csrf", "x-gh-csrf")
+        );
+        // Secure, Path=/ and no Domain, whatever the upstream said: a sibling subdomain can
+        // neither set nor shadow it.
+        assert_eq!(
+            c.harden_set_cookie("__Host-gh-at=v; Domain=example.com; Path=/api; Max-Age=300")
+                .as_deref(),
+            Some("__Host-gh-at=v; Max-Age=300; Path=/; HttpOnly; Secure; SameSite=Strict")
+        );
+        // The cookies are read under their prefixed names.
+        let cookie = format!(
+            "gh-at={}; __Host-gh-at={}",
+            seal(&c, "tossed"),
+            seal(&c, "tok")
+        );
+        assert!(matches!(
+            c.decide(&ProxyRequest {
+                method: "GET",
+                cookie: Some(&cookie),
+                ..Default::default()
+            }),
+            ProxyDecision::Forward { ref authorization, .. } if authorization == "Bearer tok"
+        ));
+        // Other cookies keep their Domain.
+        let plain = cfg(json!({"harden_cookies": {"names": ["gh-at"], "path": "/api"}}));
+        assert_eq!(
+            plain
+                .harden_set_cookie("gh-at=v; Domain=example.com")
+                .as_deref(),
+            Some("gh-at=v; Domain=example.com; Path=/api; HttpOnly; Secure; SameSite=Strict")
+        );
+        // A `__Host-` name with another path would be dropped by every browser: a load error.
+        for names in [json!(["__Host-gh-at"]), json!(["x", "__host-gh-csrf"])] {
+            let err = TokenProxyConfig::compile(
+                json!({"cookie_prefix": "__Host-gh", "encryption_keys": [KEY],
+                       "harden_cookies": {"names": names, "path": "/api"}})
+                .to_string()
+                .as_bytes(),
+                &no_env,
+            )
+            .err()
+            .unwrap();
+            assert_eq!(err.path, "harden_cookies.path", "{err}");
+            assert!(err.message.contains("__Host-"), "{err}");
+        }
     }
 
     #[test]
