@@ -74,12 +74,14 @@ SUBMIT_FORM = """
 
 @pytest.fixture(scope="module")
 def gw(demo, envoy_factory, require_envoy):
-    """token-proxy on /api/ only (the page, the login and the JWKS are public). Alone in the
-    chain, so the echo upstream shows the bearer token it was given."""
+    """token-proxy on /api/ and /ws/ only (the page, the login and the JWKS are public). Alone
+    in the chain, so the echo upstream shows the bearer token it was given."""
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     routes = [
         {"name": "api", "match": {"prefix": "/api/"}, "route": {"cluster": "demo"}},
+        # A WebSocket route token-proxy guards: the login cookies ride along with the upgrade.
+        {"name": "ws", "match": {"prefix": "/ws/"}, "route": {"cluster": "demo", "timeout": "0s"}},
         {"name": "public", "match": {"prefix": "/"}, "route": {"cluster": "demo"},
          "typed_per_filter_config": {"gatehouse.token_proxy": OFF}},
     ]
@@ -166,6 +168,36 @@ def test_a_page_on_another_origin_cannot_make_an_authenticated_post(gw, demo, pa
         assert f"{marker} 401 " in line, line
     assert counter(gw, "denied.origin") == denied + 3
     assert counter(gw, "forwarded") == forwarded, "no request from the other origin got a bearer token"
+
+
+# A page opens a WebSocket to the gateway and reports how it ended (or what the upstream saw).
+OPEN_SOCKET = """
+(url) => new Promise((resolve) => {
+  const ws = new WebSocket(url, ["sip"]);
+  ws.onopen = () => ws.send("__headers__");
+  ws.onmessage = (e) => { resolve({ opened: true, seen: JSON.parse(e.data) }); ws.close(); };
+  ws.onclose = (e) => resolve({ code: e.code, reason: e.reason });
+})
+"""
+
+
+def test_a_page_on_another_origin_cannot_open_a_websocket_with_the_cookies(gw, demo, page):
+    login(page, gw)
+    ws_url = gw.url.replace("http://", "ws://") + "/ws/echo"
+    # The gateway's own page: the browser sends the cookies and a trusted Origin.
+    mine = page.evaluate(OPEN_SOCKET, ws_url)
+    assert mine.get("opened"), mine
+    assert mine["seen"]["authorization"].startswith("Bearer "), "token-proxy gave the upgrade the token"
+    # Another origin on the same host (cookies are per host, and same-site for SameSite): the
+    # browser sends the cookies with the upgrade (CORS does not apply to WebSockets), and the
+    # page reads close code 4403, not 1006.
+    page.goto(demo.url + "/")
+    denied = counter(gw, "denied.origin")
+    forwarded = counter(gw, "forwarded")
+    theirs = page.evaluate(OPEN_SOCKET, ws_url)
+    assert theirs == {"code": 4403, "reason": "forbidden"}, theirs
+    assert counter(gw, "denied.origin") == denied + 1
+    assert counter(gw, "forwarded") == forwarded, "the other origin's socket never got the token"
 
 
 # ------------------------------------------------------------- the shipped local stack config
