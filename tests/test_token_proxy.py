@@ -47,7 +47,7 @@ def signer():
     return Key.generate("EdDSA")
 
 
-def start(envoy_factory, demo, env_keys: str, **kwargs):
+def start(envoy_factory, demo, env_keys: str, set_cookies=UPSTREAM_SET_COOKIES, **kwargs):
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     token_proxy = kwargs.pop("token_proxy", None) or proxy_config(origin)
@@ -58,7 +58,7 @@ def start(envoy_factory, demo, env_keys: str, **kwargs):
             "route": {"cluster": "demo"},
             "response_headers_to_add": [
                 {"header": {"key": "set-cookie", "value": v}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}
-                for v in UPSTREAM_SET_COOKIES
+                for v in set_cookies
             ],
         },
         {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "demo", "timeout": "0s"}},
@@ -443,6 +443,38 @@ def test_set_cookie_for_gatehouse_cookies_is_hardened_others_untouched(gw):
     assert "gh-at=upstream-value; Max-Age=60; Path=/api; HttpOnly; Secure; SameSite=Strict" in cookies, cookies
     assert "theme=dark; Path=/" in cookies, cookies
     assert len(cookies) == 2
+
+
+# ------------------------------------------------------------------------ __Host- cookies
+
+
+def test_host_prefixed_cookies_are_read_hardened_host_only_and_keep_the_plain_csrf_header(keys, demo, envoy_factory,
+                                                                                          signer):
+    cfg = proxy_config("http://placeholder.test", cookie_prefix="__Host-gh",
+                       harden_cookies={"names": ["__Host-gh-at", "__Host-gh-csrf"]})
+    # The upstream sets it carelessly: a Domain (so sibling subdomains would get it) and a path.
+    envoy = start(envoy_factory, demo, keys["current"], token_proxy=cfg,
+                  set_cookies=["__Host-gh-at=v; Domain=127.0.0.1; Path=/api; SameSite=Lax"])
+    cookies = set_cookie_headers(send(envoy, path="/api/set-cookies/x"))
+    assert cookies == ["__Host-gh-at=v; Path=/; HttpOnly; Secure; SameSite=Strict"], cookies
+    token = signer.mint()
+    sealed = f"__Host-gh-at={seal(keys['current'], token)}; __Host-gh-csrf={seal(keys['current'], 's3cret')}"
+    r = send(envoy, "POST", cookie=f"gh-at=tossed; {sealed}", origin=envoy.origin, **{"x-gh-csrf": "s3cret"})
+    assert r.status_code == 401, "the trusted origin of this gateway is not in the list: refused"
+    r = send(envoy, "POST", cookie=f"gh-at=tossed; {sealed}", **{"sec-fetch-site": "same-origin", "x-gh-csrf": "s3cret"})
+    assert r.status_code == 200, r.text
+    seen = r.json()["headers"]
+    assert seen["authorization"] == f"Bearer {token}"
+    assert seen["cookie"] == "gh-at=tossed", "a plain cookie of a similar name is not the credential"
+    assert "x-gh-csrf" not in seen
+
+
+def test_a_host_prefixed_cookie_with_another_path_fails_to_load_naming_the_field(keys, demo, envoy_factory):
+    cfg = proxy_config("http://placeholder.test", cookie_prefix="__Host-gh",
+                       harden_cookies={"names": ["__Host-gh-at"], "path": "/api"})
+    with pytest.raises(Exception) as err:
+        start(envoy_factory, demo, keys["current"], token_proxy=cfg)
+    assert "config error at harden_cookies.path: must be `/` for the `__Host-` cookie `__Host-gh-at`" in str(err.value)
 
 
 # ------------------------------------------------------------------- keys from the environment
