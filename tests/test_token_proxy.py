@@ -8,13 +8,14 @@ VM's `host_env_keys`, named by `encryption_keys_env`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 
 import pytest
 import requests
 
-from conftest import COOKIE_KEYS_VAR, free_port
+from conftest import COOKIE_KEYS_VAR, free_port, run_async
 from cookies import IV_LEN, b64url, new_key, raw, seal, unseal
 from tokens import Key, claims_of, jwt_auth_config
 
@@ -47,7 +48,7 @@ def signer():
     return Key.generate("EdDSA")
 
 
-def start(envoy_factory, demo, env_keys: str, **kwargs):
+def start(envoy_factory, demo, env_keys: str, set_cookies=UPSTREAM_SET_COOKIES, **kwargs):
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     token_proxy = kwargs.pop("token_proxy", None) or proxy_config(origin)
@@ -58,7 +59,7 @@ def start(envoy_factory, demo, env_keys: str, **kwargs):
             "route": {"cluster": "demo"},
             "response_headers_to_add": [
                 {"header": {"key": "set-cookie", "value": v}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}
-                for v in UPSTREAM_SET_COOKIES
+                for v in set_cookies
             ],
         },
         {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "demo", "timeout": "0s"}},
@@ -149,21 +150,21 @@ def test_demo_login_cookies_are_curity_v1_and_accepted(gw, demo, keys):
     assert r.status_code == 200, r.text
     body = r.json()
     cookies = {c.split("=", 1)[0]: c for c in set_cookie_headers(r)}
-    assert set(cookies) == {"gh-at", "gh-csrf", "gh-sid"}
+    assert set(cookies) == {"__Host-gh-at", "__Host-gh-csrf", "__Host-gh-sid"}
     for name, c in cookies.items():
         attrs = [a.strip() for a in c.split(";")[1:]]
-        # The session id goes wherever the signaling socket goes; the token cookies only to /api.
-        path = "Path=/" if name == "gh-sid" else "Path=/api"
-        assert {"HttpOnly", "Secure", "SameSite=Strict", path} <= set(attrs), c
-    at = cookies["gh-at"].split(";")[0].split("=", 1)[1]
-    csrf = cookies["gh-csrf"].split(";")[0].split("=", 1)[1]
+        # `__Host-` cookies: Secure, Path=/ and no Domain, or the browser drops them.
+        assert {"HttpOnly", "Secure", "SameSite=Strict", "Path=/"} <= set(attrs), c
+        assert not any(a.lower().startswith(("domain", "path=/api")) for a in attrs), c
+    at = cookies["__Host-gh-at"].split(";")[0].split("=", 1)[1]
+    csrf = cookies["__Host-gh-csrf"].split(";")[0].split("=", 1)[1]
     assert unseal(keys["current"], at) == body["access_token"]
     assert unseal(keys["current"], csrf) == body["csrf_token"]
     claims = claims_of(body["access_token"])
     assert claims["sub"] == "cookie-user"
     # The session cookie is a secret: the token carries its SHA-256 (session-binding's `sid_hash`)
     # and a public `sid` that is not the cookie.
-    secret = cookies["gh-sid"].split(";")[0].split("=", 1)[1]
+    secret = cookies["__Host-gh-sid"].split(";")[0].split("=", 1)[1]
     assert claims["sid_hash"] == b64url(hashlib.sha256(secret.encode()).digest()) and claims["jti"]
     assert claims["sid"] and claims["sid"] != secret
     r = send(gw, "POST", cookie=f"gh-at={at}; gh-csrf={csrf}", origin=gw.origin, **{"x-gh-csrf": body["csrf_token"]})
@@ -338,6 +339,69 @@ def test_get_without_csrf_header_or_origin_passes(gw, keys, signer):
     assert r.json()["headers"]["authorization"] == f"Bearer {token}"
 
 
+# ------------------------------------------------ WebSocket upgrades: cross-site hijacking
+
+
+async def _upgrade(gw, cookie: str, origin: str | None, **headers):
+    """Open /ws/echo with the cookie; returns (headers the upstream saw or None, close code)."""
+    import json
+
+    import websockets
+
+    if origin is not None:
+        headers["origin"] = origin
+    async with websockets.connect(gw.ws_url + "/ws/echo", subprotocols=["sip"],
+                                  additional_headers={"cookie": cookie, **headers}) as ws:
+        try:
+            await ws.send("__headers__")
+            return json.loads(await asyncio.wait_for(ws.recv(), 5)), None
+        except websockets.ConnectionClosed:
+            return None, ws.close_code
+
+
+def upgrade(gw, cookie: str, origin: str | None, **headers):
+    return run_async(_upgrade(gw, cookie, origin, **headers), 20)
+
+
+def test_a_websocket_upgrade_with_the_cookie_from_a_trusted_origin_gets_the_token(gw, keys, signer):
+    token = signer.mint()
+    seen, code = upgrade(gw, logged_in(keys, token), gw.origin)
+    assert code is None and seen is not None
+    assert seen["authorization"] == f"Bearer {token}"
+    assert "gh-at" not in seen.get("cookie", "")
+
+
+@pytest.mark.parametrize("origin, site", [
+    ("http://evil.test", None),                 # cross-site WebSocket hijacking
+    ("http://evil.test", "cross-site"),
+    ("http://sub.127.0.0.1.nip.io", "same-site"),  # a sibling: SameSite does not stop it
+    ("null", None),
+    (None, None),                               # browsers always send Origin on an upgrade
+    (None, "same-origin"),
+], ids=["cross_site", "cross_site_fetch_metadata", "same_site", "null", "no_origin", "no_origin_same_origin"])
+def test_a_websocket_upgrade_with_the_cookie_from_elsewhere_closes_4403(gw, keys, signer, origin, site):
+    before = counter(gw, "denied.origin")
+    headers = {"sec-fetch-site": site} if site else {}
+    seen, code = upgrade(gw, logged_in(keys, signer.mint()), origin, **headers)
+    assert seen is None, "the upgrade must not reach the upstream"
+    assert code == 4403, "a completed handshake and a close frame: the page reads 4403, not 1006"
+    assert counter(gw, "denied.origin") == before + 1
+    assert "gatehouse.token_proxy: denied (origin) GET /ws/echo -> close 4403" in gw.log_text()
+
+
+def test_a_websocket_upgrade_the_browser_calls_same_origin_is_trusted(gw, keys, signer):
+    token = signer.mint()
+    # The origin the page was served from is not in the list, but the browser says the
+    # request is same-origin (Sec-Fetch-Site is set by the browser, never by page script).
+    seen, code = upgrade(gw, logged_in(keys, token), "http://localhost:1", **{"sec-fetch-site": "same-origin"})
+    assert code is None and seen["authorization"] == f"Bearer {token}"
+
+
+def test_a_websocket_upgrade_without_the_cookie_is_not_token_proxys_business(gw):
+    seen, code = upgrade(gw, "theme=dark", "http://evil.test")
+    assert code is None and seen is not None and "authorization" not in seen
+
+
 # ------------------------------------------------------------------ client bearer, CORS
 
 
@@ -384,6 +448,38 @@ def test_set_cookie_for_gatehouse_cookies_is_hardened_others_untouched(gw):
     assert "gh-at=upstream-value; Max-Age=60; Path=/api; HttpOnly; Secure; SameSite=Strict" in cookies, cookies
     assert "theme=dark; Path=/" in cookies, cookies
     assert len(cookies) == 2
+
+
+# ------------------------------------------------------------------------ __Host- cookies
+
+
+def test_host_prefixed_cookies_are_read_hardened_host_only_and_keep_the_plain_csrf_header(keys, demo, envoy_factory,
+                                                                                          signer):
+    cfg = proxy_config("http://placeholder.test", cookie_prefix="__Host-gh",
+                       harden_cookies={"names": ["__Host-gh-at", "__Host-gh-csrf"]})
+    # The upstream sets it carelessly: a Domain (so sibling subdomains would get it) and a path.
+    envoy = start(envoy_factory, demo, keys["current"], token_proxy=cfg,
+                  set_cookies=["__Host-gh-at=v; Domain=127.0.0.1; Path=/api; SameSite=Lax"])
+    cookies = set_cookie_headers(send(envoy, path="/api/set-cookies/x"))
+    assert cookies == ["__Host-gh-at=v; Path=/; HttpOnly; Secure; SameSite=Strict"], cookies
+    token = signer.mint()
+    sealed = f"__Host-gh-at={seal(keys['current'], token)}; __Host-gh-csrf={seal(keys['current'], 's3cret')}"
+    r = send(envoy, "POST", cookie=f"gh-at=tossed; {sealed}", origin=envoy.origin, **{"x-gh-csrf": "s3cret"})
+    assert r.status_code == 401, "the trusted origin of this gateway is not in the list: refused"
+    r = send(envoy, "POST", cookie=f"gh-at=tossed; {sealed}", **{"sec-fetch-site": "same-origin", "x-gh-csrf": "s3cret"})
+    assert r.status_code == 200, r.text
+    seen = r.json()["headers"]
+    assert seen["authorization"] == f"Bearer {token}"
+    assert seen["cookie"] == "gh-at=tossed", "a plain cookie of a similar name is not the credential"
+    assert "x-gh-csrf" not in seen
+
+
+def test_a_host_prefixed_cookie_with_another_path_fails_to_load_naming_the_field(keys, demo, envoy_factory):
+    cfg = proxy_config("http://placeholder.test", cookie_prefix="__Host-gh",
+                       harden_cookies={"names": ["__Host-gh-at"], "path": "/api"})
+    with pytest.raises(Exception) as err:
+        start(envoy_factory, demo, keys["current"], token_proxy=cfg)
+    assert "config error at harden_cookies.path: must be `/` for the `__Host-` cookie `__Host-gh-at`" in str(err.value)
 
 
 # ------------------------------------------------------------------- keys from the environment

@@ -1,9 +1,10 @@
 """token-proxy with a real headless Chromium, through real Envoy (ropnop style: what can the page,
 and a page on another origin, actually do with the cookies?).
 
-The page logs in with the demo's dev login, which sets the encrypted `gh-at` / `gh-csrf` cookies
-(HttpOnly, Secure, SameSite=Strict, Path=/api) and returns the CSRF value. Envoy's token-proxy
-holds the same key, from its environment.
+The page logs in with the demo's dev login, which sets the encrypted `__Host-gh-at` /
+`__Host-gh-csrf` cookies (HttpOnly, Secure, SameSite=Strict, Path=/, no Domain: the `__Host-`
+prefix, which Chromium accepts on http://127.0.0.1) and returns the CSRF value. Envoy's
+token-proxy holds the same key, from its environment.
 """
 
 from __future__ import annotations
@@ -73,16 +74,18 @@ SUBMIT_FORM = """
 
 @pytest.fixture(scope="module")
 def gw(demo, envoy_factory, require_envoy):
-    """token-proxy on /api/ only (the page, the login and the JWKS are public). Alone in the
-    chain, so the echo upstream shows the bearer token it was given."""
+    """token-proxy on /api/ and /ws/ only (the page, the login and the JWKS are public). Alone
+    in the chain, so the echo upstream shows the bearer token it was given."""
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     routes = [
         {"name": "api", "match": {"prefix": "/api/"}, "route": {"cluster": "demo"}},
+        # A WebSocket route token-proxy guards: the login cookies ride along with the upgrade.
+        {"name": "ws", "match": {"prefix": "/ws/"}, "route": {"cluster": "demo", "timeout": "0s"}},
         {"name": "public", "match": {"prefix": "/"}, "route": {"cluster": "demo"},
          "typed_per_filter_config": {"gatehouse.token_proxy": OFF}},
     ]
-    cfg = {"cookie_prefix": "gh", "encryption_keys_env": COOKIE_KEYS_VAR, "trusted_web_origins": [origin], "cors": {}}
+    cfg = {"cookie_prefix": "__Host-gh", "encryption_keys_env": COOKIE_KEYS_VAR, "trusted_web_origins": [origin], "cors": {}}
     envoy = envoy_factory(demo, port=port, routes=routes, access_log=True,
                           env={COOKIE_KEYS_VAR: demo.cookie_keys}, token_proxy=cfg)
     envoy.origin = origin
@@ -115,10 +118,12 @@ def test_after_login_document_cookie_does_not_contain_the_token(gw, page, browse
     # The browser did store them: HttpOnly, and Secure is accepted on http://127.0.0.1.
     # (Playwright's URL filter leaves out Secure cookies for http URLs: read the whole jar.)
     jar = {c["name"]: c for c in browser_context.cookies() if c["domain"] == "127.0.0.1"}
-    assert set(jar) >= {"gh-at", "gh-csrf"}, jar
-    for name in ("gh-at", "gh-csrf"):
+    assert set(jar) >= {"__Host-gh-at", "__Host-gh-csrf", "__Host-gh-sid"}, jar
+    for name in ("__Host-gh-at", "__Host-gh-csrf", "__Host-gh-sid"):
         c = jar[name]
-        assert (c["httpOnly"], c["secure"], c["sameSite"], c["path"]) == (True, True, "Strict", "/api"), c
+        # `__Host-`: a host-only cookie (no Domain: the jar's domain has no leading dot).
+        assert (c["httpOnly"], c["secure"], c["sameSite"], c["path"]) == (True, True, "Strict", "/"), c
+        assert not c["domain"].startswith("."), c
         assert body["access_token"] not in c["value"], "the cookie is encrypted"
 
 
@@ -165,6 +170,36 @@ def test_a_page_on_another_origin_cannot_make_an_authenticated_post(gw, demo, pa
     assert counter(gw, "forwarded") == forwarded, "no request from the other origin got a bearer token"
 
 
+# A page opens a WebSocket to the gateway and reports how it ended (or what the upstream saw).
+OPEN_SOCKET = """
+(url) => new Promise((resolve) => {
+  const ws = new WebSocket(url, ["sip"]);
+  ws.onopen = () => ws.send("__headers__");
+  ws.onmessage = (e) => { resolve({ opened: true, seen: JSON.parse(e.data) }); ws.close(); };
+  ws.onclose = (e) => resolve({ code: e.code, reason: e.reason });
+})
+"""
+
+
+def test_a_page_on_another_origin_cannot_open_a_websocket_with_the_cookies(gw, demo, page):
+    login(page, gw)
+    ws_url = gw.url.replace("http://", "ws://") + "/ws/echo"
+    # The gateway's own page: the browser sends the cookies and a trusted Origin.
+    mine = page.evaluate(OPEN_SOCKET, ws_url)
+    assert mine.get("opened"), mine
+    assert mine["seen"]["authorization"].startswith("Bearer "), "token-proxy gave the upgrade the token"
+    # Another origin on the same host (cookies are per host, and same-site for SameSite): the
+    # browser sends the cookies with the upgrade (CORS does not apply to WebSockets), and the
+    # page reads close code 4403, not 1006.
+    page.goto(demo.url + "/")
+    denied = counter(gw, "denied.origin")
+    forwarded = counter(gw, "forwarded")
+    theirs = page.evaluate(OPEN_SOCKET, ws_url)
+    assert theirs == {"code": 4403, "reason": "forbidden"}, theirs
+    assert counter(gw, "denied.origin") == denied + 1
+    assert counter(gw, "forwarded") == forwarded, "the other origin's socket never got the token"
+
+
 # ------------------------------------------------------------- the shipped local stack config
 
 
@@ -190,6 +225,6 @@ def test_phone_page_calls_the_api_with_cookies_through_the_shipped_config(stack,
     wait_for_log_entry(page, "API: HTTP 200 as demo-user")
     assert "gh-" not in page.evaluate("document.cookie")
     # The signaling socket (a fresh connect token in Sec-WebSocket-Protocol, with the session
-    # cookie gh-sid; the token cookies are Path=/api and never sent to /ws/) still works.
+    # cookie __Host-gh-sid; token-proxy is off there) still works.
     page.click("#connect")
     wait_for_log_entry(page, "socket open, subprotocol sip")

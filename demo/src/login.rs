@@ -4,16 +4,19 @@
 //! half is served at `/.well-known/jwks.json`, which jwt-auth fetches through Envoy.
 //!
 //! Login also plays the OAuth Agent of the token-handler pattern: it sets the JWT and a fresh
-//! CSRF token as encrypted `HttpOnly` cookies (`gh-at`, `gh-csrf`; Curity v1 format, sealed
-//! by `gatehouse_core::token_proxy::CookieKeys`, the code token-proxy decrypts with), and
-//! returns the CSRF value in the body for the page to send as `x-gh-csrf`.
+//! CSRF token as encrypted `HttpOnly` cookies (`__Host-gh-at`, `__Host-gh-csrf`; Curity v1
+//! format, sealed by `gatehouse_core::token_proxy::CookieKeys`, the code token-proxy decrypts
+//! with), and returns the CSRF value in the body for the page to send as `x-gh-csrf`. Every
+//! cookie it sets is `__Host-` (`Secure`, `Path=/`, no `Domain`): a sibling subdomain can
+//! neither set nor shadow them (cookie tossing). Chromium accepts them on http://127.0.0.1 and
+//! http://localhost, which it treats as secure origins.
 //!
-//! Sessions: the `HttpOnly` cookie `gh-sid` (on `/`) holds a fresh random **secret**; every
+//! Sessions: the `HttpOnly` cookie `__Host-gh-sid` (on `/`) holds a fresh random **secret**; every
 //! token carries `sid_hash = base64url(SHA-256(secret))`, which session-binding compares with the
 //! hash of the cookie on the signaling socket, so a leaked token does not reveal the cookie. The
 //! token also carries `sid`, the session's public id (derived one-way from the secret, so the
 //! issuer keeps no session table), for revocation and jwt-auth's session following, and a fresh
-//! `jti` (connect tokens are single-use there). A login that presents a live `gh-sid` stays in
+//! `jti` (connect tokens are single-use there). A login that presents a live `__Host-gh-sid` stays in
 //! that session, so a refresh extends the session's sockets (jwt-auth follows `sid`).
 //! `POST /dev/logout` revokes the session: its `sid` joins `GET /dev/revoked.json`, the
 //! revocation feed session-binding fetches, which closes the session's live sockets with 4401.
@@ -35,14 +38,15 @@ pub const AUDIENCE: &str = "gatehouse-demo";
 /// Connect tokens are short-lived: jwt-auth's signaling rule refuses tokens older than 300 s.
 /// `GATEHOUSE_DEMO_TOKEN_TTL` sets another lifetime (the tests use a few seconds).
 pub const TOKEN_TTL_SECONDS: u64 = 300;
-/// token-proxy's `cookie_prefix` in envoy-config/envoy.yaml: cookies `gh-at` and `gh-csrf`,
-/// CSRF header `x-gh-csrf`.
-pub const COOKIE_PREFIX: &str = "gh";
-/// Where token-proxy runs in the local stack; the cookies are only sent there.
-pub const COOKIE_PATH: &str = "/api";
-/// The session cookie (`Path=/`: the signaling upgrade carries it); session-binding's `session`
-/// binding in envoy-config/envoy.yaml compares its SHA-256 with the token's `sid_hash`.
-pub const SID_COOKIE: &str = "gh-sid";
+/// token-proxy's `cookie_prefix` in envoy-config/envoy.yaml: cookies `__Host-gh-at` and
+/// `__Host-gh-csrf`, CSRF header `x-gh-csrf`.
+pub const COOKIE_PREFIX: &str = "__Host-gh";
+/// A `__Host-` cookie must be `Path=/` (browsers drop it otherwise): the token cookies go to
+/// every path of the host, and token-proxy strips them where it runs (`/api/`).
+pub const COOKIE_PATH: &str = "/";
+/// The session cookie (the signaling upgrade carries it); session-binding's `session` binding
+/// in envoy-config/envoy.yaml compares its SHA-256 with the token's `sid_hash`.
+pub const SID_COOKIE: &str = "__Host-gh-sid";
 /// How long a session lasts, and how long a logged-out session stays on the revocation feed:
 /// jwt-auth's `max_socket_seconds` in envoy-config/envoy.yaml.
 pub const SESSION_SECONDS: u64 = 12 * 3600;
@@ -145,7 +149,7 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The `gh-sid` cookie of the request, if it looks like one we issue (16 random bytes).
+/// The session cookie of the request, if it looks like one we issue (16 random bytes).
 fn session_cookie(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)

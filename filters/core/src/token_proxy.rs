@@ -8,7 +8,9 @@
 use crate::cache::TokenCache;
 use crate::config::{parse_json, ConfigError};
 use crate::cookie;
-use crate::reply::{LocalReply, Refusal};
+use crate::origin;
+use crate::reply::{LocalReply, Refusal, WsHandshake};
+use crate::ws;
 use aes_gcm::aead::Aead;
 use aes_gcm::{Aes256Gcm, KeyInit};
 use base64::Engine;
@@ -73,6 +75,26 @@ fn default_path() -> String {
     "/".to_string()
 }
 
+/// Cookie name prefixes the browser enforces (RFC 6265bis §4.1.3): a `__Secure-` cookie must be
+/// `Secure`; a `__Host-` cookie must also have `Path=/` and no `Domain`, so a sibling subdomain
+/// cannot set or shadow it (cookie tossing). Browsers match them case-insensitively.
+const HOST_PREFIX: &str = "__Host-";
+const SECURE_PREFIX: &str = "__Secure-";
+
+fn has_prefix(name: &str, prefix: &str) -> bool {
+    name.get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+}
+
+/// `name` without a `__Host-` / `__Secure-` prefix.
+fn without_cookie_prefix(name: &str) -> &str {
+    [HOST_PREFIX, SECURE_PREFIX]
+        .iter()
+        .find(|p| has_prefix(name, p))
+        .and_then(|p| name.get(p.len()..))
+        .unwrap_or(name)
+}
+
 /// Why a request was refused. The client only ever sees a generic 401; this goes to the log and
 /// the stat `gatehouse.token_proxy.denied.<reason>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +113,8 @@ pub enum ProxyDenial {
     Cookie(CookieError),
     /// A bearer token sent by the client while `allow_tokens` is off.
     TokenNotAllowed,
-    /// `Origin` missing or not trusted on a state-changing request (or a preflight).
+    /// `Origin` missing or not trusted on a state-changing request, a WebSocket upgrade that
+    /// carries the access cookie, or a preflight.
     Origin,
     /// The CSRF header is missing or does not match the CSRF cookie.
     Csrf,
@@ -109,6 +132,15 @@ impl ProxyDenial {
             ProxyDenial::TokenNotAllowed => "token_not_allowed",
             ProxyDenial::Origin => "origin",
             ProxyDenial::Csrf => "csrf",
+        }
+    }
+
+    /// How the client is refused: a generic 401 (close 4401 on an upgrade), except a WebSocket
+    /// upgrade from an untrusted origin, which is forbidden (close 4403).
+    pub fn refusal(self, websocket: bool) -> Refusal {
+        match self {
+            ProxyDenial::Origin if websocket => Refusal::Forbidden,
+            _ => Refusal::InvalidCredentials,
         }
     }
 }
@@ -350,7 +382,12 @@ impl TokenProxyConfig {
             }
             trusted_origins.push(o.to_ascii_lowercase());
         }
-        let csrf_header = format!("x-{}-csrf", prefix.to_ascii_lowercase());
+        // `__Host-gh` names the cookies `__Host-gh-at` / `__Host-gh-csrf`; the header stays
+        // `x-gh-csrf` (the browser prefix means nothing in a header name).
+        let csrf_header = format!(
+            "x-{}-csrf",
+            without_cookie_prefix(&prefix).to_ascii_lowercase()
+        );
         let cors = match raw.cors {
             Some(c) if c.enabled => {
                 if trusted_origins.is_empty() {
@@ -373,6 +410,17 @@ impl TokenProxyConfig {
                         "must start with `/`",
                     ));
                 }
+                if let Some(name) = h.names.iter().find(|n| has_prefix(n, HOST_PREFIX)) {
+                    if h.path != "/" {
+                        return Err(ConfigError::new(
+                            "harden_cookies.path",
+                            format!(
+                                "must be `/` for the `__Host-` cookie `{name}` (browsers drop a \
+                                 `__Host-` cookie with another path)"
+                            ),
+                        ));
+                    }
+                }
                 (h.names, h.path)
             }
             None => (Vec::new(), "/".to_string()),
@@ -391,12 +439,10 @@ impl TokenProxyConfig {
         })
     }
 
+    /// Is `origin` one of `trusted_web_origins` (for CORS: what the browser's `Origin` says,
+    /// nothing else)?
     fn trusted(&self, origin: Option<&str>) -> bool {
-        origin.is_some_and(|o| {
-            self.trusted_origins
-                .iter()
-                .any(|t| t.eq_ignore_ascii_case(o))
-        })
+        origin::is_trusted(origin, None, &self.trusted_origins)
     }
 
     /// CORS headers for a response to `origin` (only a trusted one gets any).
@@ -422,6 +468,26 @@ pub struct ProxyRequest<'a> {
     pub csrf_header: Option<&'a str>,
     /// `Access-Control-Request-Method`: present on a CORS preflight.
     pub preflight_method: Option<&'a str>,
+    /// `Sec-Fetch-Site` (read when [`Needs::sec_fetch_site`]).
+    pub sec_fetch_site: Option<&'a str>,
+    /// A WebSocket upgrade (`Upgrade: websocket`).
+    pub websocket: bool,
+    /// `Sec-WebSocket-Key` and `Sec-WebSocket-Protocol` of an upgrade: a refusal completes the
+    /// handshake and closes, so browser code sees the close code rather than 1006.
+    pub ws_key: Option<&'a str>,
+    pub ws_protocols: Option<&'a str>,
+}
+
+/// Which request headers a request needs read (every host call costs about a microsecond
+/// inside V8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// `Origin`: CORS, a state-changing request, or an upgrade.
+    pub origin: bool,
+    /// `Sec-Fetch-Site`: a state-changing request or an upgrade.
+    pub sec_fetch_site: bool,
+    /// `Access-Control-Request-Method`: a possible CORS preflight.
+    pub preflight: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -441,29 +507,38 @@ pub enum ProxyDecision {
     },
 }
 
-fn state_changing(method: &str) -> bool {
-    matches!(
-        method.to_ascii_uppercase().as_str(),
-        "POST" | "PUT" | "PATCH" | "DELETE"
-    )
-}
-
 impl TokenProxyConfig {
-    /// Does a request with `method` need its `Origin` (CSRF check or CORS) and its
-    /// `Access-Control-Request-Method` (a CORS preflight)? Otherwise the filter does not read
-    /// them: every host call costs about a microsecond inside V8.
-    pub fn needs(&self, method: &str) -> (bool, bool) {
+    /// The headers a request with `method` (a WebSocket upgrade when `websocket`) needs read;
+    /// the filter reads no others.
+    pub fn needs(&self, method: &str, websocket: bool) -> Needs {
         let cors = self.cors.is_some();
-        (
-            cors || state_changing(method),
-            cors && method.eq_ignore_ascii_case("OPTIONS"),
-        )
+        let checked = origin::state_changing(method) || websocket;
+        Needs {
+            origin: cors || checked,
+            sec_fetch_site: checked,
+            preflight: cors && method.eq_ignore_ascii_case("OPTIONS"),
+        }
     }
 
     pub fn decide(&self, req: &ProxyRequest<'_>) -> ProxyDecision {
         let refuse = |denial: ProxyDenial| {
-            let mut reply = Refusal::InvalidCredentials.reply(None);
-            reply.headers.extend(self.cors_headers(req.origin));
+            let handshake = req
+                .websocket
+                .then_some(req.ws_key)
+                .flatten()
+                .map(|key| WsHandshake {
+                    accept: ws::accept_key(key),
+                    // The browser fails a handshake that selects none of the subprotocols it
+                    // offered: select the first, the close frame follows at once.
+                    protocol: req
+                        .ws_protocols
+                        .and_then(|h| ws::protocols(h).next())
+                        .map(str::to_string),
+                });
+            let mut reply = denial.refusal(req.websocket).reply(handshake.as_ref());
+            if handshake.is_none() {
+                reply.headers.extend(self.cors_headers(req.origin));
+            }
             ProxyDecision::Reply {
                 reply,
                 denial: Some(denial),
@@ -522,10 +597,18 @@ impl TokenProxyConfig {
             Ok(t) => t,
             Err(e) => return refuse(ProxyDenial::Cookie(e)),
         };
-        if state_changing(req.method) {
-            if !self.trusted(req.origin) {
-                return refuse(ProxyDenial::Origin);
-            }
+        // A cookie rides along whatever page made the request: the credential it carries is only
+        // good on a state-changing request or a WebSocket upgrade (which CORS does not guard)
+        // from a trusted origin. Browsers always send `Origin` on an upgrade: one without it
+        // is refused.
+        let state_changing = origin::state_changing(req.method);
+        if (state_changing || req.websocket)
+            && (!origin::is_trusted(req.origin, req.sec_fetch_site, &self.trusted_origins)
+                || (req.websocket && req.origin.is_none()))
+        {
+            return refuse(ProxyDenial::Origin);
+        }
+        if state_changing {
             let expected =
                 match cookie::get(cookies, &self.csrf_cookie).map(|c| self.keys.decrypt(c)) {
                     Some(Ok(v)) => v,
@@ -548,7 +631,8 @@ impl TokenProxyConfig {
 
     /// Harden one `Set-Cookie` value if it sets a configured cookie: `HttpOnly; Secure;
     /// SameSite=Strict` and the configured `Path`, replacing whatever the upstream said for
-    /// those attributes. Other cookies come back unchanged.
+    /// those attributes; a `__Host-` cookie also loses any `Domain` (its path is `/`, checked at
+    /// load). Other cookies come back unchanged.
     pub fn harden_set_cookie(&self, value: &str) -> Option<String> {
         let mut parts = value.split(';');
         let pair = parts.next()?.trim();
@@ -556,6 +640,7 @@ impl TokenProxyConfig {
         if !self.harden_names.iter().any(|n| n == name) {
             return None;
         }
+        let host_only = has_prefix(name, HOST_PREFIX);
         let mut out = vec![pair.to_string()];
         for attr in parts.map(str::trim).filter(|a| !a.is_empty()) {
             let key = attr
@@ -563,7 +648,9 @@ impl TokenProxyConfig {
                 .map_or(attr, |(k, _)| k)
                 .trim()
                 .to_ascii_lowercase();
-            if !matches!(key.as_str(), "httponly" | "secure" | "samesite" | "path") {
+            let replaced = matches!(key.as_str(), "httponly" | "secure" | "samesite" | "path")
+                || (host_only && key == "domain");
+            if !replaced {
                 out.push(attr.to_string());
             }
         }
@@ -733,6 +820,162 @@ mod tests {
         }
     }
 
+    fn close_code(reply: &LocalReply) -> Option<u16> {
+        let b = &reply.body;
+        (reply.status == 101 && b.len() >= 4 && b[0] == 0x88)
+            .then(|| u16::from_be_bytes([b[2], b[3]]))
+    }
+
+    #[test]
+    fn a_websocket_upgrade_with_the_cookie_needs_a_trusted_origin() {
+        let c = cfg(json!({}));
+        let cookie = format!("gh-at={}", seal(&c, "tok"));
+        let upgrade = |origin: Option<&'static str>, site: Option<&'static str>| {
+            c.decide(&ProxyRequest {
+                method: "GET",
+                origin,
+                sec_fetch_site: site,
+                cookie: Some(&cookie),
+                websocket: true,
+                ws_key: Some("dGhlIHNhbXBsZSBub25jZQ=="),
+                ws_protocols: Some("sip, other"),
+                ..Default::default()
+            })
+        };
+        for (origin, site) in [
+            (Some("http://localhost:8080"), None),
+            (Some("http://LOCALHOST:8080"), Some("same-site")),
+            // The browser says the page is the gateway's own origin.
+            (Some("http://127.0.0.1:9000"), Some("same-origin")),
+        ] {
+            assert!(
+                matches!(upgrade(origin, site), ProxyDecision::Forward { .. }),
+                "{origin:?} {site:?}"
+            );
+        }
+        for (origin, site) in [
+            (Some("http://evil.test"), None),
+            (Some("http://evil.test"), Some("cross-site")),
+            (Some("http://sub.localhost:8080"), Some("same-site")),
+            (Some("null"), None),
+            (None, None),
+            // Browsers always send Origin on an upgrade.
+            (None, Some("same-origin")),
+        ] {
+            let ProxyDecision::Reply { reply, denial } = upgrade(origin, site) else {
+                panic!("{origin:?} {site:?} must be refused")
+            };
+            assert_eq!(denial, Some(ProxyDenial::Origin));
+            // A completed handshake and a close frame: browser code reads 4403, not 1006.
+            assert_eq!(close_code(&reply), Some(4403), "{origin:?} {site:?}");
+            assert!(reply.headers.contains(&(
+                "sec-websocket-accept".into(),
+                "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into()
+            )));
+            assert!(reply
+                .headers
+                .contains(&("sec-websocket-protocol".into(), "sip".into())));
+        }
+        // Without the cookie token-proxy has nothing to protect: the upgrade passes (jwt-auth
+        // decides on whatever credential it carries).
+        let d = c.decide(&ProxyRequest {
+            method: "GET",
+            origin: Some("http://evil.test"),
+            websocket: true,
+            ws_key: Some("k"),
+            ..Default::default()
+        });
+        assert_eq!(d, ProxyDecision::Pass);
+        // A bad cookie on an upgrade closes 4401; without a key there is no handshake to
+        // complete: a plain 403.
+        let bad = c.decide(&ProxyRequest {
+            method: "GET",
+            origin: Some("http://localhost:8080"),
+            cookie: Some("gh-at=garbage"),
+            websocket: true,
+            ws_key: Some("k"),
+            ..Default::default()
+        });
+        let ProxyDecision::Reply { reply, .. } = bad else {
+            panic!()
+        };
+        assert_eq!(close_code(&reply), Some(4401));
+        let keyless = c.decide(&ProxyRequest {
+            method: "GET",
+            origin: Some("http://evil.test"),
+            cookie: Some(&cookie),
+            websocket: true,
+            ..Default::default()
+        });
+        let ProxyDecision::Reply { reply, .. } = keyless else {
+            panic!()
+        };
+        assert_eq!(reply.status, 403);
+    }
+
+    #[test]
+    fn sec_fetch_site_same_origin_counts_as_trusted_on_state_changing_requests() {
+        let c = cfg(json!({}));
+        let cookie = format!("gh-at={}; gh-csrf={}", seal(&c, "tok"), seal(&c, "s3cret"));
+        let post = |origin: Option<&'static str>, site: Option<&'static str>| {
+            c.decide(&ProxyRequest {
+                method: "DELETE",
+                origin,
+                sec_fetch_site: site,
+                cookie: Some(&cookie),
+                csrf_header: Some("s3cret"),
+                ..Default::default()
+            })
+        };
+        assert!(matches!(
+            post(None, Some("same-origin")),
+            ProxyDecision::Forward { .. }
+        ));
+        for site in [None, Some("same-site"), Some("cross-site"), Some("none")] {
+            assert!(
+                matches!(
+                    post(Some("https://sibling.localhost"), site),
+                    ProxyDecision::Reply {
+                        denial: Some(ProxyDenial::Origin),
+                        ..
+                    }
+                ),
+                "{site:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_headers_a_request_needs_are_read() {
+        let plain = cfg(json!({"cors": {"enabled": false}}));
+        let n = |c: &TokenProxyConfig, m, ws| c.needs(m, ws);
+        assert_eq!(
+            n(&plain, "GET", false),
+            Needs {
+                origin: false,
+                sec_fetch_site: false,
+                preflight: false
+            }
+        );
+        assert_eq!(
+            n(&plain, "GET", true),
+            Needs {
+                origin: true,
+                sec_fetch_site: true,
+                preflight: false
+            }
+        );
+        assert_eq!(
+            n(&plain, "patch", false),
+            Needs {
+                origin: true,
+                sec_fetch_site: true,
+                preflight: false
+            }
+        );
+        assert!(n(&cfg(json!({})), "OPTIONS", false).preflight);
+    }
+
     #[test]
     fn bearer_from_client_and_preflight() {
         let c = cfg(json!({}));
@@ -801,6 +1044,65 @@ mod tests {
             Some("gh-at=v; Max-Age=300; Path=/api; HttpOnly; Secure; SameSite=Strict")
         );
         assert_eq!(c.harden_set_cookie("theme=dark; Path=/"), None);
+    }
+
+    #[test]
+    fn host_prefixed_cookies() {
+        let c = cfg(json!({
+            "cookie_prefix": "__Host-gh",
+            "harden_cookies": {"names": ["__Host-gh-at", "__Host-gh-csrf"]},
+        }));
+        assert_eq!(
+            (
+                c.access_cookie.as_str(),
+                c.csrf_cookie.as_str(),
+                c.csrf_header.as_str()
+            ),
+            ("__Host-gh-at", "__Host-gh-csrf", "x-gh-csrf")
+        );
+        // Secure, Path=/ and no Domain, whatever the upstream said: a sibling subdomain can
+        // neither set nor shadow it.
+        assert_eq!(
+            c.harden_set_cookie("__Host-gh-at=v; Domain=example.com; Path=/api; Max-Age=300")
+                .as_deref(),
+            Some("__Host-gh-at=v; Max-Age=300; Path=/; HttpOnly; Secure; SameSite=Strict")
+        );
+        // The cookies are read under their prefixed names.
+        let cookie = format!(
+            "gh-at={}; __Host-gh-at={}",
+            seal(&c, "tossed"),
+            seal(&c, "tok")
+        );
+        assert!(matches!(
+            c.decide(&ProxyRequest {
+                method: "GET",
+                cookie: Some(&cookie),
+                ..Default::default()
+            }),
+            ProxyDecision::Forward { ref authorization, .. } if authorization == "Bearer tok"
+        ));
+        // Other cookies keep their Domain.
+        let plain = cfg(json!({"harden_cookies": {"names": ["gh-at"], "path": "/api"}}));
+        assert_eq!(
+            plain
+                .harden_set_cookie("gh-at=v; Domain=example.com")
+                .as_deref(),
+            Some("gh-at=v; Domain=example.com; Path=/api; HttpOnly; Secure; SameSite=Strict")
+        );
+        // A `__Host-` name with another path would be dropped by every browser: a load error.
+        for names in [json!(["__Host-gh-at"]), json!(["x", "__host-gh-csrf"])] {
+            let err = TokenProxyConfig::compile(
+                json!({"cookie_prefix": "__Host-gh", "encryption_keys": [KEY],
+                       "harden_cookies": {"names": names, "path": "/api"}})
+                .to_string()
+                .as_bytes(),
+                &no_env,
+            )
+            .err()
+            .unwrap();
+            assert_eq!(err.path, "harden_cookies.path", "{err}");
+            assert!(err.message.contains("__Host-"), "{err}");
+        }
     }
 
     #[test]

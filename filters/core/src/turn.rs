@@ -90,6 +90,8 @@ pub enum TurnDenial {
     Origin,
     NoClaims,
     BadUser,
+    /// The host cannot tell the time: credentials whose expiry is unknown are never minted.
+    Clock,
 }
 
 impl TurnDenial {
@@ -99,6 +101,7 @@ impl TurnDenial {
             TurnDenial::Origin => "origin",
             TurnDenial::NoClaims => "no_claims",
             TurnDenial::BadUser => "bad_user",
+            TurnDenial::Clock => "clock",
         }
     }
 
@@ -107,6 +110,7 @@ impl TurnDenial {
             TurnDenial::Method => Refusal::MethodNotAllowed,
             TurnDenial::Origin | TurnDenial::BadUser => Refusal::Forbidden,
             TurnDenial::NoClaims => Refusal::MissingCredentials,
+            TurnDenial::Clock => Refusal::Unavailable,
         }
     }
 }
@@ -211,7 +215,9 @@ impl TurnConfig {
         }
     }
 
-    pub fn decide(&self, req: &TurnRequest<'_>, now: u64) -> TurnDecision {
+    /// Decide at `now` (Unix seconds; `None` when the host cannot tell the time, and then
+    /// nothing is minted: 503, reason `clock`).
+    pub fn decide(&self, req: &TurnRequest<'_>, now: Option<u64>) -> TurnDecision {
         let path = req.path.split('?').next().unwrap_or("");
         if path != self.path {
             return TurnDecision::Pass;
@@ -247,6 +253,11 @@ impl TurnConfig {
         if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
             return refuse(TurnDenial::BadUser);
         }
+        // The username carries the expiry: without the time it would be wrong (a time of 0
+        // mints credentials that expired in 1970, a guess could mint ones that never do).
+        let Some(now) = now else {
+            return refuse(TurnDenial::Clock);
+        };
         let expires_at = now.saturating_add(self.ttl);
         let username = format!("{expires_at}:{user}");
         let Ok(mut mac) = <Hmac<sha1::Sha1> as KeyInit>::new_from_slice(self.signing_secret(now))
@@ -312,7 +323,7 @@ mod tests {
     #[test]
     fn mints_the_turn_rest_api_format() {
         let c = config(json!({}));
-        let v = minted(c.decide(&post(br#"{"sub":"alice"}"#), 1_000));
+        let v = minted(c.decide(&post(br#"{"sub":"alice"}"#), Some(1_000)));
         let server = &v["iceServers"][0];
         assert_eq!(server["username"], "4600:alice");
         // base64(HMAC-SHA1(secret, username)); that coturn accepts it is the e2e test's job.
@@ -330,7 +341,7 @@ mod tests {
     #[test]
     fn refusals() {
         let c = config(json!({}));
-        let denial = |r: TurnRequest<'_>| match c.decide(&r, 1) {
+        let denial = |r: TurnRequest<'_>| match c.decide(&r, Some(1)) {
             TurnDecision::Refused { denial, reply } => (denial, reply.status),
             other => panic!("{other:?}"),
         };
@@ -377,10 +388,39 @@ mod tests {
                     path: "/api/echo",
                     ..post(ok)
                 },
-                1
+                Some(1)
             ),
             TurnDecision::Pass
         );
+    }
+
+    #[test]
+    fn without_the_time_nothing_is_minted() {
+        let c = config(json!({}));
+        let TurnDecision::Refused { reply, denial } = c.decide(&post(br#"{"sub":"alice"}"#), None)
+        else {
+            panic!("minted without a clock")
+        };
+        assert_eq!((denial, denial.reason()), (TurnDenial::Clock, "clock"));
+        assert_eq!(reply.status, 503);
+        assert!(reply.headers.contains(&("retry-after".into(), "5".into())));
+        // What does not need the time is refused as before, and other paths pass.
+        let wrong_method = TurnRequest {
+            method: "GET",
+            ..post(b"{}")
+        };
+        assert!(matches!(
+            c.decide(&wrong_method, None),
+            TurnDecision::Refused {
+                denial: TurnDenial::Method,
+                ..
+            }
+        ));
+        let other = TurnRequest {
+            path: "/api/echo",
+            ..post(b"{}")
+        };
+        assert_eq!(c.decide(&other, None), TurnDecision::Pass);
     }
 
     #[test]
@@ -388,8 +428,8 @@ mod tests {
         let c = config(
             json!({"next_secret": {"value": "fedcba9876543210-next"}, "next_secret_from": 500}),
         );
-        let before = minted(c.decide(&post(br#"{"sub":"bob"}"#), 499));
-        let after = minted(c.decide(&post(br#"{"sub":"bob"}"#), 500));
+        let before = minted(c.decide(&post(br#"{"sub":"bob"}"#), Some(499)));
+        let after = minted(c.decide(&post(br#"{"sub":"bob"}"#), Some(500)));
         let with = |secret: &[u8], user: &str| {
             let mut mac = <Hmac<sha1::Sha1> as KeyInit>::new_from_slice(secret).unwrap();
             mac.update(user.as_bytes());

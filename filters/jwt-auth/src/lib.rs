@@ -7,7 +7,7 @@ use gatehouse_core::jwt_auth::{
     Decision, Denial, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY, KID_PROPERTY,
     REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
 };
-use gatehouse_core::reauth::{ClientFrames, Scan};
+use gatehouse_core::reauth::ClientFrames;
 use gatehouse_core::sessions;
 use gatehouse_core::ws::{self, Dir, LiveSocket};
 use gatehouse_host::{self as host, Body, Counters};
@@ -395,8 +395,10 @@ impl Stream {
     }
 
     /// In-band re-auth: take the re-auth frames out of the client's bytes and apply them.
-    /// Returns how many bytes go on now, or `None` to keep buffering (a frame is incomplete).
-    fn take_reauth(&mut self, size: usize) -> Option<usize> {
+    /// The chunk is replaced by what goes on now; the scanner keeps an incomplete possible
+    /// re-auth frame (never the host's buffer: no Pause and rebuffer). Returns how many bytes
+    /// go on now.
+    fn take_reauth(&mut self, size: usize) -> usize {
         let Stream {
             shared,
             live,
@@ -405,20 +407,21 @@ impl Stream {
             ..
         } = self;
         let (Some(live), Some(frames)) = (live.as_mut(), frames.as_mut()) else {
-            return Some(size);
+            return size;
         };
         let Some(session) = live.session().map(str::to_owned) else {
-            return Some(size);
+            return size;
         };
         if size == 0 || live.is_closing() {
-            return Some(size);
+            return size;
         }
         let mut shared = shared.borrow_mut();
-        let kind = shared.auth.config.reauth.clone()?;
-        let data = host::request_body(size);
-        let Scan::Done { forward, tokens } = frames.scan(&data, &kind) else {
-            return None;
+        let Some(kind) = shared.auth.config.reauth.clone() else {
+            return size;
         };
+        let data = host::request_body(size);
+        let fed = frames.feed(&data, &kind);
+        let (forward, tokens) = (fed.forward, fed.tokens);
         let clock = host::now();
         for token in tokens {
             let Some(now) = clock else {
@@ -441,8 +444,7 @@ impl Stream {
                 }
                 Err(denial) => {
                     shared.count(&format!("denied.{}", denial.reason()));
-                    host::log(
-                        LogLevel::Info,
+                    host::log_denial(
                         NAME,
                         &format!(
                             "live websocket: re-auth refused ({}), closing with 4401",
@@ -460,9 +462,9 @@ impl Stream {
         match forward {
             Some(bytes) => {
                 host::replace_body(Body::Request, size, &bytes);
-                Some(bytes.len())
+                bytes.len()
             }
-            None => Some(size),
+            None => size,
         }
     }
 
@@ -541,9 +543,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        let Some(size) = self.take_reauth(size) else {
-            return Action::Pause;
-        };
+        let size = self.take_reauth(size);
         self.on_chunk(Dir::ToUpstream, size);
         Action::Continue
     }

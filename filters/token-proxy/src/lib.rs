@@ -64,12 +64,16 @@ impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let s = &self.shared;
         let method = host::request_header(":method").unwrap_or_default();
-        let (needs_origin, needs_preflight) = s.config.needs(&method);
-        let origin = host::request_header_if(needs_origin, "origin");
+        let websocket = host::is_websocket_upgrade();
+        let needs = s.config.needs(&method, websocket);
+        let origin = host::request_header_if(needs.origin, "origin");
+        let sec_fetch_site = host::request_header_if(needs.sec_fetch_site, "sec-fetch-site");
         let authorization = host::request_header("authorization");
         let cookie = host::request_header("cookie");
         let csrf = host::request_header(&s.config.csrf_header);
-        let preflight = host::request_header_if(needs_preflight, "access-control-request-method");
+        let preflight = host::request_header_if(needs.preflight, "access-control-request-method");
+        let ws_key = host::request_header_if(websocket, "sec-websocket-key");
+        let ws_protocols = host::request_header_if(websocket, "sec-websocket-protocol");
         let decision = s.config.decide(&ProxyRequest {
             method: &method,
             origin: origin.as_deref(),
@@ -77,6 +81,10 @@ impl HttpContext for Stream {
             cookie: cookie.as_deref(),
             csrf_header: csrf.as_deref(),
             preflight_method: preflight.as_deref(),
+            sec_fetch_site: sec_fetch_site.as_deref(),
+            websocket,
+            ws_key: ws_key.as_deref(),
+            ws_protocols: ws_protocols.as_deref(),
         });
         self.origin = origin;
         // The CSRF header has done its job here; the upstream never needs it.
@@ -103,10 +111,14 @@ impl HttpContext for Stream {
                         s.count(&format!("denied.{}", d.reason()));
                         let path = host::request_header(":path").unwrap_or_default();
                         let path = path.split('?').next().unwrap_or("");
-                        host::log(
-                            LogLevel::Info,
+                        let answer = if reply.status == 101 {
+                            format!("close {}", d.refusal(websocket).close_code())
+                        } else {
+                            reply.status.to_string()
+                        };
+                        host::log_denial(
                             NAME,
-                            &format!("denied ({}) {method} {path} -> 401", d.reason()),
+                            &format!("denied ({}) {method} {path} -> {answer}", d.reason()),
                         );
                     }
                     None => s.count("preflight"),

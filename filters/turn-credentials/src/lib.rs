@@ -73,7 +73,8 @@ impl HttpContext for Stream {
                 origin: origin.as_deref(),
                 claims: claims.as_deref(),
             },
-            host::now_secs(),
+            // `None` when the host cannot tell the time: the core refuses (503, `clock`).
+            host::now(),
         );
         match decision {
             TurnDecision::Pass => Action::Continue,
@@ -84,8 +85,7 @@ impl HttpContext for Stream {
             }
             TurnDecision::Refused { reply, denial } => {
                 s.count(&format!("denied.{}", denial.reason()));
-                host::log(
-                    LogLevel::Info,
+                host::log_denial(
                     NAME,
                     &format!("denied ({}) {method} -> {}", denial.reason(), reply.status),
                 );

@@ -8,7 +8,7 @@ use gatehouse_core::jwt::jwk::parse_jwks_document;
 use gatehouse_core::jwt::jws::Jws;
 use gatehouse_core::jwt::KeySet;
 use gatehouse_core::page_guard::parse_reports;
-use gatehouse_core::reauth::{ClientFrames, Scan};
+use gatehouse_core::reauth::ClientFrames;
 use gatehouse_core::session_binding::revocation::RevocationList;
 use gatehouse_core::token_proxy::CookieKeys;
 use gatehouse_core::{cookie, sessions};
@@ -71,17 +71,18 @@ fuzz_target!(|data: &[u8]| {
         }
         6 => {
             // Fed whole or in chunks: never a panic, and never more bytes out than in.
+            // Fed whole or in chunks, the same bytes come out.
             let mut frames = ClientFrames::default();
-            if let Scan::Done {
-                forward: Some(out), ..
-            } = frames.scan(input, "gatehouse.reauth")
-            {
-                assert!(out.len() <= input.len());
-            }
+            let whole = frames.feed(input, "gatehouse.reauth").forward;
+            let whole = whole.as_deref().unwrap_or(input);
+            assert!(whole.len() <= input.len());
             let mut frames = ClientFrames::default();
+            let mut out = Vec::new();
             for chunk in input.chunks(1 + usize::from(which / 8)) {
-                let _ = frames.scan(chunk, "gatehouse.reauth");
+                let fed = frames.feed(chunk, "gatehouse.reauth");
+                out.extend_from_slice(fed.forward.as_deref().unwrap_or(chunk));
             }
+            assert_eq!(out, whole);
         }
         _ => {
             let _ = sessions::lookup(input, "s");
