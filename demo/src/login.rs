@@ -91,7 +91,7 @@ impl Issuer {
             .is_ok_and(|r| r.iter().any(|(s, _)| s == sid))
     }
 
-    /// The session secret of this login (the `gh-sid` cookie's value): the caller's, unless its
+    /// The session secret of this login (the `__Host-gh-sid` cookie's value): the caller's, unless its
     /// session was logged out; else a new one.
     fn session(&self, headers: &HeaderMap) -> Result<String, String> {
         match session_cookie(headers) {

@@ -6,7 +6,7 @@
 //! - `/`: a static demo phone page;
 //! - `/.well-known/jwks.json`: the public keys of the local stack;
 //! - `POST /dev/login`: DEV ONLY, mints a short-lived JWT with the local stack's key, in the
-//!   caller's session (`gh-sid` cookie) or a new one; `POST /dev/logout` ends the session and
+//!   caller's session (`__Host-gh-sid` cookie) or a new one; `POST /dev/logout` ends the session and
 //!   `GET /dev/revoked.json` lists ended sessions (session-binding's revocation feed).
 //!
 //! Settings come from the environment: `GATEHOUSE_DEMO_ADDR` (default `127.0.0.1:8081`),

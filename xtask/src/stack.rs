@@ -90,7 +90,7 @@ pub fn up() -> Result<(), String> {
         "  echo API          http://{ENVOY_ADDR}/api/echo   (needs a token, or the login cookies)"
     );
     println!(
-        "  signaling socket  ws://{ENVOY_ADDR}/ws/echo      (a fresh token in Sec-WebSocket-Protocol + the login's gh-sid cookie)"
+        "  signaling socket  ws://{ENVOY_ADDR}/ws/echo      (a fresh token in Sec-WebSocket-Protocol + the login's __Host-gh-sid cookie)"
     );
     println!("  dev login         curl -X POST http://{ENVOY_ADDR}/dev/login");
     println!("  Envoy admin       http://{ADMIN_ADDR}/stats?filter=gatehouse");
