@@ -92,6 +92,45 @@ pub(crate) fn check_fetch(
 /// in the filters, Envoy's `host_env_keys` resolved by `gatehouse check`, a map in tests.
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
+/// A secret in a filter's config, as written: exactly one of `env` (an Envoy environment
+/// variable the VM sees, see `host_env_keys`) or `value`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecret {
+    env: Option<String>,
+    value: Option<String>,
+}
+
+impl RawSecret {
+    /// The secret's bytes, at least `min_bytes` of them. Errors name the field `at` (and call
+    /// the secret `what`), never its value.
+    pub(crate) fn resolve(
+        self,
+        at: &str,
+        env: EnvLookup<'_>,
+        what: &str,
+        min_bytes: usize,
+    ) -> Result<Vec<u8>, ConfigError> {
+        let value = match (self.env, self.value) {
+            (Some(name), None) => env(&name).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{at}.env"),
+                    format!("environment variable {name} is not set for the VM (list it in vm_config.environment_variables.host_env_keys)"),
+                )
+            })?,
+            (None, Some(v)) => v,
+            _ => return Err(ConfigError::new(at, "give exactly one of `env` or `value`")),
+        };
+        if value.len() < min_bytes {
+            return Err(ConfigError::new(
+                at,
+                format!("the {what} must be at least {min_bytes} bytes"),
+            ));
+        }
+        Ok(value.into_bytes())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

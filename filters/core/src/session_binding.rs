@@ -13,7 +13,7 @@ pub mod metadata;
 pub mod revocation;
 pub mod store;
 
-use crate::config::{check_fetch, parse_json, ConfigError, EnvLookup};
+use crate::config::{check_fetch, parse_json, ConfigError, EnvLookup, RawSecret};
 use crate::jwt::claims::claim_text;
 use crate::jwt::Claims;
 use crate::jwt_auth::{Matcher, Needs, RawMatch};
@@ -85,15 +85,7 @@ struct RawSession {
     #[serde(default = "default_session_mode")]
     mode: String,
     /// The gateway key of mode `hmac_sha256`.
-    key: Option<RawKey>,
-}
-
-/// Exactly one of `env` (an Envoy environment variable, see `host_env_keys`) or `value`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKey {
-    env: Option<String>,
-    value: Option<String>,
+    key: Option<RawSecret>,
 }
 
 /// The shortest HMAC key accepted for `hmac_sha256` (the hash's size).
@@ -461,24 +453,9 @@ struct RawBindingFields {
     allow_missing: bool,
 }
 
-fn session_key(raw: RawKey, at: &str, env: EnvLookup<'_>) -> Result<SessionKey, ConfigError> {
-    let value = match (raw.env, raw.value) {
-        (Some(name), None) => env(&name).ok_or_else(|| {
-            ConfigError::new(
-                format!("{at}.env"),
-                format!("environment variable {name} is not set for the VM (list it in vm_config.environment_variables.host_env_keys)"),
-            )
-        })?,
-        (None, Some(v)) => v,
-        _ => return Err(ConfigError::new(at, "give exactly one of `env` or `value`")),
-    };
-    if value.len() < MIN_SESSION_KEY_BYTES {
-        return Err(ConfigError::new(
-            at,
-            format!("the key must be at least {MIN_SESSION_KEY_BYTES} bytes"),
-        ));
-    }
-    Ok(SessionKey(value.into_bytes()))
+fn session_key(raw: RawSecret, at: &str, env: EnvLookup<'_>) -> Result<SessionKey, ConfigError> {
+    raw.resolve(at, env, "key", MIN_SESSION_KEY_BYTES)
+        .map(SessionKey)
 }
 
 fn compile_binding(

@@ -5,7 +5,7 @@
 //! Answered locally on a configured path, for callers jwt-auth has verified (claims from filter
 //! state), from an allowed `Origin`, with POST only.
 
-use crate::config::{parse_json, ConfigError, EnvLookup};
+use crate::config::{parse_json, ConfigError, EnvLookup, RawSecret};
 use crate::reply::{LocalReply, Refusal};
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
@@ -33,14 +33,6 @@ struct RawConfig {
     next_secret_from: Option<u64>,
 }
 
-/// Exactly one of `env` (an Envoy environment variable, see `host_env_keys`) or `value`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSecret {
-    env: Option<String>,
-    value: Option<String>,
-}
-
 fn default_path() -> String {
     "/turn-credentials".into()
 }
@@ -64,23 +56,7 @@ pub struct TurnConfig {
 }
 
 fn secret(raw: RawSecret, at: &str, env: EnvLookup<'_>) -> Result<Vec<u8>, ConfigError> {
-    let value = match (raw.env, raw.value) {
-        (Some(name), None) => env(&name).ok_or_else(|| {
-            ConfigError::new(
-                format!("{at}.env"),
-                format!("environment variable {name} is not set for the VM (list it in vm_config.environment_variables.host_env_keys)"),
-            )
-        })?,
-        (None, Some(v)) => v,
-        _ => return Err(ConfigError::new(at, "give exactly one of `env` or `value`")),
-    };
-    if value.len() < MIN_SECRET_BYTES {
-        return Err(ConfigError::new(
-            at,
-            format!("the secret must be at least {MIN_SECRET_BYTES} bytes"),
-        ));
-    }
-    Ok(value.into_bytes())
+    raw.resolve(at, env, "secret", MIN_SECRET_BYTES)
 }
 
 /// Why a request for credentials was refused (the stat `denied.<reason>`).
