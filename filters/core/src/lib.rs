@@ -10,6 +10,7 @@ pub mod config;
 pub mod cookie;
 pub mod jwt;
 pub mod jwt_auth;
+pub mod kv;
 pub mod log_limit;
 pub mod origin;
 pub mod page_guard;

@@ -14,14 +14,7 @@
 use crate::buckets;
 use std::fmt::Write as _;
 
-/// A compare-and-swap key/value store: the shape of proxy-wasm shared data.
-pub trait Kv {
-    /// The value of `key` and its CAS token (`None, None` when absent).
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
-    /// Write `value` if `key` is still at `cas` (`None`: unconditionally); false when another
-    /// writer came first.
-    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
-}
+pub use crate::kv::{Kv, MemoryKv};
 
 /// The outcome of using a token id once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,9 +73,6 @@ pub struct SlotLimits {
     pub buckets: u32,
     pub per_bucket: usize,
 }
-
-/// How often a CAS write is retried before giving up (another worker wrote the same bucket).
-const CAS_TRIES: usize = 8;
 
 const JTI_PREFIX: &str = "gatehouse.session_binding.jti.";
 const SLOT_PREFIX: &str = "gatehouse.session_binding.slots.";
@@ -156,17 +146,9 @@ impl<K: Kv> KvStore<K> {
         &mut self,
         key: &str,
         contended: T,
-        mut change: impl FnMut(&[u8]) -> (Option<Vec<u8>>, T),
+        change: impl FnMut(&[u8]) -> (Option<Vec<u8>>, T),
     ) -> T {
-        for _ in 0..CAS_TRIES {
-            let (value, cas) = self.kv.get(key);
-            let (next, result) = change(value.as_deref().unwrap_or(&[]));
-            let Some(next) = next else { return result };
-            if self.kv.set(key, &next, cas) {
-                return result;
-            }
-        }
-        contended
+        crate::kv::update(&mut self.kv, key, contended, change)
     }
 }
 
@@ -305,34 +287,6 @@ fn write_slots(entries: &[(&str, &str, u64)]) -> Vec<u8> {
         let _ = writeln!(out, "{o} {s} {e}");
     }
     out.into_bytes()
-}
-
-/// An in-memory [`Kv`] with shared-data semantics, for tests and the CLI.
-#[derive(Debug, Default, Clone)]
-pub struct MemoryKv {
-    entries: std::collections::HashMap<String, (Vec<u8>, u32)>,
-    next_cas: u32,
-}
-
-impl Kv for MemoryKv {
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        match self.entries.get(key) {
-            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
-            None => (None, None),
-        }
-    }
-
-    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        if let (Some(want), Some((_, have))) = (cas, self.entries.get(key)) {
-            if want != *have {
-                return false;
-            }
-        }
-        self.next_cas = self.next_cas.wrapping_add(1).max(1);
-        self.entries
-            .insert(key.to_string(), (value.to_vec(), self.next_cas));
-        true
-    }
 }
 
 #[cfg(test)]
