@@ -8,6 +8,7 @@ mod buckets;
 pub mod cache;
 pub mod config;
 pub mod cookie;
+pub mod fetch;
 pub mod jwt;
 pub mod jwt_auth;
 pub mod kv;
