@@ -18,6 +18,14 @@ use std::time::UNIX_EPOCH;
 
 pub use proxy_wasm;
 
+/// A host call that should not fail did: said at error level (never silently dropped).
+fn failed(what: &str, detail: &str) {
+    let _ = hostcalls::log(
+        LogLevel::Error,
+        &format!("gatehouse: the host refused to {what} ({detail})"),
+    );
+}
+
 /// Log at `level`, prefixed with the filter name.
 pub fn log(level: LogLevel, filter: &str, message: &str) {
     let _ = hostcalls::log(level, &format!("{filter}: {message}"));
@@ -185,7 +193,9 @@ pub fn response_header(name: &str) -> Option<String> {
 
 /// Set (`Some`) or remove (`None`) a request header.
 pub fn set_request_header(name: &str, value: Option<&str>) {
-    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
+    if hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).is_err() {
+        failed("set request header", name);
+    }
 }
 
 /// An Envoy environment variable the VM may read: only those listed in
@@ -229,7 +239,9 @@ pub fn send_reply(reply: &LocalReply) {
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let _ = hostcalls::send_http_response(reply.status, headers, Some(&reply.body));
+    if hostcalls::send_http_response(reply.status, headers, Some(&reply.body)).is_err() {
+        failed("send a local reply", &reply.status.to_string());
+    }
 }
 
 /// Whether the request asks for a WebSocket upgrade (`upgrade: websocket`, in any case, possibly
@@ -310,7 +322,9 @@ pub fn replace_body(which: Body, size: usize, bytes: &[u8]) {
         Body::Request => BufferType::HttpRequestBody,
         Body::Response => BufferType::HttpResponseBody,
     };
-    let _ = hostcalls::set_buffer(t, 0, size, bytes);
+    if hostcalls::set_buffer(t, 0, size, bytes).is_err() {
+        failed("replace a body chunk", &size.to_string());
+    }
 }
 
 /// Pass the current chunk (`size` bytes going `dir`) of an upgraded stream through its live
@@ -432,7 +446,9 @@ pub fn http_call_response(body_size: usize) -> (u32, Vec<u8>) {
 }
 
 pub fn resume_request() {
-    let _ = hostcalls::resume_http_request();
+    if hostcalls::resume_http_request().is_err() {
+        failed("resume the request", "");
+    }
 }
 
 /// A filter's Envoy counters, `<filter>.<what>`, defined on first use (Envoy shows them as
@@ -480,10 +496,35 @@ pub fn response_headers() -> Vec<(String, String)> {
 
 /// Set (`Some`) or remove (`None`) a response header.
 pub fn set_response_header(name: &str, value: Option<&str>) {
-    let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value);
+    if hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value).is_err() {
+        failed("set response header", name);
+    }
 }
 
 /// Add a response header value (keeps existing values of the same name).
 pub fn add_response_header(name: &str, value: &str) {
-    let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value);
+    if hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value).is_err() {
+        failed("add response header", name);
+    }
+}
+
+/// Envoy shared data (one store per Envoy process, seen by every worker's VM) as a
+/// [`gatehouse_core::kv::Kv`].
+pub struct SharedData;
+
+impl gatehouse_core::kv::Kv for SharedData {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        shared_data(key)
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        set_shared_data(key, value, cas)
+    }
+}
+
+/// Ask for the root context's `on_tick` every `seconds`.
+pub fn set_tick(seconds: u64) {
+    if hostcalls::set_tick_period(std::time::Duration::from_secs(seconds)).is_err() {
+        failed("set the tick period", &seconds.to_string());
+    }
 }
