@@ -16,6 +16,7 @@ pub mod page_guard;
 pub mod path;
 pub mod reauth;
 pub mod reply;
+pub mod rules;
 pub mod session_binding;
 pub mod sessions;
 pub mod token_proxy;

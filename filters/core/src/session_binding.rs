@@ -16,9 +16,9 @@ pub mod store;
 use crate::config::{check_fetch, parse_json, ConfigError, EnvLookup, RawSecret};
 use crate::jwt::claims::claim_text;
 use crate::jwt::Claims;
-use crate::jwt_auth::{Matcher, Needs, RawMatch};
 use crate::path::PathError;
 use crate::reply::{LocalReply, Refusal, WsHandshake};
+use crate::rules::{Needs, RawMatch, Rules};
 use crate::{cookie, ws};
 use revocation::{RevocationState, Revoked, TokenId};
 use serde::Deserialize;
@@ -352,7 +352,7 @@ pub struct SessionBindingConfig {
     pub sources: Vec<ClaimsSource>,
     pub default_binding: Binding,
     /// A rule's binding; `None` for a `disabled` rule.
-    pub rules: Vec<(Matcher, Option<Binding>)>,
+    pub rules: Rules<Option<Binding>>,
     pub jti: JtiSettings,
     pub sockets: SocketSettings,
     pub revocation: Option<RevocationFeed>,
@@ -769,8 +769,9 @@ impl SessionBindingConfig {
                 })
             }
         };
+        let rules = Rules::new(rules);
         Ok(Self {
-            needs: Needs::of_matchers(rules.iter().map(|(m, _)| m)),
+            needs: rules.needs(),
             sources,
             default_binding,
             rules,
@@ -781,16 +782,18 @@ impl SessionBindingConfig {
     }
 
     /// The binding of a request: the first matching rule's (`None` when it is `disabled`), else the
-    /// top-level one.
-    pub fn binding_for(&self, route: Option<&str>, path: &str, host: &str) -> Option<&Binding> {
-        match self
-            .rules
-            .iter()
-            .find(|(m, _)| m.matches(route, path, host))
-        {
+    /// top-level one; a path with dot-segments or hidden separators is refused first
+    /// ([`Rules::select`]).
+    pub fn binding_for(
+        &self,
+        route: Option<&str>,
+        path: &str,
+        host: &str,
+    ) -> Result<Option<&Binding>, PathError> {
+        Ok(match self.rules.select(route, path, host)? {
             Some((_, b)) => b.as_ref(),
             None => Some(&self.default_binding),
-        }
+        })
     }
 }
 
@@ -1173,11 +1176,10 @@ impl SessionBinding {
         store: &mut dyn BindingStore,
     ) -> BindDecision {
         // Before any rule or template looks at the path.
-        if let Err(e) = crate::path::check(req.path) {
-            return deny(req, BindDenial::BadPath(e));
-        }
-        let Some(binding) = self.config.binding_for(req.route_name, req.path, req.host) else {
-            return BindDecision::Pass;
+        let binding = match self.config.binding_for(req.route_name, req.path, req.host) {
+            Ok(Some(binding)) => binding,
+            Ok(None) => return BindDecision::Pass,
+            Err(e) => return deny(req, BindDenial::BadPath(e)),
         };
         let Some(claims) = req.claims else {
             return if binding.allow_missing {

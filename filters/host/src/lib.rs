@@ -3,9 +3,9 @@
 //! the VM, failing every request after it). A failed host call is logged and degrades to
 //! "absent" / "not done", never to a panic.
 
-use gatehouse_core::jwt_auth::Needs;
 use gatehouse_core::log_limit::LogLimiter;
 use gatehouse_core::reply::{LocalReply, Refusal};
+use gatehouse_core::rules::Needs;
 use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
 use gatehouse_core::ConfigError;
 use proxy_wasm::hostcalls;

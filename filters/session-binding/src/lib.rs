@@ -313,27 +313,25 @@ impl Stream {
         let needs = self.shared.borrow().binding.config.needs;
         let (path, authority, route) = host::rule_target(&needs);
         let mut shared = self.shared.borrow_mut();
-        // A path that walks (`..`, `%2e%2e`, `%2f`) matches no rule here: the core refuses it
+        // A path that walks (`..`, `%2e%2e`, `%2f`) matches no rule: the core refuses it
         // (400 / close 4400) before any rule or template looks at it.
-        let path_ok = gatehouse_core::path::check(&path).is_ok();
-        let (session, cap, fingerprint) = if path_ok {
-            let Some(binding) =
-                shared
-                    .binding
-                    .config
-                    .binding_for(route.as_deref(), &path, &authority)
-            else {
-                shared.count("passed");
-                return Action::Continue;
+        let (session, cap, fingerprint) =
+            match shared
+                .binding
+                .config
+                .binding_for(route.as_deref(), &path, &authority)
+            {
+                Ok(Some(binding)) => (
+                    binding.session.is_some(),
+                    binding.max_sockets.is_some(),
+                    binding.fingerprint,
+                ),
+                Ok(None) => {
+                    shared.count("passed");
+                    return Action::Continue;
+                }
+                Err(_) => (false, false, FingerprintMode::Off),
             };
-            (
-                binding.session.is_some(),
-                binding.max_sockets.is_some(),
-                binding.fingerprint,
-            )
-        } else {
-            (false, false, FingerprintMode::Off)
-        };
         let found = read_claims(&shared.binding.config.sources);
         let websocket = host::is_websocket_upgrade();
         let ws_key = host::request_header_if(websocket, "sec-websocket-key");
