@@ -19,6 +19,7 @@ pub mod reply;
 pub mod rules;
 pub mod session_binding;
 pub mod sessions;
+pub mod stats;
 pub mod token_proxy;
 pub mod turn;
 pub mod ws;

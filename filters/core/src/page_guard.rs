@@ -24,7 +24,7 @@ pub use html::{Blanker, Nonces, RewriteParams, RewriteStats, Rewriter};
 
 /// CSP directives page-guard knows; any other name is a config error (a typo would silently
 /// drop a restriction).
-const DIRECTIVES: &[&str] = &[
+pub(crate) const DIRECTIVES: &[&str] = &[
     "default-src",
     "script-src",
     "script-src-elem",
@@ -983,7 +983,7 @@ impl PageGuardConfig {
             Ok(selected) => selected,
             Err(e) => {
                 return RequestDecision::Refuse {
-                    reason: e.reason(),
+                    reason: e,
                     reply: Refusal::BadRequest.reply(None),
                 }
             }
@@ -1191,7 +1191,7 @@ pub enum RequestDecision {
     /// Refused before any rule matched (a path with a dot-segment or a hidden separator):
     /// count `denied.<reason>`, send `reply`.
     Refuse {
-        reason: &'static str,
+        reason: PathError,
         reply: LocalReply,
     },
     /// page-guard is off on this route.

@@ -19,6 +19,7 @@ use crate::jwt::Claims;
 use crate::path::PathError;
 use crate::reply::{LocalReply, Refusal, WsHandshake};
 use crate::rules::{Needs, RawMatch, Rules};
+use crate::stats::SessionBindingStat;
 use crate::{cookie, ws};
 use revocation::{RevocationState, Revoked, TokenId};
 use serde::Deserialize;
@@ -1049,7 +1050,7 @@ impl BindDenial {
             BindDenial::Clock => "clock unavailable",
             _ => "re-auth refused",
         };
-        (self.refusal().close_code(), reason, self.reason())
+        (self.refusal().close_code(), reason, self)
     }
 }
 
@@ -1081,7 +1082,7 @@ pub enum BindDecision {
         /// For an upgrade: what the live socket keeps.
         live: Option<LiveTerms>,
         /// Stats to count besides `allowed` (`jti.evicted`, `revocation.stale_served`).
-        notes: Vec<&'static str>,
+        notes: Vec<SessionBindingStat>,
     },
     Deny {
         denial: BindDenial,
@@ -1089,8 +1090,8 @@ pub enum BindDecision {
     },
 }
 
-/// Why a live socket must close now: `(code, reason, stat)`.
-pub type LiveClose = (u16, &'static str, &'static str);
+/// Why a live socket must close now: `(code, reason, denial)` (counted `ws.closed.<reason>`).
+pub type LiveClose = (u16, &'static str, BindDenial);
 
 /// The compiled config; per worker.
 pub struct SessionBinding {
@@ -1292,7 +1293,7 @@ impl SessionBinding {
         token: &TokenId,
         now: Option<u64>,
         revocations: Option<&RevocationState>,
-        notes: &mut Vec<&'static str>,
+        notes: &mut Vec<SessionBindingStat>,
     ) -> Result<(), BindDenial> {
         let (Some(feed), Some(state)) = (&self.config.revocation, revocations) else {
             return Ok(());
@@ -1302,7 +1303,7 @@ impl SessionBinding {
                 if feed.fail_closed {
                     return Err(BindDenial::RevocationStale);
                 }
-                notes.push("revocation.stale_served");
+                notes.push(SessionBindingStat::RevocationStaleServed);
             }
             Some(_) => {}
             None if feed.fail_closed => return Err(BindDenial::Clock),
@@ -1322,7 +1323,7 @@ impl SessionBinding {
         claims: &Claims,
         now: Option<u64>,
         store: &mut dyn BindingStore,
-    ) -> Result<Option<&'static str>, BindDenial> {
+    ) -> Result<Option<SessionBindingStat>, BindDenial> {
         let Some(jti) = text_claim(claims, "jti") else {
             return Err(BindDenial::NoJti);
         };
@@ -1350,7 +1351,7 @@ impl SessionBinding {
             now,
         ) {
             UseOnce::Fresh => Ok(None),
-            UseOnce::FreshEvicted => Ok(Some("jti.evicted")),
+            UseOnce::FreshEvicted => Ok(Some(SessionBindingStat::JtiEvicted)),
             UseOnce::Replay => Err(BindDenial::Replay),
             UseOnce::Full => Err(BindDenial::JtiStoreFull),
             UseOnce::OwnerFull => Err(BindDenial::JtiSubjectFull),
@@ -1396,7 +1397,7 @@ impl SessionBinding {
         now: Option<u64>,
         revocations: Option<&RevocationState>,
         store: &mut dyn BindingStore,
-    ) -> Result<Vec<&'static str>, LiveClose> {
+    ) -> Result<Vec<SessionBindingStat>, LiveClose> {
         let token = token_id(claims, kid);
         let mut notes = Vec::new();
         self.check_revocation(&token, now, revocations, &mut notes)
