@@ -24,7 +24,7 @@ pub use html::{Blanker, Nonces, RewriteParams, RewriteStats, Rewriter};
 
 /// CSP directives page-guard knows; any other name is a config error (a typo would silently
 /// drop a restriction).
-pub(crate) const DIRECTIVES: &[&str] = &[
+const DIRECTIVES: &[&str] = &[
     "default-src",
     "script-src",
     "script-src-elem",
@@ -1323,7 +1323,7 @@ pub struct ResponsePlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
     /// The directive, normalized for a stat name: a known directive, `integrity`, or `other`.
-    pub directive: &'static str,
+    pub directive: ReportDirective,
     pub blocked: String,
     pub document: String,
     pub disposition: String,
@@ -1348,7 +1348,36 @@ impl ReportError {
     }
 }
 
-fn directive_name(raw: &str) -> &'static str {
+/// What a violation report is about, as counted (`report.<name>`): a CSP directive page-guard
+/// knows, `integrity` (an SRI violation) or `other`. Only the report parser makes one, so the
+/// stat names stay a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportDirective(&'static str);
+
+impl ReportDirective {
+    const INTEGRITY: Self = Self("integrity");
+    const OTHER: Self = Self("other");
+
+    pub fn name(self) -> &'static str {
+        self.0
+    }
+
+    /// Every value a report can be counted under.
+    pub fn all() -> impl Iterator<Item = Self> {
+        DIRECTIVES
+            .iter()
+            .map(|d| Self(d))
+            .chain([Self::INTEGRITY, Self::OTHER])
+    }
+}
+
+impl PartialEq<&str> for ReportDirective {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+fn directive_name(raw: &str) -> ReportDirective {
     let first = raw
         .split_whitespace()
         .next()
@@ -1357,8 +1386,7 @@ fn directive_name(raw: &str) -> &'static str {
     DIRECTIVES
         .iter()
         .find(|d| **d == first)
-        .copied()
-        .unwrap_or("other")
+        .map_or(ReportDirective::OTHER, |d| ReportDirective(d))
 }
 
 fn text(v: &Value, keys: &[&str]) -> String {
@@ -1407,9 +1435,9 @@ pub fn parse_reports(
                 let directive = if kind == "csp-violation" {
                     directive_name(&text(body, &["effectiveDirective", "violatedDirective"]))
                 } else if kind.starts_with("integrity") {
-                    "integrity"
+                    ReportDirective::INTEGRITY
                 } else {
-                    "other"
+                    ReportDirective::OTHER
                 };
                 out.push(Violation {
                     directive,

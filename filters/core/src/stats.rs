@@ -9,7 +9,7 @@
 
 use crate::jwt::TokenError;
 use crate::jwt_auth::Denial;
-use crate::page_guard::{Outcome, ReportError, ResponseDenial, DIRECTIVES};
+use crate::page_guard::{Outcome, ReportDirective, ReportError, ResponseDenial};
 use crate::path::PathError;
 use crate::session_binding::revocation::Revoked;
 use crate::session_binding::BindDenial;
@@ -375,9 +375,8 @@ pub enum PageGuardStat {
     OversizedTag,
     TrailersTailDropped,
     Off,
-    /// A violation report, by directive ([`crate::page_guard::Violation::directive`]: a known
-    /// directive, `integrity` or `other`).
-    Report(&'static str),
+    /// A violation report, by directive.
+    Report(ReportDirective),
     ReportInvalid(ReportError),
     /// The report endpoint asked with another method than POST.
     ReportInvalidMethod,
@@ -397,12 +396,7 @@ impl Stat for PageGuardStat {
             TrailersTailDropped,
             Off,
         ]);
-        all.extend(
-            DIRECTIVES
-                .iter()
-                .chain(&["integrity", "other"])
-                .map(|d| Report(d)),
-        );
+        all.extend(ReportDirective::all().map(Report));
         all.extend(REPORT_ERRORS.map(ReportInvalid));
         all.push(ReportInvalidMethod);
         all
@@ -420,7 +414,7 @@ impl Stat for PageGuardStat {
             OversizedTag => "oversized_tag",
             TrailersTailDropped => "trailers.tail_dropped",
             Off => "off",
-            Report(d) => return format!("report.{d}"),
+            Report(d) => return format!("report.{}", d.name()),
             ReportInvalid(e) => return format!("report.invalid.{}", e.reason()),
             ReportInvalidMethod => "report.invalid.method",
         }
@@ -547,9 +541,14 @@ mod tests {
             SessionBindingStat::WsClosed(WsClose::Denied(BindDenial::Revoked(Revoked::Sid))).name(),
             "ws.closed.revoked_sid"
         );
+        let report = br#"{"csp-report": {"effective-directive": "script-src-elem"}}"#;
+        let parsed = crate::page_guard::parse_reports(Some("application/csp-report"), report, 4096);
+        let directive = parsed.ok().and_then(|v| v.first().map(|v| v.directive));
         assert_eq!(
-            PageGuardStat::Report("script-src-elem").name(),
-            "report.script-src-elem"
+            directive
+                .map(|d| PageGuardStat::Report(d).name())
+                .as_deref(),
+            Some("report.script-src-elem")
         );
         assert_eq!(
             PageGuardStat::Outcome(Outcome::SkippedCompressed).name(),

@@ -118,7 +118,10 @@ impl Stream {
                             NAME,
                             &format!(
                                 "violation of {} ({}): blocked {:?} on {:?}{more}",
-                                v.directive, v.disposition, v.blocked, v.document
+                                v.directive.name(),
+                                v.disposition,
+                                v.blocked,
+                                v.document
                             ),
                         );
                     }
