@@ -10,6 +10,7 @@ use crate::jwt::claims::{check_audience, claim_text};
 use crate::jwt::{Claims, Jws, KeySet, TimeRules, TokenError, TokenTimes, VerifyingKey};
 use crate::path::PathError;
 use crate::reply::{LocalReply, Refusal, WsHandshake};
+use crate::rules::{Needs, RawMatch, Rules};
 use crate::{b64url_decode, cookie, origin, sha256, ws};
 use serde::Deserialize;
 use serde_json::Value;
@@ -178,38 +179,6 @@ struct RawRule {
     trusted_web_origins: Option<Vec<String>>,
 }
 
-/// A rule's `match`, as written (shared by every filter with rules).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub(crate) enum RawMatch {
-    Route(String),
-    Prefix(String),
-    Host(String),
-}
-
-impl RawMatch {
-    /// The matcher of the rule at `rule` (`rules[2]`), for error paths.
-    pub(crate) fn compile(self, rule: &str) -> Result<Matcher, ConfigError> {
-        Ok(match self {
-            RawMatch::Route(s) if !s.is_empty() => Matcher::Route(s),
-            RawMatch::Prefix(s) if s.starts_with('/') => Matcher::Prefix(s),
-            RawMatch::Host(s) if !s.is_empty() => Matcher::Host(s.to_ascii_lowercase()),
-            RawMatch::Prefix(_) => {
-                return Err(ConfigError::new(
-                    format!("{rule}.match.prefix"),
-                    "must start with `/`",
-                ))
-            }
-            _ => {
-                return Err(ConfigError::new(
-                    format!("{rule}.match"),
-                    "must not be empty",
-                ))
-            }
-        })
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Compiled config.
 
@@ -277,13 +246,6 @@ impl Requirement {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Matcher {
-    Route(String),
-    Prefix(String),
-    Host(String),
-}
-
 /// What applies to one request: the global settings or a rule's overrides of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -302,41 +264,6 @@ pub struct Policy {
     pub sources: Vec<Source>,
     /// Origins trusted for cookie-sourced tokens (lowercase).
     pub trusted_web_origins: Vec<String>,
-}
-
-/// Which request facts a filter's config looks at (`JwtAuthConfig::needs`): a filter reads
-/// only these, since every host call costs about a microsecond inside V8.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Needs {
-    /// Envoy's route name (a rule matches by `route`).
-    pub route_name: bool,
-    /// `:authority` (a rule matches by `host`).
-    pub host: bool,
-    /// `Cookie` (a cookie is a token source).
-    pub cookie: bool,
-}
-
-impl Needs {
-    /// What rules with these matchers need to be matched.
-    pub fn of_matchers<'a>(matchers: impl IntoIterator<Item = &'a Matcher>) -> Self {
-        let mut needs = Needs {
-            route_name: false,
-            host: false,
-            cookie: false,
-        };
-        for m in matchers {
-            needs.route_name |= matches!(m, Matcher::Route(_));
-            needs.host |= matches!(m, Matcher::Host(_));
-        }
-        needs
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    pub matcher: Matcher,
-    /// Shared, so a request takes its policy without copying it.
-    pub policy: Arc<Policy>,
 }
 
 #[derive(Debug)]
@@ -363,7 +290,8 @@ pub struct JwtAuthConfig {
     /// Believe `x-forwarded-proto: https` from the hop before Envoy (for `wss_only`).
     pub trust_forwarded_proto: bool,
     pub default_policy: Arc<Policy>,
-    pub rules: Vec<Rule>,
+    /// A rule's policy; shared, so a request takes its policy without copying it.
+    pub rules: Rules<Arc<Policy>>,
     /// Which request facts it looks at beyond the path and the token headers (compiled once).
     pub needs: Needs,
 }
@@ -690,10 +618,7 @@ impl JwtAuthConfig {
                 policy.trusted_web_origins = compile_origins(list, &at("trusted_web_origins"))?;
             }
             check_cookie_origins(&policy, &at("trusted_web_origins"))?;
-            rules.push(Rule {
-                matcher,
-                policy: Arc::new(policy),
-            });
+            rules.push((matcher, Arc::new(policy)));
         }
         let session_claims = raw.session_claims.unwrap_or_default();
         if let Some(i) = session_claims.iter().position(String::is_empty) {
@@ -705,16 +630,17 @@ impl JwtAuthConfig {
         // Every credential location any policy reads: stripped from every request.
         let mut strip: Vec<Source> = Vec::new();
         for s in std::iter::once(&default_policy)
-            .chain(rules.iter().map(|r| r.policy.as_ref()))
+            .chain(rules.iter().map(|(_, p)| p.as_ref()))
             .flat_map(|p| p.sources.iter())
         {
             if !strip.contains(s) {
                 strip.push(s.clone());
             }
         }
+        let rules = Rules::new(rules);
         let needs = Needs {
             cookie: strip.iter().any(|s| matches!(s, Source::Cookie { .. })),
-            ..Needs::of_matchers(rules.iter().map(|r| &r.matcher))
+            ..rules.needs()
         };
         Ok(Self {
             needs,
@@ -756,31 +682,18 @@ impl JwtAuthConfig {
         })
     }
 
-    /// The policy for a request: the first matching rule's, else the global one.
-    pub fn policy_for(&self, route: Option<&str>, path: &str, host: &str) -> &Arc<Policy> {
-        self.rules
-            .iter()
-            .find(|r| r.matcher.matches(route, path, host))
-            .map_or(&self.default_policy, |r| &r.policy)
-    }
-}
-
-impl Matcher {
-    /// Does a request on Envoy route `route`, `:path` `path` and `:authority` `host` match?
-    /// The host is compared without its port.
-    pub fn matches(&self, route: Option<&str>, path: &str, host: &str) -> bool {
-        let host = host.rsplit_once(':').map_or(host, |(h, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                h
-            } else {
-                host
-            }
-        });
-        match self {
-            Matcher::Route(name) => route == Some(name.as_str()),
-            Matcher::Prefix(p) => path.starts_with(p.as_str()),
-            Matcher::Host(h) => host.eq_ignore_ascii_case(h),
-        }
+    /// The policy for a request: the first matching rule's, else the global one; a path with
+    /// dot-segments or hidden separators is refused first ([`Rules::select`]).
+    pub fn policy_for(
+        &self,
+        route: Option<&str>,
+        path: &str,
+        host: &str,
+    ) -> Result<&Arc<Policy>, PathError> {
+        Ok(self
+            .rules
+            .select(route, path, host)?
+            .map_or(&self.default_policy, |(_, p)| p))
     }
 }
 
@@ -1050,13 +963,10 @@ impl JwtAuth {
             };
         }
         // Before any rule looks at the path: `/public/../api` must not match `/public`.
-        if let Err(e) = crate::path::check(req.path) {
-            return deny(Denial::Path(e), protocol);
-        }
-        let policy = self
-            .config
-            .policy_for(req.route_name, req.path, req.host)
-            .clone();
+        let policy = match self.config.policy_for(req.route_name, req.path, req.host) {
+            Ok(p) => p.clone(),
+            Err(e) => return deny(Denial::Path(e), protocol),
+        };
         if self.query_has_token(req.path) {
             return deny(Denial::QueryToken, protocol);
         }
@@ -1209,7 +1119,11 @@ impl JwtAuth {
         session: &str,
         now: u64,
     ) -> Result<(u64, Arc<Verified>), Denial> {
-        let policy = self.config.policy_for(at.0, at.1, at.2).clone();
+        let policy = self
+            .config
+            .policy_for(at.0, at.1, at.2)
+            .map_err(Denial::Path)?
+            .clone();
         let (verified, _) = match self.verify(token, &policy, now, false) {
             Ok(v) => v,
             Err(VerifyError::Token(e)) => return Err(Denial::Token(e)),

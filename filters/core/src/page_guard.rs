@@ -12,8 +12,9 @@ pub mod html;
 mod tests;
 
 use crate::config::{parse_json, ConfigError, EnvLookup};
-use crate::jwt_auth::{Matcher, RawMatch};
+use crate::path::PathError;
 use crate::reply::{LocalReply, Refusal};
+use crate::rules::{RawMatch, Rules};
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::Value;
@@ -454,7 +455,7 @@ pub struct Reports {
 pub struct PageGuardConfig {
     pub policy: Policy,
     /// First match wins; `None`: page-guard is off on that route.
-    pub rules: Vec<(Matcher, Option<Policy>)>,
+    pub rules: Rules<Option<Policy>>,
     pub placeholder: Vec<u8>,
     /// Where the placeholder came from (`placeholder_env`), for the load log line.
     pub placeholder_env: Option<String>,
@@ -927,7 +928,7 @@ impl PageGuardConfig {
 
         Ok(Self {
             policy,
-            rules,
+            rules: Rules::new(rules),
             placeholder,
             placeholder_env,
             sri,
@@ -942,26 +943,35 @@ impl PageGuardConfig {
     }
 
     /// What applies to a request on Envoy route `route`, `:path` `path`, `:authority` `host`:
-    /// `None` when a rule turns page-guard off there.
-    pub fn select(&self, route: Option<&str>, path: &str, host: &str) -> Option<PolicyId> {
-        for (i, (m, p)) in self.rules.iter().enumerate() {
-            if m.matches(route, path, host) {
-                return p.as_ref().map(|_| PolicyId(Some(i)));
-            }
-        }
-        Some(PolicyId(None))
+    /// `None` when a rule turns page-guard off there; a path with dot-segments or hidden
+    /// separators is refused first ([`Rules::select`]).
+    pub fn select(
+        &self,
+        route: Option<&str>,
+        path: &str,
+        host: &str,
+    ) -> Result<Option<PolicyId>, PathError> {
+        Ok(match self.rules.select(route, path, host)? {
+            Some((i, p)) => p.as_ref().map(|_| PolicyId(Some(i))),
+            None => Some(PolicyId(None)),
+        })
     }
 
     /// The policy a [`PolicyId`] from [`Self::select`] names.
     pub fn policy(&self, id: PolicyId) -> &Policy {
         id.0.and_then(|i| self.rules.get(i))
-            .and_then(|(_, p)| p.as_ref())
+            .and_then(Option::as_ref)
             .unwrap_or(&self.policy)
     }
 
     /// [`Self::select`] and [`Self::policy`] in one.
-    pub fn policy_for(&self, route: Option<&str>, path: &str, host: &str) -> Option<&Policy> {
-        self.select(route, path, host).map(|id| self.policy(id))
+    pub fn policy_for(
+        &self,
+        route: Option<&str>,
+        path: &str,
+        host: &str,
+    ) -> Result<Option<&Policy>, PathError> {
+        Ok(self.select(route, path, host)?.map(|id| self.policy(id)))
     }
 
     /// The request side: the report endpoint, a guarded page, or nothing to do. A path with a
@@ -969,12 +979,15 @@ impl PageGuardConfig {
     /// match a `disabled` rule here (`/off/../page`) and reach a marked page upstream, which
     /// would then leave unscrubbed.
     pub fn on_request(&self, req: &PageRequest<'_>) -> RequestDecision {
-        if let Err(e) = crate::path::check(req.path) {
-            return RequestDecision::Refuse {
-                reason: e.reason(),
-                reply: Refusal::BadRequest.reply(None),
-            };
-        }
+        let selected = match self.select(req.route_name, req.path, req.host) {
+            Ok(selected) => selected,
+            Err(e) => {
+                return RequestDecision::Refuse {
+                    reason: e,
+                    reply: Refusal::BadRequest.reply(None),
+                }
+            }
+        };
         if let Some(r) = &self.reports {
             let p = req.path.split('?').next().unwrap_or("");
             if p == r.path {
@@ -986,7 +999,7 @@ impl PageGuardConfig {
                 return RequestDecision::Report;
             }
         }
-        match self.select(req.route_name, req.path, req.host) {
+        match selected {
             None => RequestDecision::Off,
             Some(policy) => RequestDecision::Guard {
                 policy,
@@ -1178,7 +1191,7 @@ pub enum RequestDecision {
     /// Refused before any rule matched (a path with a dot-segment or a hidden separator):
     /// count `denied.<reason>`, send `reply`.
     Refuse {
-        reason: &'static str,
+        reason: PathError,
         reply: LocalReply,
     },
     /// page-guard is off on this route.
@@ -1310,7 +1323,7 @@ pub struct ResponsePlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
     /// The directive, normalized for a stat name: a known directive, `integrity`, or `other`.
-    pub directive: &'static str,
+    pub directive: ReportDirective,
     pub blocked: String,
     pub document: String,
     pub disposition: String,
@@ -1335,7 +1348,36 @@ impl ReportError {
     }
 }
 
-fn directive_name(raw: &str) -> &'static str {
+/// What a violation report is about, as counted (`report.<name>`): a CSP directive page-guard
+/// knows, `integrity` (an SRI violation) or `other`. Only the report parser makes one, so the
+/// stat names stay a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportDirective(&'static str);
+
+impl ReportDirective {
+    const INTEGRITY: Self = Self("integrity");
+    const OTHER: Self = Self("other");
+
+    pub fn name(self) -> &'static str {
+        self.0
+    }
+
+    /// Every value a report can be counted under.
+    pub fn all() -> impl Iterator<Item = Self> {
+        DIRECTIVES
+            .iter()
+            .map(|d| Self(d))
+            .chain([Self::INTEGRITY, Self::OTHER])
+    }
+}
+
+impl PartialEq<&str> for ReportDirective {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+fn directive_name(raw: &str) -> ReportDirective {
     let first = raw
         .split_whitespace()
         .next()
@@ -1344,8 +1386,7 @@ fn directive_name(raw: &str) -> &'static str {
     DIRECTIVES
         .iter()
         .find(|d| **d == first)
-        .copied()
-        .unwrap_or("other")
+        .map_or(ReportDirective::OTHER, |d| ReportDirective(d))
 }
 
 fn text(v: &Value, keys: &[&str]) -> String {
@@ -1394,9 +1435,9 @@ pub fn parse_reports(
                 let directive = if kind == "csp-violation" {
                     directive_name(&text(body, &["effectiveDirective", "violatedDirective"]))
                 } else if kind.starts_with("integrity") {
-                    "integrity"
+                    ReportDirective::INTEGRITY
                 } else {
-                    "other"
+                    ReportDirective::OTHER
                 };
                 out.push(Violation {
                     directive,

@@ -16,9 +16,10 @@ pub mod store;
 use crate::config::{check_fetch, parse_json, ConfigError, EnvLookup, RawSecret};
 use crate::jwt::claims::claim_text;
 use crate::jwt::Claims;
-use crate::jwt_auth::{Matcher, Needs, RawMatch};
 use crate::path::PathError;
 use crate::reply::{LocalReply, Refusal, WsHandshake};
+use crate::rules::{Needs, RawMatch, Rules};
+use crate::stats::SessionBindingStat;
 use crate::{cookie, ws};
 use revocation::{RevocationState, Revoked, TokenId};
 use serde::Deserialize;
@@ -352,7 +353,7 @@ pub struct SessionBindingConfig {
     pub sources: Vec<ClaimsSource>,
     pub default_binding: Binding,
     /// A rule's binding; `None` for a `disabled` rule.
-    pub rules: Vec<(Matcher, Option<Binding>)>,
+    pub rules: Rules<Option<Binding>>,
     pub jti: JtiSettings,
     pub sockets: SocketSettings,
     pub revocation: Option<RevocationFeed>,
@@ -769,8 +770,9 @@ impl SessionBindingConfig {
                 })
             }
         };
+        let rules = Rules::new(rules);
         Ok(Self {
-            needs: Needs::of_matchers(rules.iter().map(|(m, _)| m)),
+            needs: rules.needs(),
             sources,
             default_binding,
             rules,
@@ -781,16 +783,18 @@ impl SessionBindingConfig {
     }
 
     /// The binding of a request: the first matching rule's (`None` when it is `disabled`), else the
-    /// top-level one.
-    pub fn binding_for(&self, route: Option<&str>, path: &str, host: &str) -> Option<&Binding> {
-        match self
-            .rules
-            .iter()
-            .find(|(m, _)| m.matches(route, path, host))
-        {
+    /// top-level one; a path with dot-segments or hidden separators is refused first
+    /// ([`Rules::select`]).
+    pub fn binding_for(
+        &self,
+        route: Option<&str>,
+        path: &str,
+        host: &str,
+    ) -> Result<Option<&Binding>, PathError> {
+        Ok(match self.rules.select(route, path, host)? {
             Some((_, b)) => b.as_ref(),
             None => Some(&self.default_binding),
-        }
+        })
     }
 }
 
@@ -1046,7 +1050,7 @@ impl BindDenial {
             BindDenial::Clock => "clock unavailable",
             _ => "re-auth refused",
         };
-        (self.refusal().close_code(), reason, self.reason())
+        (self.refusal().close_code(), reason, self)
     }
 }
 
@@ -1078,7 +1082,7 @@ pub enum BindDecision {
         /// For an upgrade: what the live socket keeps.
         live: Option<LiveTerms>,
         /// Stats to count besides `allowed` (`jti.evicted`, `revocation.stale_served`).
-        notes: Vec<&'static str>,
+        notes: Vec<SessionBindingStat>,
     },
     Deny {
         denial: BindDenial,
@@ -1086,8 +1090,8 @@ pub enum BindDecision {
     },
 }
 
-/// Why a live socket must close now: `(code, reason, stat)`.
-pub type LiveClose = (u16, &'static str, &'static str);
+/// Why a live socket must close now: `(code, reason, denial)` (counted `ws.closed.<reason>`).
+pub type LiveClose = (u16, &'static str, BindDenial);
 
 /// The compiled config; per worker.
 pub struct SessionBinding {
@@ -1173,11 +1177,10 @@ impl SessionBinding {
         store: &mut dyn BindingStore,
     ) -> BindDecision {
         // Before any rule or template looks at the path.
-        if let Err(e) = crate::path::check(req.path) {
-            return deny(req, BindDenial::BadPath(e));
-        }
-        let Some(binding) = self.config.binding_for(req.route_name, req.path, req.host) else {
-            return BindDecision::Pass;
+        let binding = match self.config.binding_for(req.route_name, req.path, req.host) {
+            Ok(Some(binding)) => binding,
+            Ok(None) => return BindDecision::Pass,
+            Err(e) => return deny(req, BindDenial::BadPath(e)),
         };
         let Some(claims) = req.claims else {
             return if binding.allow_missing {
@@ -1290,7 +1293,7 @@ impl SessionBinding {
         token: &TokenId,
         now: Option<u64>,
         revocations: Option<&RevocationState>,
-        notes: &mut Vec<&'static str>,
+        notes: &mut Vec<SessionBindingStat>,
     ) -> Result<(), BindDenial> {
         let (Some(feed), Some(state)) = (&self.config.revocation, revocations) else {
             return Ok(());
@@ -1300,7 +1303,7 @@ impl SessionBinding {
                 if feed.fail_closed {
                     return Err(BindDenial::RevocationStale);
                 }
-                notes.push("revocation.stale_served");
+                notes.push(SessionBindingStat::RevocationStaleServed);
             }
             Some(_) => {}
             None if feed.fail_closed => return Err(BindDenial::Clock),
@@ -1320,7 +1323,7 @@ impl SessionBinding {
         claims: &Claims,
         now: Option<u64>,
         store: &mut dyn BindingStore,
-    ) -> Result<Option<&'static str>, BindDenial> {
+    ) -> Result<Option<SessionBindingStat>, BindDenial> {
         let Some(jti) = text_claim(claims, "jti") else {
             return Err(BindDenial::NoJti);
         };
@@ -1348,7 +1351,7 @@ impl SessionBinding {
             now,
         ) {
             UseOnce::Fresh => Ok(None),
-            UseOnce::FreshEvicted => Ok(Some("jti.evicted")),
+            UseOnce::FreshEvicted => Ok(Some(SessionBindingStat::JtiEvicted)),
             UseOnce::Replay => Err(BindDenial::Replay),
             UseOnce::Full => Err(BindDenial::JtiStoreFull),
             UseOnce::OwnerFull => Err(BindDenial::JtiSubjectFull),
@@ -1394,7 +1397,7 @@ impl SessionBinding {
         now: Option<u64>,
         revocations: Option<&RevocationState>,
         store: &mut dyn BindingStore,
-    ) -> Result<Vec<&'static str>, LiveClose> {
+    ) -> Result<Vec<SessionBindingStat>, LiveClose> {
         let token = token_id(claims, kid);
         let mut notes = Vec::new();
         self.check_revocation(&token, now, revocations, &mut notes)

@@ -3,16 +3,16 @@
 //! the VM, failing every request after it). A failed host call is logged and degrades to
 //! "absent" / "not done", never to a panic.
 
-use gatehouse_core::jwt_auth::Needs;
 use gatehouse_core::log_limit::LogLimiter;
 use gatehouse_core::reply::{LocalReply, Refusal};
+use gatehouse_core::rules::Needs;
+use gatehouse_core::stats::Stat;
 use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
 use gatehouse_core::ConfigError;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -451,14 +451,15 @@ pub fn resume_request() {
     }
 }
 
-/// A filter's Envoy counters, `<filter>.<what>`, defined on first use (Envoy shows them as
-/// `wasmcustom.<filter>.<what>`). Counting a known counter allocates nothing.
-pub struct Counters {
+/// A filter's Envoy counters, `<filter>.<name>` for each stat of its closed set `S` (Envoy
+/// shows them as `wasmcustom.<filter>.<name>`), each defined on first use. Counting a known
+/// counter allocates nothing and formats no name.
+pub struct Counters<S> {
     filter: &'static str,
-    ids: RefCell<HashMap<String, u32>>,
+    ids: RefCell<Vec<(S, u32)>>,
 }
 
-impl Counters {
+impl<S: Stat> Counters<S> {
     pub fn new(filter: &'static str) -> Self {
         Self {
             filter,
@@ -466,16 +467,16 @@ impl Counters {
         }
     }
 
-    pub fn inc(&self, what: &str) {
+    pub fn inc(&self, stat: S) {
         let id = {
             let mut ids = self.ids.borrow_mut();
-            match ids.get(what) {
-                Some(id) => Some(*id),
+            match ids.iter().find(|(s, _)| *s == stat) {
+                Some((_, id)) => Some(*id),
                 None => {
-                    let name = format!("{}.{what}", self.filter);
+                    let name = format!("{}.{}", self.filter, stat.name());
                     match hostcalls::define_metric(MetricType::Counter, &name) {
                         Ok(id) => {
-                            ids.insert(what.to_string(), id);
+                            ids.push((stat, id));
                             Some(id)
                         }
                         Err(_) => None,

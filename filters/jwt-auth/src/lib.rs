@@ -9,6 +9,7 @@ use gatehouse_core::jwt_auth::{
 };
 use gatehouse_core::reauth::ClientFrames;
 use gatehouse_core::sessions;
+use gatehouse_core::stats::JwtAuthStat;
 use gatehouse_core::ws::{self, Dir, LiveSocket};
 use gatehouse_host::{self as host, Body, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -27,12 +28,12 @@ host::main!(NAME, Root::default());
 /// Per-worker state shared by the root context and every stream.
 struct Shared {
     auth: JwtAuth,
-    counters: Counters,
+    counters: Counters<JwtAuthStat>,
 }
 
 impl Shared {
-    fn count(&self, what: &str) {
-        self.counters.inc(what);
+    fn count(&self, stat: JwtAuthStat) {
+        self.counters.inc(stat);
     }
 
     /// Apply a fetched JWKS to `provider`. A failed fetch or an unusable document keeps the
@@ -61,11 +62,11 @@ impl Shared {
                     ),
                 );
                 self.auth.set_remote_keys(provider, keys);
-                self.count("jwks.fetch_ok");
+                self.count(JwtAuthStat::JwksFetchOk);
                 // Keys refused for what they are (RSA under 2048 bits, `key_ops` without
                 // `verify`, `use` other than `sig`, unsupported types): one count each.
                 for _ in 0..skipped {
-                    self.count("jwks.key_skipped");
+                    self.count(JwtAuthStat::JwksKeySkipped);
                 }
                 true
             }
@@ -77,7 +78,7 @@ impl Shared {
                         "provider {name}: JWKS fetch failed ({why}); keeping the last good keys"
                     ),
                 );
-                self.count("jwks.fetch_failed");
+                self.count(JwtAuthStat::JwksFetchFailed);
                 false
             }
         }
@@ -202,7 +203,7 @@ impl RootContext for Root {
                             remote.cluster
                         ),
                     );
-                    shared.count("jwks.fetch_failed");
+                    shared.count(JwtAuthStat::JwksFetchFailed);
                     *due = now + JWKS_RETRY_SECONDS;
                 }
             }
@@ -336,8 +337,12 @@ impl Stream {
                         }
                         // The key that verified the signature, never the header's claim.
                         host::set_filter_state(KID_PROPERTY, t.key_id.as_bytes());
-                        shared.count(if cache_hit { "cache.hit" } else { "cache.miss" });
-                        shared.count("allowed");
+                        shared.count(if cache_hit {
+                            JwtAuthStat::CacheHit
+                        } else {
+                            JwtAuthStat::CacheMiss
+                        });
+                        shared.count(JwtAuthStat::Allowed);
                         let session = socket.as_ref().and_then(|s| s.session.clone());
                         if let (Some(session), Some(deadline)) = (&session, deadline) {
                             // Not yet: a later filter (session-binding) may still refuse.
@@ -353,12 +358,12 @@ impl Stream {
                             });
                         }
                     }
-                    None => shared.count("allowed_missing"),
+                    None => shared.count(JwtAuthStat::AllowedMissing),
                 }
                 Action::Continue
             }
             Decision::Deny { denial, reply } => {
-                shared.count(&format!("denied.{}", denial.reason()));
+                shared.count(JwtAuthStat::Denied(denial));
                 drop(shared);
                 host::refuse(
                     NAME,
@@ -386,7 +391,7 @@ impl Stream {
                         Action::Pause
                     }
                     None => {
-                        self.shared.borrow().count("jwks.fetch_failed");
+                        self.shared.borrow().count(JwtAuthStat::JwksFetchFailed);
                         self.decide(false)
                     }
                 }
@@ -427,7 +432,7 @@ impl Stream {
             let Some(now) = clock else {
                 // No clock: no re-auth can be checked; the socket closes with 1013.
                 live.close_with(ws::CLOSE_TRY_AGAIN_LATER, "clock unavailable");
-                shared.count("denied.clock");
+                shared.count(JwtAuthStat::Denied(Denial::Clock));
                 break;
             };
             match shared
@@ -440,10 +445,10 @@ impl Stream {
                     live.extend(deadline);
                     host::set_filter_state(REAUTH_CLAIMS_PROPERTY, &verified.payload);
                     host::set_filter_state(REAUTH_KID_PROPERTY, verified.key_id.as_bytes());
-                    shared.count("ws.reauth");
+                    shared.count(JwtAuthStat::WsReauth);
                 }
                 Err(denial) => {
-                    shared.count(&format!("denied.{}", denial.reason()));
+                    shared.count(JwtAuthStat::Denied(denial));
                     host::log_denial(
                         NAME,
                         &format!(
@@ -476,7 +481,9 @@ impl Stream {
             // No clock, no deadline check: the socket closes with 1013 (try again later).
             if !live.is_closing() {
                 live.close_with(ws::CLOSE_TRY_AGAIN_LATER, "clock unavailable");
-                self.shared.borrow().count("denied.clock");
+                self.shared
+                    .borrow()
+                    .count(JwtAuthStat::Denied(Denial::Clock));
                 host::log_denial(
                     NAME,
                     "live websocket: the host cannot tell the time, closing with 1013",
@@ -486,7 +493,7 @@ impl Stream {
             return;
         };
         if host::live_chunk(live, dir, size, now, session_deadline) {
-            self.shared.borrow().count("ws.expired_close");
+            self.shared.borrow().count(JwtAuthStat::WsExpiredClose);
             host::log(
                 LogLevel::Info,
                 NAME,

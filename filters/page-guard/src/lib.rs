@@ -2,9 +2,10 @@
 
 use gatehouse_core::page_guard::{
     parse_reports, report_reply, Blanker, BodyPlan, HeaderEdit, LogLimiter, NonceText, Outcome,
-    PageGuardConfig, PageRequest, PageResponse, PolicyId, RequestDecision, Rewriter,
+    PageGuardConfig, PageRequest, PageResponse, PolicyId, ReportError, RequestDecision, Rewriter,
 };
 use gatehouse_core::reply::Refusal;
+use gatehouse_core::stats::PageGuardStat;
 use gatehouse_core::ConfigError;
 use gatehouse_host::{self as host, Body, Counters};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -31,13 +32,13 @@ host::main!(
 
 struct Shared {
     config: PageGuardConfig,
-    counters: Counters,
+    counters: Counters<PageGuardStat>,
     report_log: RefCell<LogLimiter>,
 }
 
 impl Shared {
-    fn count(&self, what: &str) {
-        self.counters.inc(what);
+    fn count(&self, stat: PageGuardStat) {
+        self.counters.inc(stat);
     }
 }
 
@@ -104,7 +105,7 @@ impl Stream {
             Ok(violations) => {
                 let now = host::now_secs();
                 for v in &violations {
-                    s.count(&format!("report.{}", v.directive));
+                    s.count(PageGuardStat::Report(v.directive));
                     let allowed = s.report_log.borrow_mut().allow(now, reports.log_per_minute);
                     if let Some(suppressed) = allowed {
                         let more = if suppressed > 0 {
@@ -117,13 +118,16 @@ impl Stream {
                             NAME,
                             &format!(
                                 "violation of {} ({}): blocked {:?} on {:?}{more}",
-                                v.directive, v.disposition, v.blocked, v.document
+                                v.directive.name(),
+                                v.disposition,
+                                v.blocked,
+                                v.document
                             ),
                         );
                     }
                 }
             }
-            Err(e) => s.count(&format!("report.invalid.{}", e.reason())),
+            Err(e) => s.count(PageGuardStat::ReportInvalid(e)),
         }
         host::send_reply(&report_reply());
     }
@@ -139,21 +143,21 @@ impl Stream {
             rewriter.finish(&params, &mut out);
             let stats = rewriter.stats();
             if stats.nonces > 0 {
-                s.count("tags.nonce");
+                s.count(PageGuardStat::TagsNonce);
             }
             if stats.integrity > 0 {
-                s.count("tags.integrity");
+                s.count(PageGuardStat::TagsIntegrity);
             }
             if stats.scrubbed > 0 {
-                s.count("placeholder_removed");
+                s.count(PageGuardStat::PlaceholderRemoved);
             }
             if stats.oversized_tags > 0 {
-                s.count("oversized_tag");
+                s.count(PageGuardStat::OversizedTag);
             }
             if stats.nonce_refused > 0 {
                 // A marked tag with a `<` in it or duplicate attributes: what markup injected
                 // in front of it looks like. No nonce, the placeholder removed.
-                s.count("tags.nonce_refused");
+                s.count(PageGuardStat::TagsNonceRefused);
                 let path = self.path.split('?').next().unwrap_or("");
                 host::log_denial(
                     NAME,
@@ -180,7 +184,7 @@ impl Stream {
             blanker.finish(placeholder, &mut out);
             changed |= out.len() != before;
             if blanker.blanked() > 0 {
-                self.shared.count("placeholder_removed");
+                self.shared.count(PageGuardStat::PlaceholderRemoved);
             }
         }
         changed.then_some(out)
@@ -202,8 +206,15 @@ impl HttpContext for Stream {
         });
         match decision {
             RequestDecision::Refuse { reason, reply } => {
-                s.count(&format!("denied.{reason}"));
-                host::refuse(NAME, reason, Refusal::BadRequest, false, &path, &reply)
+                s.count(PageGuardStat::Path(reason));
+                host::refuse(
+                    NAME,
+                    reason.reason(),
+                    Refusal::BadRequest,
+                    false,
+                    &path,
+                    &reply,
+                )
             }
             RequestDecision::Report => {
                 self.mode = Mode::Report;
@@ -213,7 +224,7 @@ impl HttpContext for Stream {
                 Action::Pause
             }
             RequestDecision::Reply(reply) => {
-                s.count("report.invalid.method");
+                s.count(PageGuardStat::ReportInvalidMethod);
                 host::send_reply(&reply);
                 Action::Pause
             }
@@ -241,7 +252,7 @@ impl HttpContext for Stream {
                 Action::Continue
             }
             RequestDecision::Off => {
-                s.count("off");
+                s.count(PageGuardStat::Off);
                 Action::Continue
             }
         }
@@ -259,7 +270,8 @@ impl HttpContext for Stream {
             .map_or(0, |r| r.max_body_bytes);
         if size > max {
             // Too large to be a browser's report: answer without reading it.
-            self.shared.count("report.invalid.too_large");
+            self.shared
+                .count(PageGuardStat::ReportInvalid(ReportError::TooLarge));
             host::send_reply(&report_reply());
             return Action::Pause;
         }
@@ -311,7 +323,7 @@ impl HttpContext for Stream {
         );
         if let (Some(reply), Outcome::Denied(why)) = (&plan.deny, plan.outcome) {
             // A body that may carry the placeholder and cannot be scrubbed: refused.
-            s.count(plan.outcome.name());
+            s.count(PageGuardStat::Outcome(plan.outcome));
             self.mode = Mode::Off;
             self.body = BodyPlan::Untouched;
             return host::refuse(
@@ -330,7 +342,7 @@ impl HttpContext for Stream {
                 HeaderEdit::Remove(n) => host::set_response_header(n, None),
             }
         }
-        s.count(plan.outcome.name());
+        s.count(PageGuardStat::Outcome(plan.outcome));
         self.nonce = plan.nonce;
         self.body = plan.body;
         match plan.body {
@@ -353,7 +365,7 @@ impl HttpContext for Stream {
                     Action::Continue
                 } else if size > self.shared.config.max_body_bytes {
                     // Over the cap: what is buffered goes out rewritten, the rest streams.
-                    self.shared.count("over_cap");
+                    self.shared.count(PageGuardStat::Outcome(Outcome::OverCap));
                     let body = host::response_body(size);
                     let out = self.rewrite(&body, false);
                     host::replace_body(Body::Response, size, &out);
@@ -402,13 +414,13 @@ impl HttpContext for Stream {
                 // rewriter still holds is an unfinished start tag (which a browser drops at the
                 // end of a document too) or the start of a placeholder: it is dropped, counted.
                 if !self.rewrite(&[], true).is_empty() {
-                    self.shared.count("trailers.tail_dropped");
+                    self.shared.count(PageGuardStat::TrailersTailDropped);
                 }
             }
             BodyPlan::Blank => {
                 // All a blanker holds back is the start of a placeholder: dropped, counted.
                 if self.blank(&[], true).is_some_and(|out| !out.is_empty()) {
-                    self.shared.count("trailers.tail_dropped");
+                    self.shared.count(PageGuardStat::TrailersTailDropped);
                 }
             }
         }

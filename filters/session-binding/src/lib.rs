@@ -15,6 +15,7 @@ use gatehouse_core::session_binding::{
     SessionBinding, SessionBindingConfig, JWT_AUTHN_NAMESPACE, REAUTH_CLAIMS_PROPERTY,
     REAUTH_KID_PROPERTY,
 };
+use gatehouse_core::stats::{SessionBindingStat, WsClose};
 use gatehouse_core::ws::{Dir, LiveSocket};
 use gatehouse_host::{self as host, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -47,7 +48,7 @@ impl Kv for SharedData {
 /// Per-worker state shared by the root context and every stream.
 struct Shared {
     binding: SessionBinding,
-    counters: Counters,
+    counters: Counters<SessionBindingStat>,
     revocations: Option<RevocationState>,
     /// The slots held by live sockets of this worker: slot → owner. Refreshed on the tick so
     /// only the slots of vanished streams expire.
@@ -55,8 +56,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn count(&self, what: &str) {
-        self.counters.inc(what);
+    fn count(&self, stat: SessionBindingStat) {
+        self.counters.inc(stat);
     }
 
     fn store(&self) -> KvStore<SharedData> {
@@ -67,7 +68,7 @@ impl Shared {
     fn release(&mut self, owner: &str, slot: &str) {
         self.live_slots.remove(slot);
         self.store().release_slot(owner, slot, host::now_secs());
-        self.count("sockets.released");
+        self.count(SessionBindingStat::SocketsReleased);
     }
 }
 
@@ -129,9 +130,9 @@ impl Context for Root {
                 }
                 self.last_skipped = skipped;
                 for _ in 0..skipped {
-                    shared.count("revocation.entry_skipped");
+                    shared.count(SessionBindingStat::RevocationEntrySkipped);
                 }
-                shared.count("revocation.fetch_ok");
+                shared.count(SessionBindingStat::RevocationFetchOk);
                 self.next_fetch = now + feed.refresh_seconds;
             }
             Err(why) => {
@@ -140,7 +141,7 @@ impl Context for Root {
                     NAME,
                     &format!("revocation fetch failed ({why}); keeping the last good list"),
                 );
-                shared.count("revocation.fetch_failed");
+                shared.count(SessionBindingStat::RevocationFetchFailed);
                 self.next_fetch = now + FEED_RETRY_SECONDS.min(feed.refresh_seconds);
             }
         }
@@ -221,7 +222,7 @@ impl RootContext for Root {
                                 feed.cluster
                             ),
                         );
-                        shared.count("revocation.fetch_failed");
+                        shared.count(SessionBindingStat::RevocationFetchFailed);
                         self.next_fetch = now + FEED_RETRY_SECONDS;
                     }
                 }
@@ -313,27 +314,25 @@ impl Stream {
         let needs = self.shared.borrow().binding.config.needs;
         let (path, authority, route) = host::rule_target(&needs);
         let mut shared = self.shared.borrow_mut();
-        // A path that walks (`..`, `%2e%2e`, `%2f`) matches no rule here: the core refuses it
+        // A path that walks (`..`, `%2e%2e`, `%2f`) matches no rule: the core refuses it
         // (400 / close 4400) before any rule or template looks at it.
-        let path_ok = gatehouse_core::path::check(&path).is_ok();
-        let (session, cap, fingerprint) = if path_ok {
-            let Some(binding) =
-                shared
-                    .binding
-                    .config
-                    .binding_for(route.as_deref(), &path, &authority)
-            else {
-                shared.count("passed");
-                return Action::Continue;
+        let (session, cap, fingerprint) =
+            match shared
+                .binding
+                .config
+                .binding_for(route.as_deref(), &path, &authority)
+            {
+                Ok(Some(binding)) => (
+                    binding.session.is_some(),
+                    binding.max_sockets.is_some(),
+                    binding.fingerprint,
+                ),
+                Ok(None) => {
+                    shared.count(SessionBindingStat::Passed);
+                    return Action::Continue;
+                }
+                Err(_) => (false, false, FingerprintMode::Off),
             };
-            (
-                binding.session.is_some(),
-                binding.max_sockets.is_some(),
-                binding.fingerprint,
-            )
-        } else {
-            (false, false, FingerprintMode::Off)
-        };
         let found = read_claims(&shared.binding.config.sources);
         let websocket = host::is_websocket_upgrade();
         let ws_key = host::request_header_if(websocket, "sec-websocket-key");
@@ -375,18 +374,18 @@ impl Stream {
             .decide_at(&req, now, shared.revocations.as_ref(), &mut store);
         match decision {
             BindDecision::Pass => {
-                shared.count("passed");
+                shared.count(SessionBindingStat::Passed);
                 Action::Continue
             }
             BindDecision::Allow { live, notes } => {
-                shared.count("allowed");
+                shared.count(SessionBindingStat::Allowed);
                 for note in notes {
                     shared.count(note);
                 }
                 if let Some(terms) = live {
                     if let Some((owner, slot)) = &terms.slot {
                         shared.live_slots.insert(slot.clone(), owner.clone());
-                        shared.count("sockets.acquired");
+                        shared.count(SessionBindingStat::SocketsAcquired);
                         self.slot = Some((owner.clone(), slot.clone()));
                     }
                     self.pending = Some(terms);
@@ -394,7 +393,7 @@ impl Stream {
                 Action::Continue
             }
             BindDecision::Deny { denial, reply } => {
-                shared.count(&format!("denied.{}", denial.reason()));
+                shared.count(SessionBindingStat::Denied(denial));
                 drop(shared);
                 host::refuse(
                     NAME,
@@ -423,14 +422,15 @@ impl Stream {
             let shared = self.shared.borrow();
             let mut close = shared
                 .binding
-                .check_live(terms, shared.revocations.as_ref(), now);
+                .check_live(terms, shared.revocations.as_ref(), now)
+                .map(|(code, reason, d)| (code, reason, WsClose::Denied(d)));
             // An in-band re-auth token jwt-auth accepted on this socket (published as filter
             // state before this filter sees the chunk): one property read per client chunk,
             // only where the binding checks single use or revocation.
             if close.is_none() && dir == Dir::ToUpstream && terms.checks_reauth(&shared.binding) {
                 if let Some(payload) = host::property_bytes(vec![REAUTH_CLAIMS_PROPERTY]) {
                     if self.reauth_seen.as_deref() != Some(payload.as_slice()) {
-                        shared.count("reauth.checked");
+                        shared.count(SessionBindingStat::ReauthChecked);
                         let kid = host::property_text(vec![REAUTH_KID_PROPERTY]);
                         close = match as_claims(&payload) {
                             Some(claims) => {
@@ -449,14 +449,16 @@ impl Stream {
                                         }
                                         None
                                     }
-                                    Err(c) => Some(c),
+                                    Err((code, reason, d)) => {
+                                        Some((code, reason, WsClose::Denied(d)))
+                                    }
                                 }
                             }
                             // Not the verified payload jwt-auth publishes: fail closed.
                             None => Some((
                                 gatehouse_core::ws::CLOSE_UNAUTHORIZED,
                                 "re-auth refused",
-                                "reauth_unreadable",
+                                WsClose::ReauthUnreadable,
                             )),
                         };
                         self.reauth_seen = Some(payload);
@@ -465,10 +467,13 @@ impl Stream {
             }
             if let Some((code, reason, stat)) = close {
                 live.close_with(code, reason);
-                shared.count(&format!("ws.closed.{stat}"));
+                shared.count(SessionBindingStat::WsClosed(stat));
                 host::log_denial(
                     NAME,
-                    &format!("live websocket: {reason} ({stat}), closing with {code}"),
+                    &format!(
+                        "live websocket: {reason} ({}), closing with {code}",
+                        stat.reason()
+                    ),
                 );
             }
         }

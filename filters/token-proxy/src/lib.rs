@@ -1,5 +1,6 @@
 //! token-proxy: the proxy-wasm shell over `gatehouse_core::token_proxy`. See docs/token-proxy.md.
 
+use gatehouse_core::stats::TokenProxyStat;
 use gatehouse_core::token_proxy::{ProxyDecision, ProxyRequest, TokenProxyConfig};
 use gatehouse_core::ConfigError;
 use gatehouse_host::{self as host, Counters};
@@ -19,12 +20,12 @@ host::main!(
 
 struct Shared {
     config: TokenProxyConfig,
-    counters: Counters,
+    counters: Counters<TokenProxyStat>,
 }
 
 impl Shared {
-    fn count(&self, what: &str) {
-        self.counters.inc(what);
+    fn count(&self, stat: TokenProxyStat) {
+        self.counters.inc(stat);
     }
 }
 
@@ -93,7 +94,7 @@ impl HttpContext for Stream {
         }
         match decision {
             ProxyDecision::Pass => {
-                s.count("passed");
+                s.count(TokenProxyStat::Passed);
                 Action::Continue
             }
             ProxyDecision::Forward {
@@ -102,13 +103,13 @@ impl HttpContext for Stream {
             } => {
                 host::set_request_header("authorization", Some(&authorization));
                 host::set_request_header("cookie", cookie.as_deref());
-                s.count("forwarded");
+                s.count(TokenProxyStat::Forwarded);
                 Action::Continue
             }
             ProxyDecision::Reply { reply, denial } => {
                 match denial {
                     Some(d) => {
-                        s.count(&format!("denied.{}", d.reason()));
+                        s.count(TokenProxyStat::Denied(d));
                         let path = host::request_header(":path").unwrap_or_default();
                         let path = path.split('?').next().unwrap_or("");
                         let answer = if reply.status == 101 {
@@ -121,7 +122,7 @@ impl HttpContext for Stream {
                             &format!("denied ({}) {method} {path} -> {answer}", d.reason()),
                         );
                     }
-                    None => s.count("preflight"),
+                    None => s.count(TokenProxyStat::Preflight),
                 }
                 host::send_reply(&reply);
                 Action::Pause
@@ -154,7 +155,7 @@ impl HttpContext for Stream {
                 for c in &hardened {
                     host::add_response_header("set-cookie", c);
                 }
-                self.shared.count("cookies_hardened");
+                self.shared.count(TokenProxyStat::CookiesHardened);
             }
         }
         Action::Continue

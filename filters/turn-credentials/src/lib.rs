@@ -2,6 +2,7 @@
 //! docs/turn-credentials.md.
 
 use gatehouse_core::jwt_auth::CLAIMS_PROPERTY;
+use gatehouse_core::stats::TurnStat;
 use gatehouse_core::turn::{TurnConfig, TurnDecision, TurnRequest};
 use gatehouse_core::ConfigError;
 use gatehouse_host::{self as host, Counters};
@@ -18,12 +19,12 @@ host::main!(
 
 struct Shared {
     config: TurnConfig,
-    counters: Counters,
+    counters: Counters<TurnStat>,
 }
 
 impl Shared {
-    fn count(&self, what: &str) {
-        self.counters.inc(what);
+    fn count(&self, stat: TurnStat) {
+        self.counters.inc(stat);
     }
 }
 
@@ -79,12 +80,12 @@ impl HttpContext for Stream {
         match decision {
             TurnDecision::Pass => Action::Continue,
             TurnDecision::Minted { reply, .. } => {
-                s.count("minted");
+                s.count(TurnStat::Minted);
                 host::send_reply(&reply);
                 Action::Pause
             }
             TurnDecision::Refused { reply, denial } => {
-                s.count(&format!("denied.{}", denial.reason()));
+                s.count(TurnStat::Denied(denial));
                 host::log_denial(
                     NAME,
                     &format!("denied ({}) {method} -> {}", denial.reason(), reply.status),

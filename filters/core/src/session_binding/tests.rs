@@ -1,6 +1,7 @@
 use super::store::{KvStore, MemoryKv};
 use super::*;
 use crate::session_binding::revocation::RevocationList;
+use crate::stats::SessionBindingStat;
 use serde_json::json;
 
 fn config(v: Value) -> SessionBinding {
@@ -360,7 +361,9 @@ fn a_full_jti_store_refuses_with_429_or_evicts() {
     let a = claims(json!({"jti": "a", "exp": 1000}));
     assert!(allowed(&b.decide(&ws("/ws", &a, None), 0, None, &mut st)));
     match b.decide(&ws("/ws", &c, None), 0, None, &mut st) {
-        BindDecision::Allow { notes, .. } => assert_eq!(notes, vec!["jti.evicted"]),
+        BindDecision::Allow { notes, .. } => {
+            assert_eq!(notes, vec![SessionBindingStat::JtiEvicted])
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -531,7 +534,7 @@ fn revoked_tokens_are_refused_and_live_sockets_closed() {
     state.loaded(RevocationList::parse(br#"[{"jti":"good"}]"#).unwrap(), 21);
     assert_eq!(
         b.check_live(&live, Some(&state), Some(21)),
-        Some((4401, "token revoked", "revoked_jti"))
+        Some((4401, "token revoked", BindDenial::Revoked(Revoked::Jti)))
     );
 }
 
@@ -545,7 +548,9 @@ fn a_stale_list_serves_or_refuses_as_configured() {
     let open = config(json!({"revocation": feed("open")}));
     // Stale (last good at 10, 30 s allowed): fail-open keeps serving with the last good list.
     match open.decide(&ws("/ws", &c, None), 100, Some(&state), &mut st) {
-        BindDecision::Allow { notes, .. } => assert_eq!(notes, vec!["revocation.stale_served"]),
+        BindDecision::Allow { notes, .. } => {
+            assert_eq!(notes, vec![SessionBindingStat::RevocationStaleServed])
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(
@@ -575,7 +580,7 @@ fn a_stale_list_serves_or_refuses_as_configured() {
     );
     assert_eq!(
         closed.check_live(&terms(token_id(&c, None)), Some(&state), Some(41)),
-        Some((1013, "revocation list stale", "revocation_stale"))
+        Some((1013, "revocation list stale", BindDenial::RevocationStale))
     );
 }
 
@@ -753,7 +758,9 @@ fn a_list_never_loaded_is_stale_open_serves_and_counts_closed_refuses() {
     );
     let open = config(json!({"revocation": feed("open")}));
     match open.decide(&ws("/ws", &c, None), 1, Some(&state), &mut st) {
-        BindDecision::Allow { notes, .. } => assert_eq!(notes, vec!["revocation.stale_served"]),
+        BindDecision::Allow { notes, .. } => {
+            assert_eq!(notes, vec![SessionBindingStat::RevocationStaleServed])
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -785,7 +792,7 @@ fn without_a_clock_what_needs_the_time_fails_closed() {
     );
     assert_eq!(
         closed.check_live(&terms(token_id(&c, None)), Some(&state), None),
-        Some((1013, "clock unavailable", "clock"))
+        Some((1013, "clock unavailable", BindDenial::Clock))
     );
     // Checks that need no time still decide: fail-open revocation, sessions, scopes.
     let open = config(json!({"revocation": feed("open"), "scope": [{"template": "/ws/{room}"}]}));
@@ -852,7 +859,7 @@ fn reauth_tokens_are_checked_against_the_feed_and_used_once() {
             Some(&state),
             &mut st
         ),
-        Err((4401, "token reused", "replay"))
+        Err((4401, "token reused", BindDenial::Replay))
     );
     // The connect token as a re-auth token: used already.
     assert_eq!(
@@ -864,7 +871,7 @@ fn reauth_tokens_are_checked_against_the_feed_and_used_once() {
             Some(&state),
             &mut st
         ),
-        Err((4401, "token reused", "replay"))
+        Err((4401, "token reused", BindDenial::Replay))
     );
     // Revoked by jti, sid, kid, sub + issued_before.
     assert_eq!(
@@ -876,12 +883,12 @@ fn reauth_tokens_are_checked_against_the_feed_and_used_once() {
             Some(&state),
             &mut st
         ),
-        Err((4401, "token revoked", "revoked_jti"))
+        Err((4401, "token revoked", BindDenial::Revoked(Revoked::Jti)))
     );
     let gone = claims(json!({"iss": "i", "sub": "alice", "sid": "gone", "jti": "g1", "exp": 100}));
     assert_eq!(
         b.check_reauth(&mut live, &gone, None, Some(22), Some(&state), &mut st),
-        Err((4401, "token revoked", "revoked_sid"))
+        Err((4401, "token revoked", BindDenial::Revoked(Revoked::Sid)))
     );
     assert_eq!(
         b.check_reauth(
@@ -892,22 +899,22 @@ fn reauth_tokens_are_checked_against_the_feed_and_used_once() {
             Some(&state),
             &mut st
         ),
-        Err((4401, "token revoked", "revoked_kid"))
+        Err((4401, "token revoked", BindDenial::Revoked(Revoked::Kid)))
     );
     let eve = claims(json!({"iss": "i", "sub": "eve", "iat": 49, "jti": "e1", "exp": 100}));
     assert_eq!(
         b.check_reauth(&mut live, &eve, None, Some(22), Some(&state), &mut st),
-        Err((4401, "token revoked", "revoked_sub"))
+        Err((4401, "token revoked", BindDenial::Revoked(Revoked::Sub)))
     );
     // Single use rules apply as for a connect token: a jti, a bounded exp, a clock.
     let no_jti = claims(json!({"iss": "i", "sub": "alice", "exp": 100}));
     assert_eq!(
         b.check_reauth(&mut live, &no_jti, None, Some(22), Some(&state), &mut st),
-        Err((4401, "re-auth refused", "no_jti"))
+        Err((4401, "re-auth refused", BindDenial::NoJti))
     );
     assert_eq!(
         b.check_reauth(&mut live, &tok("r9"), None, None, Some(&state), &mut st),
-        Err((1013, "clock unavailable", "clock"))
+        Err((1013, "clock unavailable", BindDenial::Clock))
     );
     // Once a re-auth token is accepted, its revocation closes the socket too.
     let mut live2 = live.clone();
@@ -925,7 +932,7 @@ fn reauth_tokens_are_checked_against_the_feed_and_used_once() {
     state.loaded(RevocationList::parse(br#"[{"jti":"r2"}]"#).unwrap(), 25);
     assert_eq!(
         b.check_live(&live2, Some(&state), Some(26)),
-        Some((4401, "token revoked", "revoked_jti"))
+        Some((4401, "token revoked", BindDenial::Revoked(Revoked::Jti)))
     );
     // A binding that is neither single-use nor fed checks nothing: the shell skips the read.
     let plain = config(json!({}));
