@@ -58,6 +58,14 @@ impl FetchSchedule {
         self.slots.iter_mut().find(|s| s.source == source)
     }
 
+    /// The source call `call` fetches, if this schedule started it.
+    pub fn in_flight(&self, call: u32) -> Option<usize> {
+        self.slots
+            .iter()
+            .find(|s| s.in_flight == Some(call))
+            .map(|s| s.source)
+    }
+
     /// A fetch of `source` started as call `call`.
     pub fn started(&mut self, source: usize, call: u32) {
         if let Some(s) = self.slot(source) {
@@ -97,6 +105,7 @@ mod tests {
         assert_eq!(s.due(1000), vec![0, 2]);
         s.started(0, 7);
         s.started(2, 8);
+        assert_eq!(s.in_flight(8), Some(2));
         // In flight: never started twice.
         assert!(s.due(1000).is_empty());
         assert_eq!(s.finished(7, true, 1001), Some(0));
@@ -105,6 +114,7 @@ mod tests {
         assert_eq!(s.due(1006), vec![2]);
         assert_eq!(s.due(1301), vec![0, 2]);
         // A call it did not start is not its business.
+        assert_eq!(s.in_flight(99), None);
         assert_eq!(s.finished(99, true, 1301), None);
     }
 

@@ -468,6 +468,14 @@ impl<S: Stat> Counters<S> {
     }
 
     pub fn inc(&self, stat: S) {
+        self.add(stat, 1);
+    }
+
+    /// Count `stat` `n` times at once.
+    pub fn add(&self, stat: S, n: u64) {
+        if n == 0 {
+            return;
+        }
         let id = {
             let mut ids = self.ids.borrow_mut();
             match ids.iter().find(|(s, _)| *s == stat) {
@@ -485,7 +493,9 @@ impl<S: Stat> Counters<S> {
             }
         };
         if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
+            if hostcalls::increment_metric(id, n as i64).is_err() {
+                failed("count a stat", &stat.name());
+            }
         }
     }
 }

@@ -2,26 +2,23 @@
 //! applies the core's decision, fetches remote JWKS, and closes expired live sockets.
 //! See docs/jwt-auth.md.
 
+use gatehouse_core::fetch::FetchSchedule;
 use gatehouse_core::jwt::KeySet;
 use gatehouse_core::jwt_auth::{
     Decision, Denial, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY, KID_PROPERTY,
     REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
 };
 use gatehouse_core::reauth::ClientFrames;
-use gatehouse_core::sessions;
 use gatehouse_core::stats::JwtAuthStat;
 use gatehouse_core::ws::{self, Dir, LiveSocket};
+use gatehouse_core::{kv, sessions};
 use gatehouse_host::{self as host, Body, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Duration;
 
 const NAME: &str = "gatehouse.jwt_auth";
-/// Retry a failed JWKS fetch after this long (the last good keys stay in use meanwhile).
-const JWKS_RETRY_SECONDS: u64 = 5;
 
 host::main!(NAME, Root::default());
 
@@ -65,9 +62,8 @@ impl Shared {
                 self.count(JwtAuthStat::JwksFetchOk);
                 // Keys refused for what they are (RSA under 2048 bits, `key_ops` without
                 // `verify`, `use` other than `sig`, unsupported types): one count each.
-                for _ in 0..skipped {
-                    self.count(JwtAuthStat::JwksKeySkipped);
-                }
+                self.counters
+                    .add(JwtAuthStat::JwksKeySkipped, skipped as u64);
                 true
             }
             Err(why) => {
@@ -97,10 +93,8 @@ fn serde_json_keys(body: &[u8]) -> Result<(KeySet, usize), String> {
 #[derive(Default)]
 struct Root {
     shared: Option<Rc<RefCell<Shared>>>,
-    /// In-flight JWKS fetches: call token → provider.
-    fetches: HashMap<u32, usize>,
-    /// Per provider with a remote JWKS: when to fetch next.
-    next_fetch: HashMap<usize, u64>,
+    /// When to fetch each provider's remote JWKS.
+    fetches: FetchSchedule,
 }
 
 impl Context for Root {
@@ -111,26 +105,13 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        let Some(provider) = self.fetches.remove(&token) else {
-            return;
-        };
         let Some(shared) = &self.shared else { return };
         let (status, body) = host::http_call_response(body_size);
-        let mut shared = shared.borrow_mut();
-        let ok = shared.apply_jwks(provider, status, &body);
-        let refresh = shared
-            .auth
-            .config
-            .providers
-            .get(provider)
-            .and_then(|p| p.remote.as_ref())
-            .map_or(300, |r| r.refresh_seconds);
-        let wait = if ok {
-            refresh
-        } else {
-            JWKS_RETRY_SECONDS.min(refresh)
+        let Some(provider) = self.fetches.in_flight(token) else {
+            return;
         };
-        self.next_fetch.insert(provider, host::now_secs() + wait);
+        let ok = shared.borrow_mut().apply_jwks(provider, status, &body);
+        self.fetches.finished(token, ok, host::now_secs());
     }
 }
 
@@ -139,13 +120,13 @@ impl RootContext for Root {
         let Some(config) = host::configure(NAME, JwtAuthConfig::compile) else {
             return false;
         };
-        self.next_fetch = config
-            .providers
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.remote.is_some())
-            .map(|(i, _)| (i, 0))
-            .collect();
+        self.fetches = FetchSchedule::new(
+            config
+                .providers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| Some((i, p.remote.as_ref()?.refresh_seconds))),
+        );
         host::log(
             LogLevel::Info,
             NAME,
@@ -159,8 +140,8 @@ impl RootContext for Root {
             auth: JwtAuth::new(config),
             counters: Counters::new(NAME),
         })));
-        if !self.next_fetch.is_empty() {
-            let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_secs(1));
+        if !self.fetches.is_empty() {
+            host::set_tick(1);
         }
         true
     }
@@ -168,32 +149,25 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(shared) = &self.shared else { return };
         let now = host::now_secs();
-        let in_flight: Vec<usize> = self.fetches.values().copied().collect();
         let mut shared = shared.borrow_mut();
-        for (provider, due) in self.next_fetch.iter_mut() {
-            if *due > now || in_flight.contains(provider) {
-                continue;
-            }
+        for provider in self.fetches.due(now) {
             let Some(remote) = shared
                 .auth
                 .config
                 .providers
-                .get(*provider)
+                .get(provider)
                 .and_then(|p| p.remote.clone())
             else {
                 continue;
             };
-            shared.auth.note_fetch(*provider, now);
+            shared.auth.note_fetch(provider, now);
             match host::http_get(
                 &remote.cluster,
                 &remote.authority,
                 &remote.path,
                 remote.timeout_ms,
             ) {
-                Some(token) => {
-                    self.fetches.insert(token, *provider);
-                    *due = u64::MAX; // set again when the response arrives
-                }
+                Some(token) => self.fetches.started(provider, token),
                 None => {
                     host::log(
                         LogLevel::Warn,
@@ -204,7 +178,7 @@ impl RootContext for Root {
                         ),
                     );
                     shared.count(JwtAuthStat::JwksFetchFailed);
-                    *due = now + JWKS_RETRY_SECONDS;
+                    self.fetches.not_started(provider, now);
                 }
             }
         }
@@ -250,21 +224,12 @@ struct Stream {
 fn extend_session(session: &str, deadline: u64, now: u64, per_subject: usize) {
     let key = sessions::bucket_key(session);
     // Compare-and-swap: another worker may write the same bucket at the same moment.
-    for _ in 0..3 {
-        let (value, cas) = host::shared_data(&key);
-        let Some(next) = sessions::record(
-            value.as_deref().unwrap_or(&[]),
-            session,
-            deadline,
-            now,
-            per_subject,
-        ) else {
-            return;
-        };
-        if host::set_shared_data(&key, &next, cas) {
-            return;
-        }
-    }
+    kv::update(&mut host::SharedData, &key, (), |bucket| {
+        (
+            sessions::record(bucket, session, deadline, now, per_subject),
+            (),
+        )
+    });
 }
 
 /// The latest deadline any worker recorded for `session`.

@@ -6,10 +6,11 @@
 
 mod metadata;
 
+use gatehouse_core::fetch::FetchSchedule;
 use gatehouse_core::jwt::Claims;
 use gatehouse_core::jwt_auth::{CLAIMS_PROPERTY, KID_PROPERTY};
 use gatehouse_core::session_binding::revocation::{RevocationList, RevocationState};
-use gatehouse_core::session_binding::store::{BindingStore, Kv, KvStore};
+use gatehouse_core::session_binding::store::{BindingStore, KvStore};
 use gatehouse_core::session_binding::{
     parse_address, BindDecision, BindRequest, ClaimsSource, FingerprintMode, LiveTerms,
     SessionBinding, SessionBindingConfig, JWT_AUTHN_NAMESPACE, REAUTH_CLAIMS_PROPERTY,
@@ -24,26 +25,10 @@ use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Duration;
 
 const NAME: &str = "gatehouse.session_binding";
-/// Retry a failed revocation fetch after this long (the last good list stays in use).
-const FEED_RETRY_SECONDS: u64 = 5;
 
 host::main!(NAME, Root::default());
-
-/// Envoy shared data: one store per Envoy process, seen by every worker's VM.
-struct SharedData;
-
-impl Kv for SharedData {
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        host::shared_data(key)
-    }
-
-    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        host::set_shared_data(key, value, cas)
-    }
-}
 
 /// Per-worker state shared by the root context and every stream.
 struct Shared {
@@ -60,9 +45,9 @@ impl Shared {
         self.counters.inc(stat);
     }
 
-    fn store(&self) -> KvStore<SharedData> {
+    fn store(&self) -> KvStore<host::SharedData> {
         let c = &self.binding.config;
-        KvStore::new(SharedData, c.jti.limits, c.sockets.limits)
+        KvStore::new(host::SharedData, c.jti.limits, c.sockets.limits)
     }
 
     fn release(&mut self, owner: &str, slot: &str) {
@@ -75,9 +60,8 @@ impl Shared {
 #[derive(Default)]
 struct Root {
     shared: Option<Rc<RefCell<Shared>>>,
-    /// The in-flight revocation fetch.
-    fetch: Option<u32>,
-    next_fetch: u64,
+    /// When to fetch the revocation feed (source 0).
+    fetches: FetchSchedule,
     next_refresh: u64,
     /// Malformed entries the last good document had (logged when it changes).
     last_skipped: usize,
@@ -91,17 +75,13 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        if self.fetch != Some(token) {
+        if self.fetches.in_flight(token).is_none() {
             return;
         }
-        self.fetch = None;
         let Some(shared) = &self.shared else { return };
         let (status, body) = host::http_call_response(body_size);
         let now = host::now_secs();
         let mut shared = shared.borrow_mut();
-        let Some(feed) = shared.binding.config.revocation.clone() else {
-            return;
-        };
         let parsed = if status == 200 {
             RevocationList::parse_counted(&body)
         } else {
@@ -129,11 +109,11 @@ impl Context for Root {
                     }
                 }
                 self.last_skipped = skipped;
-                for _ in 0..skipped {
-                    shared.count(SessionBindingStat::RevocationEntrySkipped);
-                }
+                shared
+                    .counters
+                    .add(SessionBindingStat::RevocationEntrySkipped, skipped as u64);
                 shared.count(SessionBindingStat::RevocationFetchOk);
-                self.next_fetch = now + feed.refresh_seconds;
+                self.fetches.finished(token, true, now);
             }
             Err(why) => {
                 host::log(
@@ -142,7 +122,7 @@ impl Context for Root {
                     &format!("revocation fetch failed ({why}); keeping the last good list"),
                 );
                 shared.count(SessionBindingStat::RevocationFetchFailed);
-                self.next_fetch = now + FEED_RETRY_SECONDS.min(feed.refresh_seconds);
+                self.fetches.finished(token, false, now);
             }
         }
     }
@@ -191,7 +171,9 @@ impl RootContext for Root {
             .revocation
             .as_ref()
             .map(|_| RevocationState::new(now));
-        let mut store = KvStore::new(SharedData, config.jti.limits, config.sockets.limits);
+        self.fetches =
+            FetchSchedule::new(config.revocation.as_ref().map(|f| (0, f.refresh_seconds)));
+        let mut store = KvStore::new(host::SharedData, config.jti.limits, config.sockets.limits);
         store.create_buckets();
         self.shared = Some(Rc::new(RefCell::new(Shared {
             binding: SessionBinding::new(config),
@@ -199,9 +181,8 @@ impl RootContext for Root {
             revocations,
             live_slots: HashMap::new(),
         })));
-        self.next_fetch = 0;
         self.next_refresh = now;
-        let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_secs(1));
+        host::set_tick(1);
         true
     }
 
@@ -210,9 +191,9 @@ impl RootContext for Root {
         let now = host::now_secs();
         let shared = shared.borrow();
         if let Some(feed) = &shared.binding.config.revocation {
-            if self.fetch.is_none() && now >= self.next_fetch {
+            for source in self.fetches.due(now) {
                 match host::http_get(&feed.cluster, &feed.authority, &feed.path, feed.timeout_ms) {
-                    Some(token) => self.fetch = Some(token),
+                    Some(token) => self.fetches.started(source, token),
                     None => {
                         host::log(
                             LogLevel::Warn,
@@ -223,7 +204,7 @@ impl RootContext for Root {
                             ),
                         );
                         shared.count(SessionBindingStat::RevocationFetchFailed);
-                        self.next_fetch = now + FEED_RETRY_SECONDS;
+                        self.fetches.not_started(source, now);
                     }
                 }
             }
