@@ -725,12 +725,7 @@ pub struct Request<'a> {
     pub sec_fetch_site: Option<&'a str>,
 }
 
-/// A header change for the request that goes upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HeaderEdit {
-    Remove(String),
-    Set(String, String),
-}
+pub use crate::reply::HeaderEdit;
 
 /// A verified token.
 #[derive(Debug)]

@@ -1213,12 +1213,7 @@ pub struct PageResponse<'a> {
     pub has_header: &'a dyn Fn(&str) -> bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HeaderEdit {
-    Set(String, String),
-    Add(String, String),
-    Remove(String),
-}
+pub use crate::reply::HeaderEdit;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyPlan {

@@ -4,6 +4,18 @@
 
 use crate::ws;
 
+/// A header change a decision asks for, on the request that goes upstream or on the response
+/// that goes to the client (the decision says which).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderEdit {
+    /// Replace every value of the header with this one.
+    Set(String, String),
+    /// Add one more value (`set-cookie`).
+    Add(String, String),
+    /// Remove every value of the header.
+    Remove(String),
+}
+
 /// What the shell sends instead of forwarding the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {

@@ -4,7 +4,7 @@
 //! "absent" / "not done", never to a panic.
 
 use gatehouse_core::log_limit::LogLimiter;
-use gatehouse_core::reply::{LocalReply, Refusal};
+use gatehouse_core::reply::{HeaderEdit, LocalReply, Refusal};
 use gatehouse_core::rules::Needs;
 use gatehouse_core::stats::Stat;
 use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
@@ -496,6 +496,25 @@ impl<S: Stat> Counters<S> {
             if hostcalls::increment_metric(id, n as i64).is_err() {
                 failed("count a stat", &stat.name());
             }
+        }
+    }
+}
+
+/// Apply a decision's edits to the request headers (`request: true`) or the response headers.
+pub fn apply_edits(request: bool, edits: &[HeaderEdit]) {
+    let map = if request {
+        MapType::HttpRequestHeaders
+    } else {
+        MapType::HttpResponseHeaders
+    };
+    for edit in edits {
+        let (what, name, result) = match edit {
+            HeaderEdit::Set(n, v) => ("set header", n, hostcalls::set_map_value(map, n, Some(v))),
+            HeaderEdit::Add(n, v) => ("add header", n, hostcalls::add_map_value(map, n, v)),
+            HeaderEdit::Remove(n) => ("remove header", n, hostcalls::set_map_value(map, n, None)),
+        };
+        if result.is_err() {
+            failed(what, name);
         }
     }
 }

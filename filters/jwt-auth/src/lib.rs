@@ -5,7 +5,7 @@
 use gatehouse_core::fetch::FetchSchedule;
 use gatehouse_core::jwt::KeySet;
 use gatehouse_core::jwt_auth::{
-    Decision, Denial, HeaderEdit, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY, KID_PROPERTY,
+    Decision, Denial, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY, KID_PROPERTY,
     REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
 };
 use gatehouse_core::reauth::ClientFrames;
@@ -285,12 +285,7 @@ impl Stream {
                 cache_hit,
                 socket,
             } => {
-                for edit in &edits {
-                    match edit {
-                        HeaderEdit::Remove(name) => host::set_request_header(name, None),
-                        HeaderEdit::Set(name, value) => host::set_request_header(name, Some(value)),
-                    }
-                }
+                host::apply_edits(true, &edits);
                 match token {
                     Some(t) => {
                         if !host::set_filter_state(CLAIMS_PROPERTY, &t.payload) {

@@ -1,7 +1,7 @@
 //! page-guard: the proxy-wasm shell over `gatehouse_core::page_guard`. See docs/page-guard.md.
 
 use gatehouse_core::page_guard::{
-    parse_reports, report_reply, Blanker, BodyPlan, HeaderEdit, LogLimiter, NonceText, Outcome,
+    parse_reports, report_reply, Blanker, BodyPlan, LogLimiter, NonceText, Outcome,
     PageGuardConfig, PageRequest, PageResponse, PolicyId, ReportError, RequestDecision, Rewriter,
 };
 use gatehouse_core::reply::Refusal;
@@ -335,13 +335,7 @@ impl HttpContext for Stream {
                 reply,
             );
         }
-        for edit in &plan.edits {
-            match edit {
-                HeaderEdit::Set(n, v) => host::set_response_header(n, Some(v)),
-                HeaderEdit::Add(n, v) => host::add_response_header(n, v),
-                HeaderEdit::Remove(n) => host::set_response_header(n, None),
-            }
-        }
+        host::apply_edits(false, &plan.edits);
         s.count(PageGuardStat::Outcome(plan.outcome));
         self.nonce = plan.nonce;
         self.body = plan.body;
