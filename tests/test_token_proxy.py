@@ -238,7 +238,7 @@ def test_denials_are_logged_with_the_reason_never_the_cookie(gw, keys):
     value = seal(keys["other"], "secret.token.value")
     assert send(gw, path="/api/echo?logcheck=1", cookie=f"gh-at={value}").status_code == 401
     log = gw.log_text()
-    assert "gatehouse.token_proxy: denied (cookie_decrypt) GET /api/echo -> 401" in log
+    assert "gatehouse.token_proxy: denied (cookie_decrypt) http /api/echo -> 401" in log
     assert value not in log and "secret.token.value" not in log
     assert keys["current"] not in log and keys["previous"] not in log, "keys never reach the log"
 
@@ -386,7 +386,7 @@ def test_a_websocket_upgrade_with_the_cookie_from_elsewhere_closes_4403(gw, keys
     assert seen is None, "the upgrade must not reach the upstream"
     assert code == 4403, "a completed handshake and a close frame: the page reads 4403, not 1006"
     assert counter(gw, "denied.origin") == before + 1
-    assert "gatehouse.token_proxy: denied (origin) GET /ws/echo -> close 4403" in gw.log_text()
+    assert "gatehouse.token_proxy: denied (origin) websocket /ws/echo -> close 4403" in gw.log_text()
 
 
 def test_a_websocket_upgrade_the_browser_calls_same_origin_is_trusted(gw, keys, signer):

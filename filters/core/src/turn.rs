@@ -81,7 +81,7 @@ impl TurnDenial {
         }
     }
 
-    fn refusal(self) -> Refusal {
+    pub fn refusal(self) -> Refusal {
         match self {
             TurnDenial::Method => Refusal::MethodNotAllowed,
             TurnDenial::Origin | TurnDenial::BadUser => Refusal::Forbidden,

@@ -111,15 +111,13 @@ impl HttpContext for Stream {
                     Some(d) => {
                         s.count(TokenProxyStat::Denied(d));
                         let path = host::request_header(":path").unwrap_or_default();
-                        let path = path.split('?').next().unwrap_or("");
-                        let answer = if reply.status == 101 {
-                            format!("close {}", d.refusal(websocket).close_code())
-                        } else {
-                            reply.status.to_string()
-                        };
-                        host::log_denial(
+                        return host::refuse(
                             NAME,
-                            &format!("denied ({}) {method} {path} -> {answer}", d.reason()),
+                            d.reason(),
+                            d.refusal(websocket),
+                            websocket,
+                            &path,
+                            &reply,
                         );
                     }
                     None => s.count(TokenProxyStat::Preflight),

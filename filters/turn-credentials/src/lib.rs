@@ -86,12 +86,15 @@ impl HttpContext for Stream {
             }
             TurnDecision::Refused { reply, denial } => {
                 s.count(TurnStat::Denied(denial));
-                host::log_denial(
+                let path = host::request_header(":path").unwrap_or_default();
+                host::refuse(
                     NAME,
-                    &format!("denied ({}) {method} -> {}", denial.reason(), reply.status),
-                );
-                host::send_reply(&reply);
-                Action::Pause
+                    denial.reason(),
+                    denial.refusal(),
+                    false,
+                    &path,
+                    &reply,
+                )
             }
         }
     }
