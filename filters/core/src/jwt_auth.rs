@@ -1135,11 +1135,11 @@ impl JwtAuth {
 
     /// TLS to Envoy, or `x-forwarded-proto: https` from a trusted hop.
     fn secure(&self, req: &Request<'_>) -> bool {
-        req.tls
-            || (self.config.trust_forwarded_proto
-                && req
-                    .forwarded_proto
-                    .is_some_and(|p| p.trim().eq_ignore_ascii_case("https")))
+        origin::is_https(
+            req.tls,
+            req.forwarded_proto,
+            self.config.trust_forwarded_proto,
+        )
     }
 
     /// The session key of verified claims: a short hash, so shared memory never holds the id.
@@ -1152,8 +1152,7 @@ impl JwtAuth {
         if value.is_empty() {
             return None;
         }
-        let digest = sha256(format!("{name}\0{value}").as_bytes());
-        let hash = crate::b64url(&digest[..12]);
+        let hash = crate::short_hash(&format!("{name}\0{value}"));
         // Tagged with its subject, so one subject cannot fill the session buckets.
         Some(
             match claims.get("sub").map(claim_text).filter(|s| !s.is_empty()) {

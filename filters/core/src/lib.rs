@@ -42,6 +42,12 @@ pub(crate) fn b64url(data: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
+/// A short hash of `text` (12 bytes of SHA-256, base64url): fixed size in a store, no
+/// separators, never the value itself.
+pub fn short_hash(text: &str) -> String {
+    b64url(sha256(text.as_bytes()).get(..12).unwrap_or_default())
+}
+
 /// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     use sha2::Digest;

@@ -18,6 +18,13 @@ pub fn is_trusted(origin: Option<&str>, sec_fetch_site: Option<&str>, trusted: &
     })
 }
 
+/// Did the request reach Envoy over TLS, or, when the hop before Envoy is trusted
+/// (`trust_forwarded_proto`), did that hop say `x-forwarded-proto: https`?
+pub fn is_https(tls: bool, forwarded_proto: Option<&str>, trust_forwarded_proto: bool) -> bool {
+    tls || (trust_forwarded_proto
+        && forwarded_proto.is_some_and(|p| p.trim().eq_ignore_ascii_case("https")))
+}
+
 /// Methods that change state (CSRF applies to them).
 pub fn state_changing(method: &str) -> bool {
     ["POST", "PUT", "PATCH", "DELETE"]
@@ -42,6 +49,15 @@ mod tests {
         assert!(!is_trusted(None, Some("cross-site"), &list));
         assert!(is_trusted(None, Some("same-origin"), &list));
         assert!(is_trusted(Some("https://other"), Some("same-origin"), &[]));
+    }
+
+    #[test]
+    fn https_from_tls_or_a_trusted_hop_only() {
+        assert!(is_https(true, None, false));
+        assert!(!is_https(false, Some("https"), false));
+        assert!(is_https(false, Some(" HTTPS "), true));
+        assert!(!is_https(false, Some("http"), true));
+        assert!(!is_https(false, None, true));
     }
 
     #[test]

@@ -1113,11 +1113,8 @@ impl PageGuardConfig {
             put(name, value.clone(), mergeable);
         }
         if let Some(h) = &self.hsts {
-            let https = resp.tls
-                || (self.trust_forwarded_proto
-                    && resp
-                        .forwarded_proto
-                        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https")));
+            let https =
+                crate::origin::is_https(resp.tls, resp.forwarded_proto, self.trust_forwarded_proto);
             if https {
                 put("strict-transport-security", h.clone(), false);
             }

@@ -77,11 +77,7 @@ pub struct SlotLimits {
 const JTI_PREFIX: &str = "gatehouse.session_binding.jti.";
 const SLOT_PREFIX: &str = "gatehouse.session_binding.slots.";
 
-/// A short hash of `text`: fixed size in the store, no separators, never the value itself.
-pub fn short_hash(text: &str) -> String {
-    let h = crate::sha256(text.as_bytes());
-    crate::b64url(&h[..12])
-}
+pub use crate::short_hash;
 
 /// [`BindingStore`] over a CAS key/value store. Ids and owners given to it are already short
 /// hashes without spaces or newlines ([`short_hash`]).
