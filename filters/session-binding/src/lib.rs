@@ -12,9 +12,8 @@ use gatehouse_core::jwt_auth::{CLAIMS_PROPERTY, KID_PROPERTY};
 use gatehouse_core::session_binding::revocation::{RevocationList, RevocationState};
 use gatehouse_core::session_binding::store::{BindingStore, KvStore};
 use gatehouse_core::session_binding::{
-    parse_address, BindDecision, BindRequest, ClaimsSource, FingerprintMode, LiveTerms,
-    SessionBinding, SessionBindingConfig, JWT_AUTHN_NAMESPACE, REAUTH_CLAIMS_PROPERTY,
-    REAUTH_KID_PROPERTY,
+    parse_address, BindDecision, BindRequest, ClaimsSource, LiveTerms, SessionBinding,
+    SessionBindingConfig, JWT_AUTHN_NAMESPACE, REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
 };
 use gatehouse_core::stats::{SessionBindingStat, WsClose};
 use gatehouse_core::ws::{Dir, LiveSocket};
@@ -297,38 +296,29 @@ impl Stream {
         let mut shared = self.shared.borrow_mut();
         // A path that walks (`..`, `%2e%2e`, `%2f`) matches no rule: the core refuses it
         // (400 / close 4400) before any rule or template looks at it.
-        let (session, cap, fingerprint) =
-            match shared
-                .binding
-                .config
-                .binding_for(route.as_deref(), &path, &authority)
-            {
-                Ok(Some(binding)) => (
-                    binding.session.is_some(),
-                    binding.max_sockets.is_some(),
-                    binding.fingerprint,
-                ),
-                Ok(None) => {
-                    shared.count(SessionBindingStat::Passed);
-                    return Action::Continue;
-                }
-                Err(_) => (false, false, FingerprintMode::Off),
-            };
-        let found = read_claims(&shared.binding.config.sources);
+        let config = &shared.binding.config;
+        let selected = config.binding_for(route.as_deref(), &path, &authority);
         let websocket = host::is_websocket_upgrade();
+        let found = match &selected {
+            Ok(None) => None,
+            _ => read_claims(&config.sources),
+        };
+        let Some(facts) =
+            SessionBinding::facts_needed(&selected, found.as_ref().map(|(c, _)| c), websocket)
+        else {
+            shared.count(SessionBindingStat::Passed);
+            return Action::Continue;
+        };
         let ws_key = host::request_header_if(websocket, "sec-websocket-key");
         let ws_protocols = host::request_header_if(websocket, "sec-websocket-protocol");
-        let cookie = host::request_header_if(session, "cookie");
-        let has_cfp = found.as_ref().is_some_and(|(c, _)| c.contains_key("cfp"));
-        let client = fingerprint == FingerprintMode::Required
-            || (fingerprint != FingerprintMode::Off && has_cfp);
-        let user_agent = host::request_header_if(client, "user-agent");
-        let client_ip = if client {
+        let cookie = host::request_header_if(facts.cookie, "cookie");
+        let user_agent = host::request_header_if(facts.client, "user-agent");
+        let client_ip = if facts.client {
             host::property_text(vec!["source", "address"]).and_then(|a| parse_address(&a))
         } else {
             None
         };
-        let slot_id = if websocket && cap {
+        let slot_id = if facts.slot {
             host::random_id()
         } else {
             String::new()
@@ -350,9 +340,13 @@ impl Stream {
             slot_id: &slot_id,
         };
         let mut store = shared.store();
-        let decision = shared
-            .binding
-            .decide_at(&req, now, shared.revocations.as_ref(), &mut store);
+        let decision = shared.binding.decide_selected(
+            selected,
+            &req,
+            now,
+            shared.revocations.as_ref(),
+            &mut store,
+        );
         match decision {
             BindDecision::Pass => {
                 shared.count(SessionBindingStat::Passed);

@@ -1011,3 +1011,42 @@ fn the_hmac_mode_binds_to_the_cookie_with_a_gateway_key() {
     )
     .starts_with("config error at rules[0].session.key"));
 }
+
+#[test]
+fn a_binding_says_which_facts_it_needs_and_an_unbound_route_needs_none() {
+    let b = config(json!({
+        "session": {"cookie": "sid"},
+        "max_sockets": {"limit": 2},
+        "rules": [
+            {"match": {"prefix": "/open/"}, "disabled": true},
+            {"match": {"prefix": "/fp/"}, "fingerprint": "required"},
+            {"match": {"prefix": "/off/"}, "fingerprint": "off"}
+        ]
+    }));
+    let facts = |path: &str, c: Option<&Claims>, ws: bool| {
+        SessionBinding::facts_needed(&b.config.binding_for(None, path, "h"), c, ws)
+    };
+    let with_cfp = claims(json!({"sub": "a", "cfp": "x"}));
+    let plain = claims(json!({"sub": "a"}));
+    assert_eq!(facts("/open/x", Some(&with_cfp), true), None);
+    let all = facts("/ws", Some(&with_cfp), true).unwrap();
+    assert_eq!(
+        all,
+        FactsNeeded {
+            cookie: true,
+            client: true,
+            slot: true
+        }
+    );
+    // A fingerprint is read only when the token carries one (if_present) or it is required.
+    assert!(!facts("/ws", Some(&plain), true).unwrap().client);
+    assert!(facts("/fp/x", Some(&plain), false).unwrap().client);
+    assert!(!facts("/off/x", Some(&with_cfp), false).unwrap().client);
+    // A socket slot only for an upgrade.
+    assert!(!facts("/ws", Some(&plain), false).unwrap().slot);
+    // A walking path is refused before anything is read.
+    assert_eq!(
+        facts("/open/../ws", Some(&plain), true),
+        Some(FactsNeeded::default())
+    );
+}
