@@ -24,10 +24,7 @@ const FILTERS: [(&str, NewRoot); 5] = [
     ("turn_credentials", gatehouse_turn_credentials::root_context),
 ];
 
-proxy_wasm::main! {{
-    host::install_panic_hook(NAME);
-    proxy_wasm::set_root_context(|_| Box::new(ByRootId::default()));
-}}
+host::main!(NAME, ByRootId::default());
 
 /// A plugin's root context: the filter its `root_id` names, once the host has said which.
 #[derive(Default)]
