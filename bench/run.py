@@ -37,18 +37,21 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import DIST, ENVOY_BIN, free_port, stop, wait_for, wasm_filter  # noqa: E402
+from conftest import (DIST, ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, Demo, free_port, shipped_config,  # noqa: E402
+                      stop, wait_for, wasm_filter)
 from cookies import new_key, seal  # noqa: E402
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+RSS_BEGIN, RSS_END = "<!-- bench:rss:begin -->", "<!-- bench:rss:end -->"
 LUA = BENCH / "tokens.lua"
 WASM_TARGET = "wasm32-wasip1"
 NOOP_PACKAGE = "gatehouse-bench-noop"
@@ -64,6 +67,9 @@ CHAIN_VS_BASELINE = 0.85
 VERIFY_TARGET_US = {"EdDSA": 200.0, "ES256": 300.0, "RS256": 300.0}
 PAGE_GUARD_ADDED_P50_US = 500.0   # p50 added to the 50 KB page, one connection (no queueing)
 WASM_MAX_KB = 500
+ONE_MODULE_MAX_KB = 900           # dist/gatehouse.wasm holds every filter
+RSS_OVER_NONE_MB = 45.0           # every filter loaded, over no filter, at --concurrency 4
+RSS_PER_WORKER_MB = 2.0           # what every filter loaded adds per extra worker
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -578,6 +584,149 @@ def run_scenario(args, envoy_bin: Path, workdir: Path, sc: Scenario) -> Result:
         envoy.stop()
 
 
+# -------------------------------------------------------------------------------------- memory
+
+RSS_CONCURRENCY = (1, 4, 8)
+RSS_SETTLE_SECONDS = 3
+RSS_LOAD_SECONDS = 3
+# (key, label): no gatehouse filter, the empty module in their place (what any wasm module costs),
+# each filter from its own module and VM, every filter from the one module under one vm_id. The
+# shipped envoy.yaml's other filters, routes and clusters in all of them.
+RSS_VARIANTS = [
+    ("none", "no filter"),
+    ("noop", "an empty wasm module (bench/noop) instead"),
+    ("separate", "five modules (dist/<filter>.wasm), a vm_id each"),
+    ("one", f"dist/{ONE_MODULE} five times, one vm_id"),
+]
+
+
+def rss_config(variant: str, port: int, admin_port: int, demo_port: int) -> dict:
+    """envoy-config/envoy.yaml on free ports in front of the demo, with its gatehouse filters as
+    `variant` says (its other filters, routes and clusters as shipped)."""
+    cfg = shipped_config(SimpleNamespace(port=port, admin_port=admin_port), SimpleNamespace(port=demo_port))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    kept = []
+    for f in hcm["http_filters"]:
+        plugin = f["typed_config"].get("config", {})
+        root_id = plugin.get("root_id")
+        if root_id is None:
+            kept.append(f)
+        elif variant == "noop" and not any(k["name"] == "bench.noop" for k in kept):
+            kept.append(noop_filter())
+        elif variant == "separate":
+            plugin["vm_config"].update(vm_id=f"gatehouse.{root_id}",
+                                       code={"local": {"filename": str(DIST / FILTERS[root_id][1])}})
+            kept.append(f)
+        elif variant == "one":
+            plugin["vm_config"].update(vm_id=ONE_VM_ID, code={"local": {"filename": str(DIST / ONE_MODULE)}})
+            kept.append(f)
+    hcm["http_filters"] = kept
+    return cfg
+
+
+def rss_sample(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def measure_rss(envoy_bin: Path, workdir: Path, demo: Demo, variant: str, concurrency: int) -> tuple[float, float]:
+    """Envoy's VmRSS (MB) idle after the start (JWKS and revocation feed fetched), and after
+    RSS_LOAD_SECONDS of wrk on the shipped `/api/` route with a dev-login token."""
+    wd = workdir / f"rss-{variant}-{concurrency}"
+    wd.mkdir(parents=True, exist_ok=True)
+    port, admin_port = free_port(), free_port()
+    config = wd / "envoy.json"
+    config.write_text(json.dumps(rss_config(variant, port, admin_port, demo.port), indent=1))
+    log = wd / "envoy.log"
+    env = dict(os.environ, GATEHOUSE_COOKIE_KEYS=demo.cookie_keys, GATEHOUSE_TURN_SECRET=new_key())
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(envoy_bin), "-c", str(config), "--use-dynamic-base-id", "--concurrency",
+                                 str(concurrency), "--log-level", "warn"],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+    STARTED.append(proc)
+    try:
+        admin = f"http://127.0.0.1:{admin_port}"
+        wait_for(lambda: http_status(admin + "/ready", timeout=2) == 200, 60, "envoy", proc, log)
+        time.sleep(RSS_SETTLE_SECONDS)
+        idle = rss_sample(proc.pid)
+        base = f"http://127.0.0.1:{port}"
+        req = urllib.request.Request(base + "/dev/login?user=rss", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            token = json.loads(r.read())["access_token"]
+        url = base + "/api/echo"
+        if (status := http_status(url, {"Authorization": f"Bearer {token}"})) != 200:
+            raise RuntimeError(f"rss {variant}: /api/echo with the token got {status}\n"
+                               + log.read_text(errors="replace")[-4000:])
+        if variant in ("separate", "one") and (status := http_status(url)) != 401:
+            raise RuntimeError(f"rss {variant}: /api/echo without a token got {status}, not 401")
+        wrk_proc = subprocess.run(["wrk", "-t1", "-c8", f"-d{RSS_LOAD_SECONDS}s", "-H", f"Authorization: Bearer {token}",
+                                   url], capture_output=True, text=True, timeout=RSS_LOAD_SECONDS + 30)
+        if wrk_proc.returncode != 0:
+            raise RuntimeError(f"rss {variant}: wrk failed: {wrk_proc.stderr}")
+        time.sleep(1)
+        return idle, rss_sample(proc.pid)
+    finally:
+        stop(proc)
+        STARTED.remove(proc)
+
+
+def run_rss(envoy_bin: Path, workdir: Path) -> dict[tuple[str, int], tuple[float, float]]:
+    """(variant, concurrency) → (idle MB, after-load MB), every variant at every concurrency in
+    one run, next to each other."""
+    out = {}
+    (workdir / "rss-demo").mkdir(parents=True, exist_ok=True)
+    demo = Demo(workdir / "rss-demo")
+    try:
+        for concurrency in RSS_CONCURRENCY:
+            for variant, label in RSS_VARIANTS:
+                out[variant, concurrency] = measure_rss(envoy_bin, workdir, demo, variant, concurrency)
+                idle, loaded = out[variant, concurrency]
+                print(f"  rss --concurrency {concurrency}  {label:<48} idle {idle:6.1f} MB  after load {loaded:6.1f} MB",
+                      flush=True)
+    finally:
+        demo.stop()
+    return out
+
+
+def rss_report(rss: dict[tuple[str, int], tuple[float, float]], envoy_version: str) -> tuple[str, list[str]]:
+    lo, hi = RSS_CONCURRENCY[-2], RSS_CONCURRENCY[-1]
+    lines = [
+        f"Envoy RSS (MB), the shipped `envoy-config/envoy.yaml` filters (token-proxy, jwt-auth, "
+        f"session-binding, turn-credentials, page-guard) in front of the demo: idle {RSS_SETTLE_SECONDS} s after "
+        f"the start, and after {RSS_LOAD_SECONDS} s of `wrk -t1 -c8` on `/api/echo` with a token; (+ over no filter). "
+        f"Per extra worker: the {lo} → {hi} workers difference / {hi - lo}.",
+        "",
+        "| filters | state | " + " | ".join(f"`--concurrency {c}`" for c in RSS_CONCURRENCY) + " | per extra worker |",
+        "|---|---|" + "---:|" * (len(RSS_CONCURRENCY) + 1),
+    ]
+    for state, i in (("idle", 0), ("after load", 1)):
+        for variant, label in RSS_VARIANTS:
+            cells = []
+            for c in RSS_CONCURRENCY:
+                mb, none = rss[variant, c][i], rss["none", c][i]
+                cells.append(f"{mb:.0f}" if variant == "none" else f"{mb:.0f} ({mb - none:+.0f})")
+            per = (rss[variant, hi][i] - rss[variant, lo][i]) / (hi - lo)
+            if variant != "none":
+                per -= (rss["none", hi][i] - rss["none", lo][i]) / (hi - lo)
+            cells.append(f"{per:.1f}" if variant == "none" else f"{per:+.1f}")
+            lines.append(f"| {label} | {state} | " + " | ".join(cells) + " |")
+    checks = []
+    for state, i in (("idle", 0), ("after load", 1)):
+        over = rss["one", lo][i] - rss["none", lo][i]
+        checks.append((over <= RSS_OVER_NONE_MB, f"every filter from dist/{ONE_MODULE}, {state}: "
+                       f"{over:+.0f} MB over no filter at --concurrency {lo} ≤ {RSS_OVER_NONE_MB:.0f} MB"))
+        per = ((rss["one", hi][i] - rss["one", lo][i]) - (rss["none", hi][i] - rss["none", lo][i])) / (hi - lo)
+        checks.append((per <= RSS_PER_WORKER_MB, f"every filter from dist/{ONE_MODULE}, {state}: "
+                       f"{per:+.1f} MB per extra worker ≤ {RSS_PER_WORKER_MB:.0f} MB"))
+    size = (DIST / ONE_MODULE).stat().st_size / 1024
+    checks.append((size <= ONE_MODULE_MAX_KB, f"dist/{ONE_MODULE} {size:.0f} KB ≤ {ONE_MODULE_MAX_KB} KB"))
+    target_lines = [f"{verdict(ok)}  {text}" for ok, text in checks]
+    lines += ["", "Targets:", "", "```", *target_lines, "```", "",
+              f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPUs "
+              f"({platform.machine()}), load average {os.getloadavg()[0]:.2f}; {envoy_version}."]
+    return "\n".join(lines), target_lines
+
+
 # ------------------------------------------------------------------------------------ building
 
 
@@ -725,7 +874,8 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
                    f"< {PAGE_GUARD_ADDED_P50_US:.0f} µs"))
     for name, kb, in_dist in sizes:
         if in_dist:
-            checks.append((kb <= WASM_MAX_KB, f"{name} {kb:.0f} KB ≤ {WASM_MAX_KB} KB"))
+            limit = ONE_MODULE_MAX_KB if name == f"dist/{ONE_MODULE}" else WASM_MAX_KB
+            checks.append((kb <= limit, f"{name} {kb:.0f} KB ≤ {limit} KB"))
     target_lines = [f"{verdict(ok)}  {text}" for ok, text in checks]
     lines += ["", "Targets:", "", "```", *target_lines, "```"]
 
@@ -750,12 +900,12 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
     return "\n".join(lines), target_lines
 
 
-def write_doc(table: str):
-    text = DOC.read_text() if DOC.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
-    section = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
+def write_doc(table: str, begin: str = BEGIN, end: str = END):
+    text = DOC.read_text() if DOC.exists() else f"# Performance\n\n{begin}\n{end}\n"
+    section = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
@@ -778,6 +928,9 @@ def parse_args():
     p.add_argument("--no-build", action="store_true", help="do not run cargo for bench/noop (use the last build)")
     p.add_argument("--no-doc", action="store_true", help=f"do not rewrite the table in {DOC.relative_to(ROOT)}")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, tokens)")
+    p.add_argument("--rss-only", action="store_true",
+                   help="only the Envoy RSS table (no filter / five modules / the one module at --concurrency 1, 4, 8)")
+    p.add_argument("--no-rss", action="store_true", help="skip the Envoy RSS table")
     args = p.parse_args()
     args.algs = [a.strip() for a in args.algs.split(",") if a.strip()]
     if not args.algs or set(args.algs) - set(ALGS):
@@ -794,7 +947,7 @@ def main() -> int:
     envoy_bin = find_envoy(args.envoy)
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is not installed (apt-get install wrk)")
-    for name in ("jwt-auth.wasm", "token-proxy.wasm", "session-binding.wasm", "page-guard.wasm"):
+    for name in ("jwt-auth.wasm", "token-proxy.wasm", "session-binding.wasm", "page-guard.wasm", ONE_MODULE):
         if not (DIST / name).exists():
             sys.exit(f"bench: dist/{name} is missing: run `cargo xtask build` (or `cargo xtask bench`)")
     build_noop(args.no_build)
@@ -805,6 +958,16 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
     results: dict[str, Summary] = {}
     try:
+        if not args.no_rss:
+            print(f"bench: Envoy RSS, {len(RSS_VARIANTS)} configs × --concurrency "
+                  f"{', '.join(map(str, RSS_CONCURRENCY))}", flush=True)
+            rss_table, _ = rss_report(run_rss(envoy_bin, workdir), envoy_version)
+            print("\n" + rss_table + "\n")
+            if not args.no_doc:
+                write_doc(rss_table, RSS_BEGIN, RSS_END)
+                print(f"bench: wrote the RSS table into {DOC.relative_to(ROOT)}")
+        if args.rss_only:
+            return 0
         keys, tokens, files = mint_tokens(workdir, args.algs, args.tokens)
         order = scenarios(keys, tokens, files, args.algs)
         load_before = os.getloadavg()

@@ -45,6 +45,23 @@ FILTERS = {
     # On the response path: its order among the request-side filters does not matter.
     "page_guard": ("page_guard", "page-guard.wasm"),
 }
+# The module every filter is in (the root_id picks the filter), and the vm_id the shipped configs
+# give all of them so that they share one VM per worker.
+ONE_MODULE = "gatehouse.wasm"
+ONE_VM_ID = "gatehouse"
+# GATEHOUSE_MODULE=one (default): every test runs its filters from dist/gatehouse.wasm in one VM,
+# as the shipped configs do; =separate: each filter from its own module (dist/<filter>.wasm), in a
+# VM of its own.
+MODULE = os.environ.get("GATEHOUSE_MODULE", "one")
+if MODULE not in ("one", "separate"):
+    raise ValueError(f"GATEHOUSE_MODULE={MODULE!r}: expected one or separate")
+
+
+def module_of(name: str) -> tuple[str, str]:
+    """(wasm file in dist/, vm_id) that filter `name` runs from under GATEHOUSE_MODULE."""
+    if MODULE == "one":
+        return ONE_MODULE, ONE_VM_ID
+    return FILTERS[name][1], f"gatehouse.{name}"
 
 
 def missing(what: str):
@@ -176,6 +193,8 @@ def shipped_config(envoy, demo: "Demo", edit=None) -> dict:
         root_id = config.get("root_id")
         if not root_id:
             continue
+        wasm, vm_id = module_of(root_id)
+        config["vm_config"].update(vm_id=vm_id, code={"local": {"filename": f"dist/{wasm}"}})
         value = json.loads(config["configuration"]["value"])
         if root_id == "token_proxy":
             value["trusted_web_origins"] = [origin]
@@ -209,9 +228,10 @@ def cluster(name: str, port: int) -> dict:
 def wasm_filter(name: str, cfg: dict, host_env_keys: list[str] | tuple = ()) -> dict:
     """A gatehouse Wasm HTTP filter; `host_env_keys` are the Envoy environment variables its VM
     may read (vm_config.environment_variables)."""
-    root_id, wasm = FILTERS[name]
+    root_id = FILTERS[name][0]
+    wasm, vm_id = module_of(name)
     vm_config = {
-        "vm_id": f"gatehouse.{name}",
+        "vm_id": vm_id,
         "runtime": "envoy.wasm.runtime.v8",
         "code": {"local": {"filename": str(DIST / wasm)}},
     }
@@ -349,7 +369,7 @@ def key():
 def require_envoy():
     if not ENVOY_BIN.exists():
         missing(f"Envoy ({ENVOY_BIN})")
-    for _, wasm in FILTERS.values():
+    for wasm in {module_of(name)[0] for name in FILTERS}:
         if not (DIST / wasm).exists():
             missing(f"dist/{wasm} (cargo xtask build)")
 

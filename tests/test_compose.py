@@ -10,7 +10,7 @@ import subprocess
 
 import yaml
 
-from conftest import ENVOY_BIN, ROOT
+from conftest import ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 ENVOY_YAML = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
@@ -64,6 +64,16 @@ def test_envoy_runs_the_shipped_config_from_the_mounted_folders():
         top = filename.split("/")[0]
         assert m.get(f"{workdir}/{top}") == f"./{top}", f"{filename} is not mounted"
         assert (ROOT / filename).exists(), f"{filename} is not built by cargo xtask build"
+
+
+def test_the_stack_runs_every_filter_from_the_one_module_in_one_vm():
+    """Envoy shares a VM between plugins only when their whole vm_config matches: the same vm_id,
+    code and environment for every gatehouse filter, from dist/gatehouse.wasm."""
+    plugins = [n for n in walk(ENVOY_YAML) if "root_id" in n]
+    assert sorted(p["root_id"] for p in plugins) == sorted(r for r, _ in FILTERS.values())
+    assert wasm_files() == [f"dist/{ONE_MODULE}"] * len(plugins)
+    (vm_config,) = {json.dumps(p["vm_config"], sort_keys=True) for p in plugins}
+    assert json.loads(vm_config)["vm_id"] == ONE_VM_ID
 
 
 def test_ports_and_addresses_match_the_envoy_config():

@@ -53,17 +53,22 @@ impl FilterKind {
         Self::ALL.into_iter().find(|k| k.root_id() == root_id)
     }
 
-    /// Guess the filter from its module's file name (`jwt-auth.wasm`,
-    /// `gatehouse_jwt_auth.wasm`, …).
-    pub fn from_module(filename: &str) -> Option<Self> {
+    /// What a module holds, guessed from its file name: every filter (`gatehouse.wasm`, the
+    /// root_id picks one) or one filter's own module (`jwt-auth.wasm`, `gatehouse_jwt_auth.wasm`,
+    /// …).
+    pub fn from_module(filename: &str) -> Option<Module> {
         let stem = Path::new(filename)
             .file_stem()?
             .to_string_lossy()
             .to_ascii_lowercase()
             .replace('-', "_");
+        if stem == "gatehouse" {
+            return Some(Module::Every);
+        }
         Self::ALL
             .into_iter()
             .find(|k| stem == k.root_id() || stem.ends_with(&format!("_{}", k.root_id())))
+            .map(Module::Only)
     }
 
     /// Compile `config` (the JSON in `configuration.value`) as the filter does at load. `env`
@@ -130,6 +135,15 @@ pub enum Outcome {
     Failed(String),
     /// A Wasm filter that is not gatehouse's.
     Skipped,
+}
+
+/// What a gatehouse module file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Module {
+    /// `dist/gatehouse.wasm`: every filter, the plugin's `root_id` picks one.
+    Every,
+    /// One filter's own module (`dist/jwt-auth.wasm`, …).
+    Only(FilterKind),
 }
 
 /// One Wasm filter found in the config.
@@ -425,7 +439,26 @@ fn check_found(found: &Found<'_>, root: &Path) -> Finding {
     let by_root_id = root_id.as_deref().and_then(FilterKind::from_root_id);
     let by_module = module.and_then(FilterKind::from_module);
     let kind = match (by_root_id, by_module) {
-        (Some(k), Some(m)) if k != m => {
+        (None, Some(Module::Every)) => {
+            let known: Vec<&str> = FilterKind::ALL.iter().map(|k| k.root_id()).collect();
+            return Finding {
+                name,
+                path: found.path.clone(),
+                outcome: Outcome::Failed(format!(
+                    "{} is not a filter of {} (known: {}); Envoy refuses it",
+                    root_id
+                        .as_deref()
+                        .map_or("a missing root_id".to_string(), |r| format!(
+                            "root_id `{r}`"
+                        )),
+                    module.unwrap_or_default(),
+                    known.join(", ")
+                )),
+                root_id,
+                warnings: Vec::new(),
+            };
+        }
+        (Some(k), Some(Module::Only(m))) if k != m => {
             warnings.push(format!(
                 "root_id {} but the module {} looks like {}",
                 k.root_id(),
@@ -435,7 +468,7 @@ fn check_found(found: &Found<'_>, root: &Path) -> Finding {
             Some(k)
         }
         (Some(k), _) => Some(k),
-        (None, Some(m)) => {
+        (None, Some(Module::Only(m))) => {
             warnings.push(format!(
                 "{} is not a gatehouse root_id, but the module {} is {}'s; checked as {}",
                 root_id
@@ -702,14 +735,43 @@ mod tests {
     }
 
     #[test]
+    fn the_one_module_checks_each_filter_by_root_id_and_refuses_an_unknown_one() {
+        let in_one_module = |root_id: &str, configuration: &str| {
+            let mut f = filter("f", root_id, string_value(configuration));
+            f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
+                "dist/gatehouse.wasm".into();
+            check_document(&f, Path::new(".")).remove(0)
+        };
+        let ok = in_one_module("token_proxy", TOKEN_PROXY);
+        assert_eq!(ok.outcome, Outcome::Ok);
+        assert!(
+            !ok.warnings.iter().any(|w| w.contains("looks like")),
+            "{:?}",
+            ok.warnings
+        );
+        assert_eq!(
+            in_one_module("token_proxi", TOKEN_PROXY).outcome,
+            Outcome::Failed(
+                "root_id `token_proxi` is not a filter of dist/gatehouse.wasm (known: jwt_auth, \
+                 token_proxy, turn_credentials, session_binding, page_guard); Envoy refuses it"
+                    .to_string()
+            )
+        );
+    }
+
+    #[test]
     fn module_names_identify_filters() {
         assert_eq!(
             FilterKind::from_module("/etc/envoy/jwt-auth.wasm"),
-            Some(FilterKind::JwtAuth)
+            Some(Module::Only(FilterKind::JwtAuth))
         );
         assert_eq!(
             FilterKind::from_module("gatehouse_token_proxy.wasm"),
-            Some(FilterKind::TokenProxy)
+            Some(Module::Only(FilterKind::TokenProxy))
+        );
+        assert_eq!(
+            FilterKind::from_module("dist/gatehouse.wasm"),
+            Some(Module::Every)
         );
         assert_eq!(FilterKind::from_module("not_jwt_authx.wasm"), None);
     }

@@ -5,14 +5,20 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The wasm filters: (cargo package, file in `dist/`).
+/// The wasm modules: (cargo package, file in `dist/`). `gatehouse` holds every filter (the
+/// plugin's `root_id` picks one); the others are one filter each.
 pub const FILTERS: &[(&str, &str)] = &[
+    (ONE_MODULE, "gatehouse.wasm"),
     ("gatehouse-jwt-auth", "jwt-auth.wasm"),
     ("gatehouse-token-proxy", "token-proxy.wasm"),
     ("gatehouse-turn-credentials", "turn-credentials.wasm"),
     ("gatehouse-session-binding", "session-binding.wasm"),
     ("gatehouse-page-guard", "page-guard.wasm"),
 ];
+
+/// The package of the one module: built by a cargo invocation of its own, since building it
+/// with the filter crates unifies their features and gives it every filter's entry point.
+const ONE_MODULE: &str = "gatehouse";
 
 pub const WASM_TARGET: &str = "wasm32-wasip1";
 
@@ -131,10 +137,18 @@ pub fn ensure_fuzzing() -> Result<(), String> {
 pub fn build() -> Result<Vec<PathBuf>, String> {
     ensure_wasm_target()?;
     let mut args = vec!["build", "--release", "--target", WASM_TARGET];
-    for (package, _) in FILTERS {
+    for (package, _) in FILTERS.iter().filter(|(p, _)| *p != ONE_MODULE) {
         args.extend(["-p", package]);
     }
     cargo(&args)?;
+    cargo(&[
+        "build",
+        "--release",
+        "--target",
+        WASM_TARGET,
+        "-p",
+        ONE_MODULE,
+    ])?;
     cargo(&[
         "build",
         "--release",

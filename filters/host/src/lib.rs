@@ -40,19 +40,32 @@ pub fn install_panic_hook(filter: &'static str) {
     }));
 }
 
-/// A filter's entry point: panics are logged with the filter's name (see
-/// [`install_panic_hook`]) and `root` (an expression, evaluated per root context) is the root
-/// context.
+/// A filter's entry point. `root` (an expression, evaluated per root context) is the root
+/// context, also offered as `root_context()` for a module that holds several filters
+/// (`filters/gatehouse`). With the crate's `module` feature (on by default) the crate is a
+/// module of its own: panics are logged with the filter's name (see [`install_panic_hook`]) and
+/// every root context is `root`. Without it the crate exports no entry point, so several filters
+/// link into one module.
 #[macro_export]
 macro_rules! main {
     ($filter:expr, $root:expr) => {
+        /// This filter's root context (one per plugin configuration).
+        pub fn root_context() -> Box<dyn $crate::proxy_wasm::traits::RootContext> {
+            Box::new($root)
+        }
+
+        #[cfg(feature = "module")]
         $crate::proxy_wasm::main! {{
             $crate::install_panic_hook($filter);
-            $crate::proxy_wasm::set_root_context(
-                |_| -> Box<dyn $crate::proxy_wasm::traits::RootContext> { Box::new($root) },
-            );
+            $crate::proxy_wasm::set_root_context(|_| root_context());
         }}
     };
+}
+
+/// The `root_id` of the plugin whose root context is running (Envoy's `plugin_root_id`
+/// property), or `None` when the host cannot tell.
+pub fn plugin_root_id() -> Option<String> {
+    property_text(vec!["plugin_root_id"])
 }
 
 /// The plugin configuration compiled by `compile`, or `None` once the reason is logged at
