@@ -922,7 +922,8 @@ def main() -> int:
               f"{envoy_version} --concurrency 1; wrk -t{args.threads} -c{args.connections} "
               f"{args.warmup:g}+{args.seconds:g} s; load average {load_before[0]:.2f}", flush=True)
         for rnd in range(args.rounds):
-            for sc in order:
+            # Every other round runs backwards, so no scenario always follows the same neighbour.
+            for sc in (order if rnd % 2 == 0 else order[::-1]):
                 r = run_scenario(args, envoy_bin, workdir, sc)
                 results.setdefault(sc.key, Summary()).runs.append(r)
                 warn = f"  non-2xx {r.non2xx} socket errors {r.socket_errors}" if r.non2xx or r.socket_errors else ""
