@@ -148,7 +148,7 @@ impl ProxyDenial {
 /// AES-256-GCM keys, the current one first; older ones only decrypt (rotation).
 pub struct CookieKeys {
     ciphers: Vec<Aes256Gcm>,
-    /// SHA-256 of a cookie value → its plaintext. The plaintext of a value never changes under
+    /// A cookie value → its plaintext. The plaintext of a value never changes under
     /// the same keys (new keys come with a new `CookieKeys`), so entries need no expiry; only
     /// successful decryptions are kept, and a forged value cannot collide with a cached one.
     decrypted: Mutex<TokenCache<Arc<str>>>,
