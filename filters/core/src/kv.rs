@@ -61,31 +61,35 @@ impl Kv for MemoryKv {
     }
 }
 
+/// A [`Kv`] where another writer appends `other` to the key just before each of the first
+/// `races` writes: a lost compare-and-swap, on demand.
+#[cfg(test)]
+pub(crate) struct Racy {
+    pub inner: MemoryKv,
+    pub races: usize,
+    pub other: Vec<u8>,
+}
+
+#[cfg(test)]
+impl Kv for Racy {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        self.inner.get(key)
+    }
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        if self.races > 0 {
+            self.races -= 1;
+            let (old, old_cas) = self.inner.get(key);
+            let mut changed = old.unwrap_or_default();
+            changed.extend_from_slice(&self.other);
+            self.inner.set(key, &changed, old_cas);
+        }
+        self.inner.set(key, value, cas)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A store where another writer changes the key before each of our first `races` writes.
-    struct Racy {
-        inner: MemoryKv,
-        races: usize,
-    }
-
-    impl Kv for Racy {
-        fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-            self.inner.get(key)
-        }
-        fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-            if self.races > 0 {
-                self.races -= 1;
-                let (old, _) = self.inner.get(key);
-                let mut other = old.unwrap_or_default();
-                other.push(b'x');
-                self.inner.set(key, &other, None);
-            }
-            self.inner.set(key, value, cas)
-        }
-    }
 
     fn append_a(v: &[u8]) -> (Option<Vec<u8>>, bool) {
         let mut next = v.to_vec();
@@ -98,6 +102,7 @@ mod tests {
         let mut kv = Racy {
             inner: MemoryKv::default(),
             races: 2,
+            other: b"x".to_vec(),
         };
         // A key that exists: only then has a write a CAS token to lose on (shared data cannot
         // create a key atomically; the filters create their keys once at start).
@@ -112,6 +117,7 @@ mod tests {
         let mut kv = Racy {
             inner: MemoryKv::default(),
             races: CAS_TRIES,
+            other: b"x".to_vec(),
         };
         kv.inner.set("k", b"", None);
         assert!(!update(&mut kv, "k", false, append_a));

@@ -334,26 +334,6 @@ mod tests {
 
     #[test]
     fn a_lost_cas_race_is_retried_on_the_new_value() {
-        /// A store where another writer slips in before the first write.
-        struct Racy {
-            inner: MemoryKv,
-            raced: bool,
-        }
-        impl Kv for Racy {
-            fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-                self.inner.get(key)
-            }
-            fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-                if !self.raced {
-                    self.raced = true;
-                    let (v, c) = self.inner.get(key);
-                    let mut other = v.unwrap_or_default();
-                    other.extend_from_slice(b"x 1000\n");
-                    self.inner.set(key, &other, c);
-                }
-                self.inner.set(key, value, cas)
-            }
-        }
         let limits = JtiLimits {
             buckets: 1,
             per_bucket: 8,
@@ -364,15 +344,16 @@ mod tests {
             per_bucket: 8,
         };
         let mut s = KvStore::new(
-            Racy {
+            crate::kv::Racy {
                 inner: MemoryKv::default(),
-                raced: true,
+                races: 0,
+                other: b"x 1000\n".to_vec(),
             },
             limits,
             slots,
         );
         s.create_buckets();
-        s.kv.raced = false;
+        s.kv.races = 1;
         assert_eq!(s.use_once("y", None, 1000, 0), UseOnce::Fresh);
         // The other writer's entry survived our write.
         assert_eq!(s.use_once("x", None, 1000, 0), UseOnce::Replay);
