@@ -263,13 +263,15 @@ class Envoy:
     GATEHOUSE_COOKIE_KEYS leaks in) and listed in every gatehouse filter's `host_env_keys`; a
     value of None is listed but not set.
     `port`: the listener port, when a test needs it before the start (e.g. for an origin).
+    `http_filters`: the HTTP filters before the router, as Envoy config dicts (e.g. native
+    `jwt_authn` or Lua around [`wasm_filter`]s), instead of the gatehouse filters given as keywords.
     `bootstrap`: a whole Envoy config instead of the generated one, made by `bootstrap(envoy)`
     once the ports are chosen (`envoy.port`, `envoy.admin_port`); Envoy runs from the repo root,
     so the shipped configs' `dist/…` paths resolve."""
 
     def __init__(self, workdir: Path, demo: Demo, access_log: bool = False, extra_clusters: dict | None = None,
                  routes: list | None = None, env: dict[str, str] | None = None, port: int | None = None,
-                 bootstrap=None, **filters: dict):
+                 bootstrap=None, http_filters: list | None = None, **filters: dict):
         unknown = set(filters) - set(FILTERS)
         if unknown:
             raise ValueError(f"unknown gatehouse filters: {sorted(unknown)}")
@@ -293,7 +295,8 @@ class Envoy:
                     "routes": routes or [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "demo", "timeout": "0s"}}],
                 }]
             },
-            "http_filters": [wasm_filter(n, c, tuple(env or ())) for n, c in filters.items() if c is not None]
+            "http_filters": (http_filters if http_filters is not None else
+                             [wasm_filter(n, c, tuple(env or ())) for n, c in filters.items() if c is not None])
             + [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
         }
         if access_log:

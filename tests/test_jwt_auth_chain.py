@@ -15,7 +15,7 @@ import requests
 import websockets
 
 import conftest
-from conftest import cluster, run_async, wasm_filter
+from conftest import run_async, wasm_filter
 from tokens import claims_of, jwt_auth_config
 
 pytestmark = pytest.mark.usefixtures("require_envoy")
@@ -148,40 +148,19 @@ end
 """
 
 
-def lua_after_jwt_auth(demo, jwt_cfg):
-    """A whole Envoy config: jwt-auth, then a Lua filter that logs, on every request chunk of an
-    upgrade, the re-auth filter state it sees."""
-
-    def make(envoy):
-        hcm = {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "ingress",
-            "delayed_close_timeout": "0s",
-            "upgrade_configs": [{"upgrade_type": "websocket"}],
-            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-                {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "demo", "timeout": "0s"}}]}]},
-            "http_filters": [
-                wasm_filter("jwt_auth", jwt_cfg),
-                {"name": "envoy.filters.http.lua", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": LUA}}},
-                {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
-            ],
-        }
-        return {
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": envoy.admin_port}}},
-            "static_resources": {
-                "listeners": [{"name": "ingress", "address": {"socket_address": {"address": "127.0.0.1", "port_value": envoy.port}},
-                               "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}],
-                "clusters": [cluster("demo", demo.port)],
-            },
-        }
-
-    return make
+def lua_after_jwt_auth(jwt_cfg) -> list:
+    """jwt-auth, then a Lua filter that logs, on every request chunk of an upgrade, the re-auth
+    filter state it sees."""
+    return [
+        wasm_filter("jwt_auth", jwt_cfg),
+        {"name": "envoy.filters.http.lua", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": LUA}}},
+    ]
 
 
 def test_a_later_filter_sees_the_reauth_state_on_the_same_chunk(key, demo, envoy_factory):
-    gw = envoy_factory(demo, bootstrap=lua_after_jwt_auth(demo, session_cfg(key)))
+    gw = envoy_factory(demo, http_filters=lua_after_jwt_auth(session_cfg(key)))
     sid = uuid.uuid4().hex
     first, second = key.mint(ttl=60, sid=sid, marker="first"), key.mint(ttl=60, sid=sid, marker="second")
 

@@ -19,7 +19,7 @@ import pytest
 import requests
 import websockets
 
-from conftest import ROOT, closes_without, cluster, free_port, run_async as run, wait_until, wasm_filter
+from conftest import ROOT, closes_without, free_port, run_async as run, wait_until, wasm_filter
 from pages import JsonDocument
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config
 
@@ -66,44 +66,23 @@ def feed_config(port_name: str = "revocation", when_stale: str = "open", max_sta
 # ------------------------------------------------------------------------------------ gateways
 
 
-def native_bootstrap(key_set: list[Key], sb_cfg: dict, demo, clusters: dict):
-    """A whole Envoy config: Envoy's own jwt_authn (payload and header in dynamic metadata), then
-    session-binding reading its claims from there."""
-
-    def make(envoy):
-        jwt_authn = {
-            "name": "envoy.filters.http.jwt_authn",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-                "providers": {"test": {
-                    "issuer": ISSUER, "audiences": [AUDIENCE],
-                    "local_jwks": {"inline_string": json.dumps(jwks(*key_set))},
-                    "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
-                    "payload_in_metadata": "jwt_payload", "header_in_metadata": "jwt_header",
-                }},
-                "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "test"}}],
-            },
-        }
-        hcm = {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "ingress",
-            "delayed_close_timeout": "0s",
-            "upgrade_configs": [{"upgrade_type": "websocket"}],
-            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-                {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "demo", "timeout": "0s"}}]}]},
-            "http_filters": [jwt_authn, wasm_filter("session_binding", sb_cfg),
-                             {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-        }
-        return {
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": envoy.admin_port}}},
-            "static_resources": {
-                "listeners": [{"name": "ingress", "address": {"socket_address": {"address": "127.0.0.1", "port_value": envoy.port}},
-                               "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}],
-                "clusters": [cluster("demo", demo.port)] + [cluster(n, p) for n, p in clusters.items()],
-            },
-        }
-
-    return make
+def native_filters(key_set: list[Key], sb_cfg: dict) -> list:
+    """Envoy's own jwt_authn (payload and header in dynamic metadata), then session-binding
+    reading its claims from there."""
+    jwt_authn = {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"test": {
+                "issuer": ISSUER, "audiences": [AUDIENCE],
+                "local_jwks": {"inline_string": json.dumps(jwks(*key_set))},
+                "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+                "payload_in_metadata": "jwt_payload", "header_in_metadata": "jwt_header",
+            }},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "test"}}],
+        },
+    }
+    return [jwt_authn, wasm_filter("session_binding", sb_cfg)]
 
 
 class Gateway:
@@ -143,7 +122,7 @@ def make_gateway(front: str, key: Key, demo, envoy_factory, sb_extra: dict | Non
         envoy = envoy_factory(demo, jwt_auth=jwt_cfg, session_binding=sb_cfg, extra_clusters=clusters or {})
     else:
         sb_cfg["claims_from"] = [{"jwt_authn": {"payload_key": "jwt_payload", "header_key": "jwt_header"}}]
-        envoy = envoy_factory(demo, bootstrap=native_bootstrap(key_set, sb_cfg, demo, clusters or {}))
+        envoy = envoy_factory(demo, http_filters=native_filters(key_set, sb_cfg), extra_clusters=clusters or {})
     return Gateway(front, envoy, key)
 
 
