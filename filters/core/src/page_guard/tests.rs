@@ -1,5 +1,9 @@
 use super::*;
+use crate::config::ConfigError;
+use base64::Engine;
 use serde_json::json;
+use serde_json::Value;
+use std::collections::BTreeMap;
 
 const P: &str = "GATEHOUSE_NONCE_0123456789";
 const NONCE: &str = "AAECAwQFBgcICQoLDA0ODw==";
