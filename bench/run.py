@@ -1015,6 +1015,9 @@ def write_doc(table: str, begin: str = BEGIN, end: str = END):
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=int, default=5, help="measured wrk run per scenario (default 5)")
+    p.add_argument("--soak", type=int, metavar="SECONDS",
+                   help="instead of the scenarios: the soak, mixed traffic through the shipped config "
+                        "for SECONDS (bench/soak.py; e.g. 600)")
     p.add_argument("--warmup", type=int, default=1, help="wrk warm-up run before measuring (default 1)")
     p.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
     p.add_argument("--connections", type=int, default=8, help="wrk -c (default 8)")
@@ -1049,6 +1052,10 @@ def parse_args():
 
 def main() -> int:
     args = parse_args()
+    if args.soak:
+        import soak
+
+        return soak.main(["--seconds", str(args.soak)] + (["--no-doc"] if args.no_doc else []))
     signal.signal(signal.SIGTERM, _terminate)
     started_at = time.monotonic()
     envoy_bin = find_envoy(args.envoy)
