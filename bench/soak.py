@@ -180,7 +180,8 @@ def sample_rss(envoy: Envoy, soak: Soak, samples: list[tuple[float, float]], sta
     samples.append((time.monotonic() - start, rss_mb(envoy.proc.pid)))
 
 
-def report(seconds: int, soak: Soak, samples: list[tuple[float, float]], module: str) -> tuple[str, bool]:
+def report(seconds: int, soak: Soak, samples: list[tuple[float, float]], module: str,
+           refusals: dict[str, int]) -> tuple[str, bool]:
     after_warmup = next((mb for t, mb in samples if t >= min(WARMUP_S, seconds / 2)), samples[0][1])
     end = samples[-1][1]
     growth = (end - after_warmup) / after_warmup if after_warmup else 0.0
@@ -202,6 +203,9 @@ def report(seconds: int, soak: Soak, samples: list[tuple[float, float]], module:
         f"{end:.1f} MB at the end: growth {growth * 100:+.1f} % (goal < {GROWTH_GOAL * 100:.0f} %), "
         f"errors {errors} (goal 0): **{'PASS' if ok else 'FAIL'}**.",
     ]
+    if refusals:
+        lines += ["", "Refusals the filters counted (expected ones are the 4401s above): "
+                  + ", ".join(f"`{k}` {v}" for k, v in sorted(refusals.items())) + "."]
     if soak.first_errors:
         lines += ["", "First errors:", ""] + [f"- `{e}`" for e in soak.first_errors]
     return "\n".join(lines), ok
@@ -247,16 +251,19 @@ def main(argv: list[str] | None = None) -> int:
                                  soak.run(args.api, args.pages, args.upgrades, args.sockets))
 
         asyncio.run(go())
-        text, ok = report(args.seconds, soak, samples, os.environ.get("GATEHOUSE_MODULE", "one") + " module")
+        refusals = {k.removeprefix("wasmcustom."): v for k, v in envoy.stats().items()
+                    if k.startswith("wasmcustom.gatehouse.") and v and any(w in k for w in (".denied", ".refused", ".error"))}
+        text, ok = report(args.seconds, soak, samples, os.environ.get("GATEHOUSE_MODULE", "one") + " module", refusals)
         print("\n" + text + "\n")
         if not args.no_doc:
             write_doc(text)
             print(f"soak: wrote the result into {DOC.relative_to(ROOT)}")
+        print(f"soak: Envoy's and the demo's logs are in {workdir}")
         (workdir / "soak.json").write_text(json.dumps({"ok": dict(soak.ok), "errors": dict(soak.errors), "rss": samples}))
         return 0 if ok else 1
     finally:
         if envoy:
-            envoy.stop()
+            envoy.stop()  # keeps its log in the workdir
         demo.stop()
 
 
