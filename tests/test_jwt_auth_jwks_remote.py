@@ -67,3 +67,49 @@ def test_rotation_and_outage(demo, envoy_factory, jwks_server):
     assert status(k1.mint()) == 200
     assert status(k2.mint()) == 200
     assert "keeping the last good keys" in gw.log_text()
+
+
+def test_a_token_waits_for_a_jwks_that_has_not_loaded_with_503_never_401(demo, envoy_factory, jwks_server):
+    """Until the provider's remote JWKS has loaded once (the first fetch under way, or every fetch
+    so far failed), an unknown key says nothing against the token: 503 / close 1013 (retry), not
+    401 / 4401 (which tells a browser to log in again). Found by the soak: the first requests after
+    Envoy starts raced the first fetch."""
+    import websockets
+
+    from conftest import run_async
+
+    key = Key.generate("EdDSA", kid="k1")
+    jwks_server.document = {"not": "a jwks"}   # every fetch fails until the IdP is fixed
+    cfg = {
+        "providers": [{
+            "name": "remote", "issuer": ISSUER, "audiences": [AUDIENCE],
+            "jwks": {"remote": {"cluster": "jwks", "path": "/jwks.json", "refresh_seconds": 1,
+                                "min_refetch_seconds": 60}},
+        }],
+    }
+    gw = envoy_factory(demo, jwt_auth=cfg, extra_clusters={"jwks": jwks_server.port})
+    stat = lambda name: gw.stats().get(f"wasmcustom.gatehouse.jwt_auth.{name}", 0)  # noqa: E731
+    assert wait_until(lambda: stat("jwks.fetch_failed") >= 1), "the first fetch fails"
+    token = key.mint()
+
+    r = requests.get(gw.url + "/api/echo", headers={"authorization": f"Bearer {token}"}, timeout=10)
+    assert r.status_code == 503, r.text
+    assert token not in r.text
+
+    async def upgrade():
+        async with websockets.connect(gw.ws_url + "/ws/echo", subprotocols=["sip", "bearer." + token],
+                                      open_timeout=10) as ws:
+            try:
+                await ws.recv()
+            except websockets.ConnectionClosed as e:
+                return e.rcvd.code if e.rcvd else None
+        return None
+
+    assert run_async(upgrade()) == 1013
+    assert stat("denied.jwks_unavailable") >= 2
+    assert stat("denied.unknown_key") == 0
+
+    # The IdP recovers: the next refresh loads the keys, and the same token is good.
+    jwks_server.document = jwks(key)
+    assert wait_until(lambda: requests.get(gw.url + "/api/echo", headers={"authorization": f"Bearer {token}"},
+                                           timeout=10).status_code == 200, timeout=15)

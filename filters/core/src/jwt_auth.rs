@@ -769,6 +769,10 @@ pub enum Denial {
     Origin,
     /// The host cannot tell the time: nothing time-bound can be decided.
     Clock,
+    /// The token's key may be in the provider's remote JWKS, which has not loaded yet (the
+    /// first fetch is under way or failed): the token cannot be checked now, which says nothing
+    /// against it (503 / 1013, never 401).
+    KeysNotLoaded,
 }
 
 impl Denial {
@@ -786,6 +790,7 @@ impl Denial {
             Denial::MultipleTokens => "multiple_tokens",
             Denial::Origin => "origin",
             Denial::Clock => "clock",
+            Denial::KeysNotLoaded => "jwks_unavailable",
         }
     }
 
@@ -799,7 +804,7 @@ impl Denial {
             | Denial::MultipleTokens => Refusal::BadRequest,
             Denial::Token(_) | Denial::OtherSession => Refusal::InvalidCredentials,
             Denial::Forbidden | Denial::Origin => Refusal::Forbidden,
-            Denial::Clock => Refusal::Unavailable,
+            Denial::Clock | Denial::KeysNotLoaded => Refusal::Unavailable,
         }
     }
 }
@@ -878,6 +883,15 @@ impl JwtAuth {
         if let Some(slot) = self.last_fetch.get_mut(provider) {
             *slot = Some(now);
         }
+    }
+
+    /// A provider with a remote JWKS that has not loaded yet: an unknown key proves nothing.
+    fn awaits_remote_keys(&self, provider: usize) -> bool {
+        self.config
+            .providers
+            .get(provider)
+            .is_some_and(|p| p.remote.is_some())
+            && !self.has_remote_keys(provider)
     }
 
     fn may_refetch(&self, provider: usize, now: u64) -> bool {
@@ -1018,6 +1032,7 @@ impl JwtAuth {
         let (verified, cache_hit) = match self.verify(token, &policy, now, may_fetch) {
             Ok(v) => v,
             Err(VerifyError::Fetch(provider)) => return Decision::FetchJwks { provider },
+            Err(VerifyError::KeysNotLoaded) => return deny(Denial::KeysNotLoaded, protocol),
             Err(VerifyError::Token(e)) => return deny(Denial::Token(e), protocol),
         };
         if !policy.require.iter().all(|r| r.is_met(&verified.claims)) {
@@ -1123,6 +1138,7 @@ impl JwtAuth {
             Ok(v) => v,
             Err(VerifyError::Token(e)) => return Err(Denial::Token(e)),
             Err(VerifyError::Fetch(_)) => return Err(Denial::Token(TokenError::UnknownKey)),
+            Err(VerifyError::KeysNotLoaded) => return Err(Denial::KeysNotLoaded),
         };
         if !policy.require.iter().all(|r| r.is_met(&verified.claims)) {
             return Err(Denial::Forbidden);
@@ -1245,6 +1261,9 @@ impl JwtAuth {
             Err(TokenError::UnknownKey) if may_fetch && self.may_refetch(provider, now) => {
                 return Err(VerifyError::Fetch(provider));
             }
+            Err(TokenError::UnknownKey) if self.awaits_remote_keys(provider) => {
+                return Err(VerifyError::KeysNotLoaded);
+            }
             Err(e) => return Err(VerifyError::Token(e)),
         };
         let times = TokenTimes::read(&claims).map_err(VerifyError::Token)?;
@@ -1331,6 +1350,8 @@ fn policy_tokens<'r>(policy: &Policy, req: &Request<'r>) -> Vec<(&'r str, From)>
 enum VerifyError {
     Token(TokenError),
     Fetch(usize),
+    /// Unknown key while the provider's remote JWKS has never loaded.
+    KeysNotLoaded,
 }
 
 #[cfg(test)]

@@ -74,6 +74,7 @@ fn jwt_denials() -> Vec<Denial> {
         Denial::MultipleTokens,
         Denial::Origin,
         Denial::Clock,
+        Denial::KeysNotLoaded,
         Denial::OtherSession,
     ]);
     all
@@ -89,6 +90,7 @@ const _: fn(Denial) = |d| match d {
     | Denial::MultipleTokens
     | Denial::Origin
     | Denial::Clock
+    | Denial::KeysNotLoaded
     | Denial::OtherSession => {}
 };
 

@@ -488,14 +488,21 @@ fn remote_jwks_unknown_kid_asks_for_a_rate_limited_fetch() {
         Decision::FetchJwks { provider: 0 }
     ));
     f.note_fetch(0, NOW);
-    // Within the rate limit: refused without a fetch.
-    assert_eq!(
-        denial(f.decide(&http(Some(&auth)), NOW + 5, true)),
-        Denial::Token(TokenError::UnknownKey)
-    );
+    // Within the rate limit, before the JWKS ever loaded (the first fetch under way, or
+    // failed): the token cannot be checked yet, which says nothing against it — 503, not 401.
+    let d = denial(f.decide(&http(Some(&auth)), NOW + 5, true));
+    assert_eq!(d, Denial::KeysNotLoaded);
+    assert_eq!((d.reason(), d.refusal()), ("jwks_unavailable", Refusal::Unavailable));
     let (keys, _) = KeySet::from_jwks(&json!({"keys": [ed_jwk("ed1")]}), false).unwrap();
     f.set_remote_keys(0, keys);
     allowed(f.decide(&http(Some(&auth)), NOW + 5, false));
+    // Once loaded, a kid the JWKS does not have is the token's problem: 401, without a fetch
+    // within the rate limit.
+    let stranger = bearer(&sign_ed(json!({"alg": "EdDSA", "kid": "nope"}), claims()));
+    assert_eq!(
+        denial(f.decide(&http(Some(&stranger)), NOW + 6, true)),
+        Denial::Token(TokenError::UnknownKey)
+    );
 }
 
 #[test]
