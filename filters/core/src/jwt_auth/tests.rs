@@ -492,7 +492,10 @@ fn remote_jwks_unknown_kid_asks_for_a_rate_limited_fetch() {
     // failed): the token cannot be checked yet, which says nothing against it — 503, not 401.
     let d = denial(f.decide(&http(Some(&auth)), NOW + 5, true));
     assert_eq!(d, Denial::KeysNotLoaded);
-    assert_eq!((d.reason(), d.refusal()), ("jwks_unavailable", Refusal::Unavailable));
+    assert_eq!(
+        (d.reason(), d.refusal()),
+        ("jwks_unavailable", Refusal::Unavailable)
+    );
     let (keys, _) = KeySet::from_jwks(&json!({"keys": [ed_jwk("ed1")]}), false).unwrap();
     f.set_remote_keys(0, keys);
     allowed(f.decide(&http(Some(&auth)), NOW + 5, false));
