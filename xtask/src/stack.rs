@@ -48,6 +48,7 @@ impl Drop for Started {
 }
 
 pub fn up() -> Result<(), String> {
+    tools::ensure_system_packages()?;
     tools::build()?;
     tools::venv()?;
     let envoy = tools::envoy()?;
