@@ -117,7 +117,7 @@
     $("hangup").disabled = false;
     s.on("peerconnection", (e) => attachAudio(e.peerconnection));
     if (s.connection) attachAudio(s.connection);
-    s.on("progress", () => status("ringing"));
+    s.on("progress", () => { if (s.direction === "outgoing") status("ringing"); });
     s.on("accepted", () => status("in call"));
     s.on("confirmed", () => status("in call"));
     const ended = (e) => {
