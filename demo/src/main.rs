@@ -93,7 +93,8 @@ fn cookie_keys() -> Result<gatehouse_core::token_proxy::CookieKeys, String> {
 /// (not committed): from `GATEHOUSE_DEMO_VENDOR_DIR`, default `demo/static/vendor` (relative to
 /// the working directory, the repo root). Missing: the page says so, the rest of the demo runs.
 fn jssip() -> Option<&'static str> {
-    let dir = std::env::var("GATEHOUSE_DEMO_VENDOR_DIR").unwrap_or_else(|_| "demo/static/vendor".into());
+    let dir =
+        std::env::var("GATEHOUSE_DEMO_VENDOR_DIR").unwrap_or_else(|_| "demo/static/vendor".into());
     let file = std::path::Path::new(&dir).join("jssip.min.js");
     match std::fs::read_to_string(&file) {
         Ok(text) => Some(Box::leak(text.into_boxed_str())),

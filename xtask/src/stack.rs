@@ -78,7 +78,9 @@ pub fn up() -> Result<(), String> {
     let (tls_cert, tls_key) = local_tls(&root.join(".local/tls"))?;
 
     let mut started = Started(Vec::new());
-    started.0.push(("coturn", start_coturn(&root, &turn_secret)?));
+    started
+        .0
+        .push(("coturn", start_coturn(&root, &turn_secret)?));
     started.0.push(("kamailio", start_kamailio(&root)?));
     let demo = Command::new(root.join("target/release/gatehouse-demo"))
         .current_dir(&root)
@@ -236,9 +238,8 @@ fn local_tls(dir: &Path) -> Result<(String, String), String> {
     let ca_cert = ca.self_signed(&ca_key).map_err(fail)?;
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().map_err(fail)?;
-    let mut server =
-        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .map_err(fail)?;
+    let mut server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .map_err(fail)?;
     server
         .distinguished_name
         .push(DnType::CommonName, "gatehouse local stack");
@@ -319,4 +320,24 @@ fn start_kamailio(root: &Path) -> Result<Child, String> {
         .arg(run.join("kamailio.pid"))
         .spawn()
         .map_err(|e| format!("cannot start Kamailio: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_tls;
+
+    #[test]
+    fn the_local_certificate_is_made_once_and_then_reused() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = local_tls(&dir);
+        let again = local_tls(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        let (chain, key) = first.unwrap();
+        let reread = again.unwrap();
+        // The server certificate, then the CA that signed it; a PKCS#8 key.
+        assert_eq!(chain.matches("-----BEGIN CERTIFICATE-----").count(), 2);
+        assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert_eq!(reread, (chain, key));
+    }
 }

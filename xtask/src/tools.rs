@@ -291,14 +291,20 @@ fn demo_vendor() -> Result<(), String> {
     let demo = root().join("demo");
     let bundle = demo.join("static/vendor/jssip.min.js");
     let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
-    if let (Some(built), Some(lock)) = (modified(&bundle), modified(&demo.join("package-lock.json"))) {
+    if let (Some(built), Some(lock)) =
+        (modified(&bundle), modified(&demo.join("package-lock.json")))
+    {
         if built >= lock {
             return Ok(());
         }
     }
     need_program("npm", "apt-get install npm")?;
     println!("xtask: fetching and bundling the phone's JsSIP (npm ci in demo/)");
-    run(cmd("npm", &["ci", "--no-audit", "--no-fund", "--loglevel=error"]).current_dir(&demo))?;
+    run(cmd(
+        "npm",
+        &["ci", "--no-audit", "--no-fund", "--loglevel=error"],
+    )
+    .current_dir(&demo))?;
     run(cmd("npm", &["run", "--silent", "build"]).current_dir(&demo))
 }
 
