@@ -286,7 +286,8 @@ def test_two_pages_call_through_kamailio_with_media_relayed_by_coturn(stack, bro
     points of seed 000's checklist, one assertion each, on the same running pages."""
     seen: list = []
     sockets: list = []
-    browser_context.on("page", lambda p: p.on("websocket", lambda ws: sockets.append(ws.url)))
+    on_page = lambda p: p.on("websocket", lambda ws: sockets.append(ws.url))
+    browser_context.on("page", on_page)
     a = open_phone(browser_context, stack, "1001", "1002", seen)
     b = open_phone(browser_context, stack, "1002", "1001", seen)
     try:
@@ -366,6 +367,7 @@ def test_two_pages_call_through_kamailio_with_media_relayed_by_coturn(stack, bro
         print("---- kamailio\n" + stack.kamailio.log.read_text(errors="replace")[-6000:])
         raise
     finally:
+        browser_context.remove_listener("page", on_page)
         a.close()
         b.close()
 
