@@ -384,3 +384,18 @@ def tampered_jssip_is_blocked(context, stack) -> bool:
         return page.evaluate("() => window.JsSIP === undefined") and bool(blocked)
     finally:
         page.close()
+
+
+def test_the_phone_login_refuses_a_bad_extension_and_keeps_the_bodyless_login(stack):
+    s = stack.session()
+    for body in ({"user": "<script>"}, {"user": ""}, {"extension": "1001"}):
+        r = s.post(stack.https + "/dev/login", json=body, timeout=10)
+        assert r.status_code == 400, (body, r.text)
+    from tokens import claims_of
+    plain = claims_of(s.post(stack.https + "/dev/login", timeout=10).json()["access_token"])
+    assert plain["sub"] == "demo-user" and "sip_identity" not in plain
+    phone, _ = stack.login("1001", s)
+    claims = claims_of(phone["access_token"])
+    assert {k: claims[k] for k in ("sub", "sip_identity", "tenant_id", "agent_id")} == {
+        "sub": "1001", "sip_identity": "1001", "tenant_id": "demo", "agent_id": "1001"}
+    assert claims["session_id"] == claims["sid"] == plain["sid"] and claims["scope"] == "phone:call"
