@@ -173,17 +173,24 @@ def demo(tmp_path_factory):
 RUNNING: list["Envoy"] = []
 
 
-def shipped_config(envoy, demo: "Demo", edit=None) -> dict:
+def shipped_config(envoy, demo: "Demo", edit=None, tls_port: int | None = None) -> dict:
     """envoy-config/envoy.yaml as `cargo xtask up` runs it, moved onto the test's free ports and in
     front of the test's demo. The page's origin is this Envoy's, so token-proxy and
     turn-credentials trust it.
-    `edit(root_id, config)` may change a gatehouse filter's JSON configuration in place."""
+    `edit(root_id, config)` may change a gatehouse filter's JSON configuration in place.
+    The HTTPS listener (`ingress_tls`, certificate from GATEHOUSE_TLS_CERT / _KEY, see
+    [`tls_env`]) is kept, on `tls_port`, only when one is given."""
     import yaml
 
     cfg = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
     cfg["admin"]["address"]["socket_address"]["port_value"] = envoy.admin_port
-    listener = cfg["static_resources"]["listeners"][0]
+    listeners = cfg["static_resources"]["listeners"]
+    listener = listeners[0]
     listener["address"]["socket_address"].update(address="127.0.0.1", port_value=envoy.port)
+    for other in listeners[1:]:
+        other["address"]["socket_address"].update(address="127.0.0.1", port_value=tls_port)
+    if tls_port is None:
+        del listeners[1:]
     for c in cfg["static_resources"]["clusters"]:
         if c["name"] == "demo":
             c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = demo.port
@@ -204,6 +211,41 @@ def shipped_config(envoy, demo: "Demo", edit=None) -> dict:
             edit(root_id, value)
         config["configuration"]["value"] = json.dumps(value)
     return cfg
+
+
+def tls_env(workdir: Path) -> dict[str, str]:
+    """GATEHOUSE_TLS_CERT / GATEHOUSE_TLS_KEY for the shipped HTTPS listener: a throwaway CA
+    (`workdir/ca.pem`, for clients to trust) and a certificate for 127.0.0.1 and localhost, like
+    the ones `cargo xtask up` generates into .local/tls/."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gatehouse test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM).decode()
+    (workdir / "ca.pem").write_text(pem(ca))
+    return {
+        "GATEHOUSE_TLS_CERT": pem(cert) + pem(ca),
+        "GATEHOUSE_TLS_KEY": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()).decode(),
+    }
 
 
 def start_shipped(envoy_factory, demo: "Demo", edit=None, env: dict | None = None):
@@ -432,7 +474,9 @@ def browser_context():
             user_data,
             executable_path=exe,
             headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            # The phone tests: the HTTPS listener's throwaway certificate, fake microphones.
+            ignore_https_errors=True,
+            args=["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"],
         )
         yield context

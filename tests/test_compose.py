@@ -26,14 +26,20 @@ def mounts(service: dict) -> dict[str, str]:
     return out
 
 
-def walk(node):
+def walk(node, seen=None):
+    """Every dict in `node`, once: a YAML alias (envoy.yaml's two listeners share one connection
+    manager) loads as the same object."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, dict):
         yield node
         for v in node.values():
-            yield from walk(v)
+            yield from walk(v, seen)
     elif isinstance(node, list):
         for v in node:
-            yield from walk(v)
+            yield from walk(v, seen)
 
 
 def wasm_files() -> list[str]:
@@ -122,3 +128,54 @@ def test_cookie_key_comes_from_the_environment_in_both_services():
     gitignored = (ROOT / ".gitignore").read_text().split()
     assert "/.env" in gitignored or ".env" in gitignored, ".env holds the key: never committed"
     assert ".env" in (ROOT / ".dockerignore").read_text().split(), ".env never goes into an image"
+
+
+def test_kamailio_and_coturn_run_in_the_stack_envoy_points_at():
+    """Kamailio runs the shipped kamailio.cfg at the address envoy.yaml's `kamailio` cluster names;
+    coturn listens where turn-credentials' `urls` point, with the secret turn-credentials signs
+    with; both pinned, in the demo's network namespace like Envoy."""
+    kamailio, coturn = SERVICES["kamailio"], SERVICES["coturn"]
+    for service in (kamailio, coturn):
+        assert service["network_mode"] == "service:demo"
+        image, _, tag = service["image"].partition(":")
+        assert tag and tag != "latest" and re.match(r"\d+\.\d+\.\d+", tag), service["image"]
+    command = kamailio["command"]
+    config = command[command.index("-f") + 1]
+    host = next(h for c, h in mounts(kamailio).items() if config.startswith(c + "/"))
+    assert (ROOT / host / config.rsplit("/", 1)[1]).exists()
+    cfg_text = (ROOT / "envoy-config" / "kamailio" / "kamailio.cfg").read_text()
+    listen = re.search(r"#!define WS_LISTEN tcp:([\d.]+):(\d+)", cfg_text)
+    cluster = next(c for c in ENVOY_YAML["static_resources"]["clusters"] if c["name"] == "kamailio")
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert (listen.group(1), int(listen.group(2))) == (endpoint["address"], endpoint["port_value"])
+
+    (turn,) = [n for n in walk(ENVOY_YAML) if n.get("root_id") == "turn_credentials"]
+    turn_cfg = json.loads(turn["configuration"]["value"])
+    args = dict(a.removeprefix("--").split("=", 1) for a in coturn["command"] if "=" in a)
+    assert all(f"127.0.0.1:{args['listening-port']}" in url for url in turn_cfg["urls"])
+    assert "--use-auth-secret" in coturn["command"]
+    secret_var = turn_cfg["secret"]["env"]
+    assert re.fullmatch(r"\$\{" + secret_var + r":\?.+\}", args["static-auth-secret"])
+    published = [p.split("/")[0].rsplit(":", 1)[1] for p in SERVICES["demo"]["ports"]]
+    assert args["listening-port"] in published
+    assert f"{args['min-port']}-{args['max-port']}" in published
+
+
+def test_the_https_listener_is_published_with_its_certificate_from_the_environment():
+    tls = next(l for l in ENVOY_YAML["static_resources"]["listeners"] if l["name"] == "ingress_tls")
+    published = [p.split("/")[0].rsplit(":", 1)[1] for p in SERVICES["demo"]["ports"]]
+    assert str(tls["address"]["socket_address"]["port_value"]) in published
+    (cert,) = tls["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"]
+    for source in (cert["certificate_chain"], cert["private_key"]):
+        var = source["environment_variable"]
+        assert re.fullmatch(r"\$\{" + var + r":\?.+\}", SERVICES["envoy"]["environment"][var])
+    # The same connection manager as the plain listener (one filter chain, one route table).
+    plain = ENVOY_YAML["static_resources"]["listeners"][0]
+    assert tls["filter_chains"][0]["filters"] == plain["filter_chains"][0]["filters"]
+
+
+def test_the_demo_image_bundles_the_pinned_jssip():
+    text = (ROOT / "demo" / "Dockerfile").read_text()
+    assert "COPY demo/package.json demo/package-lock.json" in text and "npm ci" in text
+    lock = json.loads((ROOT / "demo" / "package-lock.json").read_text())
+    assert lock["packages"]["node_modules/jssip"]["version"] == "3.13.8"

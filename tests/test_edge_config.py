@@ -53,10 +53,12 @@ def _with_open_route(envoy, demo):
 def test_client_sent_claim_headers_never_reach_the_upstream_even_where_jwt_auth_is_off(envoy_factory, demo):
     envoy = envoy_factory(demo, bootstrap=lambda e: _with_open_route(e, demo),
                           env={COOKIE_KEYS_VAR: demo.cookie_keys, "GATEHOUSE_TURN_SECRET": secrets.token_hex(32)})
-    r = requests.get(f"{envoy.url}/api/open/echo", headers={"x-gatehouse-sub": "admin"}, timeout=5)
+    r = requests.get(f"{envoy.url}/api/open/echo",
+                     headers={"x-gatehouse-sub": "admin", "x-gatehouse-sip-identity": "1001"}, timeout=5)
     assert r.status_code == 200, r.text
     seen = {k.lower(): v for k, v in r.json()["headers"].items()}
     assert "x-gatehouse-sub" not in seen, seen
+    assert "x-gatehouse-sip-identity" not in seen, seen  # Kamailio's only source of identity
 
 
 def test_envoy_refuses_encoded_slashes_and_resolves_dot_segments_before_the_filters(envoy_factory, demo):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COOKIE_KEYS_VAR, ENVOY_BIN, ROOT
+from conftest import COOKIE_KEYS_VAR, ENVOY_BIN, ROOT, tls_env
 from cookies import new_key
 
 CONFIGS = sorted((ROOT / "envoy-config").rglob("*.yaml"))
@@ -22,11 +22,12 @@ def test_there_are_configs_to_check():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_envoy_validates(config: Path, require_envoy):
+def test_envoy_validates(config: Path, require_envoy, tmp_path):
     # Run from the repo root: the shipped configs name the filters as dist/<filter>.wasm.
     # Validation loads the filters, so token-proxy needs its key from the environment, as in
     # production (no shipped config carries a key).
-    env = dict(os.environ, **{COOKIE_KEYS_VAR: new_key(), "GATEHOUSE_TURN_SECRET": new_key()})
+    # The HTTPS listener's certificate comes from the environment too.
+    env = dict(os.environ, **{COOKIE_KEYS_VAR: new_key(), "GATEHOUSE_TURN_SECRET": new_key()}, **tls_env(tmp_path))
     r = subprocess.run(
         [str(ENVOY_BIN), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
@@ -36,11 +37,12 @@ def test_envoy_validates(config: Path, require_envoy):
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if "root_id: token_proxy" in c.read_text()],
                          ids=lambda p: str(p.relative_to(ROOT)))
-def test_shipped_configs_do_not_load_without_the_cookie_key(config: Path, require_envoy):
+def test_shipped_configs_do_not_load_without_the_cookie_key(config: Path, require_envoy, tmp_path):
     """A config whose token-proxy takes its keys from the environment refuses to start without
     them, naming the field; nothing falls back to a key written somewhere."""
     env = {k: v for k, v in os.environ.items() if k != COOKIE_KEYS_VAR}
     env["GATEHOUSE_TURN_SECRET"] = new_key()
+    env.update(tls_env(tmp_path))
     r = subprocess.run(
         [str(ENVOY_BIN), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,

@@ -172,21 +172,72 @@ pub struct LoginQuery {
     user: Option<String>,
 }
 
+/// The phone's login body: `{"user": "1001"}`, the extension to call as.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PhoneLogin {
+    user: String,
+}
+
+/// The tenant of every phone token the demo issues (seed 001: tenant / agent / session scope).
+pub const TENANT: &str = "demo";
+
+/// An extension: what Kamailio's config accepts as a SIP user (kamailio.cfg checks the same).
+fn valid_extension(user: &str) -> bool {
+    (1..=64).contains(&user.len())
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
+}
+
+/// `POST /dev/login`: a token in the caller's session. Without a body (or `?user=` only) as
+/// before: `sub` = the query's user or `demo-user`. With the phone's JSON body `{"user": "1001"}`
+/// the token is also the SIP credential: `sip_identity` (what jwt-auth forwards to Kamailio as
+/// `x-gatehouse-sip-identity`) and the tenant / agent / session scope claims.
 pub async fn login(
     State(issuer): State<Arc<Issuer>>,
     Query(q): Query<LoginQuery>,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Response {
+    let phone = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice::<PhoneLogin>(&body) {
+            Ok(p) if valid_extension(&p.user) => Some(p.user),
+            Ok(_) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    "user: 1 to 64 of A-Z a-z 0-9 . _ + -\n",
+                )
+                    .into_response()
+            }
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("expected {{\"user\": \"<extension>\"}}: {e}\n"),
+                )
+                    .into_response()
+            }
+        }
+    };
     let issued = issuer.session(&headers).and_then(|secret| {
-        let claims = json!({
+        let sid = sid_of(&secret);
+        let mut claims = json!({
             "iss": ISSUER,
             "aud": AUDIENCE,
-            "sub": q.user.as_deref().unwrap_or("demo-user"),
+            "sub": phone.as_deref().or(q.user.as_deref()).unwrap_or("demo-user"),
             "scope": "phone:call",
-            "sid": sid_of(&secret),
+            "sid": &sid,
             "sid_hash": sid_hash(&secret),
             "jti": random_text(16)?,
         });
+        if let (Some(user), Some(map)) = (phone.as_deref(), claims.as_object_mut()) {
+            map.insert("sip_identity".into(), json!(user));
+            map.insert("tenant_id".into(), json!(TENANT));
+            map.insert("agent_id".into(), json!(user));
+            map.insert("session_id".into(), json!(sid));
+        }
         let token = gatehouse_cli::mint(&issuer.key, &claims, now(), issuer.ttl)
             .map_err(|e| e.message().to_owned())?;
         let csrf = random_text(32)?;

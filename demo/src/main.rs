@@ -3,7 +3,7 @@
 //! It shows users (and tests) exactly what reached the upstream after the filters ran:
 //! - `/api/*`: echoes the request (method, path, query, headers) as JSON;
 //! - `/ws/*`: a WebSocket echo that selects the app subprotocol `sip`;
-//! - `/`: a static demo phone page;
+//! - `/`: a static demo phone page (JsSIP at `/vendor/jssip.min.js`, see [`jssip`]);
 //! - `/.well-known/jwks.json`: the public keys of the local stack;
 //! - `POST /dev/login`: DEV ONLY, mints a short-lived JWT with the local stack's key, in the
 //!   caller's session (`__Host-gh-sid` cookie) or a new one; `POST /dev/logout` ends the session and
@@ -89,7 +89,24 @@ fn cookie_keys() -> Result<gatehouse_core::token_proxy::CookieKeys, String> {
         .map_err(|e| format!("{VAR}: {}", e.message))
 }
 
+/// The phone's third-party script, bundled by `cargo xtask build` into `demo/static/vendor/`
+/// (not committed): from `GATEHOUSE_DEMO_VENDOR_DIR`, default `demo/static/vendor` (relative to
+/// the working directory, the repo root). Missing: the page says so, the rest of the demo runs.
+fn jssip() -> Option<&'static str> {
+    let dir =
+        std::env::var("GATEHOUSE_DEMO_VENDOR_DIR").unwrap_or_else(|_| "demo/static/vendor".into());
+    let file = std::path::Path::new(&dir).join("jssip.min.js");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => Some(Box::leak(text.into_boxed_str())),
+        Err(e) => {
+            eprintln!("gatehouse-demo: {}: {e} (run `cargo xtask build`): /vendor/jssip.min.js answers 503", file.display());
+            None
+        }
+    }
+}
+
 fn router(issuer: Arc<login::Issuer>) -> Router {
+    let jssip = jssip();
     Router::new()
         .route(
             "/",
@@ -105,8 +122,25 @@ fn router(issuer: Arc<login::Issuer>) -> Router {
             get(|| static_file("text/javascript", include_str!("../static/phone.js"))),
         )
         .route(
+            "/sip-phone.js",
+            get(|| static_file("text/javascript", include_str!("../static/sip-phone.js"))),
+        )
+        .route(
             "/phone.css",
             get(|| static_file("text/css", include_str!("../static/phone.css"))),
+        )
+        .route(
+            "/vendor/jssip.min.js",
+            get(move || async move {
+                match jssip {
+                    Some(body) => static_file("text/javascript", body).await.into_response(),
+                    None => (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "JsSIP is not bundled: run `cargo xtask build`\n",
+                    )
+                        .into_response(),
+                }
+            }),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/{*rest}", any(echo::echo))

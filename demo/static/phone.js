@@ -6,7 +6,10 @@
 // Login also set the HttpOnly session cookie gh-sid: session-binding in Envoy accepts a connect
 // token only with the session it names, and only once, so every connect gets a fresh token.
 // Logout ends the session at the issuer; Envoy then closes the socket with 4401.
+// Everything lives in one closure: no other script on the page can read the token.
 "use strict";
+
+(() => {
 
 let token = null;
 let csrf = null;
@@ -113,3 +116,4 @@ $("api").onclick = callApi;
 $("connect").onclick = () => connect();
 $("bad").onclick = () => connect("not.a.token");
 $("send").onclick = () => socket && socket.send("INVITE sip:echo@gatehouse.local SIP/2.0");
+})();

