@@ -1,6 +1,8 @@
 //! `cargo xtask <command>`: the only entry points of the repo.
 //!
 //! - `build`: the wasm filters (release, `wasm32-wasip1`, into `dist/`), the demo and the CLI;
+//! - `package`: build, then each module's OCI images (Wasm artifact and compat image) into
+//!   `dist/oci/`, `dist/images.json`, `dist/deploy/`; pushed with `--registry HOST/REPO`;
 //! - `up`:    build, install Envoy into `.venv/`, run the local stack until Ctrl-C;
 //! - `test`:  every test: the lint step, native unit tests, then the filters in real Envoy and
 //!   real Chromium;
@@ -17,8 +19,8 @@ mod tools;
 use std::process::ExitCode;
 
 const USAGE: &str =
-    "usage: cargo xtask <build | up | test [pytest args…] | lint | bench [args…] | \
-                     fuzz [--seconds N] [target…]>";
+    "usage: cargo xtask <build | package [--registry HOST/REPO] [--tag T] [--insecure] | up | \
+                     test [pytest args…] | lint | bench [args…] | fuzz [--seconds N] [target…]>";
 
 /// The fuzz targets in `filters/core/fuzz/fuzz_targets/`.
 const FUZZ_TARGETS: [&str; 4] = ["jwt_request", "html_chunks", "configs", "parsers"];
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("build") => tools::build().map(|_| ()),
+        Some("package") => package(&args[1..]),
         Some("up") => stack::up(),
         Some("test") => test(&args[1..]),
         Some("lint") => lint(),
@@ -59,6 +62,30 @@ fn test(pytest_args: &[String]) -> Result<(), String> {
     ];
     args.extend(pytest_args.iter().cloned());
     tools::run(tools::cmd(&python, &args).current_dir(tools::root()))
+}
+
+/// Builds, then packages every module in `dist/` as OCI images (see xtask/package.py and
+/// docs/kubernetes.md). The tag defaults to the workspace version; `--insecure` lets skopeo push
+/// to a plain-HTTP registry (a local one).
+fn package(args: &[String]) -> Result<(), String> {
+    let mut forwarded = Vec::new();
+    let mut tag = env!("CARGO_PKG_VERSION").to_owned();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--registry" => {
+                let registry = it.next().ok_or("--registry needs HOST[:PORT]/REPO")?;
+                forwarded.extend(["--registry".to_owned(), registry.clone()]);
+            }
+            "--tag" => tag = it.next().ok_or("--tag needs a tag")?.clone(),
+            "--insecure" => forwarded.push(arg.clone()),
+            other => return Err(format!("package: unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    tools::build()?;
+    forwarded.extend(["--tag".to_owned(), tag]);
+    let script = tools::root().join("xtask").join("package.py");
+    tools::run(tools::cmd("python3", &[script.as_os_str()]).args(&forwarded))
 }
 
 /// Formatting, then clippy with warnings as errors, natively and for the Wasm target the
