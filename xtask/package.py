@@ -14,7 +14,8 @@ The files are written byte-for-byte reproducibly (no timestamps), so the digests
 the .wasm bytes. With --registry the layouts are pushed by `skopeo copy --preserve-digests` (a
 kept client speaks the registry protocol, not this script). dist/images.json lists, per module,
 the .wasm sha256 and both images' digests and references; dist/deploy/ is deploy/ with the
-placeholder image and sha256 replaced by the built ones.
+placeholder images and sha256 replaced by the built Wasm OCI artifacts (by digest) and their
+manifest digests (what Istio and Envoy Gateway compare `sha256` with for an image).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -41,11 +43,11 @@ WASM_LAYER = "application/vnd.module.wasm.content.layer.v1+wasm"
 IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
 TAR_GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
-# What deploy/ says where the built image and .wasm sha256 belong (see docs/kubernetes.md).
-PLACEHOLDER_IMAGE = "registry.example.com/gatehouse/gatehouse:latest"
+# What deploy/ says where a built image belongs (see docs/kubernetes.md): a reference to
+# `registry.example.com/gatehouse/<module>:latest`, and on a later line the sha256 of that image.
+PLACEHOLDER_REGISTRY = "registry.example.com/gatehouse"
+PLACEHOLDER_IMAGE = re.compile(re.escape(PLACEHOLDER_REGISTRY) + r"/([a-z-]+):latest")
 PLACEHOLDER_SHA256 = "0" * 64
-# The module the manifests load: every filter, its root_id picks one (as in envoy-config/).
-DEPLOYED_MODULE = "gatehouse"
 
 
 def canonical(obj) -> bytes:
@@ -137,13 +139,30 @@ def push(module: str, image: dict, registry: str, insecure: bool):
     subprocess.run(args, check=True)
 
 
+def render(text: str, images: dict, registry: str) -> str:
+    """One deploy/ manifest with each placeholder image replaced by the built one (by digest)
+    and each placeholder sha256 by the digest of the image named last before it."""
+    module = None
+    out = []
+    for line in text.splitlines(keepends=True):
+        found = PLACEHOLDER_IMAGE.search(line)
+        if found:
+            module = found.group(1)
+            digest = images["modules"][module]["oci"]["digest"]
+            line = line.replace(found.group(0), f"{registry}/{module}@{digest}")
+        elif PLACEHOLDER_SHA256 in line:
+            if module is None:
+                raise SystemExit(f"xtask: a placeholder sha256 before any image: {line.strip()}")
+            line = line.replace(PLACEHOLDER_SHA256, images["modules"][module]["oci"]["digest"].removeprefix("sha256:"))
+        out.append(line)
+    return "".join(out)
+
+
 def render_deploy(images: dict, registry: str):
-    """dist/deploy/: deploy/ with the placeholder image and sha256 replaced by the built ones."""
+    """<out>/deploy/: deploy/ with the built images in place of the placeholders."""
     src, out = ROOT / "deploy", OUT / "deploy"
     if out.exists():
         shutil.rmtree(out)
-    built = images["modules"][DEPLOYED_MODULE]
-    image = f"{registry}/{DEPLOYED_MODULE}@{built['oci']['digest']}"
     for path in sorted(src.rglob("*")):
         target = out / path.relative_to(src)
         if path.is_dir():
@@ -151,9 +170,7 @@ def render_deploy(images: dict, registry: str):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            text = text.replace(PLACEHOLDER_IMAGE, image).replace(PLACEHOLDER_SHA256, built["sha256"])
-        target.write_text(text)
+        target.write_text(render(text, images, registry) if path.suffix in (".yaml", ".yml") else text)
 
 
 def main() -> int:
@@ -162,22 +179,25 @@ def main() -> int:
     p.add_argument("--tag", required=True)
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP / unverified TLS to the registry (a local test registry)")
+    p.add_argument("--no-push", action="store_true",
+                   help="name --registry in images.json and dist/deploy/ but push nothing")
     p.add_argument("--out", type=Path, default=DIST, help="instead of dist/ (tests)")
     a = p.parse_args()
     global OUT
     OUT = a.out.resolve()
-    if a.registry and not shutil.which("skopeo"):
+    pushing = bool(a.registry) and not a.no_push
+    if pushing and not shutil.which("skopeo"):
         print("xtask: `skopeo` is not installed (try: apt-get install skopeo)", file=sys.stderr)
         return 1
-    registry = a.registry or PLACEHOLDER_IMAGE.rsplit("/", 1)[0]
-    images = {"tag": a.tag, "registry": registry, "pushed": bool(a.registry), "modules": {}}
+    registry = a.registry or PLACEHOLDER_REGISTRY
+    images = {"tag": a.tag, "registry": registry, "pushed": pushing, "modules": {}}
     for module in MODULES:
         built = package(module, a.tag)
         for variant in ("oci", "compat"):
             ref = f"{registry}/{module}"
             built[variant]["reference"] = f"{ref}:{built[variant]['tag']}"
             built[variant]["by_digest"] = f"{ref}@{built[variant]['digest']}"
-            if a.registry:
+            if pushing:
                 push(module, built[variant], a.registry, a.insecure)
         images["modules"][module] = built
         print(f"xtask: {module}.wasm sha256:{built['sha256']}")
@@ -185,7 +205,7 @@ def main() -> int:
         print(f"         {built['compat']['by_digest']}  (compat image, tag {built['compat']['tag']})")
     (OUT / "images.json").write_text(json.dumps(images, indent=2) + "\n")
     render_deploy(images, registry)
-    print(f"xtask: wrote {OUT}/images.json, oci/, deploy/" + ("" if a.registry else
+    print(f"xtask: wrote {OUT}/images.json, oci/, deploy/" + ("" if pushing else
           " (nothing pushed: give --registry HOST/REPO)"))
     return 0
 

@@ -19,8 +19,8 @@ mod tools;
 use std::process::ExitCode;
 
 const USAGE: &str =
-    "usage: cargo xtask <build | package [--registry HOST/REPO] [--tag T] [--insecure] | up | \
-                     test [pytest args…] | lint | bench [args…] | fuzz [--seconds N] [target…]>";
+    "usage: cargo xtask <build | package [--registry HOST/REPO] [--tag T] [--insecure] [--no-push] | \
+                     up | test [pytest args…] | lint | bench [args…] | fuzz [--seconds N] [target…]>";
 
 /// The fuzz targets in `filters/core/fuzz/fuzz_targets/`.
 const FUZZ_TARGETS: [&str; 4] = ["jwt_request", "html_chunks", "configs", "parsers"];
@@ -66,7 +66,7 @@ fn test(pytest_args: &[String]) -> Result<(), String> {
 
 /// Builds, then packages every module in `dist/` as OCI images (see xtask/package.py and
 /// docs/kubernetes.md). The tag defaults to the workspace version; `--insecure` lets skopeo push
-/// to a plain-HTTP registry (a local one).
+/// to a plain-HTTP registry (a local one); `--no-push` names the registry in the outputs only.
 fn package(args: &[String]) -> Result<(), String> {
     let mut forwarded = Vec::new();
     let mut tag = env!("CARGO_PKG_VERSION").to_owned();
@@ -78,7 +78,7 @@ fn package(args: &[String]) -> Result<(), String> {
                 forwarded.extend(["--registry".to_owned(), registry.clone()]);
             }
             "--tag" => tag = it.next().ok_or("--tag needs a tag")?.clone(),
-            "--insecure" => forwarded.push(arg.clone()),
+            "--insecure" | "--no-push" => forwarded.push(arg.clone()),
             other => return Err(format!("package: unknown argument `{other}`\n{USAGE}")),
         }
     }
