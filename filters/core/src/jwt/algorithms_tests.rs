@@ -36,7 +36,11 @@ fn every_rsa_algorithm_verifies_with_a_key_that_declares_it_and_only_it() {
             } else {
                 Err(TokenError::Algorithm)
             };
-            assert_eq!(verify(token, &keys), expected, "{alg} token, {declared} key");
+            assert_eq!(
+                verify(token, &keys),
+                expected,
+                "{alg} token, {declared} key"
+            );
         }
     }
 }
@@ -45,7 +49,10 @@ fn every_rsa_algorithm_verifies_with_a_key_that_declares_it_and_only_it() {
 fn an_rsa_key_without_alg_is_rs256() {
     let v = vectors();
     let keys = key(&v["rsa_jwk"], None);
-    assert_eq!(verify(v["tokens"]["RS256"].as_str().unwrap(), &keys), Ok(()));
+    assert_eq!(
+        verify(v["tokens"]["RS256"].as_str().unwrap(), &keys),
+        Ok(())
+    );
     assert_eq!(
         verify(v["tokens"]["RS512"].as_str().unwrap(), &keys),
         Err(TokenError::Algorithm)
