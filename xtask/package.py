@@ -50,6 +50,14 @@ PLACEHOLDER_IMAGE = re.compile(re.escape(PLACEHOLDER_REGISTRY) + r"/([a-z-]+):la
 PLACEHOLDER_SHA256 = "0" * 64
 
 
+def shown(path: Path) -> str:
+    """`path` relative to the repository when it is inside it (dist/oci/…), else as is."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def canonical(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
@@ -124,7 +132,7 @@ def package(module: str, tag: str) -> dict:
         "wasm": f"dist/{module}.wasm",
         "sha256": hashlib.sha256(wasm).hexdigest(),
         "size": len(wasm),
-        "layout": str(OUT / "oci" / module),
+        "layout": shown(OUT / "oci" / module),
         "oci": {"tag": tag, "digest": wasm_digest},
         "compat": {"tag": f"{tag}-compat", "digest": compat_digest},
     }
@@ -205,7 +213,7 @@ def main() -> int:
         print(f"         {built['compat']['by_digest']}  (compat image, tag {built['compat']['tag']})")
     (OUT / "images.json").write_text(json.dumps(images, indent=2) + "\n")
     render_deploy(images, registry)
-    print(f"xtask: wrote {OUT}/images.json, oci/, deploy/" + ("" if pushing else
+    print(f"xtask: wrote {shown(OUT)}/images.json, oci/, deploy/" + ("" if pushing else
           " (nothing pushed: give --registry HOST/REPO)"))
     return 0
 
