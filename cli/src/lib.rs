@@ -4,12 +4,15 @@
 //! - [`token`]: compact JWS signing, i.e. minting test tokens ([`token::mint`]).
 //! - [`check`]: find every gatehouse Wasm filter in an Envoy config and compile its
 //!   configuration with the same code the filters run ([`check::check_document`]).
+//! - [`routes`]: per route of an Envoy config, which gatehouse filters and rules apply
+//!   ([`routes::route_report`], printed by `gatehouse check`).
 //!
 //! Everything here is plain Rust with no proxy-wasm dependency, so other tools (the demo
 //! server, tests) can mint tokens with the same code as the command.
 
 pub mod check;
 pub mod keys;
+pub mod routes;
 pub mod sri;
 pub mod token;
 

@@ -76,6 +76,12 @@ enum Command {
         Prints one line per filter:\n  \
         ok   <name> (root_id jwt_auth) at <path>\n  \
         FAIL <name> (root_id jwt_auth) at <path>: config error at <field>: <why>\n\n\
+        Then, for each route of each connection manager with an inline route_config, which \
+        gatehouse filters run on it and which of their rules apply (first match wins):\n  \
+        route api (virtual host demo, prefix /api/):\n    \
+        token_proxy  defaults\n    \
+        jwt_auth     rules[1] (route api)\n    \
+        page_guard   off (typed_per_filter_config disabled)\n\n\
         Exit status: 0 if every gatehouse filter compiles, 1 if any does not, 2 if the file \
         cannot be read or parsed.")]
     Check {
@@ -269,6 +275,7 @@ fn check(file: &std::path::Path, root: &std::path::Path) -> ExitCode {
     for f in &findings {
         lines.extend(f.report_lines());
     }
+    lines.extend(gatehouse_cli::routes::route_report(&doc));
     let summary = Summary::of(&findings);
     if findings.is_empty() {
         lines.push(format!(

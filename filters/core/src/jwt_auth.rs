@@ -118,6 +118,8 @@ struct RawProvider {
 enum RawJwks {
     Inline(Value),
     Remote(RawRemote),
+    /// OpenID Connect discovery: `path` is the issuer's `/.well-known/openid-configuration`.
+    Discovery(RawRemote),
 }
 
 #[derive(Deserialize)]
@@ -185,7 +187,10 @@ struct RawRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteJwks {
     pub cluster: String,
+    /// The JWKS, or with `discovery` the OpenID configuration naming it (`jwks_uri`).
     pub path: String,
+    /// `jwks.discovery`: `path` is an OpenID Connect discovery document.
+    pub discovery: bool,
     pub authority: String,
     pub refresh_seconds: u64,
     pub timeout_ms: u64,
@@ -446,22 +451,9 @@ fn compile_provider(
             }
             static_keys = keys;
         }
-        Some(RawJwks::Remote(r)) => {
-            check_fetch(&at("jwks.remote"), &r.cluster, &r.path, r.refresh_seconds)?;
-            if r.timeout_ms == 0 {
-                return Err(ConfigError::new(
-                    at("jwks.remote.timeout_ms"),
-                    "must be at least 1",
-                ));
-            }
-            remote = Some(RemoteJwks {
-                authority: r.authority.unwrap_or_else(|| r.cluster.clone()),
-                cluster: r.cluster,
-                path: r.path,
-                refresh_seconds: r.refresh_seconds,
-                timeout_ms: r.timeout_ms,
-                min_refetch_seconds: r.min_refetch_seconds,
-            });
+        Some(RawJwks::Remote(r)) => remote = Some(compile_remote(&at("jwks.remote"), r, false)?),
+        Some(RawJwks::Discovery(r)) => {
+            remote = Some(compile_remote(&at("jwks.discovery"), r, true)?)
         }
         None => {}
     }
@@ -491,6 +483,25 @@ fn compile_provider(
         remote,
         required_typ,
         require_kid: raw.require_kid,
+    })
+}
+
+fn compile_remote(at: &str, r: RawRemote, discovery: bool) -> Result<RemoteJwks, ConfigError> {
+    check_fetch(at, &r.cluster, &r.path, r.refresh_seconds)?;
+    if r.timeout_ms == 0 {
+        return Err(ConfigError::new(
+            format!("{at}.timeout_ms"),
+            "must be at least 1",
+        ));
+    }
+    Ok(RemoteJwks {
+        authority: r.authority.unwrap_or_else(|| r.cluster.clone()),
+        cluster: r.cluster,
+        path: r.path,
+        discovery,
+        refresh_seconds: r.refresh_seconds,
+        timeout_ms: r.timeout_ms,
+        min_refetch_seconds: r.min_refetch_seconds,
     })
 }
 
@@ -842,10 +853,81 @@ pub enum Decision {
     },
 }
 
+/// Which document a fetch is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Doc {
+    Jwks,
+    /// An OpenID Connect discovery document (`jwks.discovery`).
+    Discovery,
+}
+
+/// A fetch for the shell to start: `GET path` on `cluster` with `:authority`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchRequest<'a> {
+    pub cluster: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub timeout_ms: u64,
+    pub doc: Doc,
+}
+
+/// What a fetched document did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// A JWKS: its usable keys now verify (`skipped`: keys refused for what they are).
+    Keys { count: usize, skipped: usize },
+    /// A discovery document of the provider's issuer: fetch its JWKS now ([`JwtAuth::jwks_fetch`]).
+    Discovered { jwks_uri: String },
+    /// Nothing changed: the last good keys stay.
+    Failed(String),
+}
+
+fn parse_jwks(body: &[u8]) -> Result<(KeySet, usize), String> {
+    let value = crate::jwt::jwk::parse_jwks_document(body).map_err(|e| e.to_string())?;
+    let (keys, skipped) = KeySet::from_jwks(&value, false).map_err(|e| e.to_string())?;
+    if keys.is_empty() {
+        return Err("no usable keys".into());
+    }
+    Ok((keys, skipped))
+}
+
+/// An OpenID Connect discovery document's `jwks_uri`, as (`:authority`, path with query), when
+/// its `issuer` is exactly the provider's (OpenID Connect Discovery 1.0 section 4.3).
+pub fn parse_discovery(body: &[u8], issuer: &str) -> Result<(String, String), String> {
+    #[derive(Deserialize)]
+    struct Discovery {
+        issuer: Option<String>,
+        jwks_uri: Option<String>,
+    }
+    let doc: Discovery =
+        serde_json::from_slice(body).map_err(|e| format!("not an OpenID configuration: {e}"))?;
+    match doc.issuer.as_deref() {
+        Some(i) if i == issuer => {}
+        Some(i) => return Err(format!("its issuer `{i}` is not the provider's `{issuer}`")),
+        None => return Err("it has no `issuer`".into()),
+    }
+    let uri = doc.jwks_uri.ok_or("it has no `jwks_uri`")?;
+    let rest = uri
+        .strip_prefix("https://")
+        .or_else(|| uri.strip_prefix("http://"))
+        .ok_or_else(|| format!("jwks_uri `{uri}` is not an http(s) URL"))?;
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(at) => rest.split_at(at),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') || path.starts_with('?') {
+        return Err(format!("jwks_uri `{uri}` is not a usable URL"));
+    }
+    Ok((authority.to_string(), path.to_string()))
+}
+
 /// Everything jwt-auth keeps per worker: the compiled config, the fetched keys, the cache.
 pub struct JwtAuth {
     pub config: JwtAuthConfig,
     remote_keys: Vec<Option<KeySet>>,
+    /// Per `jwks.discovery` provider, the JWKS its discovery document named last
+    /// (`:authority`, path).
+    discovered: Vec<Option<(String, String)>>,
     last_fetch: Vec<Option<u64>>,
     cache: TokenCache<Arc<Verified>>,
 }
@@ -857,7 +939,83 @@ impl JwtAuth {
             cache: TokenCache::new(config.cache_entries),
             config,
             remote_keys: vec![None; n],
+            discovered: vec![None; n],
             last_fetch: vec![None; n],
+        }
+    }
+
+    /// The scheduled fetch of `provider`: its `jwks.remote`, or the discovery document of a
+    /// `jwks.discovery` provider (whose answer names the JWKS to fetch next).
+    pub fn scheduled_fetch(&self, provider: usize) -> Option<FetchRequest<'_>> {
+        let remote = self.config.providers.get(provider)?.remote.as_ref()?;
+        Some(FetchRequest {
+            cluster: &remote.cluster,
+            authority: &remote.authority,
+            path: &remote.path,
+            timeout_ms: remote.timeout_ms,
+            doc: if remote.discovery {
+                Doc::Discovery
+            } else {
+                Doc::Jwks
+            },
+        })
+    }
+
+    /// The fetch of `provider`'s JWKS itself: `jwks.remote`, or the `jwks_uri` of the last
+    /// good discovery document (none before one arrived), on the same cluster.
+    pub fn jwks_fetch(&self, provider: usize) -> Option<FetchRequest<'_>> {
+        let remote = self.config.providers.get(provider)?.remote.as_ref()?;
+        let (authority, path) = if remote.discovery {
+            let (a, p) = self.discovered.get(provider)?.as_ref()?;
+            (a.as_str(), p.as_str())
+        } else {
+            (remote.authority.as_str(), remote.path.as_str())
+        };
+        Some(FetchRequest {
+            cluster: &remote.cluster,
+            authority,
+            path,
+            timeout_ms: remote.timeout_ms,
+            doc: Doc::Jwks,
+        })
+    }
+
+    /// Apply the answer to a fetch of `doc` for `provider`. A failure (a status other than
+    /// 200, an unusable document, a discovery document of another issuer) keeps the last good
+    /// keys and the last good `jwks_uri`.
+    pub fn apply_fetch(&mut self, provider: usize, doc: Doc, status: u32, body: &[u8]) -> Fetched {
+        if status != 200 {
+            return Fetched::Failed(format!("HTTP status {status}"));
+        }
+        match doc {
+            Doc::Jwks => match parse_jwks(body) {
+                Ok((keys, skipped)) => {
+                    let count = keys.len();
+                    self.set_remote_keys(provider, keys);
+                    Fetched::Keys { count, skipped }
+                }
+                Err(why) => Fetched::Failed(why),
+            },
+            Doc::Discovery => {
+                let Some(issuer) = self
+                    .config
+                    .providers
+                    .get(provider)
+                    .map(|p| p.issuer.clone())
+                else {
+                    return Fetched::Failed("no such provider".into());
+                };
+                match parse_discovery(body, &issuer) {
+                    Ok((authority, path)) => {
+                        let jwks_uri = format!("{authority}{path}");
+                        if let Some(slot) = self.discovered.get_mut(provider) {
+                            *slot = Some((authority, path));
+                        }
+                        Fetched::Discovered { jwks_uri }
+                    }
+                    Err(why) => Fetched::Failed(why),
+                }
+            }
         }
     }
 
@@ -895,6 +1053,9 @@ impl JwtAuth {
     }
 
     fn may_refetch(&self, provider: usize, now: u64) -> bool {
+        if self.jwks_fetch(provider).is_none() {
+            return false;
+        }
         let Some(remote) = self
             .config
             .providers
@@ -1356,3 +1517,6 @@ enum VerifyError {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod discovery_tests;

@@ -3,10 +3,9 @@
 //! See docs/jwt-auth.md.
 
 use gatehouse_core::fetch::FetchSchedule;
-use gatehouse_core::jwt::KeySet;
 use gatehouse_core::jwt_auth::{
-    Decision, Denial, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY, KID_PROPERTY,
-    REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
+    Decision, Denial, Doc, FetchRequest, Fetched, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY,
+    KID_PROPERTY, REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
 };
 use gatehouse_core::reauth::ClientFrames;
 use gatehouse_core::stats::JwtAuthStat;
@@ -33,9 +32,9 @@ impl Shared {
         self.counters.inc(stat);
     }
 
-    /// Apply a fetched JWKS to `provider`. A failed fetch or an unusable document keeps the
-    /// last good keys.
-    fn apply_jwks(&mut self, provider: usize, status: u32, body: &[u8]) -> bool {
+    /// Apply a fetched document (`doc`) to `provider`, with its log line and stats. A failed
+    /// fetch or an unusable document keeps the last good keys.
+    fn apply(&mut self, provider: usize, doc: Doc, status: u32, body: &[u8]) -> Fetched {
         let name = self
             .auth
             .config
@@ -43,58 +42,66 @@ impl Shared {
             .get(provider)
             .map_or("?", |p| p.name.as_str())
             .to_string();
-        let parsed = if status == 200 {
-            serde_json_keys(body)
-        } else {
-            Err(format!("HTTP status {status}"))
-        };
-        match parsed {
-            Ok((keys, skipped)) => {
+        let fetched = self.auth.apply_fetch(provider, doc, status, body);
+        match &fetched {
+            Fetched::Keys { count, skipped } => {
                 host::log(
                     LogLevel::Info,
                     NAME,
-                    &format!(
-                        "provider {name}: JWKS loaded, {} keys ({skipped} skipped)",
-                        keys.len()
-                    ),
+                    &format!("provider {name}: JWKS loaded, {count} keys ({skipped} skipped)"),
                 );
-                self.auth.set_remote_keys(provider, keys);
                 self.count(JwtAuthStat::JwksFetchOk);
                 // Keys refused for what they are (RSA under 2048 bits, `key_ops` without
                 // `verify`, `use` other than `sig`, unsupported types): one count each.
                 self.counters
-                    .add(JwtAuthStat::JwksKeySkipped, skipped as u64);
-                true
+                    .add(JwtAuthStat::JwksKeySkipped, *skipped as u64);
             }
-            Err(why) => {
+            Fetched::Discovered { jwks_uri } => host::log(
+                LogLevel::Info,
+                NAME,
+                &format!("provider {name}: discovery document loaded, jwks_uri {jwks_uri}"),
+            ),
+            Fetched::Failed(why) => {
+                let what = match doc {
+                    Doc::Jwks => "JWKS",
+                    Doc::Discovery => "discovery document",
+                };
                 host::log(
                     LogLevel::Warn,
                     NAME,
                     &format!(
-                        "provider {name}: JWKS fetch failed ({why}); keeping the last good keys"
+                        "provider {name}: {what} fetch failed ({why}); keeping the last good keys"
                     ),
                 );
                 self.count(JwtAuthStat::JwksFetchFailed);
-                false
             }
         }
+        fetched
     }
 }
 
-fn serde_json_keys(body: &[u8]) -> Result<(KeySet, usize), String> {
-    let value = gatehouse_core::jwt::jwk::parse_jwks_document(body).map_err(|e| e.to_string())?;
-    let (keys, skipped) = KeySet::from_jwks(&value, false).map_err(|e| e.to_string())?;
-    if keys.is_empty() {
-        return Err("no usable keys".into());
+/// Start the fetch `request`; a call that cannot start is logged and counted as a failed fetch.
+fn start(shared: &Shared, request: Option<FetchRequest<'_>>) -> Option<u32> {
+    let r = request?;
+    let call = host::http_get(r.cluster, r.authority, r.path, r.timeout_ms);
+    if call.is_none() {
+        host::log(
+            LogLevel::Warn,
+            NAME,
+            &format!("cannot call cluster `{}` for the JWKS; retrying", r.cluster),
+        );
+        shared.count(JwtAuthStat::JwksFetchFailed);
     }
-    Ok((keys, skipped))
+    call
 }
 
 #[derive(Default)]
 struct Root {
     shared: Option<Rc<RefCell<Shared>>>,
-    /// When to fetch each provider's remote JWKS.
+    /// When to fetch each provider's remote JWKS (or discovery document).
     fetches: FetchSchedule,
+    /// The calls in flight that fetch a discovery document (the others fetch a JWKS).
+    discovering: Vec<u32>,
 }
 
 impl Context for Root {
@@ -110,7 +117,26 @@ impl Context for Root {
         let Some(provider) = self.fetches.in_flight(token) else {
             return;
         };
-        let ok = shared.borrow_mut().apply_jwks(provider, status, &body);
+        let doc = match self.discovering.iter().position(|&t| t == token) {
+            Some(i) => {
+                self.discovering.swap_remove(i);
+                Doc::Discovery
+            }
+            None => Doc::Jwks,
+        };
+        let mut shared = shared.borrow_mut();
+        let ok = match shared.apply(provider, doc, status, &body) {
+            // The discovery document named the JWKS: fetch it now, as the same scheduled fetch.
+            Fetched::Discovered { .. } => {
+                if let Some(call) = start(&shared, shared.auth.jwks_fetch(provider)) {
+                    self.fetches.started(provider, call);
+                    return;
+                }
+                false
+            }
+            Fetched::Keys { .. } => true,
+            Fetched::Failed(_) => false,
+        };
         self.fetches.finished(token, ok, host::now_secs());
     }
 }
@@ -151,35 +177,17 @@ impl RootContext for Root {
         let now = host::now_secs();
         let mut shared = shared.borrow_mut();
         for provider in self.fetches.due(now) {
-            let Some(remote) = shared
-                .auth
-                .config
-                .providers
-                .get(provider)
-                .and_then(|p| p.remote.clone())
-            else {
-                continue;
-            };
             shared.auth.note_fetch(provider, now);
-            match host::http_get(
-                &remote.cluster,
-                &remote.authority,
-                &remote.path,
-                remote.timeout_ms,
-            ) {
-                Some(token) => self.fetches.started(provider, token),
-                None => {
-                    host::log(
-                        LogLevel::Warn,
-                        NAME,
-                        &format!(
-                            "cannot call cluster `{}` for the JWKS; retrying",
-                            remote.cluster
-                        ),
-                    );
-                    shared.count(JwtAuthStat::JwksFetchFailed);
-                    self.fetches.not_started(provider, now);
+            let request = shared.auth.scheduled_fetch(provider);
+            let doc = request.as_ref().map(|r| r.doc);
+            match start(&shared, request) {
+                Some(token) => {
+                    self.fetches.started(provider, token);
+                    if doc == Some(Doc::Discovery) {
+                        self.discovering.push(token);
+                    }
                 }
+                None => self.fetches.not_started(provider, now),
             }
         }
     }
@@ -335,15 +343,11 @@ impl Stream {
                 )
             }
             Decision::FetchJwks { provider } => {
-                let remote = shared
-                    .auth
-                    .config
-                    .providers
-                    .get(provider)
-                    .and_then(|p| p.remote.clone());
                 shared.auth.note_fetch(provider, now);
-                let call = remote
-                    .and_then(|r| host::http_get(&r.cluster, &r.authority, &r.path, r.timeout_ms));
+                let call = shared
+                    .auth
+                    .jwks_fetch(provider)
+                    .and_then(|r| host::http_get(r.cluster, r.authority, r.path, r.timeout_ms));
                 drop(shared);
                 match call {
                     Some(token) => {
@@ -478,7 +482,9 @@ impl Context for Stream {
             return;
         }
         let (status, body) = host::http_call_response(body_size);
-        self.shared.borrow_mut().apply_jwks(provider, status, &body);
+        self.shared
+            .borrow_mut()
+            .apply(provider, Doc::Jwks, status, &body);
         if let Action::Continue = self.decide(false) {
             host::resume_request();
         }

@@ -6,13 +6,17 @@ use crate::config::ConfigError;
 use hmac::{Hmac, KeyInit, Mac};
 use rsa::signature::Verifier;
 use serde::Deserialize;
-use sha2::Sha256;
+use sha2::{Sha256, Sha384, Sha512};
 use std::sync::Arc;
 
 enum Material {
-    Rs256(rsa::PublicKey),
+    /// RSASSA-PKCS1-v1_5 with the hash of `RS256`, `RS384` or `RS512` (the key's `alg`).
+    Rs(rsa::PublicKey, Alg),
     Ps256(rsa::pss::VerifyingKey<Sha256>),
+    Ps384(rsa::pss::VerifyingKey<Sha384>),
+    Ps512(rsa::pss::VerifyingKey<Sha512>),
     Es256(super::es256::Es256Key),
+    Es384(p384::ecdsa::VerifyingKey),
     EdDsa(ed25519_dalek::VerifyingKey),
     Hs256(Vec<u8>),
 }
@@ -37,21 +41,34 @@ impl std::fmt::Debug for VerifyingKey {
     }
 }
 
-/// RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 8.2.2), the public operation done variable-time in
-/// the exponent: `e` is public, so `s^e mod n` is plain square-and-multiply (16 squarings and one
-/// multiply for e = 65537) instead of the constant-time windowed power the `rsa` crate uses for
-/// every exponent, which measured twice as slow inside Envoy's V8.
-fn rs256_verify(key: &rsa::PublicKey, signing_input: &[u8], signature: &[u8]) -> bool {
+/// RSASSA-PKCS1-v1_5 with SHA-256, -384 or -512 (RFC 8017 8.2.2), the public operation done
+/// variable-time in the exponent: `e` is public, so `s^e mod n` is plain square-and-multiply (16
+/// squarings and one multiply for e = 65537) instead of the constant-time windowed power the
+/// `rsa` crate uses for every exponent, which measured twice as slow inside Envoy's V8.
+fn rs_verify(key: &rsa::PublicKey, alg: Alg, signing_input: &[u8], signature: &[u8]) -> bool {
     use crypto_bigint::modular::BoxedMontyForm;
     use rsa::traits::PublicKeyParts;
     use sha2::Digest;
-    /// DER DigestInfo prefix for SHA-256 (RFC 8017 9.2, note 1).
+    /// DER DigestInfo prefixes (RFC 8017 9.2, note 1): SHA-256, SHA-384, SHA-512.
     const SHA256_PREFIX: [u8; 19] = [
         0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01,
         0x05, 0x00, 0x04, 0x20,
     ];
+    const SHA384_PREFIX: [u8; 19] = [
+        0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02,
+        0x05, 0x00, 0x04, 0x30,
+    ];
+    const SHA512_PREFIX: [u8; 19] = [
+        0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03,
+        0x05, 0x00, 0x04, 0x40,
+    ];
+    let (prefix, digest): (&[u8], Vec<u8>) = match alg {
+        Alg::Rs384 => (&SHA384_PREFIX, Sha384::digest(signing_input).to_vec()),
+        Alg::Rs512 => (&SHA512_PREFIX, Sha512::digest(signing_input).to_vec()),
+        _ => (&SHA256_PREFIX, Sha256::digest(signing_input).to_vec()),
+    };
     let k = key.size();
-    if signature.len() != k || k < SHA256_PREFIX.len() + 32 + 11 {
+    if signature.len() != k || k < prefix.len() + digest.len() + 11 {
         return false;
     }
     let n = key.n().as_ref();
@@ -74,14 +91,14 @@ fn rs256_verify(key: &rsa::PublicKey, signing_input: &[u8], signature: &[u8]) ->
     let Some((high, em)) = m.split_at_checked(m.len().saturating_sub(k)) else {
         return false;
     };
-    // EM = 0x00 || 0x01 || 0xff.. || 0x00 || DigestInfo(SHA-256(input)), compared as a whole.
-    let pad = k - 3 - SHA256_PREFIX.len() - 32;
+    // EM = 0x00 || 0x01 || 0xff.. || 0x00 || DigestInfo(hash(input)), compared as a whole.
+    let pad = k - 3 - prefix.len() - digest.len();
     let mut expected = Vec::with_capacity(k);
     expected.extend_from_slice(&[0x00, 0x01]);
     expected.resize(2 + pad, 0xff);
     expected.push(0x00);
-    expected.extend_from_slice(&SHA256_PREFIX);
-    expected.extend_from_slice(&Sha256::digest(signing_input));
+    expected.extend_from_slice(prefix);
+    expected.extend_from_slice(&digest);
     high.iter().all(|&b| b == 0) && em == expected.as_slice()
 }
 
@@ -116,11 +133,22 @@ impl VerifyingKey {
     /// Check `signature` over `signing_input` (the ASCII `header.payload`).
     pub fn verify(&self, signing_input: &[u8], signature: &[u8]) -> bool {
         match &self.material {
-            Material::Rs256(key) => rs256_verify(key, signing_input, signature),
+            Material::Rs(key, alg) => rs_verify(key, *alg, signing_input, signature),
             Material::Ps256(key) => rsa::pss::Signature::try_from(signature)
                 .map(|sig| key.verify(signing_input, &sig).is_ok())
                 .unwrap_or(false),
+            Material::Ps384(key) => rsa::pss::Signature::try_from(signature)
+                .map(|sig| key.verify(signing_input, &sig).is_ok())
+                .unwrap_or(false),
+            Material::Ps512(key) => rsa::pss::Signature::try_from(signature)
+                .map(|sig| key.verify(signing_input, &sig).is_ok())
+                .unwrap_or(false),
             Material::Es256(key) => key.verify(signing_input, signature),
+            Material::Es384(key) => p384::ecdsa::Signature::from_slice(signature)
+                .map(|sig| {
+                    p384::ecdsa::signature::Verifier::verify(key, signing_input, &sig).is_ok()
+                })
+                .unwrap_or(false),
             Material::EdDsa(key) => ed25519_dalek::Signature::from_slice(signature)
                 .map(|sig| key.verify_strict(signing_input, &sig).is_ok())
                 .unwrap_or(false),
@@ -216,37 +244,62 @@ impl VerifyingKey {
                         ));
                     }
                 }
+                // RFC 7518 3.5: a PSS salt is as long as the hash.
                 match declared.unwrap_or(Alg::Rs256) {
-                    Alg::Rs256 => (Alg::Rs256, Material::Rs256(key)),
-                    // RFC 7518 3.5: the salt is as long as the hash.
+                    alg @ (Alg::Rs256 | Alg::Rs384 | Alg::Rs512) => (alg, Material::Rs(key, alg)),
                     Alg::Ps256 => (
                         Alg::Ps256,
                         Material::Ps256(rsa::pss::VerifyingKey::new_with_salt_len(key, 32)),
+                    ),
+                    Alg::Ps384 => (
+                        Alg::Ps384,
+                        Material::Ps384(rsa::pss::VerifyingKey::new_with_salt_len(key, 48)),
+                    ),
+                    Alg::Ps512 => (
+                        Alg::Ps512,
+                        Material::Ps512(rsa::pss::VerifyingKey::new_with_salt_len(key, 64)),
                     ),
                     other => return Err(mismatch(other, "RSA")),
                 }
             }
             "EC" => {
-                if jwk.crv.as_deref() != Some("P-256") {
-                    return Err(ConfigError::new("crv", "only P-256 EC keys are supported"));
-                }
                 let x = field("x", &jwk.x)?;
                 let y = field("y", &jwk.y)?;
-                if x.len() != 32 || y.len() != 32 {
-                    return Err(ConfigError::new("x", "P-256 coordinates are 32 bytes"));
+                // The curve fixes the algorithm: P-256 is ES256, P-384 is ES384.
+                let (curve, size) = match jwk.crv.as_deref() {
+                    Some("P-256") => (Alg::Es256, 32),
+                    Some("P-384") => (Alg::Es384, 48),
+                    _ => {
+                        return Err(ConfigError::new(
+                            "crv",
+                            "only P-256 and P-384 EC keys are supported",
+                        ))
+                    }
+                };
+                if x.len() != size || y.len() != size {
+                    return Err(ConfigError::new(
+                        "x",
+                        format!("{} coordinates are {size} bytes", text(&jwk.crv)),
+                    ));
                 }
-                let mut sec1 = Vec::with_capacity(65);
+                let mut sec1 = Vec::with_capacity(1 + 2 * size);
                 sec1.push(0x04);
                 sec1.extend_from_slice(&x);
                 sec1.extend_from_slice(&y);
-                let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
-                    .map_err(|_| ConfigError::new("x", "not a point on P-256"))?;
-                match declared.unwrap_or(Alg::Es256) {
-                    Alg::Es256 => (
-                        Alg::Es256,
-                        Material::Es256(super::es256::Es256Key::new(&key)),
-                    ),
-                    other => return Err(mismatch(other, "EC")),
+                let not_on_curve = || ConfigError::new("x", format!("not a point on {}", text(&jwk.crv)));
+                let material = if curve == Alg::Es256 {
+                    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
+                        .map_err(|_| not_on_curve())?;
+                    Material::Es256(super::es256::Es256Key::new(&key))
+                } else {
+                    Material::Es384(
+                        p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
+                            .map_err(|_| not_on_curve())?,
+                    )
+                };
+                match declared.unwrap_or(curve) {
+                    alg if alg == curve => (alg, material),
+                    other => return Err(mismatch(other, &format!("EC {}", text(&jwk.crv)))),
                 }
             }
             "OKP" => {

@@ -6,6 +6,9 @@ pub mod es256;
 pub mod jwk;
 pub mod jws;
 
+#[cfg(test)]
+mod algorithms_tests;
+
 pub use claims::{Claims, TimeRules, TokenTimes};
 pub use jwk::{KeySet, VerifyingKey};
 pub use jws::Jws;
@@ -14,8 +17,13 @@ pub use jws::Jws;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Alg {
     Rs256,
+    Rs384,
+    Rs512,
     Ps256,
+    Ps384,
+    Ps512,
     Es256,
+    Es384,
     EdDsa,
     Hs256,
 }
@@ -24,8 +32,13 @@ impl Alg {
     pub fn from_name(name: &str) -> Option<Self> {
         Some(match name {
             "RS256" => Alg::Rs256,
+            "RS384" => Alg::Rs384,
+            "RS512" => Alg::Rs512,
             "PS256" => Alg::Ps256,
+            "PS384" => Alg::Ps384,
+            "PS512" => Alg::Ps512,
             "ES256" => Alg::Es256,
+            "ES384" => Alg::Es384,
             "EdDSA" => Alg::EdDsa,
             "HS256" => Alg::Hs256,
             _ => return None,
@@ -35,8 +48,13 @@ impl Alg {
     pub fn name(self) -> &'static str {
         match self {
             Alg::Rs256 => "RS256",
+            Alg::Rs384 => "RS384",
+            Alg::Rs512 => "RS512",
             Alg::Ps256 => "PS256",
+            Alg::Ps384 => "PS384",
+            Alg::Ps512 => "PS512",
             Alg::Es256 => "ES256",
+            Alg::Es384 => "ES384",
             Alg::EdDsa => "EdDSA",
             Alg::Hs256 => "HS256",
         }
