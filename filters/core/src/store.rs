@@ -78,6 +78,15 @@ pub struct StoreConfig {
     pub when_unavailable: WhenUnavailable,
 }
 
+impl WhenUnavailable {
+    pub fn name(self) -> &'static str {
+        match self {
+            WhenUnavailable::Closed => "closed",
+            WhenUnavailable::Local => "local",
+        }
+    }
+}
+
 impl StoreConfig {
     pub(crate) fn compile(raw: RawStore) -> Result<Self, ConfigError> {
         let e = raw.etcd;
@@ -299,7 +308,7 @@ pub fn restore(prefix: &str, slots: &[(String, u32, String)], lease: i64) -> Cal
 /// and handled by `when_unavailable`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreError {
-    /// No answer within `timeout_ms`, or no connection (Envoy reports no status).
+    /// No answer within `timeout_ms`, or no connection (no status, or Envoy's own 502–504).
     Unavailable,
     /// An HTTP status other than 200 (or an etcd error we do not handle).
     Status,
@@ -350,7 +359,14 @@ fn answer(status: u32, body: &[u8]) -> Result<Answer, StoreError> {
     if status == 0 {
         return Err(StoreError::Unavailable);
     }
-    let v: Value = serde_json::from_slice(body).map_err(|_| StoreError::Malformed)?;
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        // Envoy's own answer when etcd is unreachable or slow: "no healthy upstream",
+        // "upstream connect error …", "upstream request timeout".
+        Err(_) if matches!(status, 502..=504) => return Err(StoreError::Unavailable),
+        Err(_) if status != 200 => return Err(StoreError::Status),
+        Err(_) => return Err(StoreError::Malformed),
+    };
     if !v.is_object() {
         return Err(StoreError::WrongType);
     }
@@ -530,7 +546,7 @@ pub fn read_keepalive(status: u32, body: &[u8]) -> Result<bool, StoreError> {
     if body.len() > MAX_ANSWER {
         return Err(StoreError::TooLarge);
     }
-    if status == 0 {
+    if status == 0 || matches!(status, 502..=504) {
         return Err(StoreError::Unavailable);
     }
     if status != 200 {

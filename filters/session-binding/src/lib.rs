@@ -465,10 +465,10 @@ impl Stream {
                     LogLevel::Warn,
                     NAME,
                     &format!(
-                        "store `{}`: no usable answer ({}); when_unavailable {:?}",
+                        "store `{}`: no usable answer ({}); when_unavailable: {}",
                         config.cluster,
                         e.reason(),
-                        config.when_unavailable
+                        config.when_unavailable.name()
                     ),
                 );
                 StoreStat::Error(*e)

@@ -210,11 +210,18 @@ fn answers_are_read_as_claims_replays_and_caps() {
 fn bad_answers_are_typed_errors() {
     let cases: Vec<(u32, Vec<u8>, StoreError)> = vec![
         (0, vec![], StoreError::Unavailable),
+        // Envoy's own answers when etcd is down or slow.
         (
             503,
-            b"upstream connect error".to_vec(),
-            StoreError::Malformed,
+            b"no healthy upstream".to_vec(),
+            StoreError::Unavailable,
         ),
+        (
+            504,
+            b"upstream request timeout".to_vec(),
+            StoreError::Unavailable,
+        ),
+        (500, b"oops".to_vec(), StoreError::Status),
         (200, b"{not json".to_vec(), StoreError::Malformed),
         (200, b"[1,2]".to_vec(), StoreError::WrongType),
         // Not etcd: no header. Must not read as "claim lost".
