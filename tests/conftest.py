@@ -464,6 +464,7 @@ class Etcd:
         self.ports = [(free_port(), free_port()) for _ in range(members)]
         names = [f"m{i}" for i in range(members)]
         initial = ",".join(f"{n}=http://127.0.0.1:{peer}" for n, (_, peer) in zip(names, self.ports))
+        token = f"gatehouse-test-{os.getpid()}-{self.ports[0][0]}"
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         for name, (client, peer) in zip(names, self.ports):
@@ -477,7 +478,7 @@ class Etcd:
                      "--listen-peer-urls", f"http://127.0.0.1:{peer}",
                      "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
                      "--initial-cluster", initial, "--initial-cluster-state", "new",
-                     "--initial-cluster-token", f"gatehouse-test-{os.getpid()}-{client}"],
+                     "--initial-cluster-token", token],
                     stdout=out, stderr=subprocess.STDOUT))
         for i, proc in enumerate(self.procs):
             wait_for(lambda i=i: self.healthy(i), 30, f"etcd member {i}", proc, self.logs[i])
@@ -486,7 +487,11 @@ class Etcd:
         return f"http://127.0.0.1:{self.ports[i][0]}"
 
     def healthy(self, i: int = 0) -> bool:
-        return requests.get(self.url(i) + "/health", timeout=1).json().get("health") == "true"
+        """Member i answers and the cluster has a leader (etcd's /health)."""
+        try:
+            return requests.get(self.url(i) + "/health", timeout=2).json().get("health") == "true"
+        except (requests.RequestException, ValueError):
+            return False
 
     def cluster(self, name: str = "etcd") -> dict:
         """The Envoy cluster reaching every member, with the health check envoy-config/envoy.yaml
@@ -495,8 +500,9 @@ class Etcd:
         c["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
             {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": client}}}}
             for client, _ in self.ports]
-        c["health_checks"] = [{"timeout": "0.5s", "interval": "1s", "unhealthy_threshold": 1,
-                               "healthy_threshold": 1, "http_health_check": {"path": "/health"}}]
+        c["health_checks"] = [{"timeout": "1s", "interval": "1s", "no_traffic_interval": "1s",
+                               "unhealthy_threshold": 1, "healthy_threshold": 1,
+                               "http_health_check": {"path": "/health"}}]
         return c
 
     def keys(self, prefix: str) -> list[str]:
