@@ -199,6 +199,7 @@ impl RootContext for Root {
             FetchSchedule::new(config.revocation.as_ref().map(|f| (0, f.refresh_seconds)));
         let mut store = KvStore::new(host::SharedData, config.jti.limits, config.sockets.limits);
         store.create_buckets();
+        let has_store = config.store.is_some();
         let sockets = config
             .store
             .as_ref()
@@ -211,7 +212,13 @@ impl RootContext for Root {
             sockets,
         })));
         self.next_refresh = now;
-        host::set_tick(1);
+        // --- fleet store: a faster tick frees closed sockets' etcd slots sooner.
+        if has_store {
+            host::store::set_tick();
+        } else {
+            host::set_tick(1);
+        }
+        // ---
         true
     }
 
