@@ -631,6 +631,13 @@ impl Sockets {
         }
     }
 
+    /// A stream ended while its connect waited for etcd: the claim may have been applied
+    /// without us hearing it, so free whichever of the owner's slots holds this socket's id.
+    pub fn abandoned(&mut self, claim: &SlotClaim) {
+        self.closed
+            .extend((0..claim.limit).map(|n| (claim.owner.clone(), n, claim.slot.clone())));
+    }
+
     pub fn live_count(&self) -> usize {
         self.live.len()
     }

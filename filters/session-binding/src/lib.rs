@@ -645,6 +645,16 @@ impl Context for Stream {
     // ---
 
     fn on_done(&mut self) -> bool {
+        // --- fleet store: gone while etcd was answering; the slot may be taken anyway.
+        if let Some(asking) = self.asking.take() {
+            if let (Some(claim), Some(sockets)) = (
+                &asking.pending.connect.slot,
+                self.shared.borrow_mut().sockets.as_mut(),
+            ) {
+                sockets.abandoned(claim);
+            }
+        }
+        // ---
         self.release_slot();
         true
     }

@@ -524,3 +524,28 @@ fn a_request_refused_before_the_claims_or_without_any_makes_no_store_call() {
         FleetDecision::Now(BindDecision::Allow { .. })
     ));
 }
+
+#[test]
+fn a_connect_abandoned_while_waiting_frees_whichever_slot_it_took() {
+    let mut s = Sockets::new(42, 9);
+    let claim = connect(false, Some(3)).slot.unwrap();
+    s.abandoned(&claim);
+    let calls = s.due("gh/", 0);
+    let RootCall::Release(freed) = &calls[0].0 else {
+        panic!()
+    };
+    assert_eq!(freed.len(), 3);
+    let ops = body(&calls[0].1)["success"].as_array().unwrap().clone();
+    for (n, op) in ops.iter().enumerate() {
+        let t = &op["request_txn"];
+        assert_eq!(
+            unb64(&t["compare"][0]["key"]),
+            format!("gh/sock/owner-hash/{n}")
+        );
+        assert_eq!(
+            unb64(&t["compare"][0]["value"]),
+            "slot-a",
+            "only this socket's"
+        );
+    }
+}
