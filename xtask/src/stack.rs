@@ -30,6 +30,13 @@ const TURN_PORT: u16 = 3478;
 /// The HTTPS listener's certificate and key, as PEM text in Envoy's environment.
 const TLS_CERT_VAR: &str = "GATEHOUSE_TLS_CERT";
 const TLS_KEY_VAR: &str = "GATEHOUSE_TLS_KEY";
+const ENVOY_PORT: u16 = 8080;
+const ADMIN_PORT: u16 = 9901;
+/// The HTTPS listener (`ingress_tls`); replica i listens on TLS_PORT + 10·i.
+const TLS_PORT: u16 = 8443;
+/// etcd for the fleet state (envoy.yaml's `etcd` cluster and session-binding's `store`).
+const ETCD_CLIENT: &str = "127.0.0.1:2379";
+const ETCD_PEER: &str = "http://127.0.0.1:2380";
 /// The login cookies' AES-256 keys, for the demo (encrypts) and Envoy's token-proxy (decrypts):
 /// 64 hex characters each, comma-separated, current first. Never in a committed file.
 const COOKIE_KEYS_VAR: &str = "GATEHOUSE_COOKIE_KEYS";
@@ -59,7 +66,8 @@ impl Drop for Started {
     }
 }
 
-pub fn up() -> Result<(), String> {
+pub fn up(args: &[String]) -> Result<(), String> {
+    let replicas = parse_replicas(args)?;
     tools::ensure_system_packages()?;
     tools::build()?;
     tools::venv()?;
@@ -91,18 +99,29 @@ pub fn up() -> Result<(), String> {
         .map_err(|e| format!("cannot start the demo: {e}"))?;
     started.0.push(("demo", demo));
     wait_http(DEMO_ADDR, "/healthz", &stop, &mut started)?;
+    start_etcd(&root, &stop, &mut started)?;
 
-    let envoy = Command::new(envoy)
-        .current_dir(&root)
-        .args(["-c", "envoy-config/envoy.yaml", "--log-level", "info"])
-        .env(COOKIE_KEYS_VAR, &cookie_keys)
-        .env(TURN_SECRET_VAR, &turn_secret)
-        .env(TLS_CERT_VAR, &tls_cert)
-        .env(TLS_KEY_VAR, &tls_key)
-        .spawn()
-        .map_err(|e| format!("cannot start Envoy: {e}"))?;
-    started.0.push(("envoy", envoy));
-    wait_http(ADMIN_ADDR, "/ready", &stop, &mut started)?;
+    for i in 0..replicas {
+        let config = replica_config(&root, i)?;
+        let envoy = Command::new(&envoy)
+            .current_dir(&root)
+            .args([
+                "-c",
+                &config,
+                "--log-level",
+                "info",
+                "--use-dynamic-base-id",
+            ])
+            .env(COOKIE_KEYS_VAR, &cookie_keys)
+            .env(TURN_SECRET_VAR, &turn_secret)
+            .env(TLS_CERT_VAR, &tls_cert)
+            .env(TLS_KEY_VAR, &tls_key)
+            .spawn()
+            .map_err(|e| format!("cannot start Envoy: {e}"))?;
+        started.0.push(("envoy", envoy));
+        let admin = format!("127.0.0.1:{}", ADMIN_PORT + 10 * i);
+        wait_http(&admin, "/ready", &stop, &mut started)?;
+    }
     if TcpStream::connect(KAMAILIO_ADDR).is_err() {
         return Err(format!("Kamailio is not listening on {KAMAILIO_ADDR}"));
     }
@@ -122,6 +141,7 @@ pub fn up() -> Result<(), String> {
     println!("  Envoy admin       http://{ADMIN_ADDR}/stats?filter=gatehouse");
     println!("  TURN credentials  curl -X POST http://{ENVOY_ADDR}/turn-credentials -H 'origin: http://{ENVOY_ADDR}' -H 'authorization: Bearer …'");
     println!("  Kamailio          ws://{KAMAILIO_ADDR} (behind {TLS_ORIGIN}/ws/sip), coturn turn:127.0.0.1:{TURN_PORT}");
+    print_replicas(replicas);
     println!("  secrets           {COOKIE_KEYS_VAR}, {TURN_SECRET_VAR} from .local/keys/ (or your environment)");
     println!("  Ctrl-C stops everything started here.");
     println!();
@@ -320,6 +340,95 @@ fn start_kamailio(root: &Path) -> Result<Child, String> {
         .arg(run.join("kamailio.pid"))
         .spawn()
         .map_err(|e| format!("cannot start Kamailio: {e}"))
+}
+
+// ------------------------------------------------------------------------------ fleet (etcd)
+
+/// `--replicas N` (default 1, at most 50).
+fn parse_replicas(args: &[String]) -> Result<u16, String> {
+    match args {
+        [] => Ok(1),
+        [flag, n] if flag == "--replicas" => n
+            .parse::<u16>()
+            .ok()
+            .filter(|n| (1..=50).contains(n))
+            .ok_or_else(|| format!("--replicas {n}: expected a number from 1 to 50")),
+        _ => Err("usage: cargo xtask up [--replicas N]".into()),
+    }
+}
+
+/// A real etcd (Debian `etcd-server`), one member, its data in the git-ignored `.local/etcd`.
+fn start_etcd(root: &Path, stop: &AtomicBool, started: &mut Started) -> Result<(), String> {
+    tools::need_program("etcd", "apt-get install etcd-server")?;
+    let data = root.join(".local/etcd");
+    fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+    let log = fs::File::create(root.join(".local/etcd.log"))
+        .map_err(|e| format!(".local/etcd.log: {e}"))?;
+    let client = format!("http://{ETCD_CLIENT}");
+    let etcd = Command::new("etcd")
+        .current_dir(root)
+        .args(["--name", "local", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            ETCD_PEER,
+            "--initial-advertise-peer-urls",
+            ETCD_PEER,
+        ])
+        .args(["--initial-cluster", &format!("local={ETCD_PEER}")])
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start etcd: {e}"))?;
+    started.0.push(("etcd", etcd));
+    wait_http(ETCD_CLIENT, "/health", stop, started)
+}
+
+/// Replica `i`'s config: envoy-config/envoy.yaml itself for 0, else a copy in `.local/` on
+/// 8080+10·i (its origins too) with its admin on 9901+10·i.
+fn replica_config(root: &Path, i: u16) -> Result<String, String> {
+    const SHIPPED: &str = "envoy-config/envoy.yaml";
+    if i == 0 {
+        return Ok(SHIPPED.into());
+    }
+    let text = fs::read_to_string(root.join(SHIPPED)).map_err(|e| format!("{SHIPPED}: {e}"))?;
+    let (port, admin, tls) = (ENVOY_PORT + 10 * i, ADMIN_PORT + 10 * i, TLS_PORT + 10 * i);
+    let text = text
+        .replace(
+            &format!("port_value: {TLS_PORT}"),
+            &format!("port_value: {tls}"),
+        )
+        .replace(&format!(":{TLS_PORT}\""), &format!(":{tls}\""))
+        .replace(
+            &format!("port_value: {ENVOY_PORT}"),
+            &format!("port_value: {port}"),
+        )
+        .replace(
+            &format!("port_value: {ADMIN_PORT}"),
+            &format!("port_value: {admin}"),
+        )
+        .replace(&format!(":{ENVOY_PORT}\""), &format!(":{port}\""));
+    let path = format!(".local/envoy-replica-{i}.yaml");
+    fs::write(root.join(&path), text).map_err(|e| format!("{path}: {e}"))?;
+    Ok(path)
+}
+
+fn print_replicas(replicas: u16) {
+    println!("  etcd              http://{ETCD_CLIENT}   (fleet state; data in .local/etcd)");
+    for i in 1..replicas {
+        println!(
+            "  replica {i}         http://127.0.0.1:{}/   https://127.0.0.1:{}/   admin http://127.0.0.1:{}/",
+            ENVOY_PORT + 10 * i,
+            TLS_PORT + 10 * i,
+            ADMIN_PORT + 10 * i
+        );
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub mod rules;
 pub mod session_binding;
 pub mod sessions;
 pub mod stats;
+pub mod store;
 pub mod token_proxy;
 pub mod turn;
 pub mod ws;

@@ -20,6 +20,7 @@ use crate::path::PathError;
 use crate::reply::{LocalReply, Refusal, WsHandshake};
 use crate::rules::{Needs, RawMatch, Rules};
 use crate::stats::SessionBindingStat;
+use crate::store::{Claimed, Connect, RawStore, StoreConfig, StoreError, WhenUnavailable, MAX_CAP};
 use crate::{cookie, ws};
 use revocation::{RevocationState, Revoked, TokenId};
 use serde::Deserialize;
@@ -58,6 +59,8 @@ struct RawConfig {
     jti: Option<RawJti>,
     sockets: Option<RawSockets>,
     revocation: Option<RawRevocation>,
+    /// Fleet state on etcd (docs/fleet.md); without it, this Envoy's shared data.
+    store: Option<RawStore>,
 }
 
 #[derive(Deserialize)]
@@ -357,6 +360,8 @@ pub struct SessionBindingConfig {
     pub jti: JtiSettings,
     pub sockets: SocketSettings,
     pub revocation: Option<RevocationFeed>,
+    /// Fleet state on etcd; `None`: this Envoy's shared data.
+    pub store: Option<StoreConfig>,
     /// Which request facts its rules match by (compiled once).
     pub needs: Needs,
 }
@@ -770,6 +775,25 @@ impl SessionBindingConfig {
                 })
             }
         };
+        let store = raw.store.map(StoreConfig::compile).transpose()?;
+        if store.is_some() {
+            let bindings = std::iter::once(("".to_string(), Some(&default_binding))).chain(
+                rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, b))| (format!("rules[{i}]."), b.as_ref())),
+            );
+            for (at, b) in bindings {
+                if b.and_then(|b| b.max_sockets.as_ref())
+                    .is_some_and(|c| c.limit > MAX_CAP)
+                {
+                    return Err(ConfigError::new(
+                        format!("{at}max_sockets.limit"),
+                        format!("must be at most {MAX_CAP} with `store`"),
+                    ));
+                }
+            }
+        }
         let rules = Rules::new(rules);
         Ok(Self {
             needs: rules.needs(),
@@ -779,6 +803,7 @@ impl SessionBindingConfig {
             jti,
             sockets,
             revocation,
+            store,
         })
     }
 
@@ -1001,6 +1026,8 @@ pub enum BindDenial {
     NoCapClaim,
     TooManySockets,
     SlotStoreFull,
+    /// The fleet store did not answer usably within `timeout_ms` (`when_unavailable: closed`).
+    StoreUnavailable,
 }
 
 impl BindDenial {
@@ -1026,6 +1053,7 @@ impl BindDenial {
             BindDenial::NoCapClaim => "no_cap_claim",
             BindDenial::TooManySockets => "too_many_sockets",
             BindDenial::SlotStoreFull => "slot_store_full",
+            BindDenial::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -1048,7 +1076,9 @@ impl BindDenial {
             | BindDenial::JtiSubjectFull
             | BindDenial::TooManySockets
             | BindDenial::SlotStoreFull => Refusal::TooMany,
-            BindDenial::RevocationStale | BindDenial::Clock => Refusal::Unavailable,
+            BindDenial::RevocationStale | BindDenial::Clock | BindDenial::StoreUnavailable => {
+                Refusal::Unavailable
+            }
         }
     }
 
@@ -1142,9 +1172,9 @@ pub fn session_hmac(key: &[u8], cookie_value: &str) -> Option<String> {
     Some(crate::b64url(&mac.finalize().into_bytes()))
 }
 
-/// The refusal of `denial` for `req`: problem+json, or a 101 and a close frame on an upgrade.
-pub fn deny(req: &BindRequest<'_>, denial: BindDenial) -> BindDecision {
-    let hs = if req.websocket {
+/// The handshake answer of an upgrade request (`None` for plain HTTP).
+fn handshake(req: &BindRequest<'_>) -> Option<WsHandshake> {
+    if req.websocket {
         req.ws_key.map(|key| WsHandshake {
             accept: ws::accept_key(key),
             protocol: req
@@ -1154,10 +1184,88 @@ pub fn deny(req: &BindRequest<'_>, denial: BindDenial) -> BindDecision {
         })
     } else {
         None
-    };
+    }
+}
+
+/// The refusal of `denial` for `req`: problem+json, or a 101 and a close frame on an upgrade.
+pub fn deny(req: &BindRequest<'_>, denial: BindDenial) -> BindDecision {
+    deny_with(handshake(req).as_ref(), denial)
+}
+
+fn deny_with(hs: Option<&WsHandshake>, denial: BindDenial) -> BindDecision {
     BindDecision::Deny {
         denial,
-        reply: denial.refusal().reply(hs.as_ref()),
+        reply: denial.refusal().reply(hs),
+    }
+}
+
+/// A decision with a fleet store ([`SessionBinding::decide_fleet`]).
+#[derive(Debug)]
+pub enum FleetDecision {
+    /// Decided without the store (refused before any claim, or nothing to claim).
+    Now(BindDecision),
+    /// Allowed if the store confirms the claims: send [`Pending::connect`], then
+    /// [`Pending::finish`] with its answer.
+    Ask(Box<Pending>),
+}
+
+/// An allowed connect waiting for the store.
+#[derive(Debug)]
+pub struct Pending {
+    pub connect: Connect,
+    handshake: Option<WsHandshake>,
+    live: Option<LiveTerms>,
+    notes: Vec<SessionBindingStat>,
+}
+
+/// How a connect ended once the store answered.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Finished {
+    pub decision: BindDecision,
+    /// The etcd slot number the socket holds (`None`: no slot, or a slot in local state).
+    pub etcd_slot: Option<u32>,
+    /// Decided on this Envoy's own state because the store could not answer.
+    pub fallback: bool,
+}
+
+impl Pending {
+    /// The decision once the store answered `answer`; on a store error, `when` says whether to
+    /// refuse or to claim in `local` (this Envoy's shared data).
+    pub fn finish(
+        self,
+        answer: Result<Claimed, StoreError>,
+        when: WhenUnavailable,
+        local: &mut dyn BindingStore,
+    ) -> Finished {
+        let refuse = |denial, fallback| Finished {
+            decision: deny_with(self.handshake.as_ref(), denial),
+            etcd_slot: None,
+            fallback,
+        };
+        let (etcd_slot, fallback) = match answer {
+            Ok(Claimed::Fresh { slot }) => (slot, false),
+            Ok(Claimed::Replay) => return refuse(BindDenial::Replay, false),
+            Ok(Claimed::OverCap) => return refuse(BindDenial::TooManySockets, false),
+            Err(_) if when == WhenUnavailable::Closed => {
+                return refuse(BindDenial::StoreUnavailable, false)
+            }
+            Err(_) => match self.connect.claim_locally(local) {
+                Ok(()) => (None, true),
+                Err((UseOnce::Replay, _)) => return refuse(BindDenial::Replay, true),
+                Err((UseOnce::OwnerFull, _)) => return refuse(BindDenial::JtiSubjectFull, true),
+                Err((UseOnce::Full, _)) => return refuse(BindDenial::JtiStoreFull, true),
+                Err((_, Acquire::OverCap)) => return refuse(BindDenial::TooManySockets, true),
+                Err(_) => return refuse(BindDenial::SlotStoreFull, true),
+            },
+        };
+        Finished {
+            decision: BindDecision::Allow {
+                live: self.live,
+                notes: self.notes,
+            },
+            etcd_slot,
+            fallback,
+        }
     }
 }
 
@@ -1331,6 +1439,29 @@ impl SessionBinding {
                 reauth: None,
             }),
             notes,
+        }
+    }
+
+    /// [`Self::decide_selected`] with the fleet store: the claims an allowed request makes are
+    /// recorded, to be confirmed by etcd before the request goes on.
+    pub fn decide_fleet(
+        &self,
+        selected: Result<Option<&Binding>, PathError>,
+        req: &BindRequest<'_>,
+        now: Option<u64>,
+        revocations: Option<&RevocationState>,
+    ) -> FleetDecision {
+        let mut connect = Connect::default();
+        match self.decide_selected(selected, req, now, revocations, &mut connect) {
+            BindDecision::Allow { live, notes } if !connect.is_empty() => {
+                FleetDecision::Ask(Box::new(Pending {
+                    connect,
+                    handshake: handshake(req),
+                    live,
+                    notes,
+                }))
+            }
+            decision => FleetDecision::Now(decision),
         }
     }
 

@@ -13,6 +13,7 @@ use crate::page_guard::{Outcome, ReportDirective, ReportError, ResponseDenial};
 use crate::path::PathError;
 use crate::session_binding::revocation::Revoked;
 use crate::session_binding::BindDenial;
+use crate::store::{StoreError, STORE_ERRORS};
 use crate::token_proxy::{CookieError, ProxyDenial};
 use crate::turn::TurnDenial;
 
@@ -22,6 +23,10 @@ pub trait Stat: Copy + PartialEq + Sized + 'static {
     fn all() -> Vec<Self>;
     /// The counter's name after the filter's prefix (`denied.expired`).
     fn name(self) -> String;
+    /// A histogram (values recorded), not a counter.
+    fn is_histogram(self) -> bool {
+        false
+    }
 }
 
 const PATH_ERRORS: [PathError; 2] = [PathError::DotSegment, PathError::HiddenSeparator];
@@ -231,7 +236,13 @@ fn bind_denials() -> Vec<BindDenial> {
         JtiSubjectFull,
     ]);
     all.extend(REVOKED.map(Revoked));
-    all.extend([RevocationStale, NoCapClaim, TooManySockets, SlotStoreFull]);
+    all.extend([
+        RevocationStale,
+        NoCapClaim,
+        TooManySockets,
+        SlotStoreFull,
+        StoreUnavailable,
+    ]);
     all
 }
 const _: fn(BindDenial) = |d| {
@@ -240,7 +251,7 @@ const _: fn(BindDenial) = |d| {
         BadPath(_) | Clock | NoClaims | NoSessionCookie | NoSessionClaim | SessionMismatch
         | ScopeUnknown | ScopeMismatch | NoFingerprint | FingerprintMismatch | NoJti
         | JtiUnbounded | Replay | JtiStoreFull | JtiSubjectFull | Revoked(_) | RevocationStale
-        | NoCapClaim | TooManySockets | SlotStoreFull => {}
+        | NoCapClaim | TooManySockets | SlotStoreFull | StoreUnavailable => {}
     }
 };
 
@@ -278,6 +289,60 @@ impl WsClose {
     }
 }
 
+/// The fleet store's outcomes (`store.*`, docs/fleet.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreStat {
+    /// A connect's claims confirmed by etcd.
+    Claimed,
+    Replay,
+    OverCap,
+    /// No usable answer (then `when_unavailable` decides).
+    Error(StoreError),
+    /// Decided on this Envoy's own state (`when_unavailable: local`).
+    LocalFallback,
+    KeepaliveOk,
+    /// The socket lease had expired (etcd away longer than its TTL): granted again and the
+    /// live sockets' slots put back.
+    LeaseRestored,
+    KeepaliveFailed,
+    Released,
+    ReleaseFailed,
+    /// Milliseconds from the first call to the answer of a connect (a histogram).
+    LatencyMs,
+}
+
+const STORE_STATS: [StoreStat; 10] = [
+    StoreStat::Claimed,
+    StoreStat::Replay,
+    StoreStat::OverCap,
+    StoreStat::LocalFallback,
+    StoreStat::KeepaliveOk,
+    StoreStat::LeaseRestored,
+    StoreStat::KeepaliveFailed,
+    StoreStat::Released,
+    StoreStat::ReleaseFailed,
+    StoreStat::LatencyMs,
+];
+
+impl StoreStat {
+    fn name(self) -> String {
+        let name = match self {
+            StoreStat::Claimed => "claimed",
+            StoreStat::Replay => "replay",
+            StoreStat::OverCap => "over_cap",
+            StoreStat::Error(e) => return format!("store.error.{}", e.reason()),
+            StoreStat::LocalFallback => "local_fallback",
+            StoreStat::KeepaliveOk => "keepalive_ok",
+            StoreStat::LeaseRestored => "lease_restored",
+            StoreStat::KeepaliveFailed => "keepalive_failed",
+            StoreStat::Released => "released",
+            StoreStat::ReleaseFailed => "release_failed",
+            StoreStat::LatencyMs => "latency_ms",
+        };
+        format!("store.{name}")
+    }
+}
+
 /// `gatehouse.session_binding.*`
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionBindingStat {
@@ -293,6 +358,7 @@ pub enum SessionBindingStat {
     RevocationEntrySkipped,
     ReauthChecked,
     WsClosed(WsClose),
+    Store(StoreStat),
 }
 
 impl Stat for SessionBindingStat {
@@ -312,7 +378,13 @@ impl Stat for SessionBindingStat {
         ]);
         all.extend(LIVE_CLOSES.map(|d| WsClosed(WsClose::Denied(d))));
         all.push(WsClosed(WsClose::ReauthUnreadable));
+        all.extend(STORE_STATS.map(Store));
+        all.extend(STORE_ERRORS.map(|e| Store(StoreStat::Error(e))));
         all
+    }
+
+    fn is_histogram(self) -> bool {
+        self == SessionBindingStat::Store(StoreStat::LatencyMs)
     }
 
     fn name(self) -> String {
@@ -330,6 +402,7 @@ impl Stat for SessionBindingStat {
             RevocationEntrySkipped => "revocation.entry_skipped",
             ReauthChecked => "reauth.checked",
             WsClosed(c) => return format!("ws.closed.{}", c.reason()),
+            Store(s) => return s.name(),
         }
         .to_string()
     }

@@ -18,6 +18,8 @@ use std::time::UNIX_EPOCH;
 
 pub use proxy_wasm;
 
+pub mod store;
+
 /// A host call that should not fail did: said at error level (never silently dropped).
 fn failed(what: &str, detail: &str) {
     let _ = hostcalls::log(
@@ -484,9 +486,9 @@ impl<S: Stat> Counters<S> {
         self.add(stat, 1);
     }
 
-    /// Count `stat` `n` times at once.
+    /// Count `stat` `n` times at once (a histogram: record the value `n`).
     pub fn add(&self, stat: S, n: u64) {
-        if n == 0 {
+        if n == 0 && !stat.is_histogram() {
             return;
         }
         let id = {
@@ -495,7 +497,12 @@ impl<S: Stat> Counters<S> {
                 Some((_, id)) => Some(*id),
                 None => {
                     let name = format!("{}.{}", self.filter, stat.name());
-                    match hostcalls::define_metric(MetricType::Counter, &name) {
+                    let kind = if stat.is_histogram() {
+                        MetricType::Histogram
+                    } else {
+                        MetricType::Counter
+                    };
+                    match hostcalls::define_metric(kind, &name) {
                         Ok(id) => {
                             ids.push((stat, id));
                             Some(id)
@@ -506,7 +513,12 @@ impl<S: Stat> Counters<S> {
             }
         };
         if let Some(id) = id {
-            if hostcalls::increment_metric(id, n as i64).is_err() {
+            let done = if stat.is_histogram() {
+                hostcalls::record_metric(id, n)
+            } else {
+                hostcalls::increment_metric(id, n as i64)
+            };
+            if done.is_err() {
                 failed("count a stat", &stat.name());
             }
         }

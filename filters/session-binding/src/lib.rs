@@ -12,10 +12,12 @@ use gatehouse_core::jwt_auth::{CLAIMS_PROPERTY, KID_PROPERTY};
 use gatehouse_core::session_binding::revocation::{RevocationList, RevocationState};
 use gatehouse_core::session_binding::store::{BindingStore, KvStore};
 use gatehouse_core::session_binding::{
-    parse_address, BindDecision, BindRequest, ClaimsSource, LiveTerms, SessionBinding,
-    SessionBindingConfig, JWT_AUTHN_NAMESPACE, REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
+    parse_address, BindDecision, BindRequest, ClaimsSource, FleetDecision, LiveTerms, Pending,
+    SessionBinding, SessionBindingConfig, JWT_AUTHN_NAMESPACE, REAUTH_CLAIMS_PROPERTY,
+    REAUTH_KID_PROPERTY,
 };
-use gatehouse_core::stats::{SessionBindingStat, WsClose};
+use gatehouse_core::stats::{SessionBindingStat, StoreStat, WsClose};
+use gatehouse_core::store::Sockets;
 use gatehouse_core::ws::{Dir, LiveSocket};
 use gatehouse_host::{self as host, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -37,6 +39,8 @@ struct Shared {
     /// The slots held by live sockets of this worker: slot → owner. Refreshed on the tick so
     /// only the slots of vanished streams expire.
     live_slots: HashMap<String, String>,
+    /// Fleet store (`store`, docs/fleet.md): this worker's socket lease and etcd slots.
+    sockets: Option<Sockets>,
 }
 
 impl Shared {
@@ -50,6 +54,15 @@ impl Shared {
     }
 
     fn release(&mut self, owner: &str, slot: &str) {
+        // --- fleet store: an etcd slot is freed on the next tick.
+        if let Some(sockets) = self.sockets.as_mut() {
+            if !self.live_slots.contains_key(slot) {
+                sockets.closed(slot);
+                self.count(SessionBindingStat::SocketsReleased);
+                return;
+            }
+        }
+        // ---
         self.live_slots.remove(slot);
         self.store().release_slot(owner, slot, host::now_secs());
         self.count(SessionBindingStat::SocketsReleased);
@@ -74,10 +87,22 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
+        let Some(shared) = &self.shared else { return };
         if self.fetches.in_flight(token).is_none() {
+            // --- fleet store: keep-alives and slot releases.
+            let mut guard = shared.borrow_mut();
+            let shared = &mut *guard;
+            if let (Some(config), Some(sockets)) =
+                (&shared.binding.config.store, shared.sockets.as_mut())
+            {
+                let counters = &shared.counters;
+                host::store::root_answer(config, sockets, token, body_size, |s| {
+                    counters.inc(SessionBindingStat::Store(s))
+                });
+            }
+            // ---
             return;
         }
-        let Some(shared) = &self.shared else { return };
         let (status, body) = host::http_call_response(body_size);
         let now = host::now_secs();
         let mut shared = shared.borrow_mut();
@@ -174,20 +199,46 @@ impl RootContext for Root {
             FetchSchedule::new(config.revocation.as_ref().map(|f| (0, f.refresh_seconds)));
         let mut store = KvStore::new(host::SharedData, config.jti.limits, config.sockets.limits);
         store.create_buckets();
+        let has_store = config.store.is_some();
+        let sockets = config
+            .store
+            .as_ref()
+            .map(|_| Sockets::new(host::store::lease_id(), config.sockets.slot_ttl));
         self.shared = Some(Rc::new(RefCell::new(Shared {
             binding: SessionBinding::new(config),
             counters: Counters::new(NAME),
             revocations,
             live_slots: HashMap::new(),
+            sockets,
         })));
         self.next_refresh = now;
-        host::set_tick(1);
+        // --- fleet store: a faster tick frees closed sockets' etcd slots sooner.
+        if has_store {
+            host::store::set_tick();
+        } else {
+            host::set_tick(1);
+        }
+        // ---
         true
     }
 
     fn on_tick(&mut self) {
         let Some(shared) = &self.shared else { return };
         let now = host::now_secs();
+        // --- fleet store: free closed sockets' slots, keep the socket lease alive.
+        {
+            let mut guard = shared.borrow_mut();
+            let shared = &mut *guard;
+            if let (Some(config), Some(sockets)) =
+                (&shared.binding.config.store, shared.sockets.as_mut())
+            {
+                let counters = &shared.counters;
+                host::store::tick(config, sockets, now, |s| {
+                    counters.inc(SessionBindingStat::Store(s))
+                });
+            }
+        }
+        // ---
         let shared = shared.borrow();
         if let Some(feed) = &shared.binding.config.revocation {
             for source in self.fetches.due(now) {
@@ -230,6 +281,7 @@ impl RootContext for Root {
             live: None,
             slot: None,
             reauth_seen: None,
+            asking: None,
         }))
     }
 
@@ -248,6 +300,16 @@ struct Stream {
     slot: Option<(String, String)>,
     /// jwt-auth's last published re-auth payload this stream checked.
     reauth_seen: Option<Vec<u8>>,
+    /// Fleet store: the connect waiting for etcd's answer (the request is paused).
+    asking: Option<Asking>,
+}
+
+/// A connect paused until the store answers.
+struct Asking {
+    call: host::store::Asking,
+    pending: Box<Pending>,
+    websocket: bool,
+    path: String,
 }
 
 fn as_claims(bytes: &[u8]) -> Option<Claims> {
@@ -293,7 +355,7 @@ impl Stream {
         // this request needs, and nothing at all for a route it does not bind.
         let needs = self.shared.borrow().binding.config.needs;
         let (path, authority, route) = host::rule_target(&needs);
-        let mut shared = self.shared.borrow_mut();
+        let shared = self.shared.borrow();
         // A path that walks (`..`, `%2e%2e`, `%2f`) matches no rule: the core refuses it
         // (400 / close 4400) before any rule or template looks at it.
         let config = &shared.binding.config;
@@ -339,6 +401,37 @@ impl Stream {
             kid: found.as_ref().and_then(|(_, k)| k.as_deref()),
             slot_id: &slot_id,
         };
+        // --- fleet store: an allowed connect's claims go to etcd; the request waits.
+        if let Some(config) = &shared.binding.config.store {
+            match shared
+                .binding
+                .decide_fleet(selected, &req, now, shared.revocations.as_ref())
+            {
+                FleetDecision::Now(decision) => {
+                    drop(shared);
+                    return self.apply(decision, websocket, &path, None);
+                }
+                FleetDecision::Ask(pending) => {
+                    let lease = shared.sockets.as_ref().map_or((0, 0), |s| (s.lease, s.ttl));
+                    match host::store::ask(config, pending.connect.clone(), lease) {
+                        Ok(call) => {
+                            self.asking = Some(Asking {
+                                call,
+                                pending,
+                                websocket,
+                                path,
+                            });
+                            return Action::Pause;
+                        }
+                        Err(e) => {
+                            drop(shared);
+                            return self.stored(pending, Err(e), websocket, &path, 0);
+                        }
+                    }
+                }
+            }
+        }
+        // ---
         let mut store = shared.store();
         let decision = shared.binding.decide_selected(
             selected,
@@ -347,6 +440,66 @@ impl Stream {
             shared.revocations.as_ref(),
             &mut store,
         );
+        drop(shared);
+        self.apply(decision, websocket, &path, None)
+    }
+
+    /// Fleet store: the connect's verdict from etcd (or its error) → the decision, applied.
+    fn stored(
+        &mut self,
+        pending: Box<Pending>,
+        answer: Result<gatehouse_core::store::Claimed, gatehouse_core::store::StoreError>,
+        websocket: bool,
+        path: &str,
+        started_ms: u64,
+    ) -> Action {
+        let shared = self.shared.borrow();
+        let Some(config) = shared.binding.config.store.clone() else {
+            return Action::Continue;
+        };
+        if started_ms > 0 {
+            let took = host::store::now_ms().saturating_sub(started_ms);
+            shared
+                .counters
+                .add(SessionBindingStat::Store(StoreStat::LatencyMs), took);
+        }
+        let stat = match &answer {
+            Ok(gatehouse_core::store::Claimed::Fresh { .. }) => StoreStat::Claimed,
+            Ok(gatehouse_core::store::Claimed::Replay) => StoreStat::Replay,
+            Ok(gatehouse_core::store::Claimed::OverCap) => StoreStat::OverCap,
+            Err(e) => {
+                host::log(
+                    LogLevel::Warn,
+                    NAME,
+                    &format!(
+                        "store `{}`: no usable answer ({}); when_unavailable: {}",
+                        config.cluster,
+                        e.reason(),
+                        config.when_unavailable.name()
+                    ),
+                );
+                StoreStat::Error(*e)
+            }
+        };
+        shared.count(SessionBindingStat::Store(stat));
+        let mut local = shared.store();
+        let finished = pending.finish(answer, config.when_unavailable, &mut local);
+        if finished.fallback {
+            shared.count(SessionBindingStat::Store(StoreStat::LocalFallback));
+        }
+        drop(shared);
+        self.apply(finished.decision, websocket, path, finished.etcd_slot)
+    }
+
+    /// Apply a decision (`etcd_slot`: the etcd slot number an allowed socket holds).
+    fn apply(
+        &mut self,
+        decision: BindDecision,
+        websocket: bool,
+        path: &str,
+        etcd_slot: Option<u32>,
+    ) -> Action {
+        let mut shared = self.shared.borrow_mut();
         match decision {
             BindDecision::Pass => {
                 shared.count(SessionBindingStat::Passed);
@@ -359,7 +512,12 @@ impl Stream {
                 }
                 if let Some(terms) = live {
                     if let Some((owner, slot)) = &terms.slot {
-                        shared.live_slots.insert(slot.clone(), owner.clone());
+                        match (etcd_slot, shared.sockets.as_mut()) {
+                            (Some(n), Some(sockets)) => sockets.held(slot, owner, n),
+                            _ => {
+                                shared.live_slots.insert(slot.clone(), owner.clone());
+                            }
+                        }
                         shared.count(SessionBindingStat::SocketsAcquired);
                         self.slot = Some((owner.clone(), slot.clone()));
                     }
@@ -375,7 +533,7 @@ impl Stream {
                     denial.reason(),
                     denial.refusal(),
                     websocket,
-                    &path,
+                    path,
                     &reply,
                 )
             }
@@ -459,7 +617,44 @@ impl Stream {
 }
 
 impl Context for Stream {
+    // --- fleet store: etcd's answer to a paused connect.
+    fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+        let Some(mut asking) = self.asking.take() else {
+            return;
+        };
+        let Some(config) = self.shared.borrow().binding.config.store.clone() else {
+            return;
+        };
+        match host::store::answered(&config, &mut asking.call, token, body_size) {
+            None => self.asking = Some(asking),
+            Some(answer) => {
+                let started = asking.call.flow.started_ms;
+                if self.stored(
+                    asking.pending,
+                    answer,
+                    asking.websocket,
+                    &asking.path,
+                    started,
+                ) == Action::Continue
+                {
+                    host::resume_request();
+                }
+            }
+        }
+    }
+    // ---
+
     fn on_done(&mut self) -> bool {
+        // --- fleet store: gone while etcd was answering; the slot may be taken anyway.
+        if let Some(asking) = self.asking.take() {
+            if let (Some(claim), Some(sockets)) = (
+                &asking.pending.connect.slot,
+                self.shared.borrow_mut().sockets.as_mut(),
+            ) {
+                sockets.abandoned(claim);
+            }
+        }
+        // ---
         self.release_slot();
         true
     }

@@ -58,6 +58,61 @@ pub trait BindingStore {
     fn release_slot(&mut self, owner: &str, slot: &str, now: u64);
 }
 
+/// The fleet store's recorder: during a decision it answers "fresh" and "granted" and keeps what
+/// was asked, which the shell then sends to etcd as one transaction ([`crate::store`]).
+impl BindingStore for crate::store::Connect {
+    fn use_once(
+        &mut self,
+        id: &str,
+        owner: Option<(&str, usize)>,
+        until: u64,
+        now: u64,
+    ) -> UseOnce {
+        self.now = now;
+        self.jti = Some(crate::store::JtiClaim {
+            id: id.to_string(),
+            owner: owner.map(|(o, cap)| (o.to_string(), cap)),
+            until,
+        });
+        UseOnce::Fresh
+    }
+
+    fn acquire_slot(&mut self, owner: &str, slot: &str, limit: u32, ttl: u64, now: u64) -> Acquire {
+        self.now = now;
+        self.slot = Some(crate::store::SlotClaim {
+            owner: owner.to_string(),
+            slot: slot.to_string(),
+            limit,
+            ttl,
+        });
+        Acquire::Granted
+    }
+
+    fn refresh_slots(&mut self, _slots: &[(&str, &str)], _ttl: u64, _now: u64) {}
+
+    fn release_slot(&mut self, _owner: &str, _slot: &str, _now: u64) {}
+}
+
+impl crate::store::Connect {
+    /// The same claims against this Envoy's own store (`when_unavailable: local`).
+    pub fn claim_locally(&self, store: &mut dyn BindingStore) -> Result<(), (UseOnce, Acquire)> {
+        if let Some(j) = &self.jti {
+            let owner = j.owner.as_ref().map(|(o, cap)| (o.as_str(), *cap));
+            match store.use_once(&j.id, owner, j.until, self.now) {
+                UseOnce::Fresh | UseOnce::FreshEvicted => {}
+                other => return Err((other, Acquire::Granted)),
+            }
+        }
+        if let Some(s) = &self.slot {
+            match store.acquire_slot(&s.owner, &s.slot, s.limit, s.ttl, self.now) {
+                Acquire::Granted => {}
+                other => return Err((UseOnce::Fresh, other)),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Sizes of the token-id store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JtiLimits {

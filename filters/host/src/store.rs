@@ -1,0 +1,151 @@
+//! The fleet store's host side: calls to etcd's JSON gateway through an Envoy cluster
+//! (`dispatch_http_call`), and the millisecond clock their budgets and latency use. What to
+//! send and how to read the answers is `gatehouse_core::store`.
+
+use gatehouse_core::store::{Call, StoreConfig};
+use proxy_wasm::hostcalls;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// `POST` `call` to the store's cluster with `timeout_ms`; the call token, or `None` (logged)
+/// when Envoy cannot start it (no such cluster).
+pub fn send(config: &StoreConfig, call: &Call, timeout_ms: u64) -> Option<u32> {
+    let sent = hostcalls::dispatch_http_call(
+        &config.cluster,
+        vec![
+            (":method", "POST"),
+            (":path", call.path),
+            (":authority", &config.authority),
+            ("content-type", "application/json"),
+        ],
+        Some(&call.body),
+        vec![],
+        Duration::from_millis(timeout_ms.max(1)),
+    );
+    match sent {
+        Ok(token) => Some(token),
+        Err(_) => {
+            super::failed("call the store", &config.cluster);
+            None
+        }
+    }
+}
+
+/// Unix time in milliseconds (0 when the host cannot tell): budgets and latency only.
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A worker's socket lease id (random; the time when the host has no randomness).
+pub fn lease_id() -> i64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        b = now_ms().to_be_bytes();
+    }
+    gatehouse_core::store::socket_lease(b)
+}
+
+/// A connect waiting for the store: the flow and the call in flight.
+pub struct Asking {
+    pub flow: gatehouse_core::store::ConnectFlow,
+    token: u32,
+}
+
+/// Send a connect's claims (the stream then pauses), with the worker's socket `(lease, ttl)`;
+/// `Err` when the call cannot start.
+pub fn ask(
+    config: &StoreConfig,
+    connect: gatehouse_core::store::Connect,
+    (lease, ttl): (i64, u64),
+) -> Result<Asking, gatehouse_core::store::StoreError> {
+    let (flow, call, timeout) =
+        gatehouse_core::store::ConnectFlow::start(connect, config, lease, ttl, now_ms());
+    match send(config, &call, timeout) {
+        Some(token) => Ok(Asking { flow, token }),
+        None => Err(gatehouse_core::store::StoreError::Unavailable),
+    }
+}
+
+/// The answer to `token` for a connect: `None` while another call (a lease grant, the retry)
+/// is on its way, else the verdict.
+pub fn answered(
+    config: &StoreConfig,
+    asking: &mut Asking,
+    token: u32,
+    body_size: usize,
+) -> Option<Result<gatehouse_core::store::Claimed, gatehouse_core::store::StoreError>> {
+    use gatehouse_core::store::{Step, StoreError, MAX_ANSWER};
+    if token != asking.token {
+        return None;
+    }
+    // A huge answer is refused unread.
+    let (status, body) = if body_size > MAX_ANSWER {
+        (200, vec![0; MAX_ANSWER + 1])
+    } else {
+        super::http_call_response(body_size)
+    };
+    match asking.flow.answer(status, &body, now_ms()) {
+        Step::Done(result) => Some(result),
+        Step::Send(call, timeout) => match send(config, &call, timeout) {
+            Some(next) => {
+                asking.token = next;
+                None
+            }
+            None => Some(Err(StoreError::Unavailable)),
+        },
+    }
+}
+
+/// The root tick's store work: free closed sockets' slots, keep the socket lease alive.
+pub fn tick(
+    config: &StoreConfig,
+    sockets: &mut gatehouse_core::store::Sockets,
+    now: u64,
+    count: impl Fn(gatehouse_core::stats::StoreStat),
+) {
+    for (what, call) in sockets.due(&config.prefix, now) {
+        match send(config, &call, config.timeout_ms) {
+            Some(token) => sockets.sent(token, what),
+            None => {
+                count(gatehouse_core::stats::StoreStat::KeepaliveFailed);
+                sockets.not_sent(what);
+            }
+        }
+    }
+}
+
+/// A root call's answer: false when `token` is not the store's.
+pub fn root_answer(
+    config: &StoreConfig,
+    sockets: &mut gatehouse_core::store::Sockets,
+    token: u32,
+    body_size: usize,
+    count: impl Fn(gatehouse_core::stats::StoreStat),
+) -> bool {
+    let (status, body) = if body_size > gatehouse_core::store::MAX_ANSWER {
+        (200, vec![0; gatehouse_core::store::MAX_ANSWER + 1])
+    } else {
+        super::http_call_response(body_size)
+    };
+    let Some((stat, next)) = sockets.answer(&config.prefix, token, status, &body) else {
+        return false;
+    };
+    count(stat);
+    if let Some((what, call)) = next {
+        match send(config, &call, config.timeout_ms) {
+            Some(t) => sockets.sent(t, what),
+            None => sockets.not_sent(what),
+        }
+    }
+    true
+}
+
+/// The root tick with a store: every 250 ms, so a closed socket's slot is free well within a
+/// second (the release is sent on the tick).
+pub fn set_tick() {
+    if hostcalls::set_tick_period(Duration::from_millis(250)).is_err() {
+        super::failed("set the tick period", "250 ms");
+    }
+}
