@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import (DIST, ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, Demo, free_port, shipped_config,  # noqa: E402
-                      stop, wait_for, wasm_filter)
+from conftest import (DIST, ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, Demo, free_port, one_pass_filter,  # noqa: E402
+                      shipped_config, stop, wait_for, wasm_filter)
 from cookies import new_key, seal  # noqa: E402
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config  # noqa: E402
 
@@ -478,9 +478,30 @@ def scenarios(keys: dict[str, Key], tokens: dict[str, str], token_files: dict[st
     alg = algs[0]
     cookie_key = new_key()
     proxy = wasm_filter("token_proxy", {"cookie_prefix": "gh", "encryption_keys": [cookie_key]})
+    proxy_cfg = {"cookie_prefix": "gh", "encryption_keys": [cookie_key]}
+    cookie = f"gh-at={seal(cookie_key, tokens[alg])}"
     out.append(Scenario("chain", f"token-proxy + jwt-auth {alg} warm",
                         [proxy, wasm_filter("jwt_auth", jwt_auth_config(keys[alg]))], tokens[alg], guarded=True,
-                        jwt_auth="warm", cookie=f"gh-at={seal(cookie_key, tokens[alg])}", bearer=False))
+                        jwt_auth="warm", cookie=cookie, bearer=False))
+    # The same chain as ONE filter (root_id gatehouse, the one pass).
+    out.append(Scenario("chain-onepass", f"token-proxy + jwt-auth {alg} warm, one pass",
+                        [one_pass_filter({"token_proxy": proxy_cfg, "jwt_auth": jwt_auth_config(keys[alg])})],
+                        tokens[alg], guarded=True, jwt_auth="warm", cookie=cookie, bearer=False))
+    # The shipped /api/ chain: token-proxy → jwt-auth → session-binding (which reads jwt-auth's
+    # claims: filter state between separate filters, in memory in one pass), separate vs one pass.
+    api_binding = {"rules": [{"match": {"prefix": "/"}}]}
+    out += [
+        Scenario("api", f"/api/ chain {alg} warm, 3 filters",
+                 [proxy, wasm_filter("jwt_auth", jwt_auth_config(keys[alg])),
+                  wasm_filter("session_binding", api_binding)],
+                 tokens[alg], guarded=True, jwt_auth="warm", cookie=cookie, bearer=False,
+                 counted=("session_binding.allowed",)),
+        Scenario("api-onepass", f"/api/ chain {alg} warm, one pass",
+                 [one_pass_filter({"token_proxy": proxy_cfg, "jwt_auth": jwt_auth_config(keys[alg]),
+                                   "session_binding": api_binding})],
+                 tokens[alg], guarded=True, jwt_auth="warm", cookie=cookie, bearer=False,
+                 counted=("session_binding.allowed",)),
+    ]
     # jwt-auth + session-binding chained, warm: session-binding reads jwt-auth's verified claims
     # (filter state) and checks the session cookie's SHA-256 against `sid_hash` and the path's
     # room against `room` on every request. No single_use: a jti store would refuse the repeated
@@ -1029,6 +1050,9 @@ def parse_args():
     p.add_argument("--before", type=Path, metavar="WASM",
                    help="another build of jwt-auth.wasm (e.g. from an earlier commit): adds a cold scenario with "
                         "the default cache on it, in the same run")
+    p.add_argument("--only", metavar="KEYS",
+                   help="comma-separated scenario keys to run (e.g. none,noop,warm-ES256,chain,chain-onepass,api,"
+                        "api-onepass); prints its table, never rewrites the doc")
     p.add_argument("--envoy", help="Envoy binary (default: .venv/bin/envoy, or $GATEHOUSE_ENVOY)")
     p.add_argument("--no-build", action="store_true", help="do not run cargo for bench/noop (use the last build)")
     p.add_argument("--no-doc", action="store_true", help=f"do not rewrite the table in {DOC.relative_to(ROOT)}")
@@ -1079,6 +1103,10 @@ def main() -> int:
         order = scenarios(keys, tokens, files, args.algs, args.before)
         if args.cold:
             order = [sc for sc in order if sc.key in ("none", "noop") or sc.key.startswith(("warm-", "cold-"))]
+        if args.only:
+            keep = {k.strip() for k in args.only.split(",")}
+            order = [sc for sc in order if sc.key in keep]
+            args.no_doc = True
         load_before = os.getloadavg()
         est = sum(args.seconds * (2 if sc.one_connection else 1) + args.warmup + 2 for sc in order) * args.rounds
         print(f"bench: {len(order)} scenarios × {args.rounds} round(s), about {est / 60:.1f} min; "
@@ -1095,8 +1123,13 @@ def main() -> int:
                       f"p99 {fmt_us(r.p99_us):>9}  Envoy CPU {r.cpu_us:7.1f} µs/req"
                       f"{one}{'  ' + r.note if r.note else ''}{warn}", flush=True)
         load_after = os.getloadavg()
-        table, target_lines = (cold_report if args.cold else report)(
-            args, args.algs, order, results, envoy_version, load_before, load_after, time.monotonic() - started_at)
+        if args.only:
+            table = "\n".join(scenario_table(order, results) + [
+                "", run_line(args, load_before, load_after, envoy_version, time.monotonic() - started_at)])
+        else:
+            table, target_lines = (cold_report if args.cold else report)(
+                args, args.algs, order, results, envoy_version, load_before, load_after,
+                time.monotonic() - started_at)
         print("\n" + table + "\n")
         if not args.no_doc and not args.cold:
             write_doc(table)

@@ -14,8 +14,10 @@
 //! the rest of the pass when the answer comes ([`Pass::resume`]).
 
 use crate::jwt_auth::Verified;
+use crate::rules::{Matcher, Needs, RawMatch, Rules};
 use crate::ws::LiveSocket;
 use crate::ConfigError;
+use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -51,11 +53,80 @@ impl StageKind {
     }
 }
 
-/// The one-pass config split into its stages, in the fixed order: each stage's config bytes,
-/// for that filter's own compiler (whose errors the caller names with
-/// `ConfigError::within(stage.key())`). An unknown key, a stage whose value is not an object,
-/// or no stage at all is refused naming the field.
-pub fn split(bytes: &[u8]) -> Result<Vec<(StageKind, Vec<u8>)>, ConfigError> {
+/// The key of the per-route switch ([`Off`]) in the one-pass config.
+pub const OFF_KEY: &str = "off";
+
+/// Which stages are off on which routes: Envoy's per-route `FilterConfig { disabled: true }`
+/// turns the whole one-pass filter off, so a stage is turned off by the one-pass config's
+/// `"off": [{"match": {"route" | "prefix" | "host": …}, "stages": [...]}, …]` (first match wins).
+#[derive(Debug, Default)]
+pub struct Off {
+    rules: Option<Rules<Vec<StageKind>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOff {
+    #[serde(rename = "match")]
+    matcher: RawMatch,
+    stages: Vec<String>,
+}
+
+impl Off {
+    fn compile(value: &Value, present: &[StageKind]) -> Result<Self, ConfigError> {
+        let raw: Vec<RawOff> = serde_json::from_value(value.clone())
+            .map_err(|e| ConfigError::new(OFF_KEY, e.to_string()))?;
+        let mut rules = Vec::with_capacity(raw.len());
+        for (i, rule) in raw.into_iter().enumerate() {
+            let at = format!("{OFF_KEY}[{i}]");
+            let matcher: Matcher = rule.matcher.compile(&at)?;
+            let mut stages = Vec::new();
+            for (j, name) in rule.stages.iter().enumerate() {
+                match present.iter().find(|s| s.key() == name) {
+                    Some(s) => stages.push(*s),
+                    None => {
+                        return Err(ConfigError::new(
+                            format!("{at}.stages[{j}]"),
+                            format!("`{name}` is not a stage of this config"),
+                        ))
+                    }
+                }
+            }
+            rules.push((matcher, stages));
+        }
+        Ok(Self {
+            rules: Some(Rules::new(rules)),
+        })
+    }
+
+    /// The request facts matching these rules needs (none when there are none).
+    pub fn needs(&self) -> Option<Needs> {
+        self.rules.as_ref().map(Rules::needs)
+    }
+
+    /// The stages off for a request on Envoy route `route`, `:path` `path`, `:authority` `host`.
+    /// A path that walks (`..`, `%2f`) turns nothing off: every stage refuses it itself.
+    pub fn stages_off(&self, route: Option<&str>, path: &str, host: &str) -> &[StageKind] {
+        match self.rules.as_ref().map(|r| r.select(route, path, host)) {
+            Some(Ok(Some((_, stages)))) => stages,
+            _ => &[],
+        }
+    }
+}
+
+/// A one-pass config: its stages in the fixed order, each with its config bytes for that
+/// filter's own compiler (whose errors the caller names with `ConfigError::within(key)`), and
+/// which of them are off on which routes.
+#[derive(Debug)]
+pub struct OnePass {
+    pub stages: Vec<(StageKind, Vec<u8>)>,
+    pub off: Off,
+}
+
+/// Split the one-pass config (see [`OnePass`]). An unknown key, a stage whose value is not an
+/// object, an `off` rule naming a stage the config does not have, or no stage at all is refused
+/// naming the field.
+pub fn split(bytes: &[u8]) -> Result<OnePass, ConfigError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ConfigError::new("", format!("invalid JSON: {e}")))?;
     let Value::Object(map) = value else {
@@ -66,10 +137,16 @@ pub fn split(bytes: &[u8]) -> Result<Vec<(StageKind, Vec<u8>)>, ConfigError> {
         ));
     };
     let known: Vec<&str> = StageKind::ORDER.iter().map(|s| s.key()).collect();
-    if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
+    if let Some(unknown) = map
+        .keys()
+        .find(|k| !known.contains(&k.as_str()) && *k != OFF_KEY)
+    {
         return Err(ConfigError::new(
             unknown.as_str(),
-            format!("unknown stage; expected one of {}", known.join(", ")),
+            format!(
+                "unknown stage; expected one of {} (or `{OFF_KEY}`)",
+                known.join(", ")
+            ),
         ));
     }
     let mut stages = Vec::new();
@@ -96,7 +173,12 @@ pub fn split(bytes: &[u8]) -> Result<Vec<(StageKind, Vec<u8>)>, ConfigError> {
             ),
         ));
     }
-    Ok(stages)
+    let present: Vec<StageKind> = stages.iter().map(|(k, _)| *k).collect();
+    let off = match map.get(OFF_KEY) {
+        Some(value) => Off::compile(value, &present)?,
+        None => Off::default(),
+    };
+    Ok(OnePass { stages, off })
 }
 
 /// Where a callback is in the stream.
@@ -144,11 +226,13 @@ pub enum Step {
 /// The progress of one stream through the stages.
 #[derive(Debug)]
 pub struct Pass {
-    stages: usize,
-    /// How many stages saw the request headers (the response goes back through these).
-    reached: usize,
-    /// A stage answered the request (a refusal or local reply).
-    answered: bool,
+    /// The stages off for this request (see [`Off`]): they see nothing of it.
+    off: Vec<bool>,
+    /// The stages that saw the request headers (the response goes back through these).
+    seen: Vec<bool>,
+    /// The stage that answered the request (a refusal or a local reply, or an answer it makes
+    /// once it has read the request body: a CSP report).
+    answered: Option<usize>,
     /// The stage waiting for a call, and in which callback.
     waiting: Option<(usize, Phase)>,
 }
@@ -156,22 +240,30 @@ pub struct Pass {
 impl Pass {
     pub fn new(stages: usize) -> Self {
         Self {
-            stages,
-            reached: 0,
-            answered: false,
+            off: vec![false; stages],
+            seen: vec![false; stages],
+            answered: None,
             waiting: None,
         }
     }
 
-    /// The stages `phase` visits, in order: every stage on the request headers; the ones that
-    /// saw them on the request body (none once a stage answered); the ones that saw them,
-    /// backwards, on the response.
+    /// Stage `i` is off for this request (before its request headers run).
+    pub fn turn_off(&mut self, i: usize) {
+        if let Some(off) = self.off.get_mut(i) {
+            *off = true;
+        }
+    }
+
+    /// The stages `phase` visits, in order: every stage that is not off on the request headers;
+    /// the ones that saw them on the request body (only the one that answered, once one did);
+    /// the ones that saw them, backwards, on the response.
     pub fn order(&self, phase: Phase) -> Vec<usize> {
+        let seen = (0..self.seen.len()).filter(|&i| self.seen[i]);
         match phase {
-            Phase::RequestHeaders => (0..self.stages).collect(),
-            Phase::RequestBody if self.answered => Vec::new(),
-            Phase::RequestBody => (0..self.reached).collect(),
-            _ => (0..self.reached).rev().collect(),
+            Phase::RequestHeaders => (0..self.off.len()).filter(|&i| !self.off[i]).collect(),
+            Phase::RequestBody if self.answered.is_some() => self.answered.into_iter().collect(),
+            Phase::RequestBody => seen.collect(),
+            _ => seen.rev().collect(),
         }
     }
 
@@ -182,7 +274,7 @@ impl Pass {
 
     /// Whether a stage answered the request.
     pub fn answered(&self) -> bool {
-        self.answered
+        self.answered.is_some()
     }
 
     /// Run `phase`: `step(i)` for each stage it visits (see [`Self::order`]) until one stops
@@ -214,14 +306,16 @@ impl Pass {
         let mut hold = false;
         for &i in order {
             if phase == Phase::RequestHeaders {
-                self.reached = self.reached.max(i + 1);
+                if let Some(seen) = self.seen.get_mut(i) {
+                    *seen = true;
+                }
             }
             match step(i) {
                 Flow::Next => {}
                 Flow::Hold => hold = true,
                 Flow::Stop => {
                     if phase == Phase::RequestHeaders {
-                        self.answered = true;
+                        self.answered = Some(i);
                     }
                     return Step::Pause;
                 }
@@ -273,6 +367,7 @@ mod tests {
         let stages =
             split(br#"{"page_guard": {"a": 1}, "jwt_auth": {"providers": []}, "token_proxy": {}}"#)
                 .expect("valid");
+        let stages = stages.stages;
         let kinds: Vec<StageKind> = stages.iter().map(|(k, _)| *k).collect();
         assert_eq!(
             kinds,
@@ -300,12 +395,54 @@ mod tests {
     #[test]
     fn a_stage_error_is_named_under_its_key() {
         // Each stage is compiled by its filter's own compiler; the error names the stage.
-        let stages = split(br#"{"jwt_auth": {"providers": [{"nmae": "x"}]}}"#).expect("split");
+        let stages = split(br#"{"jwt_auth": {"providers": [{"nmae": "x"}]}}"#)
+            .expect("split")
+            .stages;
         let Err(e) = crate::jwt_auth::JwtAuthConfig::compile(&stages[0].1) else {
             panic!("a bad provider compiles");
         };
         let e = e.within(stages[0].0.key());
         assert!(e.path.starts_with("jwt_auth.providers"), "{}", e.path);
+    }
+
+    #[test]
+    fn off_turns_stages_off_by_route_and_never_on_a_walking_path() {
+        let one = split(
+            br#"{"token_proxy": {}, "jwt_auth": {}, "page_guard": {},
+                 "off": [{"match": {"route": "signaling"}, "stages": ["token_proxy"]},
+                         {"match": {"prefix": "/dev/"}, "stages": ["token_proxy", "jwt_auth"]}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(one.off.needs().map(|n| n.route_name), Some(true));
+        assert_eq!(
+            one.off.stages_off(Some("signaling"), "/ws/x", ""),
+            [StageKind::TokenProxy]
+        );
+        assert_eq!(
+            one.off.stages_off(None, "/dev/login", ""),
+            [StageKind::TokenProxy, StageKind::JwtAuth]
+        );
+        assert!(one.off.stages_off(None, "/api/x", "").is_empty());
+        assert!(one.off.stages_off(None, "/dev/../api/x", "").is_empty());
+        let e = split(
+            br#"{"jwt_auth": {}, "off": [{"match": {"prefix": "/"}, "stages": ["page_guard"]}]}"#,
+        )
+        .expect_err("not a stage here");
+        assert_eq!(e.path, "off[0].stages[0]");
+        let e = split(br#"{"jwt_auth": {}, "off": [{"match": {"prefix": "x"}, "stages": []}]}"#)
+            .expect_err("bad prefix");
+        assert_eq!(e.path, "off[0].match.prefix");
+        // An off stage sees nothing of the request, nor of its response.
+        let mut pass = Pass::new(3);
+        pass.turn_off(1);
+        let mut seen = Vec::new();
+        pass.run(Phase::RequestHeaders, |i| {
+            seen.push(i);
+            Flow::Next
+        });
+        assert_eq!(seen, [0, 2]);
+        assert_eq!(pass.order(Phase::ResponseHeaders), [2, 0]);
+        assert_eq!(pass.order(Phase::RequestBody), [0, 2]);
     }
 
     #[test]
@@ -325,7 +462,8 @@ mod tests {
         assert!(pass.answered());
         // The local reply goes back through the stages that saw the request, backwards.
         assert_eq!(pass.order(Phase::ResponseHeaders), [1, 0]);
-        assert!(pass.order(Phase::RequestBody).is_empty());
+        // Only the stage that answered reads the request body (a CSP report it answers).
+        assert_eq!(pass.order(Phase::RequestBody), [1]);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 #![cfg(target_arch = "wasm32")]
 
 use gatehouse_core::pipeline::{self, StageKind};
-use gatehouse_host::{self as host, PassRoot, StageRoot};
+use gatehouse_host::{self as host, PassRoot, Plan, StageRoot};
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 
@@ -42,10 +42,15 @@ fn stage_of(kind: StageKind) -> Box<dyn StageRoot> {
 /// context.
 fn one_pass() -> Box<dyn RootContext> {
     Box::new(PassRoot::new(NAME, |bytes| {
-        Ok(pipeline::split(bytes)?
-            .into_iter()
-            .map(|(kind, config)| (stage_of(kind), config, Some(kind.key())))
-            .collect())
+        let one = pipeline::split(bytes)?;
+        Ok(Plan {
+            stages: one
+                .stages
+                .into_iter()
+                .map(|(kind, config)| (stage_of(kind), config, Some(kind)))
+                .collect(),
+            off: one.off,
+        })
     }))
 }
 

@@ -5,7 +5,7 @@
 //! proxy-wasm side: callbacks in, the facts read once, the one close frame applied.
 
 use crate::{log, plugin_config, random_mask, replace_body, Body};
-use gatehouse_core::pipeline::{Flow, Handover, Pass, Phase, Step};
+use gatehouse_core::pipeline::{Flow, Handover, Off, Pass, Phase, StageKind, Step};
 use gatehouse_core::reply::HeaderEdit;
 use gatehouse_core::rules::Needs;
 use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
@@ -237,9 +237,15 @@ impl<S> StageRoot for ConfiguredRoot<S> {
     }
 }
 
-/// The stage roots a plugin configuration asks for, each with its config and the key that
-/// names its errors.
-pub type Plan = Vec<(Box<dyn StageRoot>, Vec<u8>, Option<&'static str>)>;
+/// A stage root, its config, and its stage in a one-pass config (`None`: a separate filter).
+pub type PlannedStage = (Box<dyn StageRoot>, Vec<u8>, Option<StageKind>);
+
+/// What a plugin configuration asks for: the stage roots, each with its config and its stage
+/// (whose key names its errors in a one-pass config), and which stages are off on which routes.
+pub struct Plan {
+    pub stages: Vec<PlannedStage>,
+    pub off: Off,
+}
 
 /// Reads a plugin configuration into its [`Plan`].
 type Planner = Box<dyn Fn(&[u8]) -> Result<Plan, ConfigError>>;
@@ -248,7 +254,8 @@ type Planner = Box<dyn Fn(&[u8]) -> Result<Plan, ConfigError>>;
 pub struct PassRoot {
     name: &'static str,
     plan: Planner,
-    roots: Vec<Box<dyn StageRoot>>,
+    roots: Vec<(Box<dyn StageRoot>, Option<StageKind>)>,
+    off: Rc<Off>,
 }
 
 impl PassRoot {
@@ -261,18 +268,24 @@ impl PassRoot {
             name,
             plan: Box::new(plan),
             roots: Vec::new(),
+            off: Rc::default(),
         }
     }
 
     /// A separate filter: a pass of the one stage `make` makes, given the whole configuration.
     pub fn single(name: &'static str, make: fn() -> Box<dyn StageRoot>) -> Self {
-        Self::new(name, move |bytes| Ok(vec![(make(), bytes.to_vec(), None)]))
+        Self::new(name, move |bytes| {
+            Ok(Plan {
+                stages: vec![(make(), bytes.to_vec(), None)],
+                off: Off::default(),
+            })
+        })
     }
 }
 
 impl Context for PassRoot {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body: usize, _t: usize) {
-        for root in &mut self.roots {
+        for (root, _) in &mut self.roots {
             root.call_answered(token, body);
         }
     }
@@ -287,19 +300,20 @@ impl RootContext for PassRoot {
                 return false;
             }
         };
-        let mut roots = Vec::with_capacity(plan.len());
-        for (mut root, config, within) in plan {
-            if !root.configure(&config, within) {
+        let mut roots = Vec::with_capacity(plan.stages.len());
+        for (mut root, config, stage) in plan.stages {
+            if !root.configure(&config, stage.map(StageKind::key)) {
                 return false;
             }
-            roots.push(root);
+            roots.push((root, stage));
         }
         self.roots = roots;
+        self.off = Rc::new(plan.off);
         true
     }
 
     fn on_tick(&mut self) {
-        for root in &mut self.roots {
+        for (root, _) in &mut self.roots {
             root.tick();
         }
     }
@@ -308,11 +322,13 @@ impl RootContext for PassRoot {
         let stages = self
             .roots
             .iter()
-            .map(|r| r.stage())
+            .map(|(r, _)| r.stage())
             .collect::<Option<Vec<_>>>()?;
         Some(Box::new(PassStream {
             pass: Pass::new(stages.len()),
             stages,
+            kinds: self.roots.iter().map(|(_, k)| *k).collect(),
+            off: Rc::clone(&self.off),
             state: PassState::default(),
             headers_end: false,
         }))
@@ -325,6 +341,9 @@ impl RootContext for PassRoot {
 
 struct PassStream {
     stages: Vec<Box<dyn Stage>>,
+    /// Each stage's kind (in a one-pass filter), for `off`.
+    kinds: Vec<Option<StageKind>>,
+    off: Rc<Off>,
     pass: Pass,
     state: PassState,
     /// Whether the request headers ended the request (for a stage resumed after a wait).
@@ -437,6 +456,14 @@ impl Context for PassStream {
 impl HttpContext for PassStream {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         self.headers_end = end_of_stream;
+        if let Some(needs) = self.off.needs() {
+            let (path, host, route) = self.state.facts.rule_target(&needs);
+            for kind in self.off.stages_off(route.as_deref(), &path, &host) {
+                if let Some(i) = self.kinds.iter().position(|k| *k == Some(*kind)) {
+                    self.pass.turn_off(i);
+                }
+            }
+        }
         self.run(Phase::RequestHeaders, |s, p| {
             s.request_headers(p, end_of_stream)
         })
