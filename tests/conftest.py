@@ -230,6 +230,44 @@ def demo(tmp_path_factory):
 RUNNING: list["Envoy"] = []
 
 
+def unfold_one_pass(cfg: dict) -> dict:
+    """An Envoy config whose one-pass filters (`root_id: gatehouse`) become the separate filters
+    of their stages, in the same order, each route's `off` stages switched off with Envoy's own
+    per-route `FilterConfig{disabled}`: the same chain as separate filters."""
+    for listener in cfg["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for net in chain["filters"]:
+                hcm = net.get("typed_config", {})
+                if "http_filters" not in hcm:
+                    continue
+                out = []
+                for f in hcm["http_filters"]:
+                    config = f.get("typed_config", {}).get("config", {})
+                    if not (isinstance(config, dict) and config.get("root_id") == ONE_PASS_ROOT_ID):
+                        out.append(f)
+                        continue
+                    stages = json.loads(config["configuration"]["value"])
+                    off = stages.pop("off", [])
+                    for stage, value in stages.items():
+                        plugin = json.loads(json.dumps(config))
+                        plugin.update(name=f"gatehouse.{stage}", root_id=stage)
+                        if stage != "page_guard":
+                            plugin.pop("allow_on_headers_stop_iteration", None)
+                        plugin["configuration"]["value"] = json.dumps(value)
+                        out.append({"name": f"gatehouse.{stage}", "typed_config": {**f["typed_config"], "config": plugin}})
+                    for rule in off:
+                        route_name = rule["match"].get("route")
+                        for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
+                            for route in vhost["routes"]:
+                                if route.get("name") == route_name:
+                                    per = route.setdefault("typed_per_filter_config", {})
+                                    for stage in rule["stages"]:
+                                        per[f"gatehouse.{stage}"] = {
+                                            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+                hcm["http_filters"] = out
+    return cfg
+
+
 def shipped_config(envoy, demo: "Demo", edit=None) -> dict:
     """envoy-config/envoy.yaml as `cargo xtask up` runs it, moved onto the test's free ports and in
     front of the test's demo. The page's origin is this Envoy's, so token-proxy and
@@ -238,6 +276,9 @@ def shipped_config(envoy, demo: "Demo", edit=None) -> dict:
     import yaml
 
     cfg = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
+    if MODULE == "separate":
+        # The shipped one-pass filter as the separate filters of its stages.
+        cfg = unfold_one_pass(cfg)
     cfg["admin"]["address"]["socket_address"]["port_value"] = envoy.admin_port
     listener = cfg["static_resources"]["listeners"][0]
     listener["address"]["socket_address"].update(address="127.0.0.1", port_value=envoy.port)
