@@ -45,7 +45,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import (DIST, ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, Demo, free_port, one_pass_filter,  # noqa: E402
-                      shipped_config, stop, wait_for, wasm_filter)
+                      shipped_config, stop, unfold_one_pass, wait_for, wasm_filter)
 from cookies import new_key, seal  # noqa: E402
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config  # noqa: E402
 
@@ -643,6 +643,7 @@ RSS_VARIANTS = [
     ("noop", "an empty wasm module (bench/noop) instead"),
     ("separate", "five modules (dist/<filter>.wasm), a vm_id each"),
     ("one", f"dist/{ONE_MODULE} five times, one vm_id"),
+    ("onepass", "the one-pass filter (root_id gatehouse, as shipped)"),
 ]
 
 
@@ -650,6 +651,9 @@ def rss_config(variant: str, port: int, admin_port: int, demo_port: int) -> dict
     """envoy-config/envoy.yaml on free ports in front of the demo, with its gatehouse filters as
     `variant` says (its other filters, routes and clusters as shipped)."""
     cfg = shipped_config(SimpleNamespace(port=port, admin_port=admin_port), SimpleNamespace(port=demo_port))
+    if variant != "onepass":
+        # The shipped one-pass filter as the separate filters of its stages.
+        cfg = unfold_one_pass(cfg)
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     kept = []
     for f in hcm["http_filters"]:
@@ -663,7 +667,7 @@ def rss_config(variant: str, port: int, admin_port: int, demo_port: int) -> dict
             plugin["vm_config"].update(vm_id=f"gatehouse.{root_id}",
                                        code={"local": {"filename": str(DIST / FILTERS[root_id][1])}})
             kept.append(f)
-        elif variant == "one":
+        elif variant in ("one", "onepass"):
             plugin["vm_config"].update(vm_id=ONE_VM_ID, code={"local": {"filename": str(DIST / ONE_MODULE)}})
             kept.append(f)
     hcm["http_filters"] = kept

@@ -118,15 +118,6 @@ pub fn request_header(name: &str) -> Option<String> {
         .flatten()
 }
 
-/// A request header, read only if `need`: every host call costs about a microsecond inside V8.
-pub fn request_header_if(need: bool, name: &str) -> Option<String> {
-    if need {
-        request_header(name)
-    } else {
-        None
-    }
-}
-
 pub fn response_header(name: &str) -> Option<String> {
     hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
         .ok()
