@@ -810,8 +810,9 @@ mod tests {
         assert_eq!(
             in_one_module("token_proxi", TOKEN_PROXY).outcome,
             Outcome::Failed(
-                "root_id `token_proxi` is not a filter of dist/gatehouse.wasm (known: jwt_auth, \
-                 token_proxy, turn_credentials, session_binding, page_guard); Envoy refuses it"
+                "root_id `token_proxi` is not a filter of dist/gatehouse.wasm (known: gatehouse, \
+                 jwt_auth, token_proxy, turn_credentials, session_binding, page_guard); Envoy \
+                 refuses it"
                     .to_string()
             )
         );
