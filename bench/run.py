@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import (DIST, ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, Demo, free_port, shipped_config,  # noqa: E402
-                      stop, wait_for, wasm_filter)
+from conftest import (DIST, ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, Demo, free_port, one_pass_filter,  # noqa: E402
+                      shipped_config, stop, unfold_one_pass, wait_for, wasm_filter)
 from cookies import new_key, seal  # noqa: E402
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config  # noqa: E402
 
@@ -478,9 +478,30 @@ def scenarios(keys: dict[str, Key], tokens: dict[str, str], token_files: dict[st
     alg = algs[0]
     cookie_key = new_key()
     proxy = wasm_filter("token_proxy", {"cookie_prefix": "gh", "encryption_keys": [cookie_key]})
+    proxy_cfg = {"cookie_prefix": "gh", "encryption_keys": [cookie_key]}
+    cookie = f"gh-at={seal(cookie_key, tokens[alg])}"
     out.append(Scenario("chain", f"token-proxy + jwt-auth {alg} warm",
                         [proxy, wasm_filter("jwt_auth", jwt_auth_config(keys[alg]))], tokens[alg], guarded=True,
-                        jwt_auth="warm", cookie=f"gh-at={seal(cookie_key, tokens[alg])}", bearer=False))
+                        jwt_auth="warm", cookie=cookie, bearer=False))
+    # The same chain as ONE filter (root_id gatehouse, the one pass).
+    out.append(Scenario("chain-onepass", f"token-proxy + jwt-auth {alg} warm, one pass",
+                        [one_pass_filter({"token_proxy": proxy_cfg, "jwt_auth": jwt_auth_config(keys[alg])})],
+                        tokens[alg], guarded=True, jwt_auth="warm", cookie=cookie, bearer=False))
+    # The shipped /api/ chain: token-proxy → jwt-auth → session-binding (which reads jwt-auth's
+    # claims: filter state between separate filters, in memory in one pass), separate vs one pass.
+    api_binding = {"rules": [{"match": {"prefix": "/"}}]}
+    out += [
+        Scenario("api", f"/api/ chain {alg} warm, 3 filters",
+                 [proxy, wasm_filter("jwt_auth", jwt_auth_config(keys[alg])),
+                  wasm_filter("session_binding", api_binding)],
+                 tokens[alg], guarded=True, jwt_auth="warm", cookie=cookie, bearer=False,
+                 counted=("session_binding.allowed",)),
+        Scenario("api-onepass", f"/api/ chain {alg} warm, one pass",
+                 [one_pass_filter({"token_proxy": proxy_cfg, "jwt_auth": jwt_auth_config(keys[alg]),
+                                   "session_binding": api_binding})],
+                 tokens[alg], guarded=True, jwt_auth="warm", cookie=cookie, bearer=False,
+                 counted=("session_binding.allowed",)),
+    ]
     # jwt-auth + session-binding chained, warm: session-binding reads jwt-auth's verified claims
     # (filter state) and checks the session cookie's SHA-256 against `sid_hash` and the path's
     # room against `room` on every request. No single_use: a jti store would refuse the repeated
@@ -622,6 +643,7 @@ RSS_VARIANTS = [
     ("noop", "an empty wasm module (bench/noop) instead"),
     ("separate", "five modules (dist/<filter>.wasm), a vm_id each"),
     ("one", f"dist/{ONE_MODULE} five times, one vm_id"),
+    ("onepass", "the one-pass filter (root_id gatehouse, as shipped)"),
 ]
 
 
@@ -629,6 +651,9 @@ def rss_config(variant: str, port: int, admin_port: int, demo_port: int) -> dict
     """envoy-config/envoy.yaml on free ports in front of the demo, with its gatehouse filters as
     `variant` says (its other filters, routes and clusters as shipped)."""
     cfg = shipped_config(SimpleNamespace(port=port, admin_port=admin_port), SimpleNamespace(port=demo_port))
+    if variant != "onepass":
+        # The shipped one-pass filter as the separate filters of its stages.
+        cfg = unfold_one_pass(cfg)
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     kept = []
     for f in hcm["http_filters"]:
@@ -642,7 +667,7 @@ def rss_config(variant: str, port: int, admin_port: int, demo_port: int) -> dict
             plugin["vm_config"].update(vm_id=f"gatehouse.{root_id}",
                                        code={"local": {"filename": str(DIST / FILTERS[root_id][1])}})
             kept.append(f)
-        elif variant == "one":
+        elif variant in ("one", "onepass"):
             plugin["vm_config"].update(vm_id=ONE_VM_ID, code={"local": {"filename": str(DIST / ONE_MODULE)}})
             kept.append(f)
     hcm["http_filters"] = kept
@@ -1032,6 +1057,9 @@ def parse_args():
     p.add_argument("--before", type=Path, metavar="WASM",
                    help="another build of jwt-auth.wasm (e.g. from an earlier commit): adds a cold scenario with "
                         "the default cache on it, in the same run")
+    p.add_argument("--only", metavar="KEYS",
+                   help="comma-separated scenario keys to run (e.g. none,noop,warm-ES256,chain,chain-onepass,api,"
+                        "api-onepass); prints its table, never rewrites the doc")
     p.add_argument("--envoy", help="Envoy binary (default: .venv/bin/envoy, or $GATEHOUSE_ENVOY)")
     p.add_argument("--no-build", action="store_true", help="do not run cargo for bench/noop (use the last build)")
     p.add_argument("--no-doc", action="store_true", help=f"do not rewrite the table in {DOC.relative_to(ROOT)}")
@@ -1086,6 +1114,10 @@ def main() -> int:
         order = scenarios(keys, tokens, files, args.algs, args.before)
         if args.cold:
             order = [sc for sc in order if sc.key in ("none", "noop") or sc.key.startswith(("warm-", "cold-"))]
+        if args.only:
+            keep = {k.strip() for k in args.only.split(",")}
+            order = [sc for sc in order if sc.key in keep]
+            args.no_doc = True
         load_before = os.getloadavg()
         est = sum(args.seconds * (2 if sc.one_connection else 1) + args.warmup + 2 for sc in order) * args.rounds
         print(f"bench: {len(order)} scenarios × {args.rounds} round(s), about {est / 60:.1f} min; "
@@ -1102,8 +1134,13 @@ def main() -> int:
                       f"p99 {fmt_us(r.p99_us):>9}  Envoy CPU {r.cpu_us:7.1f} µs/req"
                       f"{one}{'  ' + r.note if r.note else ''}{warn}", flush=True)
         load_after = os.getloadavg()
-        table, target_lines = (cold_report if args.cold else report)(
-            args, args.algs, order, results, envoy_version, load_before, load_after, time.monotonic() - started_at)
+        if args.only:
+            table = "\n".join(scenario_table(order, results) + [
+                "", run_line(args, load_before, load_after, envoy_version, time.monotonic() - started_at)])
+        else:
+            table, target_lines = (cold_report if args.cold else report)(
+                args, args.algs, order, results, envoy_version, load_before, load_after,
+                time.monotonic() - started_at)
         print("\n" + table + "\n")
         if not args.no_doc and not args.cold:
             write_doc(table)

@@ -51,17 +51,74 @@ ONE_MODULE = "gatehouse.wasm"
 ONE_VM_ID = "gatehouse"
 # GATEHOUSE_MODULE=one (default): every test runs its filters from dist/gatehouse.wasm in one VM,
 # as the shipped configs do; =separate: each filter from its own module (dist/<filter>.wasm), in a
-# VM of its own.
+# VM of its own; =onepass: adjacent gatehouse filters of a test's chain become one one-pass
+# filter (`root_id: gatehouse`) with those stages (see [`fold_one_pass`]).
 MODULE = os.environ.get("GATEHOUSE_MODULE", "one")
-if MODULE not in ("one", "separate"):
-    raise ValueError(f"GATEHOUSE_MODULE={MODULE!r}: expected one or separate")
+if MODULE not in ("one", "separate", "onepass"):
+    raise ValueError(f"GATEHOUSE_MODULE={MODULE!r}: expected one, separate or onepass")
+ONE_PASS_ROOT_ID = "gatehouse"
 
 
 def module_of(name: str) -> tuple[str, str]:
     """(wasm file in dist/, vm_id) that filter `name` runs from under GATEHOUSE_MODULE."""
-    if MODULE == "one":
+    if MODULE in ("one", "onepass") or name == ONE_PASS_ROOT_ID:
         return ONE_MODULE, ONE_VM_ID
     return FILTERS[name][1], f"gatehouse.{name}"
+
+
+def one_pass_filter(stages: dict, host_env_keys=(), name: str = "gatehouse") -> dict:
+    """The one-pass filter (`root_id: gatehouse`) running `stages` ({stage: its filter config})."""
+    vm_config = {
+        "vm_id": ONE_VM_ID,
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": str(DIST / ONE_MODULE)}},
+    }
+    if host_env_keys:
+        vm_config["environment_variables"] = {"host_env_keys": sorted(set(host_env_keys))}
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": name,
+                "root_id": ONE_PASS_ROOT_ID,
+                # page-guard holds the response headers while it reads the body.
+                "allow_on_headers_stop_iteration": True,
+                "vm_config": vm_config,
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(stages)},
+            },
+        },
+    }
+
+
+def fold_one_pass(http_filters: list) -> list:
+    """GATEHOUSE_MODULE=onepass: each run of adjacent gatehouse filters (separate root_ids) in an
+    HTTP filter chain becomes one one-pass filter with those stages; anything else (native
+    jwt_authn, Lua, the router) stays where it is. Otherwise the chain as it is."""
+    if MODULE != "onepass":
+        return http_filters
+    out, run = [], []
+
+    def flush():
+        if not run:
+            return
+        stages, env_keys = {}, []
+        for f in run:
+            config = f["typed_config"]["config"]
+            stages[config["root_id"]] = json.loads(config["configuration"]["value"])
+            env_keys += config["vm_config"].get("environment_variables", {}).get("host_env_keys", [])
+        out.append(one_pass_filter(stages, env_keys))
+        run.clear()
+
+    for f in http_filters:
+        config = f.get("typed_config", {}).get("config", {})
+        if isinstance(config, dict) and config.get("root_id") in FILTERS:
+            run.append(f)
+        else:
+            flush()
+            out.append(f)
+    flush()
+    return out
 
 
 def missing(what: str):
@@ -173,6 +230,44 @@ def demo(tmp_path_factory):
 RUNNING: list["Envoy"] = []
 
 
+def unfold_one_pass(cfg: dict) -> dict:
+    """An Envoy config whose one-pass filters (`root_id: gatehouse`) become the separate filters
+    of their stages, in the same order, each route's `off` stages switched off with Envoy's own
+    per-route `FilterConfig{disabled}`: the same chain as separate filters."""
+    for listener in cfg["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for net in chain["filters"]:
+                hcm = net.get("typed_config", {})
+                if "http_filters" not in hcm:
+                    continue
+                out = []
+                for f in hcm["http_filters"]:
+                    config = f.get("typed_config", {}).get("config", {})
+                    if not (isinstance(config, dict) and config.get("root_id") == ONE_PASS_ROOT_ID):
+                        out.append(f)
+                        continue
+                    stages = json.loads(config["configuration"]["value"])
+                    off = stages.pop("off", [])
+                    for stage, value in stages.items():
+                        plugin = json.loads(json.dumps(config))
+                        plugin.update(name=f"gatehouse.{stage}", root_id=stage)
+                        if stage != "page_guard":
+                            plugin.pop("allow_on_headers_stop_iteration", None)
+                        plugin["configuration"]["value"] = json.dumps(value)
+                        out.append({"name": f"gatehouse.{stage}", "typed_config": {**f["typed_config"], "config": plugin}})
+                    for rule in off:
+                        route_name = rule["match"].get("route")
+                        for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
+                            for route in vhost["routes"]:
+                                if route.get("name") == route_name:
+                                    per = route.setdefault("typed_per_filter_config", {})
+                                    for stage in rule["stages"]:
+                                        per[f"gatehouse.{stage}"] = {
+                                            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+                hcm["http_filters"] = out
+    return cfg
+
+
 def shipped_config(envoy, demo: "Demo", edit=None, tls_port: int | None = None) -> dict:
     """envoy-config/envoy.yaml as `cargo xtask up` runs it, moved onto the test's free ports and in
     front of the test's demo. The page's origin is this Envoy's, so token-proxy and
@@ -183,6 +278,9 @@ def shipped_config(envoy, demo: "Demo", edit=None, tls_port: int | None = None) 
     import yaml
 
     cfg = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
+    if MODULE == "separate":
+        # The shipped one-pass filter as the separate filters of its stages.
+        cfg = unfold_one_pass(cfg)
     cfg["admin"]["address"]["socket_address"]["port_value"] = envoy.admin_port
     listeners = cfg["static_resources"]["listeners"]
     listener = listeners[0]
@@ -206,13 +304,18 @@ def shipped_config(envoy, demo: "Demo", edit=None, tls_port: int | None = None) 
         wasm, vm_id = module_of(root_id)
         config["vm_config"].update(vm_id=vm_id, code={"local": {"filename": f"dist/{wasm}"}})
         value = json.loads(config["configuration"]["value"])
-        if root_id == "token_proxy":
-            value["trusted_web_origins"] = [origin]
-        if root_id == "turn_credentials" and "allowed_origins" in value:
-            value["allowed_origins"] = [origin]
-        if edit:
-            edit(root_id, value)
+        # The one-pass filter's config holds each stage's config under the stage's root_id.
+        stages = value if root_id == ONE_PASS_ROOT_ID else {root_id: value}
+        for stage_id, stage in stages.items():
+            if stage_id == "token_proxy":
+                stage["trusted_web_origins"] = [origin]
+            if stage_id == "turn_credentials" and "allowed_origins" in stage:
+                stage["allowed_origins"] = [origin]
+            if edit:
+                edit(stage_id, stage)
         config["configuration"]["value"] = json.dumps(value)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = fold_one_pass(hcm["http_filters"])
     return cfg
 
 
@@ -340,8 +443,8 @@ class Envoy:
                     "routes": routes or [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "demo", "timeout": "0s"}}],
                 }]
             },
-            "http_filters": (http_filters if http_filters is not None else
-                             [wasm_filter(n, c, tuple(env or ())) for n, c in filters.items() if c is not None])
+            "http_filters": fold_one_pass(http_filters if http_filters is not None else
+                                          [wasm_filter(n, c, tuple(env or ())) for n, c in filters.items() if c is not None])
             + [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
         }
         if access_log:

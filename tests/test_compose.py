@@ -10,7 +10,7 @@ import subprocess
 
 import yaml
 
-from conftest import ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, ROOT
+from conftest import ENVOY_BIN, FILTERS, ONE_MODULE, ONE_PASS_ROOT_ID, ONE_VM_ID, ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 ENVOY_YAML = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
@@ -76,7 +76,10 @@ def test_the_stack_runs_every_filter_from_the_one_module_in_one_vm():
     """Envoy shares a VM between plugins only when their whole vm_config matches: the same vm_id,
     code and environment for every gatehouse filter, from dist/gatehouse.wasm."""
     plugins = [n for n in walk(ENVOY_YAML) if "root_id" in n]
-    assert sorted(p["root_id"] for p in plugins) == sorted(r for r, _ in FILTERS.values())
+    # The one-pass filter, with every filter as a stage.
+    assert [p["root_id"] for p in plugins] == [ONE_PASS_ROOT_ID]
+    stages = json.loads(plugins[0]["configuration"]["value"])
+    assert sorted(k for k in stages if k != "off") == sorted(r for r, _ in FILTERS.values())
     assert wasm_files() == [f"dist/{ONE_MODULE}"] * len(plugins)
     (vm_config,) = {json.dumps(p["vm_config"], sort_keys=True) for p in plugins}
     assert json.loads(vm_config)["vm_id"] == ONE_VM_ID
@@ -108,7 +111,17 @@ def test_demo_image_builds_the_demo_crate():
 
 
 def token_proxy_filters() -> list[dict]:
-    return [n for n in walk(ENVOY_YAML) if n.get("root_id") == "token_proxy"]
+    """The token-proxy filters (or one-pass filters with a token_proxy stage) of envoy.yaml, each
+    as its plugin config with its token-proxy configuration."""
+    found = []
+    for n in walk(ENVOY_YAML):
+        if n.get("root_id") == "token_proxy":
+            found.append(n)
+        elif n.get("root_id") == ONE_PASS_ROOT_ID:
+            stage = json.loads(n["configuration"]["value"]).get("token_proxy")
+            if stage is not None:
+                found.append({**n, "configuration": {**n["configuration"], "value": json.dumps(stage)}})
+    return found
 
 
 def test_cookie_key_comes_from_the_environment_in_both_services():

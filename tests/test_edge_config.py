@@ -4,6 +4,7 @@ Envoy's routing and the filters' rules, and no client-sent copy of a claim heade
 from __future__ import annotations
 
 import copy
+import json
 import secrets
 import subprocess
 
@@ -47,6 +48,15 @@ def _with_open_route(envoy, demo):
     open_route = copy.deepcopy(dev)
     open_route.update(name="open", match={"prefix": "/api/open/"})
     vhost["routes"].insert(0, open_route)
+    # The one-pass filter switches its stages off by route name: as on `dev`.
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for f in hcm["http_filters"]:
+        config = f.get("typed_config", {}).get("config", {})
+        if config.get("root_id") == "gatehouse":
+            value = json.loads(config["configuration"]["value"])
+            dev_off = next(r for r in value.get("off", []) if r["match"] == {"route": "dev"})
+            value["off"].insert(0, {**dev_off, "match": {"route": "open"}})
+            config["configuration"]["value"] = json.dumps(value)
     return cfg
 
 

@@ -1,6 +1,7 @@
 """dist/gatehouse.wasm holds every filter: the plugin's root_id picks the filter, and the filters
 configured with the same vm_id share one VM per worker. Run on the shipped local stack
-(envoy-config/envoy.yaml) pointed at the one module, whatever GATEHOUSE_MODULE says."""
+(envoy-config/envoy.yaml, its one-pass filter unfolded into the separate filters of its stages)
+pointed at the one module, whatever GATEHOUSE_MODULE says."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import secrets
 import pytest
 import requests
 
-from conftest import COOKIE_KEYS_VAR, FILTERS, ONE_MODULE, ONE_VM_ID, shipped_config, wait_until
+from conftest import COOKIE_KEYS_VAR, FILTERS, ONE_MODULE, ONE_VM_ID, shipped_config, unfold_one_pass, wait_until
 
-KNOWN = "known: jwt_auth, token_proxy, session_binding, page_guard, turn_credentials"
+KNOWN = "known: gatehouse, jwt_auth, token_proxy, session_binding, page_guard, turn_credentials"
 
 
 def gatehouse_plugins(cfg: dict) -> list[dict]:
@@ -25,7 +26,7 @@ def gatehouse_plugins(cfg: dict) -> list[dict]:
 def one_module(envoy, demo, root_ids: dict | None = None) -> dict:
     """The shipped config with every gatehouse filter in dist/gatehouse.wasm under one vm_id;
     `root_ids` renames some plugins' root_id."""
-    cfg = shipped_config(envoy, demo)
+    cfg = unfold_one_pass(shipped_config(envoy, demo))
     for plugin in gatehouse_plugins(cfg):
         plugin["vm_config"].update(vm_id=ONE_VM_ID, code={"local": {"filename": f"dist/{ONE_MODULE}"}})
         plugin["root_id"] = (root_ids or {}).get(plugin["root_id"], plugin["root_id"])
@@ -48,7 +49,7 @@ def test_the_shipped_stack_loads_every_root_id_from_the_one_module(stack):
 
 
 def separate_modules(envoy, demo) -> dict:
-    cfg = shipped_config(envoy, demo)
+    cfg = unfold_one_pass(shipped_config(envoy, demo))
     for plugin in gatehouse_plugins(cfg):
         root_id = plugin["root_id"]
         plugin["vm_config"].update(vm_id=f"gatehouse.{root_id}",

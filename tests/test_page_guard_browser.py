@@ -106,9 +106,10 @@ def shipped_page_guard_config() -> dict:
 
     import yaml
 
-    from conftest import ROOT
+    from conftest import ROOT, unfold_one_pass
 
-    doc = yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text())
+    # The shipped one-pass filter's page_guard stage, as the separate filter it unfolds into.
+    doc = unfold_one_pass(yaml.safe_load((ROOT / "envoy-config" / "envoy.yaml").read_text()))
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     (pg,) = [f for f in hcm["http_filters"] if f["name"] == "gatehouse.page_guard"]
     assert pg["typed_config"]["config"]["allow_on_headers_stop_iteration"] is True

@@ -6,6 +6,7 @@
 
 use crate::Error;
 use gatehouse_core::jwt_auth::JwtAuthConfig;
+use gatehouse_core::pipeline::{self, StageKind};
 use gatehouse_core::token_proxy::{EnvLookup, TokenProxyConfig};
 use gatehouse_core::ConfigError;
 use serde_json::{Map, Value};
@@ -27,10 +28,13 @@ pub enum FilterKind {
     TurnCredentials,
     SessionBinding,
     PageGuard,
+    /// The one-pass filter: the stages its config names (`gatehouse_core::pipeline`).
+    OnePass,
 }
 
 impl FilterKind {
-    pub const ALL: [FilterKind; 5] = [
+    pub const ALL: [FilterKind; 6] = [
+        FilterKind::OnePass,
         FilterKind::JwtAuth,
         FilterKind::TokenProxy,
         FilterKind::TurnCredentials,
@@ -46,6 +50,28 @@ impl FilterKind {
             FilterKind::TurnCredentials => "turn_credentials",
             FilterKind::SessionBinding => "session_binding",
             FilterKind::PageGuard => "page_guard",
+            FilterKind::OnePass => "gatehouse",
+        }
+    }
+
+    /// The filter a one-pass stage is.
+    fn of_stage(stage: StageKind) -> Self {
+        match stage {
+            StageKind::TokenProxy => FilterKind::TokenProxy,
+            StageKind::JwtAuth => FilterKind::JwtAuth,
+            StageKind::SessionBinding => FilterKind::SessionBinding,
+            StageKind::TurnCredentials => FilterKind::TurnCredentials,
+            StageKind::PageGuard => FilterKind::PageGuard,
+        }
+    }
+
+    /// Does a filter of this kind with `config` run page-guard (which holds response headers)?
+    fn runs_page_guard(self, config: &[u8]) -> bool {
+        match self {
+            FilterKind::PageGuard => true,
+            FilterKind::OnePass => pipeline::split(config)
+                .is_ok_and(|one| one.stages.iter().any(|(k, _)| *k == StageKind::PageGuard)),
+            _ => false,
         }
     }
 
@@ -88,6 +114,17 @@ impl FilterKind {
             FilterKind::PageGuard => {
                 gatehouse_core::page_guard::PageGuardConfig::compile(config, env)
                     .map(|_| Vec::new())
+            }
+            // Each stage compiled by its filter's own compiler, its errors under its key.
+            FilterKind::OnePass => {
+                let mut warnings = Vec::new();
+                for (stage, bytes) in pipeline::split(config)?.stages {
+                    let found = Self::of_stage(stage)
+                        .compile(&bytes, env)
+                        .map_err(|e| e.within(stage.key()))?;
+                    warnings.extend(found.into_iter().map(|w| format!("{}: {w}", stage.key())));
+                }
+                Ok(warnings)
             }
         }
     }
@@ -514,7 +551,7 @@ fn check_found(found: &Found<'_>, root: &Path) -> Finding {
             // page-guard holds the response headers while it reads an HTML body; without this
             // Envoy turns that pause into "stop all" and never hands it the body.
             Ok(_)
-                if kind == FilterKind::PageGuard
+                if kind.runs_page_guard(&bytes)
                     && config
                         .and_then(|c| c.get("allow_on_headers_stop_iteration"))
                         .and_then(Value::as_bool)
@@ -679,6 +716,27 @@ mod tests {
     }
 
     #[test]
+    fn checks_the_one_pass_filter_stage_by_stage() {
+        let one = |value: &str| serde_json::json!({"http_filters": [filter("gatehouse", "gatehouse", string_value(value))]});
+        let ok = format!(r#"{{"token_proxy": {TOKEN_PROXY}}}"#);
+        let findings = check_document(&one(&ok), Path::new("."));
+        assert_eq!(findings[0].outcome, Outcome::Ok);
+        let findings = check_document(&one(r#"{"jwt_auth": {"providers": []}}"#), Path::new("."));
+        assert_eq!(
+            findings[0].outcome,
+            Outcome::Failed(
+                "config error at jwt_auth.providers: at least one provider is required".to_string()
+            )
+        );
+        let findings = check_document(&one(r#"{"jwt_authn": {}}"#), Path::new("."));
+        assert!(
+            matches!(&findings[0].outcome, Outcome::Failed(m) if m.contains("at jwt_authn: unknown stage")),
+            "{:?}",
+            findings[0].outcome
+        );
+    }
+
+    #[test]
     fn warns_of_unnormalized_paths_and_of_providers_without_audiences() {
         let jwt = |audiences: &str| {
             string_value(&format!(
@@ -752,8 +810,9 @@ mod tests {
         assert_eq!(
             in_one_module("token_proxi", TOKEN_PROXY).outcome,
             Outcome::Failed(
-                "root_id `token_proxi` is not a filter of dist/gatehouse.wasm (known: jwt_auth, \
-                 token_proxy, turn_credentials, session_binding, page_guard); Envoy refuses it"
+                "root_id `token_proxi` is not a filter of dist/gatehouse.wasm (known: gatehouse, \
+                 jwt_auth, token_proxy, turn_credentials, session_binding, page_guard); Envoy \
+                 refuses it"
                     .to_string()
             )
         );

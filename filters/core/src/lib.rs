@@ -16,6 +16,7 @@ pub mod log_limit;
 pub mod origin;
 pub mod page_guard;
 pub mod path;
+pub mod pipeline;
 pub mod reauth;
 pub mod reply;
 pub mod rules;

@@ -152,7 +152,7 @@ impl LiveSocket {
     /// Decide what happens to a non-empty chunk seen at `now`. `mask` is fresh randomness for a
     /// frame towards the upstream. Past the deadline, `session_deadline` gives the session's
     /// latest deadline (a fresh token of the same session seen anywhere); a later one keeps the
-    /// socket open.
+    /// socket open. [`Self::expire`], then [`Self::frame`].
     pub fn on_chunk(
         &mut self,
         dir: Dir,
@@ -160,23 +160,39 @@ impl LiveSocket {
         mask: [u8; 4],
         session_deadline: impl FnOnce(&str) -> Option<u64>,
     ) -> ChunkAction {
-        if self.closing.is_none() {
-            if self.until.is_some_and(|u| now >= u) {
-                self.closing = Some((CLOSE_UNAUTHORIZED, "socket lifetime exceeded"));
-            } else if now >= self.deadline {
-                match self.session.as_deref().and_then(session_deadline) {
-                    Some(d) if d > now => self.deadline = d,
-                    _ => {
-                        let reason = if self.session.is_some() {
-                            "session expired"
-                        } else {
-                            "token expired"
-                        };
-                        self.closing = Some((CLOSE_UNAUTHORIZED, reason));
-                    }
+        self.expire(now, session_deadline);
+        self.frame(dir, || mask)
+    }
+
+    /// Close the socket if its deadline (or lifetime) has passed at `now`; past the deadline,
+    /// `session_deadline` gives the session's latest deadline (a fresh token of the same
+    /// session seen anywhere) and a later one keeps it open. True when this began the close.
+    pub fn expire(&mut self, now: u64, session_deadline: impl FnOnce(&str) -> Option<u64>) -> bool {
+        if self.closing.is_some() {
+            return false;
+        }
+        if self.until.is_some_and(|u| now >= u) {
+            self.closing = Some((CLOSE_UNAUTHORIZED, "socket lifetime exceeded"));
+        } else if now >= self.deadline {
+            match self.session.as_deref().and_then(session_deadline) {
+                Some(d) if d > now => self.deadline = d,
+                _ => {
+                    let reason = if self.session.is_some() {
+                        "session expired"
+                    } else {
+                        "token expired"
+                    };
+                    self.closing = Some((CLOSE_UNAUTHORIZED, reason));
                 }
             }
         }
+        self.closing.is_some()
+    }
+
+    /// What happens to a non-empty chunk going `dir`: it passes while the socket is open; once
+    /// it is closing, the first chunk each way becomes the close frame and the rest are dropped.
+    /// `mask` is asked for only for a close frame towards the upstream (one random draw at most).
+    pub fn frame(&mut self, dir: Dir, mask: impl FnOnce() -> [u8; 4]) -> ChunkAction {
         let Some((code, reason)) = self.closing else {
             return ChunkAction::Pass;
         };
@@ -188,7 +204,7 @@ impl LiveSocket {
             return ChunkAction::Drop;
         }
         *sent = true;
-        let mask = (dir == Dir::ToUpstream).then_some(mask);
+        let mask = (dir == Dir::ToUpstream).then(mask);
         ChunkAction::Replace(close_frame(code, reason, mask))
     }
 }

@@ -1,12 +1,14 @@
 //! gatehouse: every filter in one module (`dist/gatehouse.wasm`). The plugin's `root_id` picks
-//! the filter (the same root_ids as the filters' own modules); plugins configured with the same
-//! `vm_id` share one VM per worker. This crate decides nothing: its root context becomes the
-//! root context of the filter its `root_id` names and forwards every callback to it. Wasm only
-//! (see Cargo.toml).
+//! the filter (the same root_ids as the filters' own modules), or `gatehouse`: the one-pass
+//! filter, whose config names the stages (`gatehouse_core::pipeline`); plugins configured with
+//! the same `vm_id` share one VM per worker. This crate decides nothing: its root context becomes
+//! the root context its `root_id` names and forwards every callback to it. Wasm only (see
+//! Cargo.toml).
 
 #![cfg(target_arch = "wasm32")]
 
-use gatehouse_host as host;
+use gatehouse_core::pipeline::{self, StageKind};
+use gatehouse_host::{self as host, PassRoot, Plan, StageRoot};
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 
@@ -16,7 +18,8 @@ const NAME: &str = "gatehouse";
 type NewRoot = fn() -> Box<dyn RootContext>;
 
 /// The filters of this module: (root_id, the filter's root context).
-const FILTERS: [(&str, NewRoot); 5] = [
+const FILTERS: [(&str, NewRoot); 6] = [
+    ("gatehouse", one_pass),
     ("jwt_auth", gatehouse_jwt_auth::root_context),
     ("token_proxy", gatehouse_token_proxy::root_context),
     ("session_binding", gatehouse_session_binding::root_context),
@@ -24,7 +27,39 @@ const FILTERS: [(&str, NewRoot); 5] = [
     ("turn_credentials", gatehouse_turn_credentials::root_context),
 ];
 
-host::main!(NAME, ByRootId::default());
+/// A stage of the one-pass filter: the same stage root as the separate filter's.
+fn stage_of(kind: StageKind) -> Box<dyn StageRoot> {
+    match kind {
+        StageKind::TokenProxy => gatehouse_token_proxy::stage_root(),
+        StageKind::JwtAuth => gatehouse_jwt_auth::stage_root(),
+        StageKind::SessionBinding => gatehouse_session_binding::stage_root(),
+        StageKind::TurnCredentials => gatehouse_turn_credentials::stage_root(),
+        StageKind::PageGuard => gatehouse_page_guard::stage_root(),
+    }
+}
+
+/// The one-pass filter (`root_id: gatehouse`): the stages its config names, in one stream
+/// context.
+fn one_pass() -> Box<dyn RootContext> {
+    Box::new(PassRoot::new(NAME, |bytes| {
+        let one = pipeline::split(bytes)?;
+        Ok(Plan {
+            stages: one
+                .stages
+                .into_iter()
+                .map(|(kind, config)| (stage_of(kind), config, Some(kind)))
+                .collect(),
+            off: one.off,
+        })
+    }))
+}
+
+// The module's entry point (not `host::main!`: the root here is not one filter's stage).
+#[cfg(feature = "module")]
+proxy_wasm::main! {{
+    host::install_panic_hook(NAME);
+    proxy_wasm::set_root_context(|_| Box::new(ByRootId::default()));
+}}
 
 /// A plugin's root context: the filter its `root_id` names, once the host has said which.
 #[derive(Default)]

@@ -5,20 +5,17 @@
 
 use gatehouse_core::log_limit::LogLimiter;
 use gatehouse_core::reply::{HeaderEdit, LocalReply, Refusal};
-use gatehouse_core::rules::Needs;
 use gatehouse_core::stats::Stat;
-use gatehouse_core::ws::{ChunkAction, Dir, LiveSocket};
-use gatehouse_core::ConfigError;
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType};
 use std::cell::RefCell;
-use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 pub use proxy_wasm;
 
+mod stage;
 pub mod store;
+pub use stage::{configure, ConfiguredRoot, Facts, PassRoot, PassState, Plan, Stage, StageRoot};
 
 /// A host call that should not fail did: said at error level (never silently dropped).
 fn failed(what: &str, detail: &str) {
@@ -42,18 +39,24 @@ pub fn install_panic_hook(filter: &'static str) {
     }));
 }
 
-/// A filter's entry point. `root` (an expression, evaluated per root context) is the root
-/// context, also offered as `root_context()` for a module that holds several filters
-/// (`filters/gatehouse`). With the crate's `module` feature (on by default) the crate is a
-/// module of its own: panics are logged with the filter's name (see [`install_panic_hook`]) and
-/// every root context is `root`. Without it the crate exports no entry point, so several filters
-/// link into one module.
+/// A filter's entry point. `stage_root` (an expression, evaluated per plugin) is the filter's
+/// [`StageRoot`], also offered as `stage_root()` for the one-pass filter; `root_context()` is
+/// the separate filter: a pass of that one stage (for a module that holds several filters,
+/// `filters/gatehouse`). With the crate's `module` feature (on by default) the crate is a module
+/// of its own: panics are logged with the filter's name (see [`install_panic_hook`]) and every
+/// root context is `root_context()`. Without it the crate exports no entry point, so several
+/// filters link into one module.
 #[macro_export]
 macro_rules! main {
-    ($filter:expr, $root:expr) => {
-        /// This filter's root context (one per plugin configuration).
+    ($filter:expr, $stage_root:expr) => {
+        /// This filter's stage root (one per plugin configuration).
+        pub fn stage_root() -> Box<dyn $crate::StageRoot> {
+            Box::new($stage_root)
+        }
+
+        /// This filter on its own: a pass of its one stage.
         pub fn root_context() -> Box<dyn $crate::proxy_wasm::traits::RootContext> {
-            Box::new($root)
+            Box::new($crate::PassRoot::single($filter, stage_root))
         }
 
         #[cfg(feature = "module")]
@@ -68,68 +71,6 @@ macro_rules! main {
 /// property), or `None` when the host cannot tell.
 pub fn plugin_root_id() -> Option<String> {
     property_text(vec!["plugin_root_id"])
-}
-
-/// The plugin configuration compiled by `compile`, or `None` once the reason is logged at
-/// critical level (`on_configure` then returns false and Envoy refuses the configuration).
-pub fn configure<T>(
-    filter: &str,
-    compile: impl FnOnce(&[u8]) -> Result<T, ConfigError>,
-) -> Option<T> {
-    match compile(&plugin_config()) {
-        Ok(compiled) => Some(compiled),
-        Err(e) => {
-            log(LogLevel::Critical, filter, &e.to_string());
-            None
-        }
-    }
-}
-
-/// The root context of a filter whose streams share only what its configuration compiles to
-/// (no timers, no calls of its own): `configure` makes that state from the configuration bytes
-/// (see [`configure`]), `stream` makes each request's context from it.
-pub struct ConfiguredRoot<S> {
-    filter: &'static str,
-    configure: fn(&[u8]) -> Result<S, ConfigError>,
-    stream: fn(Rc<S>) -> Box<dyn HttpContext>,
-    shared: Option<Rc<S>>,
-}
-
-impl<S> ConfiguredRoot<S> {
-    pub fn new(
-        filter: &'static str,
-        configure: fn(&[u8]) -> Result<S, ConfigError>,
-        stream: fn(Rc<S>) -> Box<dyn HttpContext>,
-    ) -> Self {
-        Self {
-            filter,
-            configure,
-            stream,
-            shared: None,
-        }
-    }
-}
-
-impl<S> Context for ConfiguredRoot<S> {}
-
-impl<S> RootContext for ConfiguredRoot<S> {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        match configure(self.filter, self.configure) {
-            Some(shared) => {
-                self.shared = Some(Rc::new(shared));
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some((self.stream)(self.shared.clone()?))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
 }
 
 /// Unix time in seconds, or `None` when the host cannot tell the time. A decision that needs
@@ -176,28 +117,6 @@ pub fn request_header(name: &str) -> Option<String> {
     hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
         .ok()
         .flatten()
-}
-
-/// A request header, read only if `need`: every host call costs about a microsecond inside V8.
-pub fn request_header_if(need: bool, name: &str) -> Option<String> {
-    if need {
-        request_header(name)
-    } else {
-        None
-    }
-}
-
-/// What rules match a request by: its `:path`, plus its `:authority` and Envoy route name only
-/// when `needs` says a rule matches by them (empty / `None` otherwise).
-pub fn rule_target(needs: &Needs) -> (String, String, Option<String>) {
-    let path = request_header(":path").unwrap_or_default();
-    let authority = request_header_if(needs.host, ":authority").unwrap_or_default();
-    let route = if needs.route_name {
-        property_text(vec!["xds", "route_name"])
-    } else {
-        None
-    };
-    (path, authority, route)
 }
 
 pub fn response_header(name: &str) -> Option<String> {
@@ -257,15 +176,6 @@ pub fn send_reply(reply: &LocalReply) {
     if hostcalls::send_http_response(reply.status, headers, Some(&reply.body)).is_err() {
         failed("send a local reply", &reply.status.to_string());
     }
-}
-
-/// Whether the request asks for a WebSocket upgrade (`upgrade: websocket`, in any case, possibly
-/// among other tokens).
-pub fn is_websocket_upgrade() -> bool {
-    request_header("upgrade").is_some_and(|u| {
-        u.split(',')
-            .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
-    })
 }
 
 /// Denial lines logged at info level per minute and per VM; past that they are counted and
@@ -339,38 +249,6 @@ pub fn replace_body(which: Body, size: usize, bytes: &[u8]) {
     };
     if hostcalls::set_buffer(t, 0, size, bytes).is_err() {
         failed("replace a body chunk", &size.to_string());
-    }
-}
-
-/// Pass the current chunk (`size` bytes going `dir`) of an upgraded stream through its live
-/// socket at `now`: once the socket closes, the chunk becomes its close frame (the first in each
-/// direction) or is dropped. An empty chunk matters only when a close is due. True when this
-/// chunk began the close (the socket was open before it), for the caller's log line and stat.
-pub fn live_chunk(
-    live: &mut LiveSocket,
-    dir: Dir,
-    size: usize,
-    now: u64,
-    session_deadline: impl FnOnce(&str) -> Option<u64>,
-) -> bool {
-    let was_closing = live.is_closing();
-    if size == 0 && !was_closing {
-        return false;
-    }
-    let which = match dir {
-        Dir::ToUpstream => Body::Request,
-        Dir::ToClient => Body::Response,
-    };
-    match live.on_chunk(dir, now, random_mask(), session_deadline) {
-        ChunkAction::Pass => false,
-        ChunkAction::Replace(frame) => {
-            replace_body(which, size, &frame);
-            !was_closing
-        }
-        ChunkAction::Drop => {
-            replace_body(which, size, &[]);
-            false
-        }
     }
 }
 
@@ -463,6 +341,12 @@ pub fn http_call_response(body_size: usize) -> (u32, Vec<u8>) {
 pub fn resume_request() {
     if hostcalls::resume_http_request().is_err() {
         failed("resume the request", "");
+    }
+}
+
+pub fn resume_response() {
+    if hostcalls::resume_http_response().is_err() {
+        failed("resume the response", "");
     }
 }
 

@@ -7,13 +7,13 @@ use gatehouse_core::jwt_auth::{
     Decision, Denial, Doc, FetchRequest, Fetched, JwtAuth, JwtAuthConfig, Request, CLAIMS_PROPERTY,
     KID_PROPERTY, REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
 };
+use gatehouse_core::pipeline::{self, Flow};
 use gatehouse_core::reauth::ClientFrames;
 use gatehouse_core::stats::JwtAuthStat;
 use gatehouse_core::ws::{self, Dir, LiveSocket};
 use gatehouse_core::{kv, sessions};
-use gatehouse_host::{self as host, Body, Counters};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use gatehouse_host::{self as host, Body, Counters, PassState, Stage, StageRoot};
+use proxy_wasm::types::LogLevel;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -104,19 +104,13 @@ struct Root {
     discovering: Vec<u32>,
 }
 
-impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        _headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
+impl StageRoot for Root {
+    fn call_answered(&mut self, token: u32, body_size: usize) {
         let Some(shared) = &self.shared else { return };
-        let (status, body) = host::http_call_response(body_size);
         let Some(provider) = self.fetches.in_flight(token) else {
             return;
         };
+        let (status, body) = host::http_call_response(body_size);
         let doc = match self.discovering.iter().position(|&t| t == token) {
             Some(i) => {
                 self.discovering.swap_remove(i);
@@ -139,11 +133,9 @@ impl Context for Root {
         };
         self.fetches.finished(token, ok, host::now_secs());
     }
-}
 
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = host::configure(NAME, JwtAuthConfig::compile) else {
+    fn configure(&mut self, bytes: &[u8], within: Option<&str>) -> bool {
+        let Some(config) = host::configure(NAME, bytes, within, JwtAuthConfig::compile) else {
             return false;
         };
         self.fetches = FetchSchedule::new(
@@ -172,7 +164,7 @@ impl RootContext for Root {
         true
     }
 
-    fn on_tick(&mut self) {
+    fn tick(&mut self) {
         let Some(shared) = &self.shared else { return };
         let now = host::now_secs();
         let mut shared = shared.borrow_mut();
@@ -192,21 +184,17 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+    fn stage(&self) -> Option<Box<dyn Stage>> {
         let shared = self.shared.clone()?;
         Some(Box::new(Stream {
             shared,
             pending_fetch: None,
             ws_socket: None,
-            live: None,
+            live: false,
             frames: None,
             at: (None, String::new(), String::new()),
             extend: None,
         }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 }
 
@@ -216,8 +204,9 @@ struct Stream {
     pending_fetch: Option<(u32, usize)>,
     /// The socket an allowed WebSocket upgrade becomes once the upstream answers 101.
     ws_socket: Option<LiveSocket>,
-    /// Set once the upstream answered 101.
-    live: Option<LiveSocket>,
+    /// Set once the upstream answered 101 and the pass's live socket carries this socket's
+    /// deadline.
+    live: bool,
     /// Client frames, scanned for in-band re-auth when that is configured.
     frames: Option<ClientFrames>,
     /// Route name, path and host of an upgrade: re-auth tokens follow the same rules.
@@ -249,23 +238,26 @@ fn session_deadline(session: &str) -> Option<u64> {
 impl Stream {
     /// Read the request, decide, apply. `may_fetch` is false once a JWKS fetch was made for
     /// this request.
-    fn decide(&mut self, may_fetch: bool) -> Action {
+    fn decide(&mut self, pass: &mut PassState, may_fetch: bool) -> Flow {
+        // Claims go to the later stages of this pass in memory (and out as filter state).
+        pass.handover.from_jwt_auth = true;
+        let facts = &mut pass.facts;
         // Every host call costs about a microsecond inside V8: read only what the config and
         // the kind of request need.
         let needs = self.shared.borrow().auth.config.needs;
-        let (path, authority, route) = host::rule_target(&needs);
-        let websocket = host::is_websocket_upgrade();
-        let ws_key = host::request_header_if(websocket, "sec-websocket-key");
-        let ws_protocols = host::request_header_if(websocket, "sec-websocket-protocol");
-        let authorization = host::request_header("authorization");
-        let cookie = host::request_header_if(needs.cookie, "cookie");
+        let (path, authority, route) = facts.rule_target(&needs);
+        let websocket = facts.is_websocket();
+        let ws_key = facts.header_if(websocket, "sec-websocket-key");
+        let ws_protocols = facts.header_if(websocket, "sec-websocket-protocol");
+        let authorization = facts.header("authorization");
+        let cookie = facts.header_if(needs.cookie, "cookie");
         // Transport facts matter only for upgrades (`wss_only`): no host calls otherwise.
-        let tls = websocket && host::property_text(vec!["connection", "tls_version"]).is_some();
-        let forwarded_proto = host::request_header_if(websocket, "x-forwarded-proto");
+        let tls = websocket && facts.property(&["connection", "tls_version"]).is_some();
+        let forwarded_proto = facts.header_if(websocket, "x-forwarded-proto");
         // The origin check of cookie-sourced tokens: only when a cookie is a source.
-        let method = host::request_header_if(needs.cookie, ":method");
-        let origin = host::request_header_if(needs.cookie, "origin");
-        let sec_fetch_site = host::request_header_if(needs.cookie, "sec-fetch-site");
+        let method = facts.header_if(needs.cookie, ":method");
+        let origin = facts.header_if(needs.cookie, "origin");
+        let sec_fetch_site = facts.header_if(needs.cookie, "sec-fetch-site");
         let req = Request {
             path: &path,
             host: &authority,
@@ -282,7 +274,7 @@ impl Stream {
             sec_fetch_site: sec_fetch_site.as_deref(),
         };
         // No clock: the core refuses whatever needs the time (503 / close 1013, `clock`).
-        let clock = host::now();
+        let clock = facts.now();
         let now = clock.unwrap_or(0);
         let mut shared = self.shared.borrow_mut();
         match shared.auth.decide_at(&req, clock, may_fetch) {
@@ -293,7 +285,7 @@ impl Stream {
                 cache_hit,
                 socket,
             } => {
-                host::apply_edits(true, &edits);
+                facts.apply_edits(&edits);
                 match token {
                     Some(t) => {
                         if !host::set_filter_state(CLAIMS_PROPERTY, &t.payload) {
@@ -325,14 +317,14 @@ impl Stream {
                                 LiveSocket::following(d, session, socket.and_then(|s| s.until))
                             });
                         }
+                        pass.handover.claims = Some(t);
                     }
                     None => shared.count(JwtAuthStat::AllowedMissing),
                 }
-                Action::Continue
+                Flow::Next
             }
             Decision::Deny { denial, reply } => {
                 shared.count(JwtAuthStat::Denied(denial));
-                drop(shared);
                 host::refuse(
                     NAME,
                     denial.reason(),
@@ -340,7 +332,8 @@ impl Stream {
                     websocket,
                     &path,
                     &reply,
-                )
+                );
+                Flow::Stop
             }
             Decision::FetchJwks { provider } => {
                 shared.auth.note_fetch(provider, now);
@@ -352,11 +345,11 @@ impl Stream {
                 match call {
                     Some(token) => {
                         self.pending_fetch = Some((token, provider));
-                        Action::Pause
+                        Flow::Wait
                     }
                     None => {
                         self.shared.borrow().count(JwtAuthStat::JwksFetchFailed);
-                        self.decide(false)
+                        self.decide(pass, false)
                     }
                 }
             }
@@ -367,15 +360,11 @@ impl Stream {
     /// The chunk is replaced by what goes on now; the scanner keeps an incomplete possible
     /// re-auth frame (never the host's buffer: no Pause and rebuffer). Returns how many bytes
     /// go on now.
-    fn take_reauth(&mut self, size: usize) -> usize {
+    fn take_reauth(&mut self, pass: &mut PassState, size: usize) -> usize {
         let Stream {
-            shared,
-            live,
-            frames,
-            at,
-            ..
+            shared, frames, at, ..
         } = self;
-        let (Some(live), Some(frames)) = (live.as_mut(), frames.as_mut()) else {
+        let (Some(live), Some(frames)) = (pass.live.as_mut(), frames.as_mut()) else {
             return size;
         };
         let Some(session) = live.session().map(str::to_owned) else {
@@ -391,7 +380,7 @@ impl Stream {
         let data = host::request_body(size);
         let fed = frames.feed(&data, &kind);
         let (forward, tokens) = (fed.forward, fed.tokens);
-        let clock = host::now();
+        let clock = pass.facts.now();
         for token in tokens {
             let Some(now) = clock else {
                 // No clock: no re-auth can be checked; the socket closes with 1013.
@@ -409,6 +398,7 @@ impl Stream {
                     live.extend(deadline);
                     host::set_filter_state(REAUTH_CLAIMS_PROPERTY, &verified.payload);
                     host::set_filter_state(REAUTH_KID_PROPERTY, verified.key_id.as_bytes());
+                    pass.handover.reauth = Some(verified);
                     shared.count(JwtAuthStat::WsReauth);
                 }
                 Err(denial) => {
@@ -436,14 +426,68 @@ impl Stream {
             None => size,
         }
     }
+}
 
-    fn on_chunk(&mut self, dir: Dir, size: usize) {
-        let Some(live) = self.live.as_mut() else {
-            return;
+impl Stage for Stream {
+    fn request_headers(&mut self, pass: &mut PassState, _end_of_stream: bool) -> Flow {
+        self.decide(pass, true)
+    }
+
+    fn call_answered(&mut self, pass: &mut PassState, token: u32, body_size: usize) -> Flow {
+        let Some((expected, provider)) = self.pending_fetch else {
+            return Flow::Next;
         };
-        let Some(now) = host::now() else {
-            // No clock, no deadline check: the socket closes with 1013 (try again later).
-            if !live.is_closing() {
+        if token != expected {
+            return Flow::Wait;
+        }
+        self.pending_fetch = None;
+        let (status, body) = host::http_call_response(body_size);
+        self.shared
+            .borrow_mut()
+            .apply(provider, Doc::Jwks, status, &body);
+        self.decide(pass, false)
+    }
+
+    fn response_headers(&mut self, pass: &mut PassState, _end_of_stream: bool) -> Flow {
+        if let Some((session, deadline)) = self.extend.take() {
+            // Only a response from the upstream means every filter allowed the request: a
+            // later filter's local reply is not `via_upstream`.
+            let via_upstream = host::property_text(vec!["response", "code_details"]).as_deref()
+                == Some("via_upstream");
+            if let (true, Some(now)) = (via_upstream, pass.facts.now()) {
+                let per_subject = self.shared.borrow().auth.config.sessions_per_subject;
+                extend_session(&session, deadline, now, per_subject);
+            }
+        }
+        if let Some(socket) = self.ws_socket.take() {
+            if host::response_header(":status").as_deref() == Some("101") {
+                pipeline::join(&mut pass.live, socket);
+                self.live = true;
+            }
+        }
+        Flow::Next
+    }
+
+    /// The socket's deadline (the token's, or its session's) and in-band re-auth.
+    fn live_chunk(&mut self, pass: &mut PassState, dir: Dir, size: usize) -> usize {
+        if !self.live {
+            return size;
+        }
+        let size = if dir == Dir::ToUpstream {
+            self.take_reauth(pass, size)
+        } else {
+            size
+        };
+        let clock = pass.facts.now();
+        let Some(live) = pass.live.as_mut() else {
+            return size;
+        };
+        if live.is_closing() || (size == 0) {
+            return size;
+        }
+        match clock {
+            None => {
+                // No clock, no deadline check: the socket closes with 1013 (try again later).
                 live.close_with(ws::CLOSE_TRY_AGAIN_LATER, "clock unavailable");
                 self.shared
                     .borrow()
@@ -453,76 +497,17 @@ impl Stream {
                     "live websocket: the host cannot tell the time, closing with 1013",
                 );
             }
-            host::live_chunk(live, dir, size, 0, |_| None);
-            return;
-        };
-        if host::live_chunk(live, dir, size, now, session_deadline) {
-            self.shared.borrow().count(JwtAuthStat::WsExpiredClose);
-            host::log(
-                LogLevel::Info,
-                NAME,
-                &format!("live websocket: {}, closing with 4401", live.close_reason()),
-            );
-        }
-    }
-}
-
-impl Context for Stream {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        _headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
-        let Some((expected, provider)) = self.pending_fetch.take() else {
-            return;
-        };
-        if token != expected {
-            return;
-        }
-        let (status, body) = host::http_call_response(body_size);
-        self.shared
-            .borrow_mut()
-            .apply(provider, Doc::Jwks, status, &body);
-        if let Action::Continue = self.decide(false) {
-            host::resume_request();
-        }
-    }
-}
-
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        self.decide(true)
-    }
-
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        if let Some((session, deadline)) = self.extend.take() {
-            // Only a response from the upstream means every filter allowed the request: a
-            // later filter's local reply is not `via_upstream`.
-            let via_upstream = host::property_text(vec!["response", "code_details"]).as_deref()
-                == Some("via_upstream");
-            if let (true, Some(now)) = (via_upstream, host::now()) {
-                let per_subject = self.shared.borrow().auth.config.sessions_per_subject;
-                extend_session(&session, deadline, now, per_subject);
+            Some(now) => {
+                if live.expire(now, session_deadline) {
+                    self.shared.borrow().count(JwtAuthStat::WsExpiredClose);
+                    host::log(
+                        LogLevel::Info,
+                        NAME,
+                        &format!("live websocket: {}, closing with 4401", live.close_reason()),
+                    );
+                }
             }
         }
-        if let Some(socket) = self.ws_socket.take() {
-            if host::response_header(":status").as_deref() == Some("101") {
-                self.live = Some(socket);
-            }
-        }
-        Action::Continue
-    }
-
-    fn on_http_request_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        let size = self.take_reauth(size);
-        self.on_chunk(Dir::ToUpstream, size);
-        Action::Continue
-    }
-
-    fn on_http_response_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        self.on_chunk(Dir::ToClient, size);
-        Action::Continue
+        size
     }
 }

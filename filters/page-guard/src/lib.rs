@@ -4,12 +4,12 @@ use gatehouse_core::page_guard::{
     parse_reports, report_reply, Blanker, BodyPlan, LogLimiter, NonceText, Outcome,
     PageGuardConfig, PageRequest, PageResponse, PolicyId, ReportError, RequestDecision, Rewriter,
 };
+use gatehouse_core::pipeline::Flow;
 use gatehouse_core::reply::Refusal;
 use gatehouse_core::stats::PageGuardStat;
 use gatehouse_core::ConfigError;
-use gatehouse_host::{self as host, Body, Counters};
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel};
+use gatehouse_host::{self as host, Body, Counters, Facts, PassState, Stage};
+use proxy_wasm::types::LogLevel;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -92,15 +92,13 @@ struct Stream {
     blanker: Option<Blanker>,
 }
 
-impl Context for Stream {}
-
 impl Stream {
-    fn answer_report(&self, body: &[u8]) {
+    fn answer_report(&self, facts: &mut Facts, body: &[u8]) {
         let s = &self.shared;
         let Some(reports) = &s.config.reports else {
             return;
         };
-        let content_type = host::request_header("content-type");
+        let content_type = facts.header("content-type");
         match parse_reports(content_type.as_deref(), body, reports.max_body_bytes) {
             Ok(violations) => {
                 let now = host::now_secs();
@@ -191,13 +189,14 @@ impl Stream {
     }
 }
 
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+impl Stage for Stream {
+    fn request_headers(&mut self, pass: &mut PassState, end_of_stream: bool) -> Flow {
         let s = Rc::clone(&self.shared);
-        let method = host::request_header(":method").unwrap_or_default();
-        let path = host::request_header(":path").unwrap_or_default();
-        let authority = host::request_header(":authority").unwrap_or_default();
-        let route = host::property_text(vec!["xds", "route_name"]);
+        let facts = &mut pass.facts;
+        let method = facts.header(":method").unwrap_or_default();
+        let path = facts.header(":path").unwrap_or_default();
+        let authority = facts.header(":authority").unwrap_or_default();
+        let route = facts.property(&["xds", "route_name"]);
         let decision = s.config.on_request(&PageRequest {
             method: &method,
             path: &path,
@@ -214,19 +213,20 @@ impl HttpContext for Stream {
                     false,
                     &path,
                     &reply,
-                )
+                );
+                Flow::Stop
             }
             RequestDecision::Report => {
                 self.mode = Mode::Report;
                 if end_of_stream {
-                    self.answer_report(b"");
+                    self.answer_report(facts, b"");
                 }
-                Action::Pause
+                Flow::Stop
             }
             RequestDecision::Reply(reply) => {
                 s.count(PageGuardStat::ReportInvalidMethod);
                 host::send_reply(&reply);
-                Action::Pause
+                Flow::Stop
             }
             RequestDecision::Guard {
                 policy,
@@ -237,30 +237,30 @@ impl HttpContext for Stream {
                 self.head = method.eq_ignore_ascii_case("HEAD");
                 self.path = path;
                 if s.config.trust_forwarded_proto {
-                    self.forwarded_proto = host::request_header("x-forwarded-proto");
+                    self.forwarded_proto = facts.header("x-forwarded-proto");
                 }
                 if identity {
-                    host::set_request_header("accept-encoding", Some("identity"));
+                    facts.set_header("accept-encoding", Some("identity"));
                 }
                 if strip_range {
                     // The whole body, never a part that cuts the placeholder (`request-range`:
                     // the pre-HTTP/1.1 spelling that Apache httpd still honours).
                     for name in ["range", "request-range", "if-range"] {
-                        host::set_request_header(name, None);
+                        facts.set_header(name, None);
                     }
                 }
-                Action::Continue
+                Flow::Next
             }
             RequestDecision::Off => {
                 s.count(PageGuardStat::Off);
-                Action::Continue
+                Flow::Next
             }
         }
     }
 
-    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+    fn request_body(&mut self, pass: &mut PassState, size: usize, end_of_stream: bool) -> Flow {
         if !matches!(self.mode, Mode::Report) {
-            return Action::Continue;
+            return Flow::Next;
         }
         let max = self
             .shared
@@ -273,18 +273,18 @@ impl HttpContext for Stream {
             self.shared
                 .count(PageGuardStat::ReportInvalid(ReportError::TooLarge));
             host::send_reply(&report_reply());
-            return Action::Pause;
+            return Flow::Stop;
         }
         if end_of_stream {
             let body = host::request_body(size);
-            self.answer_report(&body);
+            self.answer_report(&mut pass.facts, &body);
         }
-        Action::Pause
+        Flow::Stop
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+    fn response_headers(&mut self, pass: &mut PassState, end_of_stream: bool) -> Flow {
         let Mode::Guard(id) = self.mode else {
-            return Action::Continue;
+            return Flow::Next;
         };
         let s = Rc::clone(&self.shared);
         let status = host::response_header(":status")
@@ -294,7 +294,10 @@ impl HttpContext for Stream {
         let content_encoding = host::response_header("content-encoding");
         let content_length = host::response_header("content-length").and_then(|v| v.parse().ok());
         let tls = s.config.hsts.is_some()
-            && host::property_text(vec!["connection", "tls_version"]).is_some();
+            && pass
+                .facts
+                .property(&["connection", "tls_version"])
+                .is_some();
         let has_header = |name: &str| host::response_header(name).is_some();
         // Two nonces: the script one, then the style one.
         let nonce = if s.config.placeholder.is_empty() {
@@ -326,7 +329,7 @@ impl HttpContext for Stream {
             s.count(PageGuardStat::Outcome(plan.outcome));
             self.mode = Mode::Off;
             self.body = BodyPlan::Untouched;
-            return host::refuse(
+            host::refuse(
                 NAME,
                 why.reason(),
                 Refusal::Unavailable,
@@ -334,6 +337,7 @@ impl HttpContext for Stream {
                 &self.path,
                 reply,
             );
+            return Flow::Stop;
         }
         host::apply_edits(false, &plan.edits);
         s.count(PageGuardStat::Outcome(plan.outcome));
@@ -341,14 +345,14 @@ impl HttpContext for Stream {
         self.body = plan.body;
         match plan.body {
             // Hold the headers until the whole body is read: Content-Length changes.
-            BodyPlan::Buffer if !end_of_stream => Action::Pause,
-            _ => Action::Continue,
+            BodyPlan::Buffer if !end_of_stream => Flow::Hold,
+            _ => Flow::Next,
         }
     }
 
-    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+    fn response_body(&mut self, _pass: &mut PassState, size: usize, end_of_stream: bool) -> Flow {
         match self.body {
-            BodyPlan::Untouched => Action::Continue,
+            BodyPlan::Untouched => Flow::Next,
             BodyPlan::Buffer => {
                 if end_of_stream {
                     let body = host::response_body(size);
@@ -356,7 +360,7 @@ impl HttpContext for Stream {
                     host::replace_body(Body::Response, size, &out);
                     host::set_response_header("content-length", Some(&out.len().to_string()));
                     self.body = BodyPlan::Untouched;
-                    Action::Continue
+                    Flow::Next
                 } else if size > self.shared.config.max_body_bytes {
                     // Over the cap: what is buffered goes out rewritten, the rest streams.
                     self.shared.count(PageGuardStat::Outcome(Outcome::OverCap));
@@ -365,9 +369,9 @@ impl HttpContext for Stream {
                     host::replace_body(Body::Response, size, &out);
                     host::set_response_header("content-length", None);
                     self.body = BodyPlan::Stream;
-                    Action::Continue
+                    Flow::Next
                 } else {
-                    Action::Pause
+                    Flow::Stop
                 }
             }
             BodyPlan::Stream => {
@@ -377,7 +381,7 @@ impl HttpContext for Stream {
                 if end_of_stream {
                     self.body = BodyPlan::Untouched;
                 }
-                Action::Continue
+                Flow::Next
             }
             BodyPlan::Blank => {
                 let chunk = host::response_body(size);
@@ -387,14 +391,14 @@ impl HttpContext for Stream {
                 if end_of_stream {
                     self.body = BodyPlan::Untouched;
                 }
-                Action::Continue
+                Flow::Next
             }
         }
     }
 
     /// A body that ends with trailers: its last chunk did not say `end_of_stream`, the trailers
     /// do. A buffered body is complete now and is rewritten here, never forwarded as it came.
-    fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+    fn response_trailers(&mut self, _pass: &mut PassState) -> Flow {
         match self.body {
             BodyPlan::Untouched => {}
             BodyPlan::Buffer => {
@@ -419,7 +423,7 @@ impl HttpContext for Stream {
             }
         }
         self.body = BodyPlan::Untouched;
-        Action::Continue
+        Flow::Next
     }
 }
 

@@ -8,7 +8,9 @@ mod metadata;
 
 use gatehouse_core::fetch::FetchSchedule;
 use gatehouse_core::jwt::Claims;
+use gatehouse_core::jwt_auth::Verified;
 use gatehouse_core::jwt_auth::{CLAIMS_PROPERTY, KID_PROPERTY};
+use gatehouse_core::pipeline::{self, Flow};
 use gatehouse_core::session_binding::revocation::{RevocationList, RevocationState};
 use gatehouse_core::session_binding::store::{BindingStore, KvStore};
 use gatehouse_core::session_binding::{
@@ -17,15 +19,15 @@ use gatehouse_core::session_binding::{
     REAUTH_KID_PROPERTY,
 };
 use gatehouse_core::stats::{SessionBindingStat, StoreStat, WsClose};
-use gatehouse_core::store::Sockets;
+use gatehouse_core::store::{Claimed, Sockets, StoreError};
 use gatehouse_core::ws::{Dir, LiveSocket};
-use gatehouse_host::{self as host, Counters};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use gatehouse_host::{self as host, Counters, PassState, Stage, StageRoot};
+use proxy_wasm::types::LogLevel;
 use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 const NAME: &str = "gatehouse.session_binding";
 
@@ -79,14 +81,8 @@ struct Root {
     last_skipped: usize,
 }
 
-impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        _headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
+impl StageRoot for Root {
+    fn call_answered(&mut self, token: u32, body_size: usize) {
         let Some(shared) = &self.shared else { return };
         if self.fetches.in_flight(token).is_none() {
             // --- fleet store: keep-alives and slot releases.
@@ -150,11 +146,9 @@ impl Context for Root {
             }
         }
     }
-}
 
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = host::configure(NAME, |bytes| {
+    fn configure(&mut self, bytes: &[u8], within: Option<&str>) -> bool {
+        let Some(config) = host::configure(NAME, bytes, within, |bytes| {
             SessionBindingConfig::compile_with_env(bytes, &host::env_var)
         }) else {
             return false;
@@ -222,7 +216,7 @@ impl RootContext for Root {
         true
     }
 
-    fn on_tick(&mut self) {
+    fn tick(&mut self) {
         let Some(shared) = &self.shared else { return };
         let now = host::now_secs();
         // --- fleet store: free closed sockets' slots, keep the socket lease alive.
@@ -273,7 +267,7 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+    fn stage(&self) -> Option<Box<dyn Stage>> {
         let shared = self.shared.clone()?;
         Some(Box::new(Stream {
             shared,
@@ -284,23 +278,19 @@ impl RootContext for Root {
             asking: None,
         }))
     }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
 }
 
 struct Stream {
     shared: Rc<RefCell<Shared>>,
     /// What an allowed upgrade keeps until the upstream answers 101.
     pending: Option<LiveTerms>,
-    /// The live socket and its token, once the upstream answered 101.
-    live: Option<(LiveSocket, LiveTerms)>,
+    /// The live socket's token, once the upstream answered 101 (the socket is the pass's).
+    live: Option<LiveTerms>,
     /// The slot this stream holds, freed when it ends.
     slot: Option<(String, String)>,
     /// jwt-auth's last published re-auth payload this stream checked.
     reauth_seen: Option<Vec<u8>>,
-    /// Fleet store: the connect waiting for etcd's answer (the request is paused).
+    /// Fleet store: the connect waiting for etcd's answer (the pass waits).
     asking: Option<Asking>,
 }
 
@@ -319,17 +309,47 @@ fn as_claims(bytes: &[u8]) -> Option<Claims> {
     }
 }
 
-/// The verified claims and `kid`, from the first configured source that has them.
-fn read_claims(sources: &[ClaimsSource]) -> Option<(Claims, Option<String>)> {
+/// Verified claims: jwt-auth's in memory, or parsed from filter state or metadata.
+enum Found {
+    Verified(Arc<Verified>),
+    Parsed(Claims, Option<String>),
+}
+
+impl Found {
+    fn claims(&self) -> &Claims {
+        match self {
+            Found::Verified(v) => &v.claims,
+            Found::Parsed(c, _) => c,
+        }
+    }
+
+    fn kid(&self) -> Option<&str> {
+        match self {
+            Found::Verified(v) => Some(&v.key_id),
+            Found::Parsed(_, k) => k.as_deref(),
+        }
+    }
+}
+
+/// The verified claims and `kid`, from the first configured source that has them: jwt-auth's
+/// from a jwt-auth stage of this pass in memory, else its filter state.
+fn read_claims(pass: &PassState, sources: &[ClaimsSource]) -> Option<Found> {
     for source in sources {
         match source {
+            ClaimsSource::JwtAuth if pass.handover.from_jwt_auth => match &pass.handover.claims {
+                Some(v) => return Some(Found::Verified(Arc::clone(v))),
+                None => continue,
+            },
             ClaimsSource::JwtAuth => {
                 let Some(claims) =
                     host::property_bytes(vec![CLAIMS_PROPERTY]).and_then(|b| as_claims(&b))
                 else {
                     continue;
                 };
-                return Some((claims, host::property_text(vec![KID_PROPERTY])));
+                return Some(Found::Parsed(
+                    claims,
+                    host::property_text(vec![KID_PROPERTY]),
+                ));
             }
             ClaimsSource::JwtAuthn {
                 payload_key,
@@ -342,41 +362,64 @@ fn read_claims(sources: &[ClaimsSource]) -> Option<(Claims, Option<String>)> {
                     .as_ref()
                     .and_then(|k| metadata::jwt_authn(JWT_AUTHN_NAMESPACE, k))
                     .and_then(|h| h.get("kid").and_then(Value::as_str).map(str::to_string));
-                return Some((claims, kid));
+                return Some(Found::Parsed(claims, kid));
             }
         }
     }
     None
 }
 
+/// The in-band re-auth token jwt-auth accepted on this chunk: in memory from a jwt-auth stage
+/// of this pass, else its filter state when it changed since `seen` (one property read per
+/// client chunk). `Some(None)`: a payload that is not the verified claims jwt-auth publishes.
+fn read_reauth(pass: &mut PassState, seen: &mut Option<Vec<u8>>) -> Option<Option<Found>> {
+    if pass.handover.from_jwt_auth {
+        return pass
+            .handover
+            .reauth
+            .take()
+            .map(|v| Some(Found::Verified(v)));
+    }
+    let payload = host::property_bytes(vec![REAUTH_CLAIMS_PROPERTY])?;
+    if seen.as_deref() == Some(payload.as_slice()) {
+        return None;
+    }
+    let found = as_claims(&payload)
+        .map(|claims| Found::Parsed(claims, host::property_text(vec![REAUTH_KID_PROPERTY])));
+    *seen = Some(payload);
+    Some(found)
+}
+
 impl Stream {
-    fn decide(&mut self) -> Action {
+    fn decide(&mut self, pass: &mut PassState) -> Flow {
         // Every host call costs about a microsecond inside V8: read only what the binding of
         // this request needs, and nothing at all for a route it does not bind.
         let needs = self.shared.borrow().binding.config.needs;
-        let (path, authority, route) = host::rule_target(&needs);
+        let (path, authority, route) = pass.facts.rule_target(&needs);
         let shared = self.shared.borrow();
         // A path that walks (`..`, `%2e%2e`, `%2f`) matches no rule: the core refuses it
         // (400 / close 4400) before any rule or template looks at it.
         let config = &shared.binding.config;
         let selected = config.binding_for(route.as_deref(), &path, &authority);
-        let websocket = host::is_websocket_upgrade();
+        let websocket = pass.facts.is_websocket();
         let found = match &selected {
             Ok(None) => None,
-            _ => read_claims(&config.sources),
+            _ => read_claims(pass, &config.sources),
         };
         let Some(facts) =
-            SessionBinding::facts_needed(&selected, found.as_ref().map(|(c, _)| c), websocket)
+            SessionBinding::facts_needed(&selected, found.as_ref().map(Found::claims), websocket)
         else {
             shared.count(SessionBindingStat::Passed);
-            return Action::Continue;
+            return Flow::Next;
         };
-        let ws_key = host::request_header_if(websocket, "sec-websocket-key");
-        let ws_protocols = host::request_header_if(websocket, "sec-websocket-protocol");
-        let cookie = host::request_header_if(facts.cookie, "cookie");
-        let user_agent = host::request_header_if(facts.client, "user-agent");
+        let f = &mut pass.facts;
+        let ws_key = f.header_if(websocket, "sec-websocket-key");
+        let ws_protocols = f.header_if(websocket, "sec-websocket-protocol");
+        let cookie = f.header_if(facts.cookie, "cookie");
+        let user_agent = f.header_if(facts.client, "user-agent");
         let client_ip = if facts.client {
-            host::property_text(vec!["source", "address"]).and_then(|a| parse_address(&a))
+            f.property(&["source", "address"])
+                .and_then(|a| parse_address(&a))
         } else {
             None
         };
@@ -386,7 +429,7 @@ impl Stream {
             String::new()
         };
         // `None` when the host cannot tell the time: what needs it refuses (503 / close 1013).
-        let now = host::now();
+        let now = f.now();
         let req = BindRequest {
             path: &path,
             host: &authority,
@@ -397,11 +440,11 @@ impl Stream {
             cookie: cookie.as_deref(),
             user_agent: user_agent.as_deref(),
             client_ip,
-            claims: found.as_ref().map(|(c, _)| c),
-            kid: found.as_ref().and_then(|(_, k)| k.as_deref()),
+            claims: found.as_ref().map(Found::claims),
+            kid: found.as_ref().and_then(Found::kid),
             slot_id: &slot_id,
         };
-        // --- fleet store: an allowed connect's claims go to etcd; the request waits.
+        // --- fleet store: an allowed connect's claims go to etcd; the pass waits.
         if let Some(config) = &shared.binding.config.store {
             match shared
                 .binding
@@ -421,7 +464,7 @@ impl Stream {
                                 websocket,
                                 path,
                             });
-                            return Action::Pause;
+                            return Flow::Wait;
                         }
                         Err(e) => {
                             drop(shared);
@@ -448,14 +491,14 @@ impl Stream {
     fn stored(
         &mut self,
         pending: Box<Pending>,
-        answer: Result<gatehouse_core::store::Claimed, gatehouse_core::store::StoreError>,
+        answer: Result<Claimed, StoreError>,
         websocket: bool,
         path: &str,
         started_ms: u64,
-    ) -> Action {
+    ) -> Flow {
         let shared = self.shared.borrow();
         let Some(config) = shared.binding.config.store.clone() else {
-            return Action::Continue;
+            return Flow::Next;
         };
         if started_ms > 0 {
             let took = host::store::now_ms().saturating_sub(started_ms);
@@ -464,9 +507,9 @@ impl Stream {
                 .add(SessionBindingStat::Store(StoreStat::LatencyMs), took);
         }
         let stat = match &answer {
-            Ok(gatehouse_core::store::Claimed::Fresh { .. }) => StoreStat::Claimed,
-            Ok(gatehouse_core::store::Claimed::Replay) => StoreStat::Replay,
-            Ok(gatehouse_core::store::Claimed::OverCap) => StoreStat::OverCap,
+            Ok(Claimed::Fresh { .. }) => StoreStat::Claimed,
+            Ok(Claimed::Replay) => StoreStat::Replay,
+            Ok(Claimed::OverCap) => StoreStat::OverCap,
             Err(e) => {
                 host::log(
                     LogLevel::Warn,
@@ -498,12 +541,12 @@ impl Stream {
         websocket: bool,
         path: &str,
         etcd_slot: Option<u32>,
-    ) -> Action {
+    ) -> Flow {
         let mut shared = self.shared.borrow_mut();
         match decision {
             BindDecision::Pass => {
                 shared.count(SessionBindingStat::Passed);
-                Action::Continue
+                Flow::Next
             }
             BindDecision::Allow { live, notes } => {
                 shared.count(SessionBindingStat::Allowed);
@@ -523,11 +566,10 @@ impl Stream {
                     }
                     self.pending = Some(terms);
                 }
-                Action::Continue
+                Flow::Next
             }
             BindDecision::Deny { denial, reply } => {
                 shared.count(SessionBindingStat::Denied(denial));
-                drop(shared);
                 host::refuse(
                     NAME,
                     denial.reason(),
@@ -535,7 +577,8 @@ impl Stream {
                     websocket,
                     path,
                     &reply,
-                )
+                );
+                Flow::Stop
             }
         }
     }
@@ -545,106 +588,117 @@ impl Stream {
             self.shared.borrow_mut().release(&owner, &slot);
         }
     }
-
-    fn on_chunk(&mut self, dir: Dir, size: usize) {
-        let Some((live, terms)) = self.live.as_mut() else {
-            return;
-        };
-        let now = host::now();
-        if !live.is_closing() {
-            let shared = self.shared.borrow();
-            let mut close = shared
-                .binding
-                .check_live(terms, shared.revocations.as_ref(), now)
-                .map(|(code, reason, d)| (code, reason, WsClose::Denied(d)));
-            // An in-band re-auth token jwt-auth accepted on this socket (published as filter
-            // state before this filter sees the chunk): one property read per client chunk,
-            // only where the binding checks single use or revocation.
-            if close.is_none() && dir == Dir::ToUpstream && terms.checks_reauth(&shared.binding) {
-                if let Some(payload) = host::property_bytes(vec![REAUTH_CLAIMS_PROPERTY]) {
-                    if self.reauth_seen.as_deref() != Some(payload.as_slice()) {
-                        shared.count(SessionBindingStat::ReauthChecked);
-                        let kid = host::property_text(vec![REAUTH_KID_PROPERTY]);
-                        close = match as_claims(&payload) {
-                            Some(claims) => {
-                                let mut store = shared.store();
-                                match shared.binding.check_reauth(
-                                    terms,
-                                    &claims,
-                                    kid.as_deref(),
-                                    now,
-                                    shared.revocations.as_ref(),
-                                    &mut store,
-                                ) {
-                                    Ok(notes) => {
-                                        for note in notes {
-                                            shared.count(note);
-                                        }
-                                        None
-                                    }
-                                    Err((code, reason, d)) => {
-                                        Some((code, reason, WsClose::Denied(d)))
-                                    }
-                                }
-                            }
-                            // Not the verified payload jwt-auth publishes: fail closed.
-                            None => Some((
-                                gatehouse_core::ws::CLOSE_UNAUTHORIZED,
-                                "re-auth refused",
-                                WsClose::ReauthUnreadable,
-                            )),
-                        };
-                        self.reauth_seen = Some(payload);
-                    }
-                }
-            }
-            if let Some((code, reason, stat)) = close {
-                live.close_with(code, reason);
-                shared.count(SessionBindingStat::WsClosed(stat));
-                host::log_denial(
-                    NAME,
-                    &format!(
-                        "live websocket: {reason} ({}), closing with {code}",
-                        stat.reason()
-                    ),
-                );
-            }
-        }
-        // The socket has no deadline: only the checks above close it, and logged that. The
-        // deadline is `u64::MAX`, so an unknown time (0 here) closes nothing by itself.
-        host::live_chunk(live, dir, size, now.unwrap_or(0), |_| None);
-    }
 }
 
-impl Context for Stream {
-    // --- fleet store: etcd's answer to a paused connect.
-    fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+impl Stage for Stream {
+    fn request_headers(&mut self, pass: &mut PassState, _end_of_stream: bool) -> Flow {
+        self.decide(pass)
+    }
+
+    // --- fleet store: etcd's answer to a waiting connect.
+    fn call_answered(&mut self, _pass: &mut PassState, token: u32, body_size: usize) -> Flow {
         let Some(mut asking) = self.asking.take() else {
-            return;
+            return Flow::Next;
         };
         let Some(config) = self.shared.borrow().binding.config.store.clone() else {
-            return;
+            return Flow::Next;
         };
         match host::store::answered(&config, &mut asking.call, token, body_size) {
-            None => self.asking = Some(asking),
+            None => {
+                self.asking = Some(asking);
+                Flow::Wait
+            }
             Some(answer) => {
                 let started = asking.call.flow.started_ms;
-                if self.stored(
+                self.stored(
                     asking.pending,
                     answer,
                     asking.websocket,
                     &asking.path,
                     started,
-                ) == Action::Continue
-                {
-                    host::resume_request();
-                }
+                )
             }
         }
     }
     // ---
 
-    fn on_done(&mut self) -> bool {
+    fn response_headers(&mut self, pass: &mut PassState, _end_of_stream: bool) -> Flow {
+        if let Some(terms) = self.pending.take() {
+            if host::response_header(":status").as_deref() == Some("101") {
+                // Session-binding does not expire sockets (jwt-auth does): no deadline.
+                pipeline::join(&mut pass.live, LiveSocket::new(u64::MAX));
+                self.live = Some(terms);
+            } else {
+                // The upstream refused the upgrade: no socket, no slot.
+                self.release_slot();
+            }
+        }
+        Flow::Next
+    }
+
+    /// The revocation list, and the in-band re-auth tokens jwt-auth accepted.
+    fn live_chunk(&mut self, pass: &mut PassState, dir: Dir, size: usize) -> usize {
+        let Some(terms) = self.live.as_mut() else {
+            return size;
+        };
+        if pass.live.as_ref().is_none_or(LiveSocket::is_closing) {
+            return size;
+        }
+        let now = pass.facts.now();
+        let shared = self.shared.borrow();
+        let mut close = shared
+            .binding
+            .check_live(terms, shared.revocations.as_ref(), now)
+            .map(|(code, reason, d)| (code, reason, WsClose::Denied(d)));
+        // An in-band re-auth token jwt-auth accepted on this socket (before this stage sees
+        // the chunk), only where the binding checks single use or revocation.
+        if close.is_none() && dir == Dir::ToUpstream && terms.checks_reauth(&shared.binding) {
+            if let Some(found) = read_reauth(pass, &mut self.reauth_seen) {
+                shared.count(SessionBindingStat::ReauthChecked);
+                close = match found {
+                    Some(found) => {
+                        let mut store = shared.store();
+                        match shared.binding.check_reauth(
+                            terms,
+                            found.claims(),
+                            found.kid(),
+                            now,
+                            shared.revocations.as_ref(),
+                            &mut store,
+                        ) {
+                            Ok(notes) => {
+                                for note in notes {
+                                    shared.count(note);
+                                }
+                                None
+                            }
+                            Err((code, reason, d)) => Some((code, reason, WsClose::Denied(d))),
+                        }
+                    }
+                    // Not the verified payload jwt-auth publishes: fail closed.
+                    None => Some((
+                        gatehouse_core::ws::CLOSE_UNAUTHORIZED,
+                        "re-auth refused",
+                        WsClose::ReauthUnreadable,
+                    )),
+                };
+            }
+        }
+        if let (Some((code, reason, stat)), Some(live)) = (close, pass.live.as_mut()) {
+            live.close_with(code, reason);
+            shared.count(SessionBindingStat::WsClosed(stat));
+            host::log_denial(
+                NAME,
+                &format!(
+                    "live websocket: {reason} ({}), closing with {code}",
+                    stat.reason()
+                ),
+            );
+        }
+        size
+    }
+
+    fn done(&mut self, _pass: &mut PassState) {
         // --- fleet store: gone while etcd was answering; the slot may be taken anyway.
         if let Some(asking) = self.asking.take() {
             if let (Some(claim), Some(sockets)) = (
@@ -656,35 +710,5 @@ impl Context for Stream {
         }
         // ---
         self.release_slot();
-        true
-    }
-}
-
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        self.decide()
-    }
-
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(terms) = self.pending.take() {
-            if host::response_header(":status").as_deref() == Some("101") {
-                // Session-binding does not expire sockets (jwt-auth does): no deadline.
-                self.live = Some((LiveSocket::new(u64::MAX), terms));
-            } else {
-                // The upstream refused the upgrade: no socket, no slot.
-                self.release_slot();
-            }
-        }
-        Action::Continue
-    }
-
-    fn on_http_request_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        self.on_chunk(Dir::ToUpstream, size);
-        Action::Continue
-    }
-
-    fn on_http_response_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        self.on_chunk(Dir::ToClient, size);
-        Action::Continue
     }
 }

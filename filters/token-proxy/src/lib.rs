@@ -1,11 +1,11 @@
 //! token-proxy: the proxy-wasm shell over `gatehouse_core::token_proxy`. See docs/token-proxy.md.
 
+use gatehouse_core::pipeline::Flow;
 use gatehouse_core::stats::TokenProxyStat;
 use gatehouse_core::token_proxy::{ProxyDecision, ProxyRequest, TokenProxyConfig};
 use gatehouse_core::ConfigError;
-use gatehouse_host::{self as host, Counters};
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel};
+use gatehouse_host::{self as host, Counters, PassState, Stage};
+use proxy_wasm::types::LogLevel;
 use std::rc::Rc;
 
 const NAME: &str = "gatehouse.token_proxy";
@@ -59,22 +59,21 @@ struct Stream {
     origin: Option<String>,
 }
 
-impl Context for Stream {}
-
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+impl Stage for Stream {
+    fn request_headers(&mut self, pass: &mut PassState, _end_of_stream: bool) -> Flow {
         let s = &self.shared;
-        let method = host::request_header(":method").unwrap_or_default();
-        let websocket = host::is_websocket_upgrade();
+        let facts = &mut pass.facts;
+        let method = facts.header(":method").unwrap_or_default();
+        let websocket = facts.is_websocket();
         let needs = s.config.needs(&method, websocket);
-        let origin = host::request_header_if(needs.origin, "origin");
-        let sec_fetch_site = host::request_header_if(needs.sec_fetch_site, "sec-fetch-site");
-        let authorization = host::request_header("authorization");
-        let cookie = host::request_header("cookie");
-        let csrf = host::request_header(&s.config.csrf_header);
-        let preflight = host::request_header_if(needs.preflight, "access-control-request-method");
-        let ws_key = host::request_header_if(websocket, "sec-websocket-key");
-        let ws_protocols = host::request_header_if(websocket, "sec-websocket-protocol");
+        let origin = facts.header_if(needs.origin, "origin");
+        let sec_fetch_site = facts.header_if(needs.sec_fetch_site, "sec-fetch-site");
+        let authorization = facts.header("authorization");
+        let cookie = facts.header("cookie");
+        let csrf = facts.header(&s.config.csrf_header);
+        let preflight = facts.header_if(needs.preflight, "access-control-request-method");
+        let ws_key = facts.header_if(websocket, "sec-websocket-key");
+        let ws_protocols = facts.header_if(websocket, "sec-websocket-protocol");
         let decision = s.config.decide(&ProxyRequest {
             method: &method,
             origin: origin.as_deref(),
@@ -90,28 +89,28 @@ impl HttpContext for Stream {
         self.origin = origin;
         // The CSRF header has done its job here; the upstream never needs it.
         if csrf.is_some() {
-            host::set_request_header(&s.config.csrf_header, None);
+            facts.set_header(&s.config.csrf_header, None);
         }
         match decision {
             ProxyDecision::Pass => {
                 s.count(TokenProxyStat::Passed);
-                Action::Continue
+                Flow::Next
             }
             ProxyDecision::Forward {
                 authorization,
                 cookie,
             } => {
-                host::set_request_header("authorization", Some(&authorization));
-                host::set_request_header("cookie", cookie.as_deref());
+                facts.set_header("authorization", Some(&authorization));
+                facts.set_header("cookie", cookie.as_deref());
                 s.count(TokenProxyStat::Forwarded);
-                Action::Continue
+                Flow::Next
             }
             ProxyDecision::Reply { reply, denial } => {
                 match denial {
                     Some(d) => {
                         s.count(TokenProxyStat::Denied(d));
-                        let path = host::request_header(":path").unwrap_or_default();
-                        return host::refuse(
+                        let path = facts.header(":path").unwrap_or_default();
+                        host::refuse(
                             NAME,
                             d.reason(),
                             d.refusal(websocket),
@@ -120,15 +119,17 @@ impl HttpContext for Stream {
                             &reply,
                         );
                     }
-                    None => s.count(TokenProxyStat::Preflight),
+                    None => {
+                        s.count(TokenProxyStat::Preflight);
+                        host::send_reply(&reply);
+                    }
                 }
-                host::send_reply(&reply);
-                Action::Pause
+                Flow::Stop
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+    fn response_headers(&mut self, _pass: &mut PassState, _end_of_stream: bool) -> Flow {
         let config = &self.shared.config;
         for (name, value) in config.cors_headers(self.origin.as_deref()) {
             if name == "vary" {
@@ -156,6 +157,6 @@ impl HttpContext for Stream {
                 self.shared.count(TokenProxyStat::CookiesHardened);
             }
         }
-        Action::Continue
+        Flow::Next
     }
 }

@@ -2,12 +2,12 @@
 //! docs/turn-credentials.md.
 
 use gatehouse_core::jwt_auth::CLAIMS_PROPERTY;
+use gatehouse_core::pipeline::Flow;
 use gatehouse_core::stats::TurnStat;
 use gatehouse_core::turn::{TurnConfig, TurnDecision, TurnRequest};
 use gatehouse_core::ConfigError;
-use gatehouse_host::{self as host, Counters};
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel};
+use gatehouse_host::{self as host, Counters, PassState, Stage};
+use proxy_wasm::types::LogLevel;
 use std::rc::Rc;
 
 const NAME: &str = "gatehouse.turn_credentials";
@@ -54,19 +54,23 @@ struct Stream {
     shared: Rc<Shared>,
 }
 
-impl Context for Stream {}
-
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+impl Stage for Stream {
+    fn request_headers(&mut self, pass: &mut PassState, _end_of_stream: bool) -> Flow {
         let s = &self.shared;
-        let path = host::request_header(":path").unwrap_or_default();
+        let facts = &mut pass.facts;
+        let path = facts.header(":path").unwrap_or_default();
         if path.split('?').next() != Some(s.config.path.as_str()) {
-            return Action::Continue;
+            return Flow::Next;
         }
-        let method = host::request_header(":method").unwrap_or_default();
-        let origin = host::request_header("origin");
-        // jwt-auth's verified claims: filter state, never a header a client could send.
-        let claims = host::property_bytes(vec![CLAIMS_PROPERTY]);
+        let method = facts.header(":method").unwrap_or_default();
+        let origin = facts.header("origin");
+        // jwt-auth's verified claims: in memory from a jwt-auth stage of this pass, or its
+        // filter state, never a header a client could send.
+        let claims = if pass.handover.from_jwt_auth {
+            pass.handover.claims.as_ref().map(|v| v.payload.clone())
+        } else {
+            host::property_bytes(vec![CLAIMS_PROPERTY])
+        };
         let decision = s.config.decide(
             &TurnRequest {
                 method: &method,
@@ -75,18 +79,17 @@ impl HttpContext for Stream {
                 claims: claims.as_deref(),
             },
             // `None` when the host cannot tell the time: the core refuses (503, `clock`).
-            host::now(),
+            facts.now(),
         );
         match decision {
-            TurnDecision::Pass => Action::Continue,
+            TurnDecision::Pass => Flow::Next,
             TurnDecision::Minted { reply, .. } => {
                 s.count(TurnStat::Minted);
                 host::send_reply(&reply);
-                Action::Pause
+                Flow::Stop
             }
             TurnDecision::Refused { reply, denial } => {
                 s.count(TurnStat::Denied(denial));
-                let path = host::request_header(":path").unwrap_or_default();
                 host::refuse(
                     NAME,
                     denial.reason(),
@@ -94,7 +97,8 @@ impl HttpContext for Stream {
                     false,
                     &path,
                     &reply,
-                )
+                );
+                Flow::Stop
             }
         }
     }
