@@ -2,8 +2,9 @@
 //! with an inline `route_config`, which gatehouse filters run on it and which of their `rules`
 //! apply (what a reviewer of a config change wants to see).
 //!
-//! A filter is off on a route whose `typed_per_filter_config` disables it (by the filter's
-//! name). Otherwise its first matching rule decides (the filters' rules are first-match-wins,
+//! A one-pass filter (`root_id: gatehouse`) is listed stage by stage. A filter is off on a
+//! route whose `typed_per_filter_config` disables it (by the filter's name), a stage where the
+//! one-pass filter's `off` names it. Otherwise its first matching rule decides (the filters' rules are first-match-wins,
 //! `match` is one of `route`, `prefix`, `host`; see docs/jwt-auth.md#rules): a rule applies to
 //! every request of the route when it must match them all (`route` equal to the route's name, a
 //! `prefix` the route's own prefix or path starts with, a `host` that is the virtual host's only
@@ -11,18 +12,9 @@
 
 use serde_json::{Map, Value};
 
-/// The root_id of a gatehouse filter, from its Wasm config.
-fn gatehouse_root_id(filter: &Map<String, Value>) -> Option<(&str, &str)> {
-    let name = filter.get("name").and_then(Value::as_str)?;
-    let config = filter.get("typed_config")?.get("config")?;
-    let root_id = config.get("root_id").and_then(Value::as_str)?;
-    crate::check::FilterKind::from_root_id(root_id)?;
-    Some((name, root_id))
-}
-
-/// The rules of a filter's JSON configuration (empty when it has none or is not JSON: the
-/// filter check reports that).
-fn rules_of(filter: &Map<String, Value>) -> Vec<Value> {
+/// The JSON configuration of a Wasm filter (`{}` when it has none or is not JSON: the filter
+/// check reports that).
+fn config_of(filter: &Map<String, Value>) -> Value {
     let text = filter
         .get("typed_config")
         .and_then(|t| t.get("config"))
@@ -30,10 +22,82 @@ fn rules_of(filter: &Map<String, Value>) -> Vec<Value> {
         .and_then(|c| c.get("value"))
         .and_then(Value::as_str)
         .unwrap_or("{}");
-    serde_json::from_str::<Value>(text)
-        .ok()
-        .and_then(|v| v.get("rules").and_then(Value::as_array).cloned())
+    serde_json::from_str::<Value>(text).unwrap_or(Value::Null)
+}
+
+fn rules_in(config: &Value) -> Vec<Value> {
+    config
+        .get("rules")
+        .and_then(Value::as_array)
+        .cloned()
         .unwrap_or_default()
+}
+
+/// One filter, or one stage of a one-pass filter, as listed per route.
+struct Listed<'a> {
+    /// The filter's or stage's root_id.
+    label: String,
+    /// The Envoy filter's name (what `typed_per_filter_config` disables).
+    filter_name: &'a str,
+    rules: Vec<Value>,
+    /// The one-pass filter's `off` matches naming this stage.
+    off: Vec<Value>,
+}
+
+/// The gatehouse filters of an HTTP filter chain; a one-pass filter (`root_id: gatehouse`)
+/// is listed stage by stage, in its stage order.
+fn listed(filter: &Map<String, Value>) -> Vec<Listed<'_>> {
+    let Some(name) = filter.get("name").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    let Some(root_id) = filter
+        .get("typed_config")
+        .and_then(|t| t.get("config"))
+        .and_then(|c| c.get("root_id"))
+        .and_then(Value::as_str)
+    else {
+        return Vec::new();
+    };
+    let config = config_of(filter);
+    let kind = crate::check::FilterKind::from_root_id(root_id);
+    if kind == Some(crate::check::FilterKind::OnePass) {
+        let off: Vec<&Value> = config
+            .get("off")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .collect();
+        return gatehouse_core::pipeline::StageKind::ORDER
+            .iter()
+            .map(|k| k.key())
+            .filter_map(|stage| {
+                let stage_config = config.get(stage)?;
+                Some(Listed {
+                    label: stage.to_string(),
+                    filter_name: name,
+                    rules: rules_in(stage_config),
+                    off: off
+                        .iter()
+                        .filter(|o| {
+                            o.get("stages")
+                                .and_then(Value::as_array)
+                                .is_some_and(|s| s.iter().any(|n| n.as_str() == Some(stage)))
+                        })
+                        .filter_map(|o| o.get("match").cloned())
+                        .collect(),
+                })
+            })
+            .collect();
+    }
+    if kind.is_none() {
+        return Vec::new();
+    }
+    vec![Listed {
+        label: root_id.to_string(),
+        filter_name: name,
+        rules: rules_in(&config),
+        off: Vec::new(),
+    }]
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -102,13 +166,13 @@ fn disabled_on(route: &Value, filter_name: &str) -> bool {
 
 /// The per-route lines for one connection manager's routes.
 fn report_hcm(hcm: &Map<String, Value>, lines: &mut Vec<String>) {
-    let filters: Vec<(&str, &str, Vec<Value>)> = hcm
+    let filters: Vec<Listed<'_>> = hcm
         .get("http_filters")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .filter_map(Value::as_object)
-        .filter_map(|f| gatehouse_root_id(f).map(|(name, root)| (name, root, rules_of(f))))
+        .flat_map(listed)
         .collect();
     if filters.is_empty() {
         return;
@@ -122,7 +186,7 @@ fn report_hcm(hcm: &Map<String, Value>, lines: &mut Vec<String>) {
         ));
         return;
     };
-    let width = filters.iter().map(|(_, r, _)| r.len()).max().unwrap_or(0);
+    let width = filters.iter().map(|f| f.label.len()).max().unwrap_or(0);
     for vhost in route_config
         .get("virtual_hosts")
         .and_then(Value::as_array)
@@ -150,13 +214,23 @@ fn report_hcm(hcm: &Map<String, Value>, lines: &mut Vec<String>) {
                 name.unwrap_or("<unnamed>"),
                 describe_match(&route_match)
             ));
-            for (filter_name, root_id, rules) in &filters {
-                let what = if disabled_on(route, filter_name) {
+            for f in &filters {
+                let off = f
+                    .off
+                    .iter()
+                    .map(|m| applies(m, name, &route_match, &domains))
+                    .find(|a| *a != Applies::None);
+                let what = if disabled_on(route, f.filter_name) {
                     "off (typed_per_filter_config disabled)".to_string()
+                } else if off == Some(Applies::All) {
+                    "off (the one-pass filter's `off`)".to_string()
                 } else {
                     let mut parts = Vec::new();
+                    if off == Some(Applies::Some) {
+                        parts.push("off on some paths (the one-pass filter's `off`)".to_string());
+                    }
                     let mut decided = false;
-                    for (i, rule) in rules.iter().enumerate() {
+                    for (i, rule) in f.rules.iter().enumerate() {
                         let m = rule.get("match").cloned().unwrap_or(Value::Null);
                         let off = rule.get("disabled").and_then(Value::as_bool) == Some(true);
                         let label = format!(
@@ -179,7 +253,7 @@ fn report_hcm(hcm: &Map<String, Value>, lines: &mut Vec<String>) {
                     }
                     parts.join(", else ")
                 };
-                lines.push(format!("  {root_id:<width$}  {what}"));
+                lines.push(format!("  {:<width$}  {what}", f.label));
             }
         }
     }
@@ -258,15 +332,15 @@ mod tests {
         let signaling = block(&lines, "signaling");
         assert_eq!(
             line_of(&signaling, "token_proxy"),
-            "off (typed_per_filter_config disabled)"
+            "off (the one-pass filter's `off`)"
         );
         assert_eq!(
             line_of(&signaling, "jwt_auth"),
-            "rules[0] (route signaling)"
+            "rules[1] (route signaling)"
         );
         assert_eq!(
             line_of(&signaling, "session_binding"),
-            "rules[0] (route signaling)"
+            "rules[1] (route signaling)"
         );
         assert_eq!(
             line_of(&signaling, "page_guard"),
@@ -274,16 +348,16 @@ mod tests {
         );
         let api = block(&lines, "api");
         assert_eq!(line_of(&api, "token_proxy"), "defaults");
-        assert_eq!(line_of(&api, "jwt_auth"), "rules[1] (route api)");
+        assert_eq!(line_of(&api, "jwt_auth"), "rules[2] (route api)");
         // session-binding's catch-all `prefix /` rule turns it off on the page routes.
         let page = block(&lines, "static");
         assert_eq!(
             line_of(&page, "session_binding"),
-            "rules[3] (prefix /): off"
+            "rules[4] (prefix /): off"
         );
         assert_eq!(
             line_of(&page, "jwt_auth"),
-            "off (typed_per_filter_config disabled)"
+            "off (the one-pass filter's `off`)"
         );
     }
 
