@@ -110,18 +110,22 @@ def test_demo_image_builds_the_demo_crate():
     assert tuple(map(int, rust.split("."))) >= tuple(map(int, msrv.split(".")))
 
 
-def token_proxy_filters() -> list[dict]:
-    """The token-proxy filters (or one-pass filters with a token_proxy stage) of envoy.yaml, each
-    as its plugin config with its token-proxy configuration."""
+def stage_filters(root_id: str) -> list[dict]:
+    """The `root_id` filters (or one-pass filters with that stage) of envoy.yaml, each as its
+    plugin config with that filter's configuration."""
     found = []
     for n in walk(ENVOY_YAML):
-        if n.get("root_id") == "token_proxy":
+        if n.get("root_id") == root_id:
             found.append(n)
         elif n.get("root_id") == ONE_PASS_ROOT_ID:
-            stage = json.loads(n["configuration"]["value"]).get("token_proxy")
+            stage = json.loads(n["configuration"]["value"]).get(root_id)
             if stage is not None:
                 found.append({**n, "configuration": {**n["configuration"], "value": json.dumps(stage)}})
     return found
+
+
+def token_proxy_filters() -> list[dict]:
+    return stage_filters("token_proxy")
 
 
 def test_cookie_key_comes_from_the_environment_in_both_services():
@@ -162,7 +166,7 @@ def test_kamailio_and_coturn_run_in_the_stack_envoy_points_at():
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     assert (listen.group(1), int(listen.group(2))) == (endpoint["address"], endpoint["port_value"])
 
-    (turn,) = [n for n in walk(ENVOY_YAML) if n.get("root_id") == "turn_credentials"]
+    (turn,) = stage_filters("turn_credentials")
     turn_cfg = json.loads(turn["configuration"]["value"])
     args = dict(a.removeprefix("--").split("=", 1) for a in coturn["command"] if "=" in a)
     assert all(f"127.0.0.1:{args['listening-port']}" in url for url in turn_cfg["urls"])
@@ -212,6 +216,5 @@ def test_etcd_is_the_official_image_of_the_version_the_tests_run_next_to_envoy()
     assert url in etcd["command"], f"etcd does not listen where envoy.yaml's etcd cluster points ({url})"
     data = next(a.split("=", 1)[1] for a in etcd["command"] if a.startswith("--data-dir="))
     assert data in mounts(etcd), "etcd's data lives in a volume"
-    store = next(json.loads(n["configuration"]["value"])["store"] for n in walk(ENVOY_YAML)
-                 if n.get("root_id") == "session_binding")
+    store = next(json.loads(n["configuration"]["value"])["store"] for n in stage_filters("session_binding"))
     assert store["etcd"]["cluster"] == "etcd"
