@@ -133,23 +133,26 @@ class Pages:
         self.server.server_close()
 
 
-class JsonDocument:
-    """Answers every GET with `document` as JSON; `fetches` counts them; `stop()` takes it down."""
+class LocalServer:
+    """A local HTTP server on a free loopback port: every GET and POST is answered by
+    `answer(method, path, host, body) -> (status, body)` as JSON; `stop()` takes it down."""
 
-    def __init__(self, document):
-        self.document = document
-        self.fetches = 0
-        outer = self
-
+    def __init__(self, answer):
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.fetches += 1
-                body = json.dumps(outer.document).encode()
-                self.send_response(200)
+            def reply(self, method: str):
+                sent = self.rfile.read(int(self.headers.get("content-length", 0) or 0))
+                status, body = answer(method, self.path, self.headers.get("host"), sent)
+                self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_GET(self):
+                self.reply("GET")
+
+            def do_POST(self):
+                self.reply("POST")
 
             def log_message(self, *args):
                 pass
@@ -164,3 +167,17 @@ class JsonDocument:
             self.up = False
             self.httpd.shutdown()
             self.httpd.server_close()
+
+
+class JsonDocument(LocalServer):
+    """Answers every GET with `document` as JSON; `fetches` counts them; `stop()` takes it down."""
+
+    def __init__(self, document):
+        self.document = document
+        self.fetches = 0
+
+        def answer(method, path, host, body):
+            self.fetches += 1
+            return 200, json.dumps(self.document).encode()
+
+        super().__init__(answer)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 import websockets
 
 from conftest import run_async as run, wait_until
+from pages import LocalServer
 from tokens import jwt_auth_config
 
 pytestmark = pytest.mark.usefixtures("require_envoy")
@@ -289,33 +288,17 @@ def test_a_three_member_cluster_with_one_member_stopped_keeps_working(key, demo,
 # ------------------------------------------------------------------------- bad store answers
 
 
-class FakeEtcd:
+class FakeEtcd(LocalServer):
     """Not etcd: answers every POST with `body` (the only stand-in; real etcd everywhere else)."""
 
     def __init__(self):
         self.body, self.status, self.calls = b"{}", 200, 0
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.calls += 1
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                self.send_response(outer.status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(outer.body)))
-                self.end_headers()
-                self.wfile.write(outer.body)
+        def answer(method, path, host, body):
+            self.calls += 1
+            return self.status, self.body
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(answer)
 
 
 HEADER = {"cluster_id": "1", "member_id": "1", "revision": "1", "raft_term": "1"}

@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -21,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from conftest import wait_until
+from pages import LocalServer
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config
 
 pytestmark = pytest.mark.usefixtures("require_envoy")
@@ -87,35 +86,19 @@ def test_a_changed_signature_is_refused(gw, keys):
     assert counter(gw, "denied.signature") == before + 1
 
 
-class Idp:
+class Idp(LocalServer):
     """An identity provider's two documents, by path; records (path, Host) of every GET."""
 
     def __init__(self):
         self.documents = {}
         self.requests = []
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.requests.append((self.path, self.headers.get("host")))
-                doc = outer.documents.get(self.path)
-                body = json.dumps(doc).encode()
-                self.send_response(200 if doc is not None else 404)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def answer(method, path, host, body):
+            self.requests.append((path, host))
+            doc = self.documents.get(path)
+            return (200 if doc is not None else 404), json.dumps(doc).encode()
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(answer)
 
 
 @pytest.fixture
