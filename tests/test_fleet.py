@@ -277,10 +277,21 @@ def test_a_three_member_cluster_with_one_member_stopped_keeps_working(key, demo,
         # The first connect of a new lease minute grants it (three writes): on this busy machine
         # allow it to warm up, then every connect must work.
         assert wait_until(lambda: outcome(a, "/ws/once/x", key.mint(jti=unique("jti")))[0] == "open", 15)
+        # Two members fsync every write on this shared machine: a connect may still run out of
+        # its budget now and then (1013, try again later: nothing was let through). What must
+        # hold: the fleet decides — each token opens once, on a, and is refused as a replay on b.
         for _ in range(6):
-            token = key.mint(jti=unique("jti"))
-            assert outcome(a, "/ws/once/x", token) == ("open", "hello")
-            assert outcome(b, "/ws/once/x", token)[:2] == ("closed", 4401)
+            for _attempt in range(3):
+                token = key.mint(jti=unique("jti"))
+                first = outcome(a, "/ws/once/x", token)
+                if first[:2] != ("closed", 1013):
+                    break
+            assert first == ("open", "hello")
+            for _attempt in range(3):
+                replay = outcome(b, "/ws/once/x", token)
+                if replay[:2] != ("closed", 1013):
+                    break
+            assert replay[:2] == ("closed", 4401)
     finally:
         store.resume(1)
 
