@@ -381,3 +381,114 @@ def test_the_warm_http_path_makes_no_store_call(fleet, key):
     assert etcd_requests() == before, "the warm path called etcd"
     assert outcome(a, "/ws/once/x", key.mint(jti=unique("jti")))[0] == "open"
     assert etcd_requests() > before
+
+
+# ------------------------------------------------------------------------- session deadlines
+
+JA = "gatehouse.jwt_auth"
+
+
+def jwt_store_config(key, prefix: str, when_unavailable: str = "closed") -> dict:
+    return jwt_auth_config(key, sources=[{"websocket_protocol": {"prefix": "bearer."}}, {"authorization": {}}],
+                           session_claims=["sid", "sub"],
+                           store={"etcd": {"cluster": "etcd", "prefix": prefix, "timeout_ms": TIMEOUT_MS},
+                                  "when_unavailable": when_unavailable})
+
+
+def session_replicas(n, key, demo, envoy_factory, store_cluster: dict, prefix: str) -> list[Replica]:
+    return [Replica(envoy_factory(demo, jwt_auth=jwt_store_config(key, prefix),
+                                  extra_clusters={"etcd": store_cluster}))
+            for _ in range(n)]
+
+
+def jwt_stat(r: Replica, name: str) -> int:
+    return r.envoy.stats().get(f"wasmcustom.{JA}.{name}", 0)
+
+
+def refresh(r: Replica, token: str):
+    """A guarded API call with a fresh token of the session (what a token-handler SPA does)."""
+    got = requests.get(r.envoy.url + "/api/echo", headers={"authorization": f"Bearer {token}"}, timeout=10)
+    assert got.status_code == 200, got.text
+
+
+async def chat(r: Replica, token: str, seconds: float, on_tick=None):
+    """Connect to `r`, send a frame every 0.5 s for `seconds` (calling `on_tick(elapsed)` first);
+    (frames echoed, close code, close reason, seconds until it closed or None)."""
+    echoed = 0
+    async with websockets.connect(r.url("/ws/echo"), **r.kwargs(token)) as ws:
+        start = time.monotonic()
+        try:
+            while time.monotonic() - start < seconds:
+                if on_tick:
+                    await asyncio.to_thread(on_tick, time.monotonic() - start)
+                await ws.send("ping")
+                assert await asyncio.wait_for(ws.recv(), 5) == "ping"
+                echoed += 1
+                await asyncio.sleep(0.5)
+        except websockets.ConnectionClosed:
+            return echoed, ws.close_code, ws.close_reason, time.monotonic() - start
+        return echoed, ws.close_code, ws.close_reason, None
+
+
+def test_a_socket_follows_refreshes_made_through_another_replica(key, demo, envoy_factory, etcd):
+    a, b = session_replicas(2, key, demo, envoy_factory, etcd.cluster(), "gh-sess/")
+    sid = unique("call")
+    last = [0.0]
+    stopped = [None]
+
+    def refresh_on_b_for_20s(elapsed):
+        if elapsed < 20 and elapsed - last[0] >= 3:
+            last[0] = elapsed
+            refresh(b, key.mint(ttl=6, sid=sid))
+        elif elapsed >= 20 and stopped[0] is None:
+            stopped[0] = elapsed
+
+    # 6-second tokens, refreshed only through replica 1 every 3 s for 20 s, then no more.
+    echoed, code, reason, closed_at = run(chat(a, key.mint(ttl=6, sid=sid), 40, refresh_on_b_for_20s), 90)
+    assert closed_at is not None and closed_at >= 20, f"closed after {closed_at} s: {code} {reason}"
+    assert (code, reason) == (4401, "session expired")
+    assert echoed >= 35
+    # The last refresh was at most 3 s before 20 s with a 6 s token, then the 3 s grace, a tick,
+    # and the 1 s re-check of a held socket.
+    assert closed_at < 20 + 6 + 3 + 3, closed_at
+    assert jwt_stat(b, "store.deadline.written") >= 3
+    assert jwt_stat(a, "store.deadline.adopted") >= 3
+    assert jwt_stat(a, "store.deadline.expired") >= 1
+    # Keys are hashes: no session id in clear.
+    keys = etcd.keys("gh-sess/")
+    assert keys and all(k.startswith("gh-sess/sess/") for k in keys), keys
+    assert not any(sid in k for k in keys)
+
+
+def test_etcd_paused_never_closes_a_socket_at_its_deadline(key, demo, envoy_factory, etcd_factory):
+    store = etcd_factory(1)
+    (r,) = session_replicas(1, key, demo, envoy_factory, store.cluster(), "gh-sess-pause/")
+    sid = unique("call")
+
+    async def go():
+        ws = await websockets.connect(r.url("/ws/echo"), **r.kwargs(key.mint(ttl=2, sid=sid)))
+        store.pause()
+        try:
+            echoes = []
+            for _ in range(8):  # well past the token's 2 s and the 3 s grace
+                await ws.send("ping")
+                echoes.append(await asyncio.wait_for(ws.recv(), 5))
+                await asyncio.sleep(1)
+        finally:
+            store.resume()
+        assert wait_until(store.healthy, 10)
+        # etcd answers again: nothing later for the session, the socket closes.
+        try:
+            for _ in range(20):
+                await ws.send("ping")
+                await asyncio.wait_for(ws.recv(), 5)
+                await asyncio.sleep(0.5)
+        except websockets.ConnectionClosed:
+            pass
+        return echoes, ws.close_code, ws.close_reason
+
+    echoes, code, reason = run(go(), timeout=90)
+    assert echoes == ["ping"] * 8, "held open while etcd is away"
+    assert (code, reason) == (4401, "session expired")
+    assert jwt_stat(r, "store.deadline.held") >= 3
+    assert jwt_stat(r, "store.error.unavailable") >= 1

@@ -69,6 +69,8 @@ struct RawConfig {
     required_typ: Option<Vec<String>>,
     #[serde(default = "default_sessions_per_subject")]
     max_sessions_per_subject: usize,
+    /// Fleet store for session deadlines (docs/fleet.md).
+    store: Option<crate::store::RawStore>,
     #[serde(default)]
     rules: Vec<RawRule>,
 }
@@ -292,6 +294,8 @@ pub struct JwtAuthConfig {
     pub reauth: Option<String>,
     /// Session records one subject may keep per shared-data bucket (see [`crate::sessions`]).
     pub sessions_per_subject: usize,
+    /// Session deadlines shared by every replica through etcd (`store`, docs/fleet.md).
+    pub store: Option<crate::store::StoreConfig>,
     /// Believe `x-forwarded-proto: https` from the hop before Envoy (for `wss_only`).
     pub trust_forwarded_proto: bool,
     pub default_policy: Arc<Policy>,
@@ -687,6 +691,10 @@ impl JwtAuthConfig {
                 }
                 n => n,
             },
+            store: raw
+                .store
+                .map(crate::store::StoreConfig::compile)
+                .transpose()?,
             trust_forwarded_proto: raw.trust_forwarded_proto,
             default_policy: Arc::new(default_policy),
             rules,

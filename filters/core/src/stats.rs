@@ -112,6 +112,8 @@ pub enum JwtAuthStat {
     JwksKeySkipped,
     WsExpiredClose,
     WsReauth,
+    /// Session deadlines in the fleet store (`store.*`, docs/fleet.md).
+    Store(crate::sessions::DeadlineStat),
 }
 
 impl Stat for JwtAuthStat {
@@ -128,6 +130,8 @@ impl Stat for JwtAuthStat {
             WsExpiredClose,
             WsReauth,
         ]);
+        all.extend(crate::sessions::DEADLINE_STATS.map(Store));
+        all.extend(STORE_ERRORS.map(|e| Store(crate::sessions::DeadlineStat::Error(e))));
         all
     }
 
@@ -144,6 +148,7 @@ impl Stat for JwtAuthStat {
             JwksKeySkipped => "jwks.key_skipped",
             WsExpiredClose => "ws.expired_close",
             WsReauth => "ws.reauth",
+            Store(s) => return s.name(),
         }
         .to_string()
     }

@@ -582,6 +582,119 @@ pub fn read_txn(status: u32, body: &[u8]) -> Result<(), StoreError> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Session deadlines (jwt-auth): `<prefix>sess/<hash>` → the session's deadline (unix seconds,
+// zero-padded so etcd's byte comparison orders them), on a lease shared by deadlines ending in
+// the same [`LEASE_STEP`] and ending a little past them ([`crate::sessions::GRACE`]).
+
+pub fn session_key(prefix: &str, session: &str) -> String {
+    let hash: String = crate::sha256(session.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{prefix}sess/{hash}")
+}
+
+fn deadline_value(deadline: u64) -> String {
+    format!("{deadline:020}")
+}
+
+/// The shared lease of session deadlines at `deadline`: its id and, granted at `now`, its TTL.
+pub fn session_lease(prefix: &str, deadline: u64, now: u64) -> (i64, u64) {
+    let end = deadline
+        .saturating_add(crate::sessions::GRACE + 1)
+        .div_ceil(LEASE_STEP)
+        .saturating_mul(LEASE_STEP);
+    (
+        derived_lease(prefix, "sess", end),
+        end.saturating_sub(now).max(1) + 1,
+    )
+}
+
+/// Record `(session, deadline)`s in one transaction; each only raises the stored deadline
+/// (created if absent, else put only where the stored one is smaller).
+pub fn write_deadlines(prefix: &str, entries: &[(String, u64)], now: u64) -> Call {
+    let ops: Vec<Value> = entries
+        .iter()
+        .map(|(session, deadline)| {
+            let key = session_key(prefix, session);
+            let value = deadline_value(*deadline);
+            let (lease, _) = session_lease(prefix, *deadline, now);
+            json!({"request_txn": {
+                "compare": [create_if_absent(&key)],
+                "success": [put(&key, &value, lease)],
+                "failure": [{"request_txn": {
+                    "compare": [{"key": b64(&key), "target": "VALUE", "result": "LESS",
+                                 "value": b64(&value)}],
+                    "success": [put(&key, &value, lease)],
+                }}],
+            }})
+        })
+        .collect();
+    call(TXN, json!({ "success": ops }))
+}
+
+/// Read the sessions' deadlines in one transaction.
+pub fn read_deadlines(prefix: &str, sessions: &[String]) -> Call {
+    let ops: Vec<Value> = sessions
+        .iter()
+        .map(|s| json!({"request_range": {"key": b64(&session_key(prefix, s))}}))
+        .collect();
+    call(TXN, json!({ "success": ops }))
+}
+
+/// A deadline write's answer: `Ok(true)` written, `Ok(false)` a lease was missing (grant the
+/// batch's leases, then write again).
+pub fn read_write_answer(status: u32, body: &[u8]) -> Result<bool, StoreError> {
+    match answer(status, body)? {
+        Answer::Ok(_) => Ok(true),
+        Answer::LeaseNotFound => Ok(false),
+        Answer::LeaseExists => Err(StoreError::Status),
+    }
+}
+
+/// A deadline read's answer: one deadline (or none recorded) per session asked, in order.
+pub fn read_deadlines_answer(
+    status: u32,
+    body: &[u8],
+    asked: usize,
+) -> Result<Vec<Option<u64>>, StoreError> {
+    let v = match answer(status, body)? {
+        Answer::Ok(v) => v,
+        _ => return Err(StoreError::Status),
+    };
+    let responses = match v.get("responses") {
+        None if asked == 0 => return Ok(vec![]),
+        Some(Value::Array(r)) if r.len() == asked => r,
+        _ => return Err(StoreError::WrongType),
+    };
+    responses
+        .iter()
+        .map(|r| {
+            let range = r
+                .get("response_range")
+                .filter(|r| r.is_object())
+                .ok_or(StoreError::WrongType)?;
+            let kv = match range.get("kvs") {
+                None => return Ok(None),
+                Some(Value::Array(kvs)) => match kvs.first() {
+                    None => return Ok(None),
+                    Some(kv) => kv,
+                },
+                Some(_) => return Err(StoreError::WrongType),
+            };
+            let value = kv
+                .get("value")
+                .and_then(Value::as_str)
+                .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+                .and_then(|v| String::from_utf8(v).ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(StoreError::WrongType)?;
+            Ok(Some(value))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
 // A worker's sockets: its lease, kept alive on the root tick, and the slots its live sockets
 // hold.
 

@@ -149,3 +149,47 @@ pub fn set_tick() {
         super::failed("set the tick period", "250 ms");
     }
 }
+
+/// The root tick's session-deadline work (jwt-auth): lease grants, a batch of writes, a batch
+/// of reads.
+pub fn deadlines_tick(
+    config: &StoreConfig,
+    deadlines: &mut gatehouse_core::sessions::FleetDeadlines,
+    now: u64,
+    count: impl Fn(gatehouse_core::sessions::DeadlineStat),
+) {
+    for (what, call) in deadlines.due(&config.prefix, now) {
+        match send(config, &call, config.timeout_ms) {
+            Some(token) => deadlines.sent(token, what),
+            None => {
+                count(gatehouse_core::sessions::DeadlineStat::Error(
+                    gatehouse_core::store::StoreError::Unavailable,
+                ));
+                deadlines.not_sent(what);
+            }
+        }
+    }
+}
+
+/// A session-deadline call's answer: false when `token` is not one.
+pub fn deadlines_answer(
+    config: &StoreConfig,
+    deadlines: &mut gatehouse_core::sessions::FleetDeadlines,
+    token: u32,
+    body_size: usize,
+    now: u64,
+    count: impl Fn(gatehouse_core::sessions::DeadlineStat, u64),
+) -> bool {
+    let (status, body) = if body_size > gatehouse_core::store::MAX_ANSWER {
+        (200, vec![0; gatehouse_core::store::MAX_ANSWER + 1])
+    } else {
+        super::http_call_response(body_size)
+    };
+    match deadlines.answer(&config.prefix, token, status, &body, now) {
+        Some((stat, n)) => {
+            count(stat, n);
+            true
+        }
+        None => false,
+    }
+}

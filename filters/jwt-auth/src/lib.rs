@@ -25,6 +25,25 @@ host::main!(NAME, Root::default());
 struct Shared {
     auth: JwtAuth,
     counters: Counters<JwtAuthStat>,
+    // --- fleet store: session deadlines shared by every replica (`store`, docs/fleet.md).
+    fleet: Option<(gatehouse_core::store::StoreConfig, sessions::FleetDeadlines)>,
+}
+
+/// Count a fleet-store outcome `n` times; an error gets a log line too.
+fn count_store(counters: &Counters<JwtAuthStat>, stat: sessions::DeadlineStat, n: u64) {
+    // A missing lease is routine (the first write of each minute grants it).
+    let routine = sessions::DeadlineStat::Error(gatehouse_core::store::StoreError::LeaseMissing);
+    if let (sessions::DeadlineStat::Error(e), false) = (stat, stat == routine) {
+        host::log(
+            LogLevel::Warn,
+            NAME,
+            &format!(
+                "store: session deadlines: no usable answer ({}); live sockets stay open",
+                e.reason()
+            ),
+        );
+    }
+    counters.add(JwtAuthStat::Store(stat), n);
 }
 
 impl Shared {
@@ -107,6 +126,26 @@ struct Root {
 impl StageRoot for Root {
     fn call_answered(&mut self, token: u32, body_size: usize) {
         let Some(shared) = &self.shared else { return };
+        // --- fleet store: answers to the tick's deadline writes and reads.
+        {
+            let mut guard = shared.borrow_mut();
+            let Shared {
+                fleet, counters, ..
+            } = &mut *guard;
+            if let Some((config, deadlines)) = fleet.as_mut() {
+                let now = host::now_secs();
+                if host::store::deadlines_answer(
+                    config,
+                    deadlines,
+                    token,
+                    body_size,
+                    now,
+                    |s, n| count_store(counters, s, n),
+                ) {
+                    return;
+                }
+            }
+        }
         let Some(provider) = self.fetches.in_flight(token) else {
             return;
         };
@@ -154,12 +193,22 @@ impl StageRoot for Root {
                 config.rules.len()
             ),
         );
+        let fleet = config.store.clone().map(|c| {
+            let d = sessions::FleetDeadlines::new(c.when_unavailable);
+            (c, d)
+        });
+        let has_store = fleet.is_some();
         self.shared = Some(Rc::new(RefCell::new(Shared {
             auth: JwtAuth::new(config),
             counters: Counters::new(NAME),
+            fleet,
         })));
         if !self.fetches.is_empty() {
             host::set_tick(1);
+        }
+        // --- fleet store: deadline writes and reads go out on a 250 ms tick.
+        if has_store {
+            host::store::set_tick();
         }
         true
     }
@@ -168,6 +217,17 @@ impl StageRoot for Root {
         let Some(shared) = &self.shared else { return };
         let now = host::now_secs();
         let mut shared = shared.borrow_mut();
+        // --- fleet store: write fresh session deadlines, ask for those of expiring sockets.
+        {
+            let Shared {
+                fleet, counters, ..
+            } = &mut *shared;
+            if let Some((config, deadlines)) = fleet.as_mut() {
+                host::store::deadlines_tick(config, deadlines, now, |s| {
+                    count_store(counters, s, 1)
+                });
+            }
+        }
         for provider in self.fetches.due(now) {
             shared.auth.note_fetch(provider, now);
             let request = shared.auth.scheduled_fetch(provider);
@@ -455,8 +515,13 @@ impl Stage for Stream {
             let via_upstream = host::property_text(vec!["response", "code_details"]).as_deref()
                 == Some("via_upstream");
             if let (true, Some(now)) = (via_upstream, pass.facts.now()) {
-                let per_subject = self.shared.borrow().auth.config.sessions_per_subject;
+                let mut shared = self.shared.borrow_mut();
+                let per_subject = shared.auth.config.sessions_per_subject;
                 extend_session(&session, deadline, now, per_subject);
+                // --- fleet store: and for every replica, on the next tick.
+                if let Some((_, deadlines)) = shared.fleet.as_mut() {
+                    deadlines.extend(&session, deadline);
+                }
             }
         }
         if let Some(socket) = self.ws_socket.take() {
@@ -498,7 +563,25 @@ impl Stage for Stream {
                 );
             }
             Some(now) => {
-                if live.expire(now, session_deadline) {
+                let mut guard = self.shared.borrow_mut();
+                let Shared {
+                    fleet, counters, ..
+                } = &mut *guard;
+                // This Envoy's record first; then (fleet store) every replica's, through etcd.
+                let expired = live.expire(now, |session| {
+                    let local = session_deadline(session).filter(|d| *d > now);
+                    match (local, fleet.as_mut()) {
+                        (Some(d), _) => Some(d),
+                        (None, None) => None,
+                        (None, Some((_, deadlines))) => {
+                            let check = deadlines.check(session, now);
+                            counters.inc(JwtAuthStat::Store(check.stat()));
+                            check.deadline(now)
+                        }
+                    }
+                });
+                drop(guard);
+                if expired {
                     self.shared.borrow().count(JwtAuthStat::WsExpiredClose);
                     host::log(
                         LogLevel::Info,
