@@ -11,13 +11,16 @@ is the listener, the HTTP codec and the filter chain under test. For each scenar
 check one request with the token is 200 (and one without is 401 where a JWT filter is active, the
 scenario's other refusals, and page-guard's rewrite of the page), warm up, then measure with wrk
 while reading Envoy's utime+stime from /proc/<pid>/stat before and after; the page scenarios also
-measure latency with one connection. Envoy and wrk are the only processes started, and only they
-are stopped, also on Ctrl-C.
+measure latency with one connection. The `/ws/` scenarios (ws_scenarios) instead route to the
+demo's WebSocket echo and stream frames on open sockets, or open socket after socket, from this
+process. Envoy, wrk and the demo are the only processes started, and only they are stopped, also
+on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import copy
 import datetime
@@ -44,10 +47,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import (DIST, ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, Demo, free_port, one_pass_filter,  # noqa: E402
-                      shipped_config, stop, unfold_one_pass, wait_for, wasm_filter)
+from conftest import (DIST, ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, Demo, cluster, free_port,  # noqa: E402
+                      one_pass_filter, shipped_config, stop, unfold_one_pass, wait_for, wasm_filter)
 from cookies import new_key, seal  # noqa: E402
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config  # noqa: E402
+
+import websockets  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -121,12 +126,16 @@ class Envoy:
     (with `content_type`, else Envoy's text/plain) on every path."""
 
     def __init__(self, binary: Path, workdir: Path, http_filters: list[dict], body: str = "ok\n",
-                 content_type: str | None = None):
+                 content_type: str | None = None, upstream: int | None = None):
+        """`upstream`: instead of the direct_response, every path goes to this loopback port (the
+        demo) with WebSocket upgrades on, as the shipped `signaling` route does (timeout 0s)."""
         self.port, self.admin_port = free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
         self.log = workdir / "envoy.log"
         route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}
+        if upstream is not None:
+            route = {"name": "signaling", "match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "0s"}}
         if content_type:
             route["response_headers_to_add"] = [{"header": {"key": "content-type", "value": content_type},
                                                  "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
@@ -143,9 +152,14 @@ class Envoy:
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
             }],
         }
+        static: dict = {}
+        if upstream is not None:
+            # As in envoy-config/envoy.yaml: WebSocket upgrades, refusal close frames sent at once.
+            hcm.update(upgrade_configs=[{"upgrade_type": "websocket"}], delayed_close_timeout="0s")
+            static["clusters"] = [cluster("upstream", upstream)]
         config = {
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin_port}}},
-            "static_resources": {"listeners": [{
+            "static_resources": {**static, "listeners": [{
                 "name": "bench",
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": self.port}},
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
@@ -630,6 +644,222 @@ def run_scenario(args, envoy_bin: Path, workdir: Path, sc: Scenario) -> Result:
         envoy.stop()
 
 
+# ---------------------------------------------------------------------------------- WebSockets
+#
+# The shipped `/ws/` (signaling) chain: token-proxy off, jwt-auth (the connect token in
+# Sec-WebSocket-Protocol, ≤ 300 s old, scope phone:call, the live socket closed at the token's end
+# or on re-auth) → session-binding (the socket bound to the login's session cookie, the revocation
+# feed checked on every frame). Envoy routes every path to the demo's WebSocket echo. Two loads:
+# frames streamed on open sockets (CPU per echoed frame) and sockets opened one after the other
+# (CPU per upgrade). Without the shipped `single_use` and `max_sockets`: they need the etcd store,
+# a round trip per upgrade that is the store's cost, not the chain's.
+
+WS_SOCKETS = 8                      # open sockets streaming frames (and concurrent upgraders)
+WS_FRAME = json.dumps({"type": "signal", "room": BENCH_ROOM, "sdp": "v=0 " + "a" * 80})  # ~120 B, text
+WS_ONE_PASS_FRAME_RATIO = 0.5       # issue 14: one pass ≤ half of the separate filters' per-frame cost
+
+
+@dataclass
+class WsScenario:
+    key: str
+    label: str
+    filters: list[dict]
+    load: str                         # "frames": stream on WS_SOCKETS open sockets; "upgrades": open, echo, close
+    guarded: bool = False             # a socket without the token / session cookie must be refused
+
+
+@dataclass
+class WsResult:
+    rate: float                       # echoed frames/s, or upgrades/s
+    count: int
+    cpu_us: float                     # Envoy CPU per echoed frame (one frame each way) or per upgrade
+    rss_mb: float
+    errors: int = 0
+    note: str = ""
+
+
+def ws_chain(key: Key) -> tuple[dict, dict, str, str]:
+    """(jwt-auth config, session-binding config, connect token, session cookie) of the shipped
+    signaling route, with the bench's key inline and the demo's revocation feed."""
+    jwt = jwt_auth_config(
+        key, sources=[{"websocket_protocol": {"prefix": "bearer."}}], session_claims=["sid", "sub"],
+        reauth_type="gatehouse.reauth", max_lifetime_seconds=3600, max_socket_seconds=43200,
+        rules=[{"match": {"route": "signaling"}, "max_age_seconds": 300,
+                "require": [{"claim": "scope", "contains": "phone:call"}]}])
+    binding = {
+        "rules": [{"match": {"route": "signaling"},
+                   "session": {"mode": "sha256", "claim": "sid_hash", "cookie": "gh_sid"}, "fingerprint": "if_present"}],
+        "revocation": {"cluster": "upstream", "path": "/dev/revoked.json", "refresh_seconds": 2,
+                       "max_stale_seconds": 300, "when_stale": "open"},
+    }
+    sid_hash = base64.urlsafe_b64encode(hashlib.sha256(BENCH_SID.encode()).digest()).rstrip(b"=").decode()
+    token = key.mint(ttl=1800, sid="s-bench", sid_hash=sid_hash)
+    return jwt, binding, token, f"gh_sid={BENCH_SID}"
+
+
+def ws_scenarios(key: Key) -> tuple[list[WsScenario], str, str]:
+    jwt, binding, token, cookie = ws_chain(key)
+    separate = [wasm_filter("jwt_auth", jwt), wasm_filter("session_binding", binding)]
+    onepass = [one_pass_filter({"jwt_auth": jwt, "session_binding": binding})]
+    out = []
+    for load, what in (("frames", "frames"), ("upgrades", "upgrades")):
+        out += [
+            WsScenario(f"ws-{load}-none", f"/ws/ {what}, no filter", [], load),
+            WsScenario(f"ws-{load}-noop", f"/ws/ {what}, no-op wasm", [noop_filter()], load),
+            WsScenario(f"ws-{load}", f"/ws/ {what}, jwt-auth + session-binding, 2 filters", separate, load,
+                       guarded=True),
+            WsScenario(f"ws-{load}-onepass", f"/ws/ {what}, one pass", onepass, load, guarded=True),
+        ]
+    return out, token, cookie
+
+
+async def ws_open(url: str, token: str, cookie: str):
+    return await websockets.connect(url, subprotocols=["sip", "bearer." + token], compression=None,
+                                    additional_headers={"Cookie": cookie}, open_timeout=10, max_queue=None)
+
+
+async def ws_echo(ws) -> None:
+    await ws.send(WS_FRAME)
+    if (got := await ws.recv()) != WS_FRAME:
+        raise RuntimeError(f"the echo answered {got!r:.80}")
+
+
+async def ws_refused(url: str, token: str, cookie: str) -> str | None:
+    """None if the socket is refused (an HTTP error or a close before any echo), else what got through."""
+    try:
+        ws = await ws_open(url, token, cookie)
+    except (websockets.InvalidStatus, websockets.InvalidHandshake, websockets.ConnectionClosed):
+        return None
+    try:
+        await ws_echo(ws)
+        return "a frame was echoed"
+    except websockets.ConnectionClosed:
+        return None
+    finally:
+        await ws.close()
+
+
+async def ws_load(args, envoy: Envoy, url: str, sc: WsScenario, token: str, cookie: str):
+    """(count, Envoy CPU seconds, errors) of the measured run, after a warm-up of the same load."""
+    errors = 0
+
+    async def frames(socks, seconds: float) -> int:
+        async def pump(ws) -> int:
+            n, end = 0, time.monotonic() + seconds
+            while time.monotonic() < end:
+                await ws_echo(ws)
+                n += 1
+            return n
+        return sum(await asyncio.gather(*(pump(ws) for ws in socks)))
+
+    async def upgrades(seconds: float) -> int:
+        async def churn() -> int:
+            nonlocal errors
+            n, end = 0, time.monotonic() + seconds
+            while time.monotonic() < end:
+                try:
+                    ws = await ws_open(url, token, cookie)
+                    try:
+                        await ws_echo(ws)
+                    finally:
+                        await ws.close()
+                    n += 1
+                except (OSError, websockets.WebSocketException, RuntimeError):
+                    errors += 1
+            return n
+        return sum(await asyncio.gather(*(churn() for _ in range(WS_SOCKETS))))
+
+    if sc.load == "frames":
+        socks = [await ws_open(url, token, cookie) for _ in range(WS_SOCKETS)]
+        try:
+            if args.warmup > 0:
+                await frames(socks, args.warmup)
+            cpu0 = envoy.cpu_seconds()
+            n = await frames(socks, args.seconds)
+            cpu1 = envoy.cpu_seconds()
+        finally:
+            await asyncio.gather(*(ws.close() for ws in socks), return_exceptions=True)
+    else:
+        if args.warmup > 0:
+            await upgrades(args.warmup)
+        errors = 0
+        cpu0 = envoy.cpu_seconds()
+        n = await upgrades(args.seconds)
+        cpu1 = envoy.cpu_seconds()
+    return n, cpu1 - cpu0, errors
+
+
+def run_ws_scenario(args, envoy_bin: Path, workdir: Path, demo: Demo, sc: WsScenario, token: str,
+                    cookie: str) -> WsResult:
+    wd = workdir / sc.key
+    wd.mkdir(parents=True, exist_ok=True)
+    envoy = Envoy(envoy_bin, wd, sc.filters, upstream=demo.port)
+    url = envoy.base.replace("http://", "ws://") + "/ws/echo"
+    try:
+        async def go():
+            ws = await ws_open(url, token, cookie)
+            try:
+                await ws_echo(ws)
+            finally:
+                await ws.close()
+            if sc.guarded:
+                for what, t, c in (("a socket without the token", "x", cookie),
+                                   ("a socket without the session cookie", token, "gh_sid=other")):
+                    if (leak := await ws_refused(url, t, c)) is not None:
+                        raise RuntimeError(f"{sc.key}: {what} was not refused ({leak}): is the filter active?")
+            before = envoy.counters("gatehouse.")
+            n, cpu, errors = await ws_load(args, envoy, url, sc, token, cookie)
+            after = envoy.counters("gatehouse.")
+            return n, cpu, errors, before, after
+
+        try:
+            n, cpu, errors, before, after = asyncio.run(go())
+        except (OSError, websockets.WebSocketException) as e:
+            raise RuntimeError(f"{sc.key}: {e!r}\n" + envoy.log.read_text(errors="replace")[-4000:]) from None
+        closed = {k.split("gatehouse.", 1)[1]: after[k] - before.get(k, 0) for k in after
+                  if (".ws." in k or ".denied" in k) and after[k] - before.get(k, 0)}
+        note = ", ".join(f"{k} {v}" for k, v in sorted(closed.items()))
+        return WsResult(rate=n / args.seconds, count=n, cpu_us=cpu / max(n, 1) * 1e6, rss_mb=envoy.rss_mb(),
+                        errors=errors + sum(closed.values()), note=note)
+    finally:
+        envoy.stop()
+
+
+def ws_report(order: list[WsScenario], results: dict[str, Summary]) -> tuple[list[str], list[tuple[bool, str]]]:
+    lines, checks = [], []
+    for load, unit, what in (("frames", "frame", "echoed frames/s"), ("upgrades", "upgrade", "upgrades/s")):
+        rows = [sc for sc in order if sc.load == load]
+        if not rows or f"ws-{load}-none" not in results:
+            continue
+        base = results[f"ws-{load}-none"]
+        b_rate, b_cpu = base.med("rate"), base.med("cpu_us")
+        lines += [
+            "",
+            f"| `/ws/` {load} ({WS_SOCKETS} sockets) | {what} | × no filter | Envoy CPU µs/{unit} | over no filter | "
+            f"Envoy RSS MB | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for sc in rows:
+            if sc.key not in results:
+                continue
+            s = results[sc.key]
+            over = "" if sc.key == f"ws-{load}-none" else f"{s.med('cpu_us') - b_cpu:+.1f}"
+            lines.append(f"| {sc.label} | {s.med('rate'):,.0f} | {s.med('rate') / b_rate:.2f} | {s.med('cpu_us'):.1f} | "
+                         f"{over} | {s.med('rss_mb'):.0f} | {s.total('errors')} |")
+        sep, one = results.get(f"ws-{load}"), results.get(f"ws-{load}-onepass")
+        if sep and one:
+            sep_over, one_over = sep.med("cpu_us") - b_cpu, one.med("cpu_us") - b_cpu
+            ratio = one_over / sep_over if sep_over > 0 else float("inf")
+            lines += ["", f"One pass vs the two filters, Envoy CPU per {unit} over no filter: {one_over:.1f} vs "
+                      f"{sep_over:.1f} µs (ratio {ratio:.2f}); whole: {one.med('cpu_us'):.1f} vs {sep.med('cpu_us'):.1f} µs; "
+                      f"{one.med('rate') / sep.med('rate'):.2f} × the two filters' {what}."]
+            if load == "frames":
+                checks.append((ratio <= WS_ONE_PASS_FRAME_RATIO,
+                               f"/ws/ one pass {one_over:.1f} µs per frame over no filter ≤ {WS_ONE_PASS_FRAME_RATIO} × "
+                               f"the two filters' {sep_over:.1f} µs (ratio {ratio:.2f})"))
+    return lines, checks
+
+
 # -------------------------------------------------------------------------------------- memory
 
 RSS_CONCURRENCY = (1, 4, 8)
@@ -928,7 +1158,8 @@ def cold_report(args, algs, order: list[Scenario], results: dict[str, Summary], 
 
 
 def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy_version: str,
-           load_before, load_after, wall: float) -> tuple[str, list[str]]:
+           load_before, load_after, wall: float, ws: tuple[list[str], list] = ([], [])) -> tuple[str, list[str]]:
+    """The whole run's report; `ws`: the WebSocket tables and their checks (ws_report)."""
     lines = scenario_table(order, results)
     cpu = {k: v.med("cpu_us") for k, v in results.items()}
     rps = {k: v.med("rps") for k, v in results.items()}
@@ -983,6 +1214,7 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
         f"{cpu['page-guard'] - cpu['page']:.1f} µs of Envoy CPU per request over the page without filters.",
     ]
 
+    lines += ws[0]
     sizes = []
     for wasm in sorted(DIST.glob("*.wasm")) + [NOOP_WASM]:
         shown = wasm.relative_to(ROOT)
@@ -1010,6 +1242,7 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
     checks.append((ratio >= CHAIN_VS_BASELINE,
                    f"token-proxy + jwt-auth warm req/s {rps['chain']:,.0f} ≥ {CHAIN_VS_BASELINE} × no filter "
                    f"{rps['none']:,.0f} (ratio {ratio:.2f})"))
+    checks += ws[1]
     checks.append((added_p50 < PAGE_GUARD_ADDED_P50_US,
                    f"page-guard adds {fmt_delta(added_p50)} at p50 to the {PAGE_BYTES // 1024} KB page (one connection) "
                    f"< {PAGE_GUARD_ADDED_P50_US:.0f} µs"))
@@ -1099,6 +1332,8 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
     results: dict[str, Summary] = {}
+    ws_results: dict[str, Summary] = {}   # WsResult runs, apart: their fields are not Result's
+    demo = None
     try:
         if not args.no_rss:
             print(f"bench: Envoy RSS, {len(RSS_VARIANTS)} configs × --concurrency "
@@ -1112,15 +1347,22 @@ def main() -> int:
             return 0
         keys, tokens, files = mint_tokens(workdir, args.algs, args.tokens)
         order = scenarios(keys, tokens, files, args.algs, args.before)
+        ws_order, ws_token, ws_cookie = ws_scenarios(keys[args.algs[0]])
         if args.cold:
             order = [sc for sc in order if sc.key in ("none", "noop") or sc.key.startswith(("warm-", "cold-"))]
+            ws_order = []
         if args.only:
             keep = {k.strip() for k in args.only.split(",")}
             order = [sc for sc in order if sc.key in keep]
+            ws_order = [sc for sc in ws_order if sc.key in keep]
             args.no_doc = True
+        if ws_order:
+            (workdir / "ws-demo").mkdir(parents=True, exist_ok=True)
+            demo = Demo(workdir / "ws-demo")
         load_before = os.getloadavg()
-        est = sum(args.seconds * (2 if sc.one_connection else 1) + args.warmup + 2 for sc in order) * args.rounds
-        print(f"bench: {len(order)} scenarios × {args.rounds} round(s), about {est / 60:.1f} min; "
+        est = (sum(args.seconds * (2 if sc.one_connection else 1) + args.warmup + 2 for sc in order)
+               + len(ws_order) * (args.seconds + args.warmup + 3)) * args.rounds
+        print(f"bench: {len(order) + len(ws_order)} scenarios × {args.rounds} round(s), about {est / 60:.1f} min; "
               f"{envoy_version} --concurrency 1; wrk -t{args.threads} -c{args.connections} "
               f"{args.warmup:g}+{args.seconds:g} s; load average {load_before[0]:.2f}", flush=True)
         for rnd in range(args.rounds):
@@ -1133,14 +1375,22 @@ def main() -> int:
                 print(f"  [{rnd + 1}/{args.rounds}] {sc.label:<38} {r.rps:>9,.0f} req/s  p50 {fmt_us(r.p50_us):>9}  "
                       f"p99 {fmt_us(r.p99_us):>9}  Envoy CPU {r.cpu_us:7.1f} µs/req"
                       f"{one}{'  ' + r.note if r.note else ''}{warn}", flush=True)
+            for ws in (ws_order if rnd % 2 == 0 else ws_order[::-1]):
+                r = run_ws_scenario(args, envoy_bin, workdir, demo, ws, ws_token, ws_cookie)
+                ws_results.setdefault(ws.key, Summary()).runs.append(r)
+                unit = "frame" if ws.load == "frames" else "upgrade"
+                print(f"  [{rnd + 1}/{args.rounds}] {ws.label:<38} {r.rate:>9,.0f} {ws.load}/s  Envoy CPU "
+                      f"{r.cpu_us:7.1f} µs/{unit}{'  errors ' + str(r.errors) if r.errors else ''}"
+                      f"{'  ' + r.note if r.note else ''}", flush=True)
         load_after = os.getloadavg()
+        ws = ws_report(ws_order, ws_results)
         if args.only:
-            table = "\n".join(scenario_table(order, results) + [
+            table = "\n".join((scenario_table(order, results) if order else []) + ws[0] + [
                 "", run_line(args, load_before, load_after, envoy_version, time.monotonic() - started_at)])
         else:
             table, target_lines = (cold_report if args.cold else report)(
                 args, args.algs, order, results, envoy_version, load_before, load_after,
-                time.monotonic() - started_at)
+                time.monotonic() - started_at, *([ws] if not args.cold else []))
         print("\n" + table + "\n")
         if not args.no_doc and not args.cold:
             write_doc(table)
@@ -1150,6 +1400,8 @@ def main() -> int:
         print("\nbench: interrupted", file=sys.stderr)
         return 130
     finally:
+        if demo is not None:
+            demo.stop()
         stop_started()
         if args.keep:
             print(f"bench: work directory kept: {workdir}")
