@@ -4,7 +4,7 @@
 //! and applies the [`Decision`]: header edits and filter state, a local reply, or a JWKS fetch
 //! after which it decides again.
 //!
-//! One job per file: [`config`](self) the raw and compiled configuration, `extract` the credential
+//! One job per file: `config` the raw and compiled configuration, `extract` the credential
 //! locations and their stripping, `verify` the per-worker state and the token check, `jwks` the key
 //! fetches, `decide` the request facts and the decision.
 
