@@ -4,9 +4,11 @@
 //! `Permissions-Policy` and the other response headers, and a local CSP report endpoint.
 //!
 //! The shell reads the request and response facts, calls [`PageGuardConfig::on_request`] and
-//! [`PageGuardConfig::on_response`], applies the [`ResponsePlan`] and runs the body through
-//! [`html::Rewriter`]. See docs/page-guard.md.
+//! [`PageGuardConfig::on_response`], applies the [`ResponsePlan`], runs the body through
+//! [`PageBody`] and answers reports with [`PageGuardConfig::on_report_body`]. See
+//! docs/page-guard.md.
 
+mod body;
 mod config;
 mod csp;
 pub mod html;
@@ -16,6 +18,7 @@ mod sri;
 #[cfg(test)]
 mod tests;
 
+pub use body::{BodyStep, PageBody};
 pub use config::{
     Compressed, IntegrityMode, PageGuardConfig, Policy, Reports, UpstreamHeaders,
     MIN_PLACEHOLDER_LEN,
@@ -23,10 +26,12 @@ pub use config::{
 pub use csp::CspTemplate;
 pub use html::{Blanker, Nonces, RewriteParams, RewriteStats, Rewriter};
 pub use plan::{
-    is_html, BodyPlan, NonceText, Outcome, PageRequest, PageResponse, PolicyId, RequestDecision,
-    ResponseDenial, ResponsePlan,
+    guard_request_edits, is_html, BodyPlan, NonceText, Outcome, PageRequest, PageResponse,
+    PolicyId, RequestDecision, ResponseDenial, ResponsePlan,
 };
-pub use reports::{parse_reports, report_reply, ReportDirective, ReportError, Violation};
+pub use reports::{
+    parse_reports, report_reply, ReportAnswer, ReportDirective, ReportError, Violation,
+};
 pub use sri::SriManifest;
 
 pub use crate::log_limit::LogLimiter;

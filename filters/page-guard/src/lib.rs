@@ -1,8 +1,8 @@
 //! page-guard: the proxy-wasm shell over `gatehouse_core::page_guard`. See docs/page-guard.md.
 
 use gatehouse_core::page_guard::{
-    parse_reports, report_reply, Blanker, BodyPlan, LogLimiter, NonceText, Outcome,
-    PageGuardConfig, PageRequest, PageResponse, PolicyId, ReportError, RequestDecision, Rewriter,
+    guard_request_edits, BodyPlan, BodyStep, LogLimiter, Outcome, PageBody, PageGuardConfig,
+    PageRequest, PageResponse, PolicyId, RequestDecision,
 };
 use gatehouse_core::pipeline::Flow;
 use gatehouse_core::reply::Refusal;
@@ -23,10 +23,7 @@ host::main!(
         path: String::new(),
         head: false,
         forwarded_proto: None,
-        body: BodyPlan::Untouched,
-        nonce: None,
-        rewriter: None,
-        blanker: None,
+        body: PageBody::default(),
     }))
 );
 
@@ -47,26 +44,7 @@ fn configure(bytes: &[u8]) -> Result<Shared, ConfigError> {
     // `nonce.placeholder_env` reads the VM's environment (WASI `environ_get`, filled from
     // `vm_config.environment_variables`).
     let config = PageGuardConfig::compile(bytes, &host::env_var)?;
-    host::log(
-        LogLevel::Info,
-        NAME,
-        &format!(
-            "configured: csp {}, nonce {}, sri manifest {} entries, {} rule(s), body cap {} bytes",
-            if config.policy.csp.is_some() {
-                "on"
-            } else {
-                "off"
-            },
-            match (&config.placeholder_env, config.placeholder.is_empty()) {
-                (_, true) => "off".to_string(),
-                (Some(var), false) => format!("placeholder from {var}"),
-                (None, false) => "placeholder inline".to_string(),
-            },
-            config.sri.as_ref().map_or(0, |s| s.len()),
-            config.rules.len(),
-            config.max_body_bytes,
-        ),
-    );
+    host::log(LogLevel::Info, NAME, &config.summary());
     Ok(Shared {
         config,
         counters: Counters::new(NAME),
@@ -86,106 +64,53 @@ struct Stream {
     path: String,
     head: bool,
     forwarded_proto: Option<String>,
-    body: BodyPlan,
-    nonce: Option<NonceText>,
-    rewriter: Option<Rewriter>,
-    blanker: Option<Blanker>,
+    body: PageBody,
 }
 
 impl Stream {
-    fn answer_report(&self, facts: &mut Facts, body: &[u8]) {
+    /// Answer the report endpoint once core says so.
+    fn report_body(&self, facts: &mut Facts, size: usize, end: bool) -> Flow {
         let s = &self.shared;
-        let Some(reports) = &s.config.reports else {
-            return;
-        };
         let content_type = facts.header("content-type");
-        match parse_reports(content_type.as_deref(), body, reports.max_body_bytes) {
-            Ok(violations) => {
-                let now = host::now_secs();
-                for v in &violations {
-                    s.count(PageGuardStat::Report(v.directive));
-                    let allowed = s.report_log.borrow_mut().allow(now, reports.log_per_minute);
-                    if let Some(suppressed) = allowed {
-                        let more = if suppressed > 0 {
-                            format!(" ({suppressed} earlier report lines suppressed)")
-                        } else {
-                            String::new()
-                        };
-                        host::log(
-                            LogLevel::Warn,
-                            NAME,
-                            &format!(
-                                "violation of {} ({}): blocked {:?} on {:?}{more}",
-                                v.directive.name(),
-                                v.disposition,
-                                v.blocked,
-                                v.document
-                            ),
-                        );
-                    }
-                }
+        let answer = s.config.on_report_body(
+            content_type.as_deref(),
+            size,
+            end,
+            || host::request_body(size),
+            host::now_secs(),
+            &mut s.report_log.borrow_mut(),
+        );
+        if let Some(answer) = answer {
+            for stat in answer.stats {
+                s.count(stat);
             }
-            Err(e) => s.count(PageGuardStat::ReportInvalid(e)),
+            for line in &answer.lines {
+                host::log(LogLevel::Warn, NAME, line);
+            }
+            host::send_reply(&answer.reply);
         }
-        host::send_reply(&report_reply());
+        Flow::Stop
     }
 
-    /// Rewrite `data` (the whole buffered body, or one chunk when streaming).
-    fn rewrite(&mut self, data: &[u8], end: bool) -> Vec<u8> {
-        let s = &self.shared;
-        let params = s.config.rewrite_params(self.nonce.as_ref(), &self.path);
-        let rewriter = self.rewriter.get_or_insert_with(Rewriter::new);
-        let mut out = Vec::with_capacity(data.len() + 256);
-        rewriter.feed(&params, data, &mut out);
-        if end {
-            rewriter.finish(&params, &mut out);
-            let stats = rewriter.stats();
-            if stats.nonces > 0 {
-                s.count(PageGuardStat::TagsNonce);
-            }
-            if stats.integrity > 0 {
-                s.count(PageGuardStat::TagsIntegrity);
-            }
-            if stats.scrubbed > 0 {
-                s.count(PageGuardStat::PlaceholderRemoved);
-            }
-            if stats.oversized_tags > 0 {
-                s.count(PageGuardStat::OversizedTag);
-            }
-            if stats.nonce_refused > 0 {
-                // A marked tag with a `<` in it or duplicate attributes: what markup injected
-                // in front of it looks like. No nonce, the placeholder removed.
-                s.count(PageGuardStat::TagsNonceRefused);
-                let path = self.path.split('?').next().unwrap_or("");
-                host::log_denial(
-                    NAME,
-                    &format!(
-                        "refused the nonce to {} marked tag(s) on {path}: `<` or duplicate \
-                         attributes in the tag (injected markup?)",
-                        stats.nonce_refused
-                    ),
-                );
-            }
+    /// Apply one body step: replace the bytes, fix `content-length`, count, log.
+    fn apply(&self, step: BodyStep) -> Flow {
+        if let Some((size, out)) = &step.replace {
+            host::replace_body(Body::Response, *size, out);
         }
-        out
-    }
-
-    /// Blank the placeholder in `data` (a chunk of a body that is not HTML); `None`: the chunk
-    /// can pass as it is.
-    fn blank(&mut self, data: &[u8], end: bool) -> Option<Vec<u8>> {
-        let placeholder = &self.shared.config.placeholder;
-        let blanker = self.blanker.get_or_insert_with(Blanker::new);
-        let mut out = Vec::new();
-        let mut changed = blanker.feed(placeholder, data, &mut out);
-        if end {
-            let before = out.len();
-            blanker.finish(placeholder, &mut out);
-            changed |= out.len() != before;
-            if blanker.blanked() > 0 {
-                self.shared.count(PageGuardStat::PlaceholderRemoved);
-            }
+        if let Some(length) = step.content_length {
+            host::set_response_header("content-length", length.map(|l| l.to_string()).as_deref());
         }
-        changed.then_some(out)
+        for stat in step.stats {
+            self.shared.count(stat);
+        }
+        if let Some(line) = &step.denial {
+            host::log_denial(NAME, line);
+        }
+        if step.hold {
+            Flow::Stop
+        } else {
+            Flow::Next
+        }
     }
 }
 
@@ -219,7 +144,7 @@ impl Stage for Stream {
             RequestDecision::Report => {
                 self.mode = Mode::Report;
                 if end_of_stream {
-                    self.answer_report(facts, b"");
+                    return self.report_body(facts, 0, true);
                 }
                 Flow::Stop
             }
@@ -239,15 +164,8 @@ impl Stage for Stream {
                 if s.config.trust_forwarded_proto {
                     self.forwarded_proto = facts.header("x-forwarded-proto");
                 }
-                if identity {
-                    facts.set_header("accept-encoding", Some("identity"));
-                }
-                if strip_range {
-                    // The whole body, never a part that cuts the placeholder (`request-range`:
-                    // the pre-HTTP/1.1 spelling that Apache httpd still honours).
-                    for name in ["range", "request-range", "if-range"] {
-                        facts.set_header(name, None);
-                    }
+                for (name, value) in guard_request_edits(identity, strip_range) {
+                    facts.set_header(name, value);
                 }
                 Flow::Next
             }
@@ -259,27 +177,10 @@ impl Stage for Stream {
     }
 
     fn request_body(&mut self, pass: &mut PassState, size: usize, end_of_stream: bool) -> Flow {
-        if !matches!(self.mode, Mode::Report) {
-            return Flow::Next;
+        match self.mode {
+            Mode::Report => self.report_body(&mut pass.facts, size, end_of_stream),
+            _ => Flow::Next,
         }
-        let max = self
-            .shared
-            .config
-            .reports
-            .as_ref()
-            .map_or(0, |r| r.max_body_bytes);
-        if size > max {
-            // Too large to be a browser's report: answer without reading it.
-            self.shared
-                .count(PageGuardStat::ReportInvalid(ReportError::TooLarge));
-            host::send_reply(&report_reply());
-            return Flow::Stop;
-        }
-        if end_of_stream {
-            let body = host::request_body(size);
-            self.answer_report(&mut pass.facts, &body);
-        }
-        Flow::Stop
     }
 
     fn response_headers(&mut self, pass: &mut PassState, end_of_stream: bool) -> Flow {
@@ -328,7 +229,6 @@ impl Stage for Stream {
             // A body that may carry the placeholder and cannot be scrubbed: refused.
             s.count(PageGuardStat::Outcome(plan.outcome));
             self.mode = Mode::Off;
-            self.body = BodyPlan::Untouched;
             host::refuse(
                 NAME,
                 why.reason(),
@@ -341,8 +241,7 @@ impl Stage for Stream {
         }
         host::apply_edits(false, &plan.edits);
         s.count(PageGuardStat::Outcome(plan.outcome));
-        self.nonce = plan.nonce;
-        self.body = plan.body;
+        self.body = PageBody::new(&plan, &self.path);
         match plan.body {
             // Hold the headers until the whole body is read: Content-Length changes.
             BodyPlan::Buffer if !end_of_stream => Flow::Hold,
@@ -351,78 +250,20 @@ impl Stage for Stream {
     }
 
     fn response_body(&mut self, _pass: &mut PassState, size: usize, end_of_stream: bool) -> Flow {
-        match self.body {
-            BodyPlan::Untouched => Flow::Next,
-            BodyPlan::Buffer => {
-                if end_of_stream {
-                    let body = host::response_body(size);
-                    let out = self.rewrite(&body, true);
-                    host::replace_body(Body::Response, size, &out);
-                    host::set_response_header("content-length", Some(&out.len().to_string()));
-                    self.body = BodyPlan::Untouched;
-                    Flow::Next
-                } else if size > self.shared.config.max_body_bytes {
-                    // Over the cap: what is buffered goes out rewritten, the rest streams.
-                    self.shared.count(PageGuardStat::Outcome(Outcome::OverCap));
-                    let body = host::response_body(size);
-                    let out = self.rewrite(&body, false);
-                    host::replace_body(Body::Response, size, &out);
-                    host::set_response_header("content-length", None);
-                    self.body = BodyPlan::Stream;
-                    Flow::Next
-                } else {
-                    Flow::Stop
-                }
-            }
-            BodyPlan::Stream => {
-                let chunk = host::response_body(size);
-                let out = self.rewrite(&chunk, end_of_stream);
-                host::replace_body(Body::Response, size, &out);
-                if end_of_stream {
-                    self.body = BodyPlan::Untouched;
-                }
-                Flow::Next
-            }
-            BodyPlan::Blank => {
-                let chunk = host::response_body(size);
-                if let Some(out) = self.blank(&chunk, end_of_stream) {
-                    host::replace_body(Body::Response, size, &out);
-                }
-                if end_of_stream {
-                    self.body = BodyPlan::Untouched;
-                }
-                Flow::Next
-            }
-        }
+        let step = self
+            .body
+            .chunk(&self.shared.config, size, end_of_stream, || {
+                host::response_body(size)
+            });
+        self.apply(step)
     }
 
-    /// A body that ends with trailers: its last chunk did not say `end_of_stream`, the trailers
-    /// do. A buffered body is complete now and is rewritten here, never forwarded as it came.
+    /// A body that ends with trailers: core finishes it.
     fn response_trailers(&mut self, _pass: &mut PassState) -> Flow {
-        match self.body {
-            BodyPlan::Untouched => {}
-            BodyPlan::Buffer => {
-                let body = host::response_body(ALL_BUFFERED);
-                let out = self.rewrite(&body, true);
-                host::replace_body(Body::Response, body.len(), &out);
-                host::set_response_header("content-length", Some(&out.len().to_string()));
-            }
-            BodyPlan::Stream => {
-                // The chunks went out as they came; no body can follow trailers. All the
-                // rewriter still holds is an unfinished start tag (which a browser drops at the
-                // end of a document too) or the start of a placeholder: it is dropped, counted.
-                if !self.rewrite(&[], true).is_empty() {
-                    self.shared.count(PageGuardStat::TrailersTailDropped);
-                }
-            }
-            BodyPlan::Blank => {
-                // All a blanker holds back is the start of a placeholder: dropped, counted.
-                if self.blank(&[], true).is_some_and(|out| !out.is_empty()) {
-                    self.shared.count(PageGuardStat::TrailersTailDropped);
-                }
-            }
-        }
-        self.body = BodyPlan::Untouched;
+        let step = self
+            .body
+            .trailers(&self.shared.config, || host::response_body(ALL_BUFFERED));
+        self.apply(step);
         Flow::Next
     }
 }

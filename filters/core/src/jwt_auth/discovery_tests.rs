@@ -2,7 +2,7 @@
 //! cluster; a document of another issuer, or an unusable one, changes nothing.
 
 use super::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const ISSUER: &str = "https://idp.test";
 

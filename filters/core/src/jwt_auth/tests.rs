@@ -2,9 +2,12 @@
 //! minted by PyJWT (an independent implementation) in `tests/data/pyjwt_vectors.json`.
 
 use super::*;
+use crate::jwt::{KeySet, TokenError, VerifyingKey};
+use crate::reply::Refusal;
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
-use serde_json::json;
+use serde_json::{json, Value};
+use std::sync::Arc;
 
 const NOW: u64 = 1_700_000_100;
 const ISS: &str = "https://issuer.test";

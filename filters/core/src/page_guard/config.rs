@@ -221,6 +221,26 @@ pub struct PageGuardConfig {
 
 impl PageGuardConfig {
     /// Compile the JSON config. `env` stands for the VM's environment (`placeholder_env`).
+    /// One line saying what this configures, logged at load.
+    pub fn summary(&self) -> String {
+        format!(
+            "configured: csp {}, nonce {}, sri manifest {} entries, {} rule(s), body cap {} bytes",
+            if self.policy.csp.is_some() {
+                "on"
+            } else {
+                "off"
+            },
+            match (&self.placeholder_env, self.placeholder.is_empty()) {
+                (_, true) => "off".to_string(),
+                (Some(var), false) => format!("placeholder from {var}"),
+                (None, false) => "placeholder inline".to_string(),
+            },
+            self.sri.as_ref().map_or(0, |s| s.len()),
+            self.rules.len(),
+            self.max_body_bytes,
+        )
+    }
+
     pub fn compile(bytes: &[u8], env: EnvLookup<'_>) -> Result<Self, ConfigError> {
         let mut raw: RawConfig = parse_json(bytes)?;
         let nonce = compile_nonce(&raw, env)?;

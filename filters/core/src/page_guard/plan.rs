@@ -210,6 +210,24 @@ impl PageGuardConfig {
     }
 }
 
+/// The request header changes of a [`RequestDecision::Guard`]: `identity` asks the upstream
+/// for an uncompressed body; `strip_range` removes the range headers, so the whole body comes,
+/// never a part that cuts the placeholder (`request-range`: the pre-HTTP/1.1 spelling that
+/// Apache httpd still honours). `None`: remove the header.
+pub fn guard_request_edits(
+    identity: bool,
+    strip_range: bool,
+) -> Vec<(&'static str, Option<&'static str>)> {
+    let mut edits = Vec::new();
+    if identity {
+        edits.push(("accept-encoding", Some("identity")));
+    }
+    if strip_range {
+        edits.extend(["range", "request-range", "if-range"].map(|name| (name, None)));
+    }
+    edits
+}
+
 /// Is this `Content-Type` HTML (`text/html`, any parameters)?
 pub fn is_html(content_type: &str) -> bool {
     content_type
@@ -272,8 +290,9 @@ pub struct PageResponse<'a> {
 
 use crate::reply::HeaderEdit;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub enum BodyPlan {
+    #[default]
     Untouched,
     /// Buffer the body up to `max_body_bytes`, rewrite it, fix `Content-Length`; past the cap
     /// switch to [`BodyPlan::Stream`] for the rest.

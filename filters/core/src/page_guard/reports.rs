@@ -1,8 +1,11 @@
 //! CSP reports: parsed, normalised for a stat, answered locally.
 
+use crate::log_limit::LogLimiter;
 use crate::reply::LocalReply;
+use crate::stats::PageGuardStat;
 use serde_json::Value;
 
+use super::config::PageGuardConfig;
 use super::csp::DIRECTIVES;
 
 /// One violation from a report body.
@@ -145,5 +148,71 @@ pub fn report_reply() -> LocalReply {
         status: 204,
         headers: vec![("cache-control".into(), "no-store".into())],
         body: Vec::new(),
+    }
+}
+
+/// What answering one report does: count `stats`, log `lines` (warnings), send `reply`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportAnswer {
+    pub stats: Vec<PageGuardStat>,
+    pub lines: Vec<String>,
+    pub reply: LocalReply,
+}
+
+impl PageGuardConfig {
+    /// The body of a report request, `size` bytes buffered so far (`end`: all of it): the
+    /// answer once it is complete or too large to be a browser's report (`read` reads it,
+    /// only when it is complete), `None` to keep reading. Report lines are limited to
+    /// `reports.log_per_minute` by `log` at `now`; the stats stay exact.
+    pub fn on_report_body(
+        &self,
+        content_type: Option<&str>,
+        size: usize,
+        end: bool,
+        read: impl FnOnce() -> Vec<u8>,
+        now: u64,
+        log: &mut LogLimiter,
+    ) -> Option<ReportAnswer> {
+        let mut answer = ReportAnswer {
+            stats: Vec::new(),
+            lines: Vec::new(),
+            reply: report_reply(),
+        };
+        let Some(reports) = &self.reports else {
+            return Some(answer);
+        };
+        if size > reports.max_body_bytes {
+            // Too large to be a browser's report: answered without reading it.
+            answer
+                .stats
+                .push(PageGuardStat::ReportInvalid(ReportError::TooLarge));
+            return Some(answer);
+        }
+        if !end {
+            return None;
+        }
+        match parse_reports(content_type, &read(), reports.max_body_bytes) {
+            Ok(violations) => {
+                for v in &violations {
+                    answer.stats.push(PageGuardStat::Report(v.directive));
+                    if let Some(suppressed) = log.allow(now, reports.log_per_minute) {
+                        let more = if suppressed > 0 {
+                            format!(" ({suppressed} earlier report lines suppressed)")
+                        } else {
+                            String::new()
+                        };
+                        answer.lines.push(format!(
+                            "violation of {} ({}): blocked {:?} on {:?}{more}",
+                            v.directive.name(),
+                            v.disposition,
+                            v.blocked,
+                            v.document
+                        ));
+                    }
+                }
+            }
+            Err(e) => answer.stats.push(PageGuardStat::ReportInvalid(e)),
+        }
+        Some(answer)
     }
 }

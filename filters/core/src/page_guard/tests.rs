@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::ConfigError;
+use crate::stats::PageGuardStat;
 use base64::Engine;
 use serde_json::json;
 use serde_json::Value;
@@ -1174,4 +1175,200 @@ fn reports_in_both_formats() {
         Err(ReportError::TooLarge)
     );
     assert_eq!(report_reply().status, 204);
+}
+
+// ------------------------------------------------------------------------ the body, a stream
+
+fn plan_with(
+    c: &PageGuardConfig,
+    content_length: Option<usize>,
+    content_type: &str,
+) -> ResponsePlan {
+    let none = has(&[]);
+    let mut resp = html_response(&none);
+    resp.content_length = content_length;
+    resp.content_type = Some(content_type);
+    c.on_response(&c.policy, &resp, Some([0u8; 32]))
+}
+
+#[test]
+fn a_buffered_body_holds_until_its_end_then_is_rewritten_with_its_length() {
+    let c = compile(full()).unwrap();
+    let plan = plan_with(&c, Some(100), "text/html");
+    let mut body = PageBody::new(&plan, "/app/?x=1");
+    let page = format!(r#"<script nonce="{P}" src="/phone.js"></script>"#);
+    let first = body.chunk(&c, 10, false, || unreachable!("not read before the end"));
+    assert!(first.hold && first.replace.is_none());
+    let last = body.chunk(&c, page.len(), true, || page.clone().into_bytes());
+    let (size, out) = last.replace.clone().unwrap();
+    assert_eq!(size, page.len());
+    let out = String::from_utf8(out).unwrap();
+    assert!(!out.contains(P) && out.contains("nonce=\"AAAAAAAAAAAAAAAAAAAAAA==\""));
+    assert_eq!(last.content_length, Some(Some(out.len())));
+    assert!(!last.hold);
+    assert!(last.stats.contains(&PageGuardStat::TagsNonce));
+    assert!(last.stats.contains(&PageGuardStat::TagsIntegrity));
+    assert_eq!(body.plan(), BodyPlan::Untouched);
+}
+
+#[test]
+fn a_buffer_over_the_cap_streams_the_rest_without_a_length() {
+    let mut v = full();
+    v["max_body_bytes"] = json!(16);
+    let c = compile(v).unwrap();
+    let plan = plan_with(&c, None, "text/html");
+    assert_eq!(plan.body, BodyPlan::Buffer);
+    let mut body = PageBody::new(&plan, "/");
+    let head = "<p>0123456789abcdefghij</p><scr";
+    let step = body.chunk(&c, head.len(), false, || head.as_bytes().to_vec());
+    assert_eq!(step.content_length, Some(None));
+    assert_eq!(step.stats, vec![PageGuardStat::Outcome(Outcome::OverCap)]);
+    assert_eq!(body.plan(), BodyPlan::Stream);
+    let tail = format!(r#"ipt nonce="{P}"></script>"#);
+    let step = body.chunk(&c, tail.len(), true, || tail.clone().into_bytes());
+    let out = String::from_utf8(step.replace.unwrap().1).unwrap();
+    assert!(!out.contains(P));
+    assert_eq!(step.content_length, None);
+    assert!(step.stats.contains(&PageGuardStat::TagsNonce));
+}
+
+#[test]
+fn a_refused_nonce_is_counted_and_logged_as_a_denial() {
+    let c = compile(full()).unwrap();
+    let plan = plan_with(&c, Some(100), "text/html");
+    let mut body = PageBody::new(&plan, "/page?secret=1");
+    let page = format!(r#"<script x="<" nonce="{P}"></script>"#);
+    let step = body.chunk(&c, page.len(), true, || page.clone().into_bytes());
+    assert!(step.stats.contains(&PageGuardStat::TagsNonceRefused));
+    let line = step.denial.unwrap();
+    assert!(line.contains("/page") && !line.contains("secret"), "{line}");
+}
+
+#[test]
+fn a_body_that_is_not_html_is_blanked_and_trailers_finish_it() {
+    let c = compile(full()).unwrap();
+    let plan = plan_with(&c, None, "application/json");
+    assert_eq!(plan.body, BodyPlan::Blank);
+    let mut body = PageBody::new(&plan, "/");
+    let clean = body.chunk(&c, 4, false, || b"{}{}".to_vec());
+    assert_eq!(clean.replace, None, "nothing to blank: the chunk passes");
+    let half = &P[..5];
+    let step = body.chunk(&c, half.len(), false, || half.as_bytes().to_vec());
+    assert_eq!(step.replace, Some((half.len(), Vec::new())), "held back");
+    let end = body.trailers(&c, || unreachable!());
+    assert!(end.stats.contains(&PageGuardStat::TrailersTailDropped));
+    assert_eq!(body.plan(), BodyPlan::Untouched);
+}
+
+#[test]
+fn trailers_rewrite_a_buffered_body() {
+    let c = compile(full()).unwrap();
+    let plan = plan_with(&c, Some(100), "text/html");
+    let mut body = PageBody::new(&plan, "/");
+    assert!(body.chunk(&c, 5, false, || unreachable!()).hold);
+    let page = format!(r#"<style nonce="{P}"></style>"#);
+    let step = body.trailers(&c, || page.clone().into_bytes());
+    let (size, out) = step.replace.unwrap();
+    assert_eq!(size, page.len());
+    assert_eq!(step.content_length, Some(Some(out.len())));
+    assert!(!String::from_utf8(out).unwrap().contains(P));
+    assert!(body.trailers(&c, || unreachable!()).replace.is_none());
+}
+
+#[test]
+fn an_untouched_body_is_never_read() {
+    let c = compile(full()).unwrap();
+    let mut body = PageBody::default();
+    assert_eq!(
+        body.chunk(&c, 9, true, || unreachable!()),
+        BodyStep::default()
+    );
+    assert_eq!(body.trailers(&c, || unreachable!()), BodyStep::default());
+}
+
+#[test]
+fn guarded_requests_ask_for_identity_and_the_whole_body() {
+    assert_eq!(
+        guard_request_edits(true, true),
+        vec![
+            ("accept-encoding", Some("identity")),
+            ("range", None),
+            ("request-range", None),
+            ("if-range", None)
+        ]
+    );
+    assert!(guard_request_edits(false, false).is_empty());
+}
+
+#[test]
+fn report_bodies_are_answered_counted_and_their_lines_limited() {
+    let mut v = full();
+    v["reports"]["log_per_minute"] = json!(1);
+    v["reports"]["max_body_bytes"] = json!(400);
+    let c = compile(v).unwrap();
+    let mut log = LogLimiter::default();
+    let report = json!({"csp-report": {"document-uri": "http://127.0.0.1/", "effective-directive": "script-src-elem", "blocked-uri": "inline", "disposition": "enforce"}}).to_string();
+    let ct = Some("application/csp-report");
+    assert_eq!(
+        c.on_report_body(ct, 10, false, || unreachable!(), 60, &mut log),
+        None
+    );
+    let a = c
+        .on_report_body(
+            ct,
+            report.len(),
+            true,
+            || report.clone().into_bytes(),
+            60,
+            &mut log,
+        )
+        .unwrap();
+    assert_eq!(a.reply, report_reply());
+    assert_eq!(a.stats.len(), 1);
+    assert!(matches!(a.stats[0], PageGuardStat::Report(d) if d == "script-src-elem"));
+    assert_eq!(a.lines.len(), 1);
+    assert!(a.lines[0].contains("violation of script-src-elem"));
+    let b = c
+        .on_report_body(
+            ct,
+            report.len(),
+            true,
+            || report.clone().into_bytes(),
+            61,
+            &mut log,
+        )
+        .unwrap();
+    assert!(b.lines.is_empty(), "one line a minute");
+    let c2 = c
+        .on_report_body(
+            ct,
+            report.len(),
+            true,
+            || report.clone().into_bytes(),
+            120,
+            &mut log,
+        )
+        .unwrap();
+    assert!(c2.lines[0].contains("(1 earlier report lines suppressed)"));
+    let big = c
+        .on_report_body(ct, 401, false, || unreachable!(), 120, &mut log)
+        .unwrap();
+    assert_eq!(
+        big.stats,
+        vec![PageGuardStat::ReportInvalid(ReportError::TooLarge)]
+    );
+    let bad = c
+        .on_report_body(
+            Some("text/plain"),
+            2,
+            true,
+            || b"{}".to_vec(),
+            120,
+            &mut log,
+        )
+        .unwrap();
+    assert_eq!(
+        bad.stats,
+        vec![PageGuardStat::ReportInvalid(ReportError::ContentType)]
+    );
 }

@@ -1,8 +1,13 @@
+use super::revocation::{RevocationState, Revoked, TokenId};
+use super::store::{BindingStore, JtiLimits, SlotLimits};
 use super::store::{KvStore, MemoryKv};
 use super::*;
+use crate::jwt::Claims;
 use crate::session_binding::revocation::RevocationList;
 use crate::stats::SessionBindingStat;
 use serde_json::json;
+use serde_json::Value;
+use std::net::IpAddr;
 
 fn config(v: Value) -> SessionBinding {
     SessionBinding::new(SessionBindingConfig::compile(v.to_string().as_bytes()).unwrap())
