@@ -39,7 +39,8 @@ import websockets
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import COOKIE_KEYS_VAR, DEMO_BIN, DIST, ONE_MODULE, Demo, Envoy, shipped_config  # noqa: E402
+from conftest import (COOKIE_KEYS_VAR, DEMO_BIN, DIST, ONE_MODULE, Demo, Envoy, pytest_sessionfinish,  # noqa: E402
+                      shipped_config)
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:soak:begin -->", "<!-- bench:soak:end -->"
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         if envoy:
             envoy.stop()  # keeps its log in the workdir
         demo.stop()
+        pytest_sessionfinish(None, 0)  # the shipped config's etcd
 
 
 if __name__ == "__main__":
