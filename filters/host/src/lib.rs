@@ -461,9 +461,12 @@ impl gatehouse_core::kv::Kv for SharedData {
     }
 }
 
-/// Ask for the root context's `on_tick` every `seconds`.
-pub fn set_tick(seconds: u64) {
-    if hostcalls::set_tick_period(std::time::Duration::from_secs(seconds)).is_err() {
-        failed("set the tick period", &seconds.to_string());
+/// The root tick of a filter that only schedules fetches (JWKS, revocation feed).
+pub const FETCH_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Ask for the root context's `on_tick` every `period` (the only place that sets it).
+pub fn set_tick(period: std::time::Duration) {
+    if hostcalls::set_tick_period(period).is_err() {
+        failed("set the tick period", &format!("{period:?}"));
     }
 }

@@ -144,11 +144,7 @@ pub fn root_answer(
 
 /// The root tick with a store: every 250 ms, so a closed socket's slot is free well within a
 /// second (the release is sent on the tick).
-pub fn set_tick() {
-    if hostcalls::set_tick_period(Duration::from_millis(250)).is_err() {
-        super::failed("set the tick period", "250 ms");
-    }
-}
+pub const TICK: Duration = Duration::from_millis(250);
 
 /// The root tick's session-deadline work (jwt-auth): lease grants, a batch of writes, a batch
 /// of reads.

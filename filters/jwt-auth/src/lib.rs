@@ -204,11 +204,11 @@ impl StageRoot for Root {
             fleet,
         })));
         if !self.fetches.is_empty() {
-            host::set_tick(1);
+            host::set_tick(host::FETCH_TICK);
         }
         // --- fleet store: deadline writes and reads go out on a 250 ms tick.
         if has_store {
-            host::store::set_tick();
+            host::set_tick(host::store::TICK);
         }
         true
     }

@@ -207,11 +207,11 @@ impl StageRoot for Root {
         })));
         self.next_refresh = now;
         // --- fleet store: a faster tick frees closed sockets' etcd slots sooner.
-        if has_store {
-            host::store::set_tick();
+        host::set_tick(if has_store {
+            host::store::TICK
         } else {
-            host::set_tick(1);
-        }
+            host::FETCH_TICK
+        });
         // ---
         true
     }
