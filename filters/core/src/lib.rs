@@ -24,6 +24,7 @@ pub mod session_binding;
 pub mod sessions;
 pub mod stats;
 pub mod store;
+pub mod tick;
 pub mod token_proxy;
 pub mod turn;
 pub mod ws;

@@ -464,8 +464,17 @@ impl gatehouse_core::kv::Kv for SharedData {
 /// The root tick of a filter that only schedules fetches (JWKS, revocation feed).
 pub const FETCH_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Ask for the root context's `on_tick` every `period` (the only place that sets it).
+/// Ask for the root context's `on_tick` every `period`. A stage asks while it configures: its
+/// pass then ticks at the shortest period any of its stages asked for
+/// ([`gatehouse_core::tick`]); each plugin keeps its own.
 pub fn set_tick(period: std::time::Duration) {
+    if !gatehouse_core::tick::ask(period) {
+        apply_tick(period);
+    }
+}
+
+/// Set the root context's tick period (the only place that sets it).
+fn apply_tick(period: std::time::Duration) {
     if hostcalls::set_tick_period(period).is_err() {
         failed("set the tick period", &format!("{period:?}"));
     }

@@ -170,7 +170,8 @@ pub trait StageRoot {
     /// stage's key in a one-pass config, which names its errors.
     fn configure(&mut self, config: &[u8], within: Option<&str>) -> bool;
 
-    /// The root's tick (a stage asks for it with [`crate::set_tick`]).
+    /// The root's tick (a stage asks for it with [`crate::set_tick`] while it configures; the
+    /// pass ticks at the shortest period its stages ask for).
     fn tick(&mut self) {}
 
     /// An answer to a call the root made; `token` may be another stage's (then ignore it).
@@ -300,12 +301,20 @@ impl RootContext for PassRoot {
                 return false;
             }
         };
-        let mut roots = Vec::with_capacity(plan.stages.len());
-        for (mut root, config, stage) in plan.stages {
-            if !root.configure(&config, stage.map(StageKind::key)) {
-                return false;
+        // One tick for the pass: the shortest period any stage asks for while it configures.
+        let (roots, tick) = gatehouse_core::tick::collect(|| {
+            let mut roots = Vec::with_capacity(plan.stages.len());
+            for (mut root, config, stage) in plan.stages {
+                if !root.configure(&config, stage.map(StageKind::key)) {
+                    return None;
+                }
+                roots.push((root, stage));
             }
-            roots.push((root, stage));
+            Some(roots)
+        });
+        let Some(roots) = roots else { return false };
+        if let Some(period) = tick {
+            crate::apply_tick(period);
         }
         self.roots = roots;
         self.off = Rc::new(plan.off);
