@@ -3,10 +3,10 @@
 //! deployment-secret placeholder, SRI `integrity` from a manifest plus `Integrity-Policy`,
 //! `Permissions-Policy` and the other response headers, and a local CSP report endpoint.
 //!
-//! The shell reads the request and response facts, calls [`PageGuardConfig::on_request`] and
-//! [`PageGuardConfig::on_response`], applies the [`ResponsePlan`], runs the body through
-//! [`PageBody`] and answers reports with [`PageGuardConfig::on_report_body`]. See
-//! docs/page-guard.md.
+//! The shell reads the request and response facts, gives them to the stream's [`PageStream`]
+//! (which decides through [`PageGuardConfig::on_request`], [`PageGuardConfig::on_response`] and
+//! [`PageBody`]), applies the [`HeadersStep`] / [`BodyStep`] it answers, and answers reports
+//! with [`PageGuardConfig::on_report_body`]. See docs/page-guard.md.
 
 mod body;
 mod config;
@@ -15,6 +15,7 @@ pub mod html;
 mod plan;
 mod reports;
 mod sri;
+mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -33,6 +34,7 @@ pub use reports::{
     parse_reports, report_reply, ReportAnswer, ReportDirective, ReportError, Violation,
 };
 pub use sri::SriManifest;
+pub use stream::{HeadersStep, PageStream, ResponseHeaders};
 
 pub use crate::log_limit::LogLimiter;
 pub use crate::reply::HeaderEdit;

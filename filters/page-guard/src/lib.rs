@@ -1,11 +1,9 @@
 //! page-guard: the proxy-wasm shell over `gatehouse_core::page_guard`. See docs/page-guard.md.
 
 use gatehouse_core::page_guard::{
-    guard_request_edits, BodyPlan, BodyStep, LogLimiter, Outcome, PageBody, PageGuardConfig,
-    PageRequest, PageResponse, PolicyId, RequestDecision,
+    BodyStep, HeadersStep, LogLimiter, PageGuardConfig, PageRequest, PageStream, ResponseHeaders,
 };
 use gatehouse_core::pipeline::Flow;
-use gatehouse_core::reply::Refusal;
 use gatehouse_core::stats::PageGuardStat;
 use gatehouse_core::ConfigError;
 use gatehouse_host::{self as host, Body, Counters, Facts, PassState, Stage};
@@ -19,11 +17,7 @@ host::main!(
     NAME,
     host::ConfiguredRoot::new(NAME, configure, |shared| Box::new(Stream {
         shared,
-        mode: Mode::Off,
-        path: String::new(),
-        head: false,
-        forwarded_proto: None,
-        body: PageBody::default(),
+        page: PageStream::default(),
     }))
 );
 
@@ -52,19 +46,9 @@ fn configure(bytes: &[u8]) -> Result<Shared, ConfigError> {
     })
 }
 
-enum Mode {
-    Off,
-    Report,
-    Guard(PolicyId),
-}
-
 struct Stream {
     shared: Rc<Shared>,
-    mode: Mode,
-    path: String,
-    head: bool,
-    forwarded_proto: Option<String>,
-    body: PageBody,
+    page: PageStream,
 }
 
 impl Stream {
@@ -92,8 +76,27 @@ impl Stream {
         Flow::Stop
     }
 
+    /// Apply a headers step: count, edit the request's headers (`facts`) or the response's,
+    /// refuse (the denial line names `path`) or reply.
+    fn apply_headers(&self, step: &HeadersStep, facts: Option<&mut Facts>, path: &str) -> Flow {
+        if let Some(stat) = step.stat {
+            self.shared.count(stat);
+        }
+        match facts {
+            Some(facts) => facts.apply_edits(&step.edits),
+            None => host::apply_edits(false, &step.edits),
+        }
+        if let Some((reason, refusal, reply)) = &step.refuse {
+            host::refuse(NAME, reason, *refusal, false, path, reply);
+        }
+        if let Some(reply) = &step.reply {
+            host::send_reply(reply);
+        }
+        step.flow
+    }
+
     /// Apply one body step: replace the bytes, fix `content-length`, count, log.
-    fn apply(&self, step: BodyStep) -> Flow {
+    fn apply_body(&self, step: BodyStep) -> Flow {
         if let Some((size, out)) = &step.replace {
             host::replace_body(Body::Response, *size, out);
         }
@@ -122,148 +125,72 @@ impl Stage for Stream {
         let path = facts.header(":path").unwrap_or_default();
         let authority = facts.header(":authority").unwrap_or_default();
         let route = facts.property(&["xds", "route_name"]);
-        let decision = s.config.on_request(&PageRequest {
+        let request = PageRequest {
             method: &method,
             path: &path,
             host: &authority,
             route_name: route.as_deref(),
+        };
+        let step = self.page.request(&s.config, &request, end_of_stream, || {
+            facts.header("x-forwarded-proto")
         });
-        match decision {
-            RequestDecision::Refuse { reason, reply } => {
-                s.count(PageGuardStat::Path(reason));
-                host::refuse(
-                    NAME,
-                    reason.reason(),
-                    Refusal::BadRequest,
-                    false,
-                    &path,
-                    &reply,
-                );
-                Flow::Stop
-            }
-            RequestDecision::Report => {
-                self.mode = Mode::Report;
-                if end_of_stream {
-                    return self.report_body(facts, 0, true);
-                }
-                Flow::Stop
-            }
-            RequestDecision::Reply(reply) => {
-                s.count(PageGuardStat::ReportInvalidMethod);
-                host::send_reply(&reply);
-                Flow::Stop
-            }
-            RequestDecision::Guard {
-                policy,
-                identity,
-                strip_range,
-            } => {
-                self.mode = Mode::Guard(policy);
-                self.head = method.eq_ignore_ascii_case("HEAD");
-                self.path = path;
-                if s.config.trust_forwarded_proto {
-                    self.forwarded_proto = facts.header("x-forwarded-proto");
-                }
-                for (name, value) in guard_request_edits(identity, strip_range) {
-                    facts.set_header(name, value);
-                }
-                Flow::Next
-            }
-            RequestDecision::Off => {
-                s.count(PageGuardStat::Off);
-                Flow::Next
-            }
+        let flow = self.apply_headers(&step, Some(facts), &path);
+        if step.report_now {
+            return self.report_body(facts, 0, true);
         }
+        flow
     }
 
     fn request_body(&mut self, pass: &mut PassState, size: usize, end_of_stream: bool) -> Flow {
-        match self.mode {
-            Mode::Report => self.report_body(&mut pass.facts, size, end_of_stream),
-            _ => Flow::Next,
+        if self.page.reporting() {
+            return self.report_body(&mut pass.facts, size, end_of_stream);
         }
+        Flow::Next
     }
 
     fn response_headers(&mut self, pass: &mut PassState, end_of_stream: bool) -> Flow {
-        let Mode::Guard(id) = self.mode else {
+        if !self.page.guarding() {
             return Flow::Next;
-        };
+        }
         let s = Rc::clone(&self.shared);
-        let status = host::response_header(":status")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let content_type = host::response_header("content-type");
-        let content_encoding = host::response_header("content-encoding");
-        let content_length = host::response_header("content-length").and_then(|v| v.parse().ok());
+        let header = host::response_header;
+        let (status, content_type) = (header(":status"), header("content-type"));
+        let (encoding, length) = (header("content-encoding"), header("content-length"));
         let tls = s.config.hsts.is_some()
             && pass
                 .facts
                 .property(&["connection", "tls_version"])
                 .is_some();
-        let has_header = |name: &str| host::response_header(name).is_some();
-        // Two nonces: the script one, then the style one.
-        let nonce = if s.config.placeholder.is_empty() {
-            None
-        } else {
-            host::random_16().zip(host::random_16()).map(|(a, b)| {
-                let mut n = [0u8; 32];
-                n[..16].copy_from_slice(&a);
-                n[16..].copy_from_slice(&b);
-                n
-            })
+        let has_header = |name: &str| header(name).is_some();
+        let facts = ResponseHeaders {
+            status: status.as_deref(),
+            content_type: content_type.as_deref(),
+            content_encoding: encoding.as_deref(),
+            content_length: length.as_deref(),
+            tls,
+            has_header: &has_header,
         };
-        let plan = s.config.on_response(
-            s.config.policy(id),
-            &PageResponse {
-                status,
-                content_type: content_type.as_deref(),
-                content_encoding: content_encoding.as_deref(),
-                content_length,
-                head: self.head,
-                tls,
-                forwarded_proto: self.forwarded_proto.as_deref(),
-                has_header: &has_header,
-            },
-            nonce,
-        );
-        if let (Some(reply), Outcome::Denied(why)) = (&plan.deny, plan.outcome) {
-            // A body that may carry the placeholder and cannot be scrubbed: refused.
-            s.count(PageGuardStat::Outcome(plan.outcome));
-            self.mode = Mode::Off;
-            host::refuse(
-                NAME,
-                why.reason(),
-                Refusal::Unavailable,
-                false,
-                &self.path,
-                reply,
-            );
-            return Flow::Stop;
-        }
-        host::apply_edits(false, &plan.edits);
-        s.count(PageGuardStat::Outcome(plan.outcome));
-        self.body = PageBody::new(&plan, &self.path);
-        match plan.body {
-            // Hold the headers until the whole body is read: Content-Length changes.
-            BodyPlan::Buffer if !end_of_stream => Flow::Hold,
-            _ => Flow::Next,
-        }
+        let step = self
+            .page
+            .response(&s.config, &facts, end_of_stream, host::random_16);
+        self.apply_headers(&step, None, self.page.path())
     }
 
     fn response_body(&mut self, _pass: &mut PassState, size: usize, end_of_stream: bool) -> Flow {
+        let config = &self.shared.config;
         let step = self
-            .body
-            .chunk(&self.shared.config, size, end_of_stream, || {
-                host::response_body(size)
-            });
-        self.apply(step)
+            .page
+            .response_body(config, size, end_of_stream, || host::response_body(size));
+        self.apply_body(step)
     }
 
     /// A body that ends with trailers: core finishes it.
     fn response_trailers(&mut self, _pass: &mut PassState) -> Flow {
+        let config = &self.shared.config;
         let step = self
-            .body
-            .trailers(&self.shared.config, || host::response_body(ALL_BUFFERED));
-        self.apply(step);
+            .page
+            .response_trailers(config, || host::response_body(ALL_BUFFERED));
+        self.apply_body(step);
         Flow::Next
     }
 }

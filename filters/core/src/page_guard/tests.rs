@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::ConfigError;
+use crate::reply::Refusal;
 use crate::stats::PageGuardStat;
 use base64::Engine;
 use serde_json::json;
@@ -1370,5 +1371,194 @@ fn report_bodies_are_answered_counted_and_their_lines_limited() {
     assert_eq!(
         bad.stats,
         vec![PageGuardStat::ReportInvalid(ReportError::ContentType)]
+    );
+}
+
+// ---------------------------------------------------------------------------------- stream
+
+fn get(path: &str) -> PageRequest<'_> {
+    PageRequest {
+        method: "GET",
+        path,
+        host: "a",
+        route_name: None,
+    }
+}
+
+fn response_headers<'a>(
+    status: &'a str,
+    content_type: &'a str,
+    has_header: &'a dyn Fn(&str) -> bool,
+) -> ResponseHeaders<'a> {
+    ResponseHeaders {
+        status: Some(status),
+        content_type: Some(content_type),
+        content_encoding: None,
+        content_length: Some("1000"),
+        tls: false,
+        has_header,
+    }
+}
+
+#[test]
+fn a_guarded_page_stream_edits_the_request_holds_the_headers_and_rewrites_the_body() {
+    let c = compile(full()).unwrap();
+    let mut s = PageStream::default();
+    let mut read_proto = false;
+    let step = s.request(&c, &get("/index.html"), true, || {
+        read_proto = true;
+        Some("https".into())
+    });
+    assert!(!read_proto, "x-forwarded-proto is read only when trusted");
+    assert_eq!(step.flow, crate::pipeline::Flow::Next);
+    assert_eq!((step.stat, &step.refuse, &step.reply), (None, &None, &None));
+    let removed: Vec<&str> = step
+        .edits
+        .iter()
+        .filter_map(|e| match e {
+            HeaderEdit::Remove(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, ["range", "request-range", "if-range"]);
+    assert!(s.guarding() && !s.reporting());
+    assert_eq!(s.path(), "/index.html");
+
+    // Two random draws: the script nonce's 16 bytes, then the style nonce's.
+    let mut draws = 0u8;
+    let none = has(&[]);
+    let step = s.response(
+        &c,
+        &response_headers("200", "text/html", &none),
+        false,
+        || {
+            draws += 1;
+            Some([draws - 1; 16])
+        },
+    );
+    assert_eq!(draws, 2);
+    assert_eq!(step.flow, crate::pipeline::Flow::Hold);
+    assert_eq!(step.stat, Some(PageGuardStat::Outcome(Outcome::Rewritten)));
+    let csp = step.edits.iter().find_map(|e| match e {
+        HeaderEdit::Set(n, v) if n == "content-security-policy" => Some(v.clone()),
+        _ => None,
+    });
+    let script = base64::engine::general_purpose::STANDARD.encode([0u8; 16]);
+    assert!(csp.is_some_and(|v| v.contains(&format!("'nonce-{script}'"))));
+
+    let page = format!("<script nonce=\"{P}\" src=\"/phone.js\"></script>");
+    let body = s.response_body(&c, page.len(), true, || page.clone().into_bytes());
+    let (size, out) = body.replace.unwrap();
+    assert_eq!(size, page.len());
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains(&format!("nonce=\"{script}\"")) && !out.contains(P));
+    assert_eq!(body.content_length, Some(Some(out.len())));
+}
+
+#[test]
+fn a_stream_refuses_a_dot_segment_path_and_answers_the_report_endpoint() {
+    let c = compile(full()).unwrap();
+    let mut s = PageStream::default();
+    let step = s.request(&c, &get("/api/../index.html"), true, || None);
+    assert_eq!(step.flow, crate::pipeline::Flow::Stop);
+    assert!(matches!(step.stat, Some(PageGuardStat::Path(_))));
+    let (reason, refusal, reply) = step.refuse.unwrap();
+    assert_eq!((refusal, reply.status), (Refusal::BadRequest, 400));
+    assert!(reason.starts_with("path_"), "{reason}");
+    assert!(!s.guarding());
+
+    // The report endpoint: another method than POST gets 405, POST reads the body (now, when
+    // the request has none).
+    let step = PageStream::default().request(&c, &get("/_gatehouse/csp"), true, || None);
+    assert_eq!(step.stat, Some(PageGuardStat::ReportInvalidMethod));
+    assert_eq!(step.reply.map(|r| r.status), Some(405));
+    let post = PageRequest {
+        method: "POST",
+        ..get("/_gatehouse/csp")
+    };
+    let mut s = PageStream::default();
+    let step = s.request(&c, &post, false, || None);
+    assert_eq!(
+        (step.flow, step.report_now),
+        (crate::pipeline::Flow::Stop, false)
+    );
+    assert!(s.reporting());
+    assert!(
+        PageStream::default()
+            .request(&c, &post, true, || None)
+            .report_now
+    );
+}
+
+#[test]
+fn a_stream_off_its_route_counts_off_and_leaves_the_response_alone() {
+    let c = compile(full()).unwrap();
+    let mut s = PageStream::default();
+    let step = s.request(&c, &get("/api/x"), true, || None);
+    assert_eq!(
+        (step.stat, step.flow),
+        (Some(PageGuardStat::Off), crate::pipeline::Flow::Next)
+    );
+    assert!(step.edits.is_empty() && !s.guarding());
+    let none = has(&[]);
+    let step = s.response(
+        &c,
+        &response_headers("200", "text/html", &none),
+        false,
+        || unreachable!("no nonce for an unguarded response"),
+    );
+    assert_eq!(step.flow, crate::pipeline::Flow::Next);
+    assert_eq!((step.stat, step.edits.len()), (None, 0));
+}
+
+#[test]
+fn a_partial_answer_is_refused_once_and_the_stream_is_done() {
+    let c = compile(full()).unwrap();
+    let mut s = PageStream::default();
+    s.request(&c, &get("/index.html"), true, || None);
+    let none = has(&[]);
+    let step = s.response(
+        &c,
+        &response_headers("206", "text/html", &none),
+        false,
+        || Some([0; 16]),
+    );
+    assert_eq!(step.flow, crate::pipeline::Flow::Stop);
+    assert_eq!(
+        step.stat,
+        Some(PageGuardStat::Outcome(Outcome::Denied(
+            ResponseDenial::Partial
+        )))
+    );
+    let (reason, refusal, reply) = step.refuse.unwrap();
+    assert_eq!(
+        (reason, refusal, reply.status),
+        ("partial", Refusal::Unavailable, 503)
+    );
+    assert!(step.edits.is_empty() && !s.guarding());
+}
+
+#[test]
+fn a_stream_without_a_placeholder_draws_no_randomness_and_trusts_forwarded_proto_when_told() {
+    let c = compile(json!({"trust_forwarded_proto": true})).unwrap();
+    let mut s = PageStream::default();
+    s.request(&c, &get("/index.html"), true, || Some("https".into()));
+    let none = has(&[]);
+    let step = s.response(
+        &c,
+        &response_headers("200", "text/html", &none),
+        true,
+        || unreachable!("no placeholder, no nonce"),
+    );
+    assert_eq!(
+        step.flow,
+        crate::pipeline::Flow::Next,
+        "the body ended: nothing to hold"
+    );
+    assert!(
+        step.edits
+            .iter()
+            .any(|e| matches!(e, HeaderEdit::Set(n, _) if n == "strict-transport-security")),
+        "HTTPS by the trusted x-forwarded-proto"
     );
 }
