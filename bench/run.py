@@ -874,13 +874,22 @@ RSS_VARIANTS = [
     ("separate", "five modules (dist/<filter>.wasm), a vm_id each"),
     ("one", f"dist/{ONE_MODULE} five times, one vm_id"),
     ("onepass", "the one-pass filter (root_id gatehouse, as shipped)"),
+    # The shipped bootstrap's `memory_allocator_manager` (free allocator pages given back to the
+    # OS) taken out: what it saves, each against a no-filter Envoy without it too.
+    ("none/kept", "no filter, allocator pages kept (no memory_allocator_manager)"),
+    ("onepass/kept", "the one-pass filter, allocator pages kept"),
 ]
+# What a "…/kept" variant is measured against: the same bootstrap with no filter.
+RSS_BASELINE = {"none/kept": "none/kept", "onepass/kept": "none/kept"}
 
 
 def rss_config(variant: str, port: int, admin_port: int, demo_port: int) -> dict:
     """envoy-config/envoy.yaml on free ports in front of the demo, with its gatehouse filters as
     `variant` says (its other filters, routes and clusters as shipped)."""
     cfg = shipped_config(SimpleNamespace(port=port, admin_port=admin_port), SimpleNamespace(port=demo_port))
+    variant, kept = variant.removesuffix("/kept"), variant.endswith("/kept")
+    if kept:
+        cfg.pop("memory_allocator_manager", None)
     if variant != "onepass":
         # The shipped one-pass filter as the separate filters of its stages.
         cfg = unfold_one_pass(cfg)
@@ -912,7 +921,7 @@ def rss_sample(pid: int) -> float:
 def measure_rss(envoy_bin: Path, workdir: Path, demo: Demo, variant: str, concurrency: int) -> tuple[float, float]:
     """Envoy's VmRSS (MB) idle after the start (JWKS and revocation feed fetched), and after
     RSS_LOAD_SECONDS of wrk on the shipped `/api/` route with a dev-login token."""
-    wd = workdir / f"rss-{variant}-{concurrency}"
+    wd = workdir / f"rss-{variant.replace('/', '-')}-{concurrency}"
     wd.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
     config = wd / "envoy.json"
@@ -974,21 +983,24 @@ def rss_report(rss: dict[tuple[str, int], tuple[float, float]], envoy_version: s
         f"Envoy RSS (MB), the shipped `envoy-config/envoy.yaml` filters (token-proxy, jwt-auth, "
         f"session-binding, turn-credentials, page-guard) in front of the demo: idle {RSS_SETTLE_SECONDS} s after "
         f"the start, and after {RSS_LOAD_SECONDS} s of `wrk -t1 -c8` on `/api/echo` with a token; (+ over no filter). "
-        f"Per extra worker: the {lo} → {hi} workers difference / {hi - lo}.",
+        f"Per extra worker: the {lo} → {hi} workers difference / {hi - lo}. Every Envoy runs the shipped bootstrap "
+        f"(its `memory_allocator_manager` gives free allocator pages back to the OS) but the last two rows of each "
+        f"state, without it, each against a no-filter Envoy without it.",
         "",
         "| filters | state | " + " | ".join(f"`--concurrency {c}`" for c in RSS_CONCURRENCY) + " | per extra worker |",
         "|---|---|" + "---:|" * (len(RSS_CONCURRENCY) + 1),
     ]
     for state, i in (("idle", 0), ("after load", 1)):
         for variant, label in RSS_VARIANTS:
+            base = RSS_BASELINE.get(variant, "none")
             cells = []
             for c in RSS_CONCURRENCY:
-                mb, none = rss[variant, c][i], rss["none", c][i]
-                cells.append(f"{mb:.0f}" if variant == "none" else f"{mb:.0f} ({mb - none:+.0f})")
+                mb, none = rss[variant, c][i], rss[base, c][i]
+                cells.append(f"{mb:.0f}" if variant == base else f"{mb:.0f} ({mb - none:+.0f})")
             per = (rss[variant, hi][i] - rss[variant, lo][i]) / (hi - lo)
-            if variant != "none":
-                per -= (rss["none", hi][i] - rss["none", lo][i]) / (hi - lo)
-            cells.append(f"{per:.1f}" if variant == "none" else f"{per:+.1f}")
+            if variant != base:
+                per -= (rss[base, hi][i] - rss[base, lo][i]) / (hi - lo)
+            cells.append(f"{per:.1f}" if variant == base else f"{per:+.1f}")
             lines.append(f"| {label} | {state} | " + " | ".join(cells) + " |")
     checks = []
     for state, i in (("idle", 0), ("after load", 1)):
