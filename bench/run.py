@@ -1050,16 +1050,17 @@ def run_store_scenario(args, envoy_bin: Path, workdir: Path, demo: Demo, etcds: 
                     raise RuntimeError(f"{sc.key}: {what} was not refused ({leak}): is the filter active?")
             if args.warmup > 0:
                 await store_churn(url, pool, cookie, args.warmup, WS_SOCKETS)
-            before = store_counters(envoy)
+            before, all0 = store_counters(envoy), envoy.counters("gatehouse.")
             cpu0, etcd0 = envoy.cpu_seconds(), cpu_seconds(etcd.procs[0].pid)
             n, times, errors = await store_churn(url, pool, cookie, args.seconds, WS_SOCKETS)
             cpu1, etcd1 = envoy.cpu_seconds(), cpu_seconds(etcd.procs[0].pid)
             after = store_counters(envoy)
             _, one, errors1 = await store_churn(url, pool, cookie, args.seconds, 1)
-            return n, times, one, errors + errors1, delta(after, before), cpu1 - cpu0, etcd1 - etcd0
+            refused = delta(envoy.counters("gatehouse."), all0)
+            return n, times, one, errors + errors1, delta(after, before), cpu1 - cpu0, etcd1 - etcd0, refused
 
         try:
-            n, times, one, errors, counted, cpu, etcd_cpu = asyncio.run(go())
+            n, times, one, errors, counted, cpu, etcd_cpu, refused = asyncio.run(go())
         except (OSError, websockets.WebSocketException) as e:
             raise RuntimeError(f"{sc.key}: {e!r}\n" + envoy.log.read_text(errors="replace")[-4000:]) from None
         claimed = counted.get("session_binding.store.claimed", 0)
@@ -1067,7 +1068,10 @@ def run_store_scenario(args, envoy_bin: Path, workdir: Path, demo: Demo, etcds: 
             raise RuntimeError(f"{sc.key}: etcd confirmed {claimed} claims for {n} connects: is the store on?")
         if not sc.store and any(k.startswith(("session_binding.store", "jwt_auth.store")) for k in counted):
             raise RuntimeError(f"{sc.key}: store counters moved without a store: {counted}")
-        note = ", ".join(f"{k} {v}" for k, v in sorted(counted.items()))
+        # What refused the connects that failed (both phases), e.g. etcd taken out of rotation by
+        # its health check on an overloaded machine (`denied.store_unavailable`).
+        note = ", ".join(f"{k.split('gatehouse.', 1)[1]} {v}" for k, v in sorted(refused.items())
+                         if ".denied." in k or ".ws.closed." in k or ".store.error." in k)
         return StoreResult(rate=n / args.seconds, count=n, cpu_us=cpu / max(n, 1) * 1e6,
                            etcd_cpu_us=etcd_cpu / max(n, 1) * 1e6 if sc.store else 0.0,
                            etcd_rq=counted.get("cluster.etcd.upstream_rq_total", 0) / max(n, 1),
@@ -1150,6 +1154,14 @@ def run_store_warm(args, envoy_bin: Path, workdir: Path, demo: Demo, etcd, key: 
 def store_report(order: list[StoreScenario], results: dict[str, Summary],
                  warm: dict[str, WarmStoreResult]) -> tuple[list[str], list[tuple[bool, str]]]:
     lines, checks = [], []
+
+    class Med(Summary):
+        def med(self, attr: str) -> float:
+            """The median of the rounds that measured it (a phase where every connect failed has none)."""
+            xs = [getattr(r, attr) for r in self.runs if getattr(r, attr) == getattr(r, attr)]
+            return statistics.median(xs) if xs else float("nan")
+
+    results = {k: Med(v.runs) for k, v in results.items()}
     if results:
         lines += [
             "",
@@ -1165,6 +1177,10 @@ def store_report(order: list[StoreScenario], results: dict[str, Summary],
             lines.append(f"| {sc.label} | {s.med('rate'):,.0f} | {s.med('cpu_us'):.1f} | {s.med('etcd_rq'):.2f} | "
                          f"{s.med('etcd_cpu_us'):.1f} | {s.med('p50_ms'):.2f} ms | {s.med('p99_ms'):.2f} ms | "
                          f"{s.med('p50_1_ms'):.2f} ms | {s.med('p99_1_ms'):.2f} ms | {s.total('errors')} |")
+        notes = [f"{sc.label}: {'; '.join(r.note for r in results[sc.key].runs if r.note)}" for sc in order
+                 if sc.key in results and any(r.note for r in results[sc.key].runs)]
+        if notes:
+            lines += ["", "Refusals counted by the filters during these runs: " + "; ".join(notes) + "."]
         local = results.get("ws-store-local")
         for sc in order:
             etcd = results.get(sc.key)
@@ -1177,7 +1193,7 @@ def store_report(order: list[StoreScenario], results: dict[str, Summary],
                       f"{etcd.med('p99_ms') - local.med('p99_ms'):+.2f} ms; Envoy CPU "
                       f"{etcd.med('cpu_us') - local.med('cpu_us'):+.1f} µs per upgrade, etcd's own "
                       f"{etcd.med('etcd_cpu_us'):.1f} µs; {etcd.med('rate') / local.med('rate'):.2f} × the upgrades/s."]
-            checks.append((add99 <= STORE_ADDED_P99_MS,
+            checks.append((add99 <= STORE_ADDED_P99_MS,  # NaN (nothing measured) fails
                            f"{sc.label} adds {add99:+.2f} ms p99 per connect (one at a time) ≤ {STORE_ADDED_P99_MS:.0f} ms"))
     for name, w in warm.items():
         stats = ", ".join(f"`{k}` {v}" for k, v in sorted(w.store_stats.items())) or "none moved"

@@ -181,8 +181,8 @@ def sample_rss(envoy: Envoy, soak: Soak, samples: list[tuple[float, float]], sta
     samples.append((time.monotonic() - start, rss_mb(envoy.proc.pid)))
 
 
-UPSTREAM_STATS = ("upstream_cx_total", "upstream_cx_destroy_remote", "upstream_cx_destroy_remote_with_active_rq",
-                  "upstream_rq_total", "upstream_rq_retry", "upstream_rq_503")
+UPSTREAM_STATS = ("upstream_cx_total", "upstream_cx_destroy_local", "upstream_cx_destroy_remote",
+                  "upstream_cx_destroy_remote_with_active_rq", "upstream_rq_total", "upstream_rq_retry", "upstream_rq_503")
 
 
 def upstream(stats: dict[str, int]) -> dict[str, int]:
@@ -216,10 +216,10 @@ def report(seconds: int, soak: Soak, samples: list[tuple[float, float]], module:
     if demo_cluster:
         c = demo_cluster
         lines += ["", f"Envoy → demo (cluster `demo`): {c['upstream_rq_total']:,} requests on {c['upstream_cx_total']:,} "
-                  f"connections; the demo closed {c['upstream_cx_destroy_remote']:,} of them "
-                  f"({c['upstream_cx_destroy_remote_with_active_rq']} with a request in flight; every upgraded "
-                  f"socket's connection ends so too), {c['upstream_rq_retry']} retries, "
-                  f"{c['upstream_rq_503']} upstream 503s."]
+                  f"connections; Envoy closed {c['upstream_cx_destroy_local']:,} of them, the demo "
+                  f"{c['upstream_cx_destroy_remote']:,} ({c['upstream_cx_destroy_remote_with_active_rq']:,} with a "
+                  f"request in flight: every upgraded socket's connection ends so); {c['upstream_rq_retry']} retries, "
+                  f"{c['upstream_rq_503']} 503s."]
     if refusals:
         lines += ["", "Refusals the filters counted (expected ones are the 4401s above): "
                   + ", ".join(f"`{k}` {v}" for k, v in sorted(refusals.items())) + "."]
