@@ -13,8 +13,10 @@ scenario's other refusals, and page-guard's rewrite of the page), warm up, then 
 while reading Envoy's utime+stime from /proc/<pid>/stat before and after; the page scenarios also
 measure latency with one connection. The `/ws/` scenarios (ws_scenarios) instead route to the
 demo's WebSocket echo and stream frames on open sockets, or open socket after socket, from this
-process. Envoy, wrk and the demo are the only processes started, and only they are stopped, also
-on Ctrl-C.
+process. The fleet-store scenarios (store_scenarios, run_store_warm) run the shipped `/ws/`
+connect with single use and the socket cap on a real etcd on loopback against per-process state,
+and count the warm `/api/` path's store calls. Envoy, wrk, the demo and etcd are the only
+processes started, and only they are stopped, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -1180,7 +1182,7 @@ def store_report(order: list[StoreScenario], results: dict[str, Summary],
         notes = [f"{sc.label}: {'; '.join(r.note for r in results[sc.key].runs if r.note)}" for sc in order
                  if sc.key in results and any(r.note for r in results[sc.key].runs)]
         if notes:
-            lines += ["", "Refusals counted by the filters during these runs: " + "; ".join(notes) + "."]
+            lines += ["", "Store errors and refusals the filters counted during these runs: " + "; ".join(notes) + "."]
         local = results.get("ws-store-local")
         for sc in order:
             etcd = results.get(sc.key)
@@ -1647,7 +1649,8 @@ def parse_args():
                         "the default cache on it, in the same run")
     p.add_argument("--only", metavar="KEYS",
                    help="comma-separated scenario keys to run (e.g. none,noop,warm-ES256,chain,chain-onepass,api,"
-                        "api-onepass); prints its table, never rewrites the doc")
+                        "api-onepass, ws-frames-onepass, ws-store-local,ws-store-etcd,ws-store-etcd-tmpfs,store-warm,"
+                        "store-warm-binding); prints its table and targets, never rewrites the doc")
     p.add_argument("--envoy", help="Envoy binary (default: .venv/bin/envoy, or $GATEHOUSE_ENVOY)")
     p.add_argument("--no-build", action="store_true", help="do not run cargo for bench/noop (use the last build)")
     p.add_argument("--no-doc", action="store_true", help=f"do not rewrite the table in {DOC.relative_to(ROOT)}")
