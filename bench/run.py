@@ -13,8 +13,10 @@ scenario's other refusals, and page-guard's rewrite of the page), warm up, then 
 while reading Envoy's utime+stime from /proc/<pid>/stat before and after; the page scenarios also
 measure latency with one connection. The `/ws/` scenarios (ws_scenarios) instead route to the
 demo's WebSocket echo and stream frames on open sockets, or open socket after socket, from this
-process. Envoy, wrk and the demo are the only processes started, and only they are stopped, also
-on Ctrl-C.
+process. The fleet-store scenarios (store_scenarios, run_store_warm) run the shipped `/ws/`
+connect with single use and the socket cap on a real etcd on loopback against per-process state,
+and count the warm `/api/` path's store calls. Envoy, wrk, the demo and etcd are the only
+processes started, and only they are stopped, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import (DIST, ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, Demo, cluster, free_port,  # noqa: E402
+from conftest import (DIST, ENVOY_BIN, FILTERS, ONE_MODULE, ONE_VM_ID, Demo, Etcd, cluster, free_port,  # noqa: E402
                       one_pass_filter, shipped_config, stop, unfold_one_pass, wait_for, wasm_filter)
 from cookies import new_key, seal  # noqa: E402
 from tokens import AUDIENCE, ISSUER, Key, jwks, jwt_auth_config  # noqa: E402
@@ -114,6 +116,14 @@ def http_json(url: str, timeout: float = 5):
         return json.loads(r.read())
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def find_envoy(arg: str | None) -> Path:
     for candidate in (arg, ENVOY_BIN, Path(sys.executable).parent / "envoy", shutil.which("envoy")):
         if candidate and Path(candidate).exists():
@@ -126,9 +136,11 @@ class Envoy:
     (with `content_type`, else Envoy's text/plain) on every path."""
 
     def __init__(self, binary: Path, workdir: Path, http_filters: list[dict], body: str = "ok\n",
-                 content_type: str | None = None, upstream: int | None = None):
+                 content_type: str | None = None, upstream: int | None = None, routes: list[dict] | None = None,
+                 clusters: list[dict] = ()):
         """`upstream`: instead of the direct_response, every path goes to this loopback port (the
-        demo) with WebSocket upgrades on, as the shipped `signaling` route does (timeout 0s)."""
+        demo) with WebSocket upgrades on, as the shipped `signaling` route does (timeout 0s), or
+        `routes` do (to the cluster `upstream`). `clusters`: more clusters (e.g. etcd)."""
         self.port, self.admin_port = free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
@@ -145,7 +157,7 @@ class Envoy:
             "route_config": {
                 # direct_response bodies are capped at 4096 bytes unless raised here.
                 "max_direct_response_body_size_bytes": max(4096, len(body.encode())),
-                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}],
+                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes or [route]}],
             },
             "http_filters": http_filters + [{
                 "name": "envoy.filters.http.router",
@@ -157,6 +169,8 @@ class Envoy:
             # As in envoy-config/envoy.yaml: WebSocket upgrades, refusal close frames sent at once.
             hcm.update(upgrade_configs=[{"upgrade_type": "websocket"}], delayed_close_timeout="0s")
             static["clusters"] = [cluster("upstream", upstream)]
+        if clusters:
+            static["clusters"] = static.get("clusters", []) + list(clusters)
         config = {
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin_port}}},
             "static_resources": {**static, "listeners": [{
@@ -182,11 +196,8 @@ class Envoy:
             raise
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the Envoy process (all its threads), from /proc/<pid>/stat."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            stat = f.read()
-        fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """utime + stime of the Envoy process (all its threads)."""
+        return cpu_seconds(self.proc.pid)
 
     def rss_mb(self) -> float:
         """Resident memory of the Envoy process: every wasm module adds a VM per worker."""
@@ -860,6 +871,350 @@ def ws_report(order: list[WsScenario], results: dict[str, Summary]) -> tuple[lis
     return lines, checks
 
 
+# ---------------------------------------------------------------------------- the fleet store
+#
+# Issue 15: the shipped signaling route's connect as it is shipped — one pass, jwt-auth →
+# session-binding with `single_use` and `max_sockets` — with `store` on a real etcd on loopback
+# (both stages, as in envoy-config/envoy.yaml) against the same without `store` (this Envoy's
+# shared data). Every connect needs a new single-use token: they are minted ahead, each with its
+# own `sub` (a new user per connect: in etcd a closed socket's slot is released on the next tick,
+# so 8 loops of one user would meet the cap of 8), all in one session (`sid`, the cookie). Each
+# connect is also a new token for jwt-auth (a cache miss, one verify), the same in both. And the
+# warm HTTP path: a cached token on `/api/` through the same chain with `store` must not call etcd.
+
+STORE_ADDED_P99_MS = 2.0            # issue 15: ≤ 2 ms added p99 per connect on loopback
+STORE_PREFIX = "gatehouse-bench/"
+STORE_TOKENS_PER_S = 1200           # minted ahead per second of load (more are minted if they run out)
+
+
+def store_config() -> dict:
+    return {"etcd": {"cluster": "etcd", "prefix": STORE_PREFIX, "timeout_ms": 250}, "when_unavailable": "closed"}
+
+
+def store_chain(key: Key, store: bool, jwt_store: bool | None = None) -> tuple[dict, dict]:
+    """(jwt-auth, session-binding) stage configs of the shipped `signaling` and `api` routes, with
+    the bench's key inline and the demo's revocation feed; `store`: session-binding on etcd, and
+    jwt-auth too unless `jwt_store` says otherwise (both, as shipped)."""
+    jwt = jwt_auth_config(
+        key, sources=[{"websocket_protocol": {"prefix": "bearer."}}, {"authorization": {}}], clock_skew_seconds=30,
+        session_claims=["sid", "sub"], reauth_type="gatehouse.reauth", max_lifetime_seconds=3600,
+        max_socket_seconds=43200,
+        rules=[{"match": {"route": "signaling"}, "max_age_seconds": 300,
+                "require": [{"claim": "scope", "contains": "phone:call"}]},
+               {"match": {"route": "api"}, "forward": True}])
+    binding = {
+        "rules": [{"match": {"route": "signaling"},
+                   "session": {"mode": "sha256", "claim": "sid_hash", "cookie": "gh_sid"},
+                   "single_use": True, "fingerprint": "if_present",
+                   "max_sockets": {"limit": 8, "per_claim": "sub"}},
+                  {"match": {"route": "api"}}],
+        "revocation": {"cluster": "upstream", "path": "/dev/revoked.json", "refresh_seconds": 2,
+                       "max_stale_seconds": 300, "when_stale": "open"},
+        "sockets": {"slot_ttl_seconds": 15},
+    }
+    if store:
+        binding["store"] = store_config()
+    if store if jwt_store is None else jwt_store:
+        jwt["store"] = store_config()
+    return jwt, binding
+
+
+STORE_ROUTES = [
+    {"name": "signaling", "match": {"prefix": "/ws/"}, "route": {"cluster": "upstream", "timeout": "0s"}},
+    {"name": "api", "match": {"prefix": "/api/"}, "route": {"cluster": "upstream"}},
+]
+
+
+@dataclass
+class StoreScenario:
+    key: str
+    label: str
+    store: str | None                 # both stages with `store` on the etcd whose data is on "disk" (as
+                                      # users run it) or "tmpfs" (the disk's fsync taken out), or None
+
+
+@dataclass
+class StoreResult:
+    rate: float                       # upgrades/s, 8 loops
+    count: int
+    cpu_us: float                     # Envoy CPU per upgrade
+    etcd_cpu_us: float                # etcd's CPU per upgrade (0 without the store)
+    etcd_rq: float                    # Envoy's requests to etcd per upgrade (claims, releases, leases, deadlines)
+    p50_ms: float                     # client-measured upgrade time (connect → 101), 8 loops
+    p99_ms: float
+    p50_1_ms: float                   # the same, one connect at a time (no queueing)
+    p99_1_ms: float
+    rss_mb: float
+    errors: int = 0
+    note: str = ""
+
+
+def store_scenarios() -> list[StoreScenario]:
+    return [
+        StoreScenario("ws-store-local", "per-process state (no `store`)", store=None),
+        StoreScenario("ws-store-etcd", "etcd store", store="disk"),
+        StoreScenario("ws-store-etcd-tmpfs", "etcd store, etcd's data on tmpfs (no disk fsync)", store="tmpfs"),
+    ]
+
+
+class TokenPool:
+    """New single-use connect tokens, minted ahead (each its own `jti` and `sub`, one session)."""
+
+    def __init__(self, key: Key, count: int):
+        self.key = key
+        sid_hash = base64.urlsafe_b64encode(hashlib.sha256(BENCH_SID.encode()).digest()).rstrip(b"=").decode()
+        self.claims = {"sid": "s-bench", "sid_hash": sid_hash}
+        self.n = 0
+        self.tokens = [self.mint() for _ in range(count)]
+
+    def mint(self) -> str:
+        self.n += 1
+        return self.key.mint(ttl=600, sub=f"bench-{os.getpid()}-{self.n}", **self.claims)
+
+    def take(self) -> str:
+        return self.tokens.pop() if self.tokens else self.mint()
+
+
+def quantile_ms(seconds: list[float], q: float) -> float:
+    if not seconds:
+        return float("nan")
+    xs = sorted(seconds)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3
+
+
+async def store_churn(url: str, pool: TokenPool, cookie: str, seconds: float, loops: int):
+    """(connects, their upgrade times in seconds, errors): `loops` at once open a socket with a new
+    token, echo one frame and close it, for `seconds`. The time is from the connect to the 101."""
+    times: list[float] = []
+    errors = 0
+
+    async def loop() -> int:
+        nonlocal errors
+        n, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            token = pool.take()
+            try:
+                t0 = time.perf_counter()
+                ws = await ws_open(url, token, cookie)
+                dt = time.perf_counter() - t0
+                try:
+                    await ws_echo(ws)   # a refused socket is a 101 and a close: the echo fails
+                finally:
+                    await ws.close()
+                times.append(dt)
+                n += 1
+            except (OSError, websockets.WebSocketException, RuntimeError):
+                errors += 1
+        return n
+
+    n = sum(await asyncio.gather(*(loop() for _ in range(loops))))
+    return n, times, errors
+
+
+def store_counters(envoy: Envoy) -> dict[str, int]:
+    """Every store counter of both stages, and Envoy's requests to the `etcd` cluster."""
+    out = {k.split("gatehouse.", 1)[1]: v for k, v in envoy.counters("gatehouse.").items() if ".store." in k
+           or k.endswith("denied.store_unavailable")}
+    stats = http_json(envoy.admin + "/stats?format=json&filter=" + urllib.request.quote("^cluster\\.etcd\\.upstream_rq_total$"))
+    out["cluster.etcd.upstream_rq_total"] = next((s["value"] for s in stats["stats"] if "value" in s), 0)
+    return out
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
+
+
+def run_store_scenario(args, envoy_bin: Path, workdir: Path, demo: Demo, etcds: dict, key: Key,
+                       sc: StoreScenario) -> StoreResult:
+    """The upgrade path with single use and the cap, on etcd (`etcds[sc.store]`) or on this Envoy's
+    shared data."""
+    wd = workdir / sc.key
+    wd.mkdir(parents=True, exist_ok=True)
+    etcd = etcds.get(sc.store) or etcds["disk"]   # without a store: only for the CPU reads
+    jwt, binding = store_chain(key, sc.store is not None)
+    envoy = Envoy(envoy_bin, wd, [one_pass_filter({"jwt_auth": jwt, "session_binding": binding})],
+                  upstream=demo.port, routes=STORE_ROUTES, clusters=[etcd.cluster()] if sc.store else ())
+    url = envoy.base.replace("http://", "ws://") + "/ws/echo"
+    cookie = f"gh_sid={BENCH_SID}"
+    pool = TokenPool(key, STORE_TOKENS_PER_S * (args.warmup + 2 * args.seconds))
+    try:
+        async def go():
+            token = pool.take()
+            ws = await ws_open(url, token, cookie)
+            try:
+                await ws_echo(ws)
+            finally:
+                await ws.close()
+            for what, t, c in (("the same connect token again (single use)", token, cookie),
+                               ("a socket without the token", "x", cookie),
+                               ("a socket without the session cookie", pool.take(), "gh_sid=other")):
+                if (leak := await ws_refused(url, t, c)) is not None:
+                    raise RuntimeError(f"{sc.key}: {what} was not refused ({leak}): is the filter active?")
+            if args.warmup > 0:
+                await store_churn(url, pool, cookie, args.warmup, WS_SOCKETS)
+            before, all0 = store_counters(envoy), envoy.counters("gatehouse.")
+            cpu0, etcd0 = envoy.cpu_seconds(), cpu_seconds(etcd.procs[0].pid)
+            n, times, errors = await store_churn(url, pool, cookie, args.seconds, WS_SOCKETS)
+            cpu1, etcd1 = envoy.cpu_seconds(), cpu_seconds(etcd.procs[0].pid)
+            after = store_counters(envoy)
+            _, one, errors1 = await store_churn(url, pool, cookie, args.seconds, 1)
+            refused = delta(envoy.counters("gatehouse."), all0)
+            return n, times, one, errors + errors1, delta(after, before), cpu1 - cpu0, etcd1 - etcd0, refused
+
+        try:
+            n, times, one, errors, counted, cpu, etcd_cpu, refused = asyncio.run(go())
+        except (OSError, websockets.WebSocketException) as e:
+            raise RuntimeError(f"{sc.key}: {e!r}\n" + envoy.log.read_text(errors="replace")[-4000:]) from None
+        claimed = counted.get("session_binding.store.claimed", 0)
+        if sc.store and claimed < n:
+            raise RuntimeError(f"{sc.key}: etcd confirmed {claimed} claims for {n} connects: is the store on?")
+        if not sc.store and any(k.startswith(("session_binding.store", "jwt_auth.store")) for k in counted):
+            raise RuntimeError(f"{sc.key}: store counters moved without a store: {counted}")
+        # What refused the connects that failed (both phases), e.g. etcd taken out of rotation by
+        # its health check on an overloaded machine (`denied.store_unavailable`).
+        note = ", ".join(f"{k.split('gatehouse.', 1)[1]} {v}" for k, v in sorted(refused.items())
+                         if ".denied." in k or ".ws.closed." in k or ".store.error." in k)
+        return StoreResult(rate=n / args.seconds, count=n, cpu_us=cpu / max(n, 1) * 1e6,
+                           etcd_cpu_us=etcd_cpu / max(n, 1) * 1e6 if sc.store else 0.0,
+                           etcd_rq=counted.get("cluster.etcd.upstream_rq_total", 0) / max(n, 1),
+                           p50_ms=quantile_ms(times, 0.5), p99_ms=quantile_ms(times, 0.99),
+                           p50_1_ms=quantile_ms(one, 0.5), p99_1_ms=quantile_ms(one, 0.99),
+                           rss_mb=envoy.rss_mb(), errors=errors, note=note)
+    finally:
+        envoy.stop()
+
+
+def etcd_requests(etcd) -> int:
+    """Requests etcd itself served over gRPC (the JSON gateway is a gRPC client of it), from its
+    /metrics; health checks (`/health`) are not among them."""
+    with urllib.request.urlopen(etcd.url() + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("grpc_server_started_total{"))
+
+
+@dataclass
+class WarmStoreResult:
+    requests: int                     # /api/ requests wrk completed, all with the same (cached) token
+    non2xx: int
+    envoy_etcd: int                   # Envoy's requests to the etcd cluster meanwhile
+    etcd_grpc: int                    # requests etcd served meanwhile
+    store_stats: dict                 # the filters' store counters that moved meanwhile
+    control: int                      # etcd requests of one single-use connect afterwards (must be > 0)
+    cache_hits: int
+
+
+def run_store_warm(args, envoy_bin: Path, workdir: Path, demo: Demo, etcd, key: Key, name: str,
+                   jwt_store: bool) -> WarmStoreResult:
+    """The warm HTTP path with `store` configured: wrk on `/api/echo` (to the demo, as shipped) with
+    one cached token carrying the login's session (`sid`); nothing may reach etcd. `jwt_store`:
+    jwt-auth has `store` too (session deadlines), as shipped."""
+    wd = workdir / name
+    wd.mkdir(parents=True, exist_ok=True)
+    jwt, binding = store_chain(key, True, jwt_store)
+    envoy = Envoy(envoy_bin, wd, [one_pass_filter({"jwt_auth": jwt, "session_binding": binding})],
+                  upstream=demo.port, routes=STORE_ROUTES, clusters=[etcd.cluster()])
+    token = key.mint(ttl=3000, sub=f"bench-warm-{os.getpid()}", jti=None, **TokenPool(key, 0).claims)
+    sc = Scenario(name, "warm /api/ with store", [], token, path="/api/echo")
+    try:
+        url = envoy.base + "/api/echo"
+        if (status := http_status(url, sc.headers())) != 200:
+            raise RuntimeError(f"{name}: /api/echo with the token got {status}\n"
+                               + envoy.log.read_text(errors="replace")[-4000:])
+        if (status := http_status(url)) != 401:
+            raise RuntimeError(f"{name}: /api/echo without a token got {status}, not 401")
+        if args.warmup > 0:
+            wrk(args, url, args.warmup, sc)
+        time.sleep(1)   # the first request's work on the tick (if any) is done
+        before, etcd0 = store_counters(envoy), etcd_requests(etcd)
+        hits0 = envoy.counters("gatehouse.jwt_auth.cache.hit")
+        w = wrk(args, url, args.seconds, sc)
+        time.sleep(1)   # anything the requests queued for the tick has gone out
+        after, etcd1 = store_counters(envoy), etcd_requests(etcd)
+        hits1 = envoy.counters("gatehouse.jwt_auth.cache.hit")
+        moved = delta(after, before)
+        envoy_etcd = moved.pop("cluster.etcd.upstream_rq_total", 0)
+
+        async def connect():
+            ws = await ws_open(envoy.base.replace("http://", "ws://") + "/ws/echo", TokenPool(key, 1).take(),
+                               f"gh_sid={BENCH_SID}")
+            try:
+                await ws_echo(ws)
+            finally:
+                await ws.close()
+
+        c0 = etcd_requests(etcd)
+        asyncio.run(connect())
+        control = etcd_requests(etcd) - c0
+        return WarmStoreResult(requests=w["requests"], non2xx=w["non2xx"] + w["socket_errors"], envoy_etcd=envoy_etcd,
+                               etcd_grpc=etcd1 - etcd0, store_stats=moved, control=control,
+                               cache_hits=sum(hits1.values()) - sum(hits0.values()))
+    finally:
+        envoy.stop()
+
+
+def store_report(order: list[StoreScenario], results: dict[str, Summary],
+                 warm: dict[str, WarmStoreResult]) -> tuple[list[str], list[tuple[bool, str]]]:
+    lines, checks = [], []
+
+    class Med(Summary):
+        def med(self, attr: str) -> float:
+            """The median of the rounds that measured it (a phase where every connect failed has none)."""
+            xs = [getattr(r, attr) for r in self.runs if getattr(r, attr) == getattr(r, attr)]
+            return statistics.median(xs) if xs else float("nan")
+
+    results = {k: Med(v.runs) for k, v in results.items()}
+    if results:
+        lines += [
+            "",
+            f"| `/ws/` connects, one pass, `single_use` + `max_sockets` ({WS_SOCKETS} loops) | upgrades/s | "
+            "Envoy CPU µs/upgrade | etcd requests/upgrade | etcd CPU µs/upgrade | upgrade p50 | p99 | "
+            "one at a time p50 | p99 | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for sc in order:
+            if sc.key not in results:
+                continue
+            s = results[sc.key]
+            lines.append(f"| {sc.label} | {s.med('rate'):,.0f} | {s.med('cpu_us'):.1f} | {s.med('etcd_rq'):.2f} | "
+                         f"{s.med('etcd_cpu_us'):.1f} | {s.med('p50_ms'):.2f} ms | {s.med('p99_ms'):.2f} ms | "
+                         f"{s.med('p50_1_ms'):.2f} ms | {s.med('p99_1_ms'):.2f} ms | {s.total('errors')} |")
+        notes = [f"{sc.label}: {'; '.join(r.note for r in results[sc.key].runs if r.note)}" for sc in order
+                 if sc.key in results and any(r.note for r in results[sc.key].runs)]
+        if notes:
+            lines += ["", "Store errors and refusals the filters counted during these runs: " + "; ".join(notes) + "."]
+        local = results.get("ws-store-local")
+        for sc in order:
+            etcd = results.get(sc.key)
+            if local is None or etcd is None or sc.store is None:
+                continue
+            add50, add99 = etcd.med("p50_1_ms") - local.med("p50_1_ms"), etcd.med("p99_1_ms") - local.med("p99_1_ms")
+            lines += ["", f"{sc.label[0].upper() + sc.label[1:]} against per-process state, per connect (one at a time, "
+                      f"client-measured upgrade time): {add50:+.2f} ms at p50, {add99:+.2f} ms at p99; with {WS_SOCKETS} "
+                      f"loops at once {etcd.med('p50_ms') - local.med('p50_ms'):+.2f} / "
+                      f"{etcd.med('p99_ms') - local.med('p99_ms'):+.2f} ms; Envoy CPU "
+                      f"{etcd.med('cpu_us') - local.med('cpu_us'):+.1f} µs per upgrade, etcd's own "
+                      f"{etcd.med('etcd_cpu_us'):.1f} µs; {etcd.med('rate') / local.med('rate'):.2f} × the upgrades/s."]
+            checks.append((add99 <= STORE_ADDED_P99_MS,  # NaN (nothing measured) fails
+                           f"{sc.label} adds {add99:+.2f} ms p99 per connect (one at a time) ≤ {STORE_ADDED_P99_MS:.0f} ms"))
+    for name, w in warm.items():
+        stats = ", ".join(f"`{k}` {v}" for k, v in sorted(w.store_stats.items())) or "none moved"
+        calls = w.envoy_etcd + w.etcd_grpc
+        why = ""
+        if w.store_stats.get("jwt_auth.store.deadline.written"):
+            why = (" The writes are jwt-auth's session deadline, queued by every allowed request and written on the "
+                   "root tick at most every 2 s per session: off the request path, but the same unchanged deadline "
+                   "written again while the token is reused.")
+        lines += ["", f"Warm `/api/` path, {name}: {w.requests:,} requests with one cached token ({w.cache_hits:,} "
+                  f"cache hits, {w.non2xx} non-2xx): Envoy → etcd requests {w.envoy_etcd}, requests etcd served "
+                  f"{w.etcd_grpc}, store counters: {stats}. One single-use connect on the same Envoy afterwards: "
+                  f"{w.control} etcd requests (the count sees store calls).{why}"]
+        checks.append((calls == 0 and w.control > 0 and w.non2xx == 0,
+                       f"0 store calls on the warm path ({name}): {w.envoy_etcd} from Envoy, {w.etcd_grpc} at etcd "
+                       f"in {w.requests:,} requests"))
+    return lines, checks
+
+
 # -------------------------------------------------------------------------------------- memory
 
 RSS_CONCURRENCY = (1, 4, 8)
@@ -1170,8 +1525,10 @@ def cold_report(args, algs, order: list[Scenario], results: dict[str, Summary], 
 
 
 def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy_version: str,
-           load_before, load_after, wall: float, ws: tuple[list[str], list] = ([], [])) -> tuple[str, list[str]]:
-    """The whole run's report; `ws`: the WebSocket tables and their checks (ws_report)."""
+           load_before, load_after, wall: float, ws: tuple[list[str], list] = ([], []),
+           fleet: tuple[list[str], list] = ([], [])) -> tuple[str, list[str]]:
+    """The whole run's report; `ws`, `fleet`: the WebSocket and store tables and their checks
+    (ws_report, store_report)."""
     lines = scenario_table(order, results)
     cpu = {k: v.med("cpu_us") for k, v in results.items()}
     rps = {k: v.med("rps") for k, v in results.items()}
@@ -1226,7 +1583,7 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
         f"{cpu['page-guard'] - cpu['page']:.1f} µs of Envoy CPU per request over the page without filters.",
     ]
 
-    lines += ws[0]
+    lines += ws[0] + fleet[0]
     sizes = []
     for wasm in sorted(DIST.glob("*.wasm")) + [NOOP_WASM]:
         shown = wasm.relative_to(ROOT)
@@ -1254,7 +1611,7 @@ def report(args, algs, order: list[Scenario], results: dict[str, Summary], envoy
     checks.append((ratio >= CHAIN_VS_BASELINE,
                    f"token-proxy + jwt-auth warm req/s {rps['chain']:,.0f} ≥ {CHAIN_VS_BASELINE} × no filter "
                    f"{rps['none']:,.0f} (ratio {ratio:.2f})"))
-    checks += ws[1]
+    checks += ws[1] + fleet[1]
     checks.append((added_p50 < PAGE_GUARD_ADDED_P50_US,
                    f"page-guard adds {fmt_delta(added_p50)} at p50 to the {PAGE_BYTES // 1024} KB page (one connection) "
                    f"< {PAGE_GUARD_ADDED_P50_US:.0f} µs"))
@@ -1304,7 +1661,8 @@ def parse_args():
                         "the default cache on it, in the same run")
     p.add_argument("--only", metavar="KEYS",
                    help="comma-separated scenario keys to run (e.g. none,noop,warm-ES256,chain,chain-onepass,api,"
-                        "api-onepass); prints its table, never rewrites the doc")
+                        "api-onepass, ws-frames-onepass, ws-store-local,ws-store-etcd,ws-store-etcd-tmpfs,store-warm,"
+                        "store-warm-binding); prints its table and targets, never rewrites the doc")
     p.add_argument("--envoy", help="Envoy binary (default: .venv/bin/envoy, or $GATEHOUSE_ENVOY)")
     p.add_argument("--no-build", action="store_true", help="do not run cargo for bench/noop (use the last build)")
     p.add_argument("--no-doc", action="store_true", help=f"do not rewrite the table in {DOC.relative_to(ROOT)}")
@@ -1345,7 +1703,10 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
     results: dict[str, Summary] = {}
     ws_results: dict[str, Summary] = {}   # WsResult runs, apart: their fields are not Result's
+    store_results: dict[str, Summary] = {}
+    warm_store: dict[str, WarmStoreResult] = {}
     demo = None
+    etcds: dict[str, Etcd] = {}
     try:
         if not args.no_rss:
             print(f"bench: Envoy RSS, {len(RSS_VARIANTS)} configs × --concurrency "
@@ -1360,21 +1721,43 @@ def main() -> int:
         keys, tokens, files = mint_tokens(workdir, args.algs, args.tokens)
         order = scenarios(keys, tokens, files, args.algs, args.before)
         ws_order, ws_token, ws_cookie = ws_scenarios(keys[args.algs[0]])
+        store_order = store_scenarios()
+        # The warm-path checks: as shipped (`store` on both stages), and session-binding's alone.
+        warm_keys = {"store-warm": "as shipped: `store` on jwt-auth and session-binding",
+                     "store-warm-binding": "`store` on session-binding only"}
         if args.cold:
             order = [sc for sc in order if sc.key in ("none", "noop") or sc.key.startswith(("warm-", "cold-"))]
-            ws_order = []
+            ws_order, store_order, warm_keys = [], [], {}
         if args.only:
             keep = {k.strip() for k in args.only.split(",")}
             order = [sc for sc in order if sc.key in keep]
             ws_order = [sc for sc in ws_order if sc.key in keep]
+            store_order = [sc for sc in store_order if sc.key in keep]
+            warm_keys = {k: v for k, v in warm_keys.items() if k in keep}
             args.no_doc = True
-        if ws_order:
+        if ws_order or store_order or warm_keys:
             (workdir / "ws-demo").mkdir(parents=True, exist_ok=True)
             demo = Demo(workdir / "ws-demo")
+        if store_order or warm_keys:
+            # A real etcd on loopback, started as the tests start theirs (conftest.Etcd); and one
+            # with its data on tmpfs for the scenario that takes the disk out.
+            if not shutil.which("etcd"):
+                sys.exit("bench: etcd is not installed (apt-get install etcd-server, see .ci/system-packages)")
+            (workdir / "etcd").mkdir()
+            etcds["disk"] = Etcd(workdir / "etcd", 1)
+            if any(sc.store == "tmpfs" for sc in store_order):
+                etcds["tmpfs"] = Etcd(Path(tempfile.mkdtemp(prefix="gatehouse-bench-etcd-", dir="/dev/shm")), 1)
+            for key, what in warm_keys.items():
+                w = run_store_warm(args, envoy_bin, workdir, demo, etcds["disk"], keys[args.algs[0]], key,
+                                   jwt_store=key == "store-warm")
+                warm_store[what] = w
+                print(f"  {key:<40} {w.requests:>9,} requests  Envoy→etcd {w.envoy_etcd}  at etcd {w.etcd_grpc}  "
+                      f"store counters {w.store_stats or 'none'}  control connect {w.control}", flush=True)
         load_before = os.getloadavg()
         est = (sum(args.seconds * (2 if sc.one_connection else 1) + args.warmup + 2 for sc in order)
-               + len(ws_order) * (args.seconds + args.warmup + 3)) * args.rounds
-        print(f"bench: {len(order) + len(ws_order)} scenarios × {args.rounds} round(s), about {est / 60:.1f} min; "
+               + len(ws_order) * (args.seconds + args.warmup + 3)
+               + len(store_order) * (2 * args.seconds + args.warmup + 6)) * args.rounds
+        print(f"bench: {len(order) + len(ws_order) + len(store_order)} scenarios × {args.rounds} round(s), about {est / 60:.1f} min; "
               f"{envoy_version} --concurrency 1; wrk -t{args.threads} -c{args.connections} "
               f"{args.warmup:g}+{args.seconds:g} s; load average {load_before[0]:.2f}", flush=True)
         for rnd in range(args.rounds):
@@ -1394,15 +1777,24 @@ def main() -> int:
                 print(f"  [{rnd + 1}/{args.rounds}] {ws.label:<38} {r.rate:>9,.0f} {ws.load}/s  Envoy CPU "
                       f"{r.cpu_us:7.1f} µs/{unit}{'  errors ' + str(r.errors) if r.errors else ''}"
                       f"{'  ' + r.note if r.note else ''}", flush=True)
+            for st in (store_order if rnd % 2 == 0 else store_order[::-1]):
+                r = run_store_scenario(args, envoy_bin, workdir, demo, etcds, keys[args.algs[0]], st)
+                store_results.setdefault(st.key, Summary()).runs.append(r)
+                print(f"  [{rnd + 1}/{args.rounds}] {st.label:<38} {r.rate:>9,.0f} upgrades/s  Envoy CPU "
+                      f"{r.cpu_us:7.1f} µs/upgrade  etcd CPU {r.etcd_cpu_us:6.1f} µs  p50/p99 {r.p50_ms:.2f}/"
+                      f"{r.p99_ms:.2f} ms  one at a time {r.p50_1_ms:.2f}/{r.p99_1_ms:.2f} ms"
+                      f"{'  errors ' + str(r.errors) if r.errors else ''}", flush=True)
         load_after = os.getloadavg()
         ws = ws_report(ws_order, ws_results)
+        fleet = store_report(store_order, store_results, warm_store)
         if args.only:
-            table = "\n".join((scenario_table(order, results) if order else []) + ws[0] + [
+            shown, _ = targets(ws[1] + fleet[1]) if ws[1] + fleet[1] else ([], [])
+            table = "\n".join((scenario_table(order, results) if order else []) + ws[0] + fleet[0] + shown + [
                 "", run_line(args, load_before, load_after, envoy_version, time.monotonic() - started_at)])
         else:
             table, target_lines = (cold_report if args.cold else report)(
                 args, args.algs, order, results, envoy_version, load_before, load_after,
-                time.monotonic() - started_at, *([ws] if not args.cold else []))
+                time.monotonic() - started_at, *([ws, fleet] if not args.cold else []))
         print("\n" + table + "\n")
         if not args.no_doc and not args.cold:
             write_doc(table)
@@ -1414,6 +1806,9 @@ def main() -> int:
     finally:
         if demo is not None:
             demo.stop()
+        for e in etcds.values():
+            e.stop()
+            shutil.rmtree(e.workdir, ignore_errors=True)
         stop_started()
         if args.keep:
             print(f"bench: work directory kept: {workdir}")

@@ -181,8 +181,17 @@ def sample_rss(envoy: Envoy, soak: Soak, samples: list[tuple[float, float]], sta
     samples.append((time.monotonic() - start, rss_mb(envoy.proc.pid)))
 
 
+UPSTREAM_STATS = ("upstream_cx_total", "upstream_cx_destroy_local", "upstream_cx_destroy_remote",
+                  "upstream_cx_destroy_remote_with_active_rq", "upstream_rq_total", "upstream_rq_retry", "upstream_rq_503")
+
+
+def upstream(stats: dict[str, int]) -> dict[str, int]:
+    """Envoy's counters of its connections and requests to the demo (the `demo` cluster)."""
+    return {name: stats.get(f"cluster.demo.{name}", 0) for name in UPSTREAM_STATS}
+
+
 def report(seconds: int, soak: Soak, samples: list[tuple[float, float]], module: str,
-           refusals: dict[str, int]) -> tuple[str, bool]:
+           refusals: dict[str, int], demo_cluster: dict[str, int] | None = None) -> tuple[str, bool]:
     after_warmup = next((mb for t, mb in samples if t >= min(WARMUP_S, seconds / 2)), samples[0][1])
     end = samples[-1][1]
     growth = (end - after_warmup) / after_warmup if after_warmup else 0.0
@@ -204,6 +213,13 @@ def report(seconds: int, soak: Soak, samples: list[tuple[float, float]], module:
         f"{end:.1f} MB at the end: growth {growth * 100:+.1f} % (goal < {GROWTH_GOAL * 100:.0f} %), "
         f"errors {errors} (goal 0): **{'PASS' if ok else 'FAIL'}**.",
     ]
+    if demo_cluster:
+        c = demo_cluster
+        lines += ["", f"Envoy → demo (cluster `demo`): {c['upstream_rq_total']:,} requests on {c['upstream_cx_total']:,} "
+                  f"connections; Envoy closed {c['upstream_cx_destroy_local']:,} of them, the demo "
+                  f"{c['upstream_cx_destroy_remote']:,} ({c['upstream_cx_destroy_remote_with_active_rq']:,} with a "
+                  f"request in flight: every upgraded socket's connection ends so); {c['upstream_rq_retry']} retries, "
+                  f"{c['upstream_rq_503']} 503s."]
     if refusals:
         lines += ["", "Refusals the filters counted (expected ones are the 4401s above): "
                   + ", ".join(f"`{k}` {v}" for k, v in sorted(refusals.items())) + "."]
@@ -252,9 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                                  soak.run(args.api, args.pages, args.upgrades, args.sockets))
 
         asyncio.run(go())
-        refusals = {k.removeprefix("wasmcustom."): v for k, v in envoy.stats().items()
+        stats = envoy.stats()
+        refusals = {k.removeprefix("wasmcustom."): v for k, v in stats.items()
                     if k.startswith("wasmcustom.gatehouse.") and v and any(w in k for w in (".denied", ".refused", ".error"))}
-        text, ok = report(args.seconds, soak, samples, os.environ.get("GATEHOUSE_MODULE", "one") + " module", refusals)
+        text, ok = report(args.seconds, soak, samples, os.environ.get("GATEHOUSE_MODULE", "one") + " module", refusals,
+                          upstream(stats))
         print("\n" + text + "\n")
         if not args.no_doc:
             write_doc(text)

@@ -1,18 +1,32 @@
 //! `/api/*`: what reached the upstream, as JSON.
 
 use axum::extract::Request;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-pub async fn echo(request: Request) -> Json<Value> {
-    let uri = request.uri();
+/// The largest request body the echo reads (and counts): more is 413.
+const MAX_BODY: usize = 1 << 20;
+
+pub async fn echo(request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    // The body is read to its end before answering. A handler that answers without reading it
+    // makes hyper close the keep-alive connection after the response, without `Connection:
+    // close`, whenever the body had not fully arrived with the headers: a proxy that meanwhile
+    // sent the connection its next request sees it reset (Envoy's 503 "upstream connect error
+    // … connection termination" in the soak, docs/performance.md).
+    let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body over 1 MiB\n").into_response();
+    };
     Json(json!({
-        "method": request.method().as_str(),
-        "path": uri.path(),
-        "query": uri.query().unwrap_or(""),
-        "headers": headers_json(request.headers()),
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query().unwrap_or(""),
+        "headers": headers_json(&parts.headers),
+        "body_bytes": body.len(),
     }))
+    .into_response()
 }
 
 /// Header name → value; repeated headers are joined with ", ".

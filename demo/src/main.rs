@@ -1,7 +1,7 @@
 //! The upstream of the gatehouse local stack.
 //!
 //! It shows users (and tests) exactly what reached the upstream after the filters ran:
-//! - `/api/*`: echoes the request (method, path, query, headers) as JSON;
+//! - `/api/*`: echoes the request (method, path, query, headers, body size) as JSON;
 //! - `/ws/*`: a WebSocket echo that selects the app subprotocol `sip`;
 //! - `/`: a static demo phone page (JsSIP at `/vendor/jssip.min.js`, see [`jssip`]);
 //! - `/.well-known/jwks.json`: the public keys of the local stack;
