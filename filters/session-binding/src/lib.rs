@@ -6,16 +6,12 @@
 
 mod metadata;
 
-use gatehouse_core::jwt_auth::{CLAIMS_PROPERTY, KID_PROPERTY};
+use gatehouse_core::jwt::Claims;
 use gatehouse_core::pipeline::{self, Flow};
 use gatehouse_core::session_binding::worker::{
-    as_claims, configured_line, header_kid, reauth_payload, ConnectStep, Found, Line, Outgoing,
-    Request, RequestFacts, StreamState, WorkerState,
+    configured_line, ConnectStep, Line, Outgoing, Request, RequestFacts, StreamState, WorkerState,
 };
-use gatehouse_core::session_binding::{
-    ClaimsSource, SessionBinding, SessionBindingConfig, JWT_AUTHN_NAMESPACE,
-    REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
-};
+use gatehouse_core::session_binding::{SessionBinding, SessionBindingConfig, JWT_AUTHN_NAMESPACE};
 use gatehouse_core::stats::SessionBindingStat;
 use gatehouse_core::ws::{Dir, LiveSocket};
 use gatehouse_host::{self as host, Counters, PassState, Stage, StageRoot};
@@ -151,22 +147,11 @@ impl RequestFacts for Reader<'_> {
     fn now_ms(&mut self) -> u64 {
         host::store::now_ms()
     }
-    fn claims(&mut self, source: &ClaimsSource) -> Option<Found> {
-        let ns = JWT_AUTHN_NAMESPACE;
-        Some(match source {
-            ClaimsSource::JwtAuth => Found::Parsed(
-                host::property_bytes(vec![CLAIMS_PROPERTY]).and_then(|b| as_claims(&b))?,
-                host::property_text(vec![KID_PROPERTY]),
-            ),
-            ClaimsSource::JwtAuthn {
-                payload_key,
-                header_key,
-            } => {
-                let claims = metadata::jwt_authn(ns, payload_key)?;
-                let header = header_key.as_ref().and_then(|k| metadata::jwt_authn(ns, k));
-                Found::Parsed(claims, header.as_ref().and_then(header_kid))
-            }
-        })
+    fn filter_state(&mut self, name: &str) -> Option<Vec<u8>> {
+        host::property_bytes(vec![name])
+    }
+    fn metadata(&mut self, key: &str) -> Option<Claims> {
+        metadata::jwt_authn(JWT_AUTHN_NAMESPACE, key)
     }
 }
 
@@ -210,11 +195,9 @@ impl Stage for Stream {
     fn request_headers(&mut self, pass: &mut PassState, _end_of_stream: bool) -> Flow {
         let (path, authority, route) = pass.facts.rule_target(&self.shared.binding.config.needs);
         let websocket = pass.facts.is_websocket();
-        let h = &pass.handover;
-        let in_memory = h.from_jwt_auth.then_some(h.claims.as_ref());
-        let mut facts = Reader(&mut pass.facts);
+        let (h, mut facts) = (&pass.handover, Reader(&mut pass.facts));
         let target = (path.as_str(), authority.as_str(), route.as_deref());
-        let step = self.core(|s, b, w| s.request(b, w, target, websocket, in_memory, &mut facts));
+        let step = self.core(|s, b, w| s.request(b, w, target, websocket, h, &mut facts));
         self.apply(step)
     }
 
@@ -239,15 +222,8 @@ impl Stage for Stream {
         if !self.s.is_live() || pass.live.as_ref().is_none_or(LiveSocket::is_closing) {
             return size;
         }
-        let now = pass.facts.now();
-        let h = &mut pass.handover;
-        let read_reauth = |seen: &mut Option<Vec<u8>>| match h.from_jwt_auth {
-            true => h.reauth.take().map(|v| Some(Found::Verified(v))),
-            false => host::property_bytes(vec![REAUTH_CLAIMS_PROPERTY]).and_then(|p| {
-                reauth_payload(seen, p, || host::property_text(vec![REAUTH_KID_PROPERTY]))
-            }),
-        };
-        let close = self.core(|s, b, w| s.live_chunk(b, w, dir, now, read_reauth));
+        let (h, mut facts) = (&mut pass.handover, Reader(&mut pass.facts));
+        let close = self.core(|s, b, w| s.live_chunk(b, w, dir, h, &mut facts));
         if let (Some((code, reason)), Some(live)) = (close, pass.live.as_mut()) {
             live.close_with(code, reason);
         }

@@ -15,6 +15,7 @@ use crate::fetch::FetchSchedule;
 use crate::jwt::Claims;
 use crate::jwt_auth::Verified;
 use crate::path::PathError;
+use crate::pipeline::Handover;
 use crate::reply::LocalReply;
 use crate::stats::{SessionBindingStat as S, StoreStat, WsClose};
 use crate::store::{
@@ -513,8 +514,32 @@ pub trait RequestFacts {
     fn now(&mut self) -> Option<u64>;
     /// Unix time in milliseconds (the store's budget and latency).
     fn now_ms(&mut self) -> u64;
-    /// A claims source's verified claims, from filter state or metadata.
-    fn claims(&mut self, source: &ClaimsSource) -> Option<Found>;
+    /// A filter state value (jwt-auth's published claims and key ids).
+    fn filter_state(&mut self, name: &str) -> Option<Vec<u8>>;
+    /// `jwt_authn`'s dynamic metadata entry `key` as a JSON object.
+    fn metadata(&mut self, key: &str) -> Option<Claims>;
+}
+
+fn text(bytes: Option<Vec<u8>>) -> Option<String> {
+    bytes.and_then(|b| String::from_utf8(b).ok())
+}
+
+/// A claims source's verified claims, from filter state or `jwt_authn`'s metadata.
+fn read_source(facts: &mut impl RequestFacts, source: &ClaimsSource) -> Option<Found> {
+    Some(match source {
+        ClaimsSource::JwtAuth => Found::Parsed(
+            as_claims(&facts.filter_state(crate::jwt_auth::CLAIMS_PROPERTY)?)?,
+            text(facts.filter_state(crate::jwt_auth::KID_PROPERTY)),
+        ),
+        ClaimsSource::JwtAuthn {
+            payload_key,
+            header_key,
+        } => {
+            let claims = facts.metadata(payload_key)?;
+            let header = header_key.as_ref().and_then(|k| facts.metadata(k));
+            Found::Parsed(claims, header.as_ref().and_then(header_kid))
+        }
+    })
 }
 
 /// What the shell does with a connect.
@@ -570,24 +595,24 @@ impl StreamState {
     }
 
     /// The request headers: select the binding of `target` (`(path, authority, route name)`),
-    /// read the claims (`in_memory`: what a jwt-auth stage of this pass let through, see
-    /// [`first_claims`]) and only the facts that binding needs, and decide.
+    /// read the claims (in memory from a jwt-auth stage of this pass, see [`first_claims`]) and only the facts that binding needs, and decide.
     pub fn request<K: Kv>(
         &mut self,
         b: &SessionBinding,
         w: &mut WorkerState<K>,
         (path, authority, route): (&str, &str, Option<&str>),
         websocket: bool,
-        in_memory: Option<Option<&Arc<Verified>>>,
+        handover: &Handover,
         facts: &mut impl RequestFacts,
     ) -> ConnectStep {
         let config = &b.config;
+        let in_memory = handover.from_jwt_auth.then_some(handover.claims.as_ref());
         // A path that walks (`..`, `%2e%2e`, `%2f`) matches no rule: refused (400 / close
         // 4400) before any rule or template looks at it.
         let selected = config.binding_for(route, path, authority);
         let found = match &selected {
             Ok(None) => None,
-            _ => first_claims(&config.sources, in_memory, |s| facts.claims(s)),
+            _ => first_claims(&config.sources, in_memory, |s| read_source(facts, s)),
         };
         let claims = found.as_ref().map(Found::claims);
         let Some(needed) = SessionBinding::facts_needed(&selected, claims, websocket) else {
@@ -836,17 +861,19 @@ impl StreamState {
 
     /// A chunk of the live socket: must it close, and how (`(code, reason)`, counted and
     /// logged)? The revocation list, an in-band re-auth token etcd said was used, and the
-    /// re-auth token jwt-auth just accepted (`read_reauth`, called only where the binding checks
-    /// them, on client chunks: see [`reauth_payload`]).
+    /// re-auth token jwt-auth just accepted (in memory from a jwt-auth stage of this pass, else
+    /// its filter state, read only where the binding checks it, on client chunks: see
+    /// [`reauth_payload`]).
     pub fn live_chunk<K: Kv>(
         &mut self,
         b: &SessionBinding,
         w: &mut WorkerState<K>,
         dir: Dir,
-        now: Option<u64>,
-        read_reauth: impl FnOnce(&mut Option<Vec<u8>>) -> Option<Option<Found>>,
+        handover: &mut Handover,
+        facts: &mut impl RequestFacts,
     ) -> Option<(u16, &'static str)> {
         let terms = self.live.as_mut()?;
+        let now = facts.now();
         let mut close = if w.replayed.remove(&self.id) {
             Some(BindDenial::Replay.live_close())
         } else {
@@ -856,7 +883,15 @@ impl StreamState {
         // An in-band re-auth token jwt-auth accepted on this socket (before this stage sees
         // the chunk), only where the binding checks single use or revocation.
         if close.is_none() && dir == Dir::ToUpstream && terms.checks_reauth(b) {
-            if let Some(found) = read_reauth(&mut self.reauth_seen) {
+            let found = match handover.from_jwt_auth {
+                true => handover.reauth.take().map(|v| Some(Found::Verified(v))),
+                false => facts.filter_state(REAUTH_CLAIMS_PROPERTY).and_then(|p| {
+                    reauth_payload(&mut self.reauth_seen, p, || {
+                        text(facts.filter_state(REAUTH_KID_PROPERTY))
+                    })
+                }),
+            };
+            if let Some(found) = found {
                 w.out.count(S::ReauthChecked);
                 close = match found {
                     Some(found) => {

@@ -13,6 +13,8 @@ fn binding(v: serde_json::Value) -> SessionBinding {
 #[derive(Default)]
 struct Fake {
     claims: Option<Claims>,
+    /// jwt-auth's published re-auth payload (read once).
+    reauth: Option<Vec<u8>>,
     reads: Vec<String>,
 }
 
@@ -34,9 +36,18 @@ impl RequestFacts for Fake {
     fn now_ms(&mut self) -> u64 {
         20_000
     }
-    fn claims(&mut self, _source: &ClaimsSource) -> Option<Found> {
-        self.reads.push("claims".into());
-        self.claims.clone().map(|c| Found::Parsed(c, None))
+    fn filter_state(&mut self, name: &str) -> Option<Vec<u8>> {
+        self.reads.push(name.to_string());
+        if name == crate::jwt_auth::CLAIMS_PROPERTY {
+            return self.claims.as_ref().map(|c| serde_json::to_vec(c).unwrap());
+        }
+        if name == REAUTH_CLAIMS_PROPERTY {
+            return self.reauth.take();
+        }
+        None
+    }
+    fn metadata(&mut self, _key: &str) -> Option<Claims> {
+        None
     }
 }
 
@@ -57,7 +68,14 @@ fn connect(
         claims: Some(token(jti)),
         ..Fake::default()
     };
-    s.request(b, w, ("/ws", "gw", None), true, None, &mut facts)
+    s.request(
+        b,
+        w,
+        ("/ws", "gw", None),
+        true,
+        &Handover::default(),
+        &mut facts,
+    )
 }
 
 fn stat(w: &WorkerState<MemoryKv>, s: S) -> u64 {
@@ -80,8 +98,33 @@ fn live_socket(b: &SessionBinding, w: &mut WorkerState<MemoryKv>) -> StreamState
     s
 }
 
-fn reauth(t: Claims) -> impl FnOnce(&mut Option<Vec<u8>>) -> Option<Option<Found>> {
-    move |_| Some(Some(Found::Parsed(t, None)))
+/// A client chunk after jwt-auth published re-auth token `jti` as filter state.
+fn reauth(
+    b: &SessionBinding,
+    w: &mut WorkerState<MemoryKv>,
+    s: &mut StreamState,
+    jti: &str,
+) -> Option<(u16, &'static str)> {
+    let mut facts = Fake {
+        reauth: Some(serde_json::to_vec(&token(jti)).unwrap()),
+        ..Fake::default()
+    };
+    s.live_chunk(b, w, Dir::ToUpstream, &mut Handover::default(), &mut facts)
+}
+
+/// A chunk towards the client.
+fn chunk(
+    b: &SessionBinding,
+    w: &mut WorkerState<MemoryKv>,
+    s: &mut StreamState,
+) -> Option<(u16, &'static str)> {
+    s.live_chunk(
+        b,
+        w,
+        Dir::ToClient,
+        &mut Handover::default(),
+        &mut Fake::default(),
+    )
 }
 
 fn b64(s: &str) -> String {
@@ -109,7 +152,8 @@ fn an_unbound_route_reads_nothing_and_passes() {
     let mut w = WorkerState::new(&b.config, MemoryKv::default(), 0, 0);
     let mut s = w.stream();
     let mut facts = Fake::default();
-    let step = s.request(&b, &mut w, ("/api/x", "gw", None), false, None, &mut facts);
+    let target = ("/api/x", "gw", None);
+    let step = s.request(&b, &mut w, target, false, &Handover::default(), &mut facts);
     assert_eq!(step, ConnectStep::Next);
     assert!(facts.reads.is_empty(), "{:?}", facts.reads);
     assert_eq!(stat(&w, S::Passed), 1);
@@ -163,7 +207,7 @@ fn a_reauth_token_is_claimed_on_etcd_and_a_used_one_closes_the_socket() {
     let mut w = WorkerState::new(&b.config, MemoryKv::default(), 5, 0);
     let mut s = live_socket(&b, &mut w);
     // Accepted at once; the claim goes out from the root on the tick.
-    let close = s.live_chunk(&b, &mut w, Dir::ToUpstream, Some(21), reauth(token("r1")));
+    let close = reauth(&b, &mut w, &mut s, "r1");
     assert_eq!(close, None);
     let calls = w.tick(&b, 21, 21_000);
     let claim = calls
@@ -184,17 +228,11 @@ fn a_reauth_token_is_claimed_on_etcd_and_a_used_one_closes_the_socket() {
     // Sent once only.
     assert_eq!(send_claims(&b, &mut w, Some(99)), 0);
     // Nothing closes before etcd answers.
-    assert_eq!(
-        s.live_chunk(&b, &mut w, Dir::ToClient, Some(21), |_| None),
-        None
-    );
+    assert_eq!(chunk(&b, &mut w, &mut s), None);
     let follow_ups = w.root_answered(&b, 9, 21, 21_010, |_| (200, USED_TXN.to_vec()));
     assert!(follow_ups.is_empty());
     assert_eq!(stat(&w, S::ReauthStoreReplay), 1);
-    assert_eq!(
-        s.live_chunk(&b, &mut w, Dir::ToClient, Some(22), |_| None),
-        Some((4401, "token reused"))
-    );
+    assert_eq!(chunk(&b, &mut w, &mut s), Some((4401, "token reused")));
     let closed = S::WsClosed(WsClose::Denied(BindDenial::Replay));
     assert_eq!(stat(&w, closed), 1);
 }
@@ -204,14 +242,11 @@ fn a_fresh_reauth_token_keeps_the_socket() {
     let b = binding(json!({"single_use": true, "store": {"etcd": {"cluster": "etcd"}}}));
     let mut w = WorkerState::new(&b.config, MemoryKv::default(), 5, 0);
     let mut s = live_socket(&b, &mut w);
-    s.live_chunk(&b, &mut w, Dir::ToUpstream, Some(21), reauth(token("r2")));
+    reauth(&b, &mut w, &mut s, "r2");
     assert_eq!(send_claims(&b, &mut w, Some(11)), 1);
     w.root_answered(&b, 11, 21, 21_010, |_| (200, OK_TXN.to_vec()));
     assert_eq!(stat(&w, S::ReauthStoreClaimed), 1);
-    assert_eq!(
-        s.live_chunk(&b, &mut w, Dir::ToClient, Some(22), |_| None),
-        None
-    );
+    assert_eq!(chunk(&b, &mut w, &mut s), None);
 }
 
 #[test]
@@ -225,7 +260,7 @@ fn etcd_down_never_closes_a_live_socket_and_local_checks_this_envoy() {
         let owner = crate::short_hash("i\0sub\0alice");
         let id = crate::short_hash("i\0r3");
         w.local.use_once(&id, Some((&owner, 8)), 160, 20);
-        s.live_chunk(&b, &mut w, Dir::ToUpstream, Some(21), reauth(token("r3")));
+        reauth(&b, &mut w, &mut s, "r3");
         assert_eq!(send_claims(&b, &mut w, Some(12)), 1);
         w.root_answered(&b, 12, 21, 21_300, |_| {
             (503, b"no healthy upstream".to_vec())
@@ -233,7 +268,7 @@ fn etcd_down_never_closes_a_live_socket_and_local_checks_this_envoy() {
         assert_eq!(stat(&w, S::ReauthStoreFailed), 1, "{when}");
         let unavailable = S::Store(StoreStat::Error(StoreError::Unavailable));
         assert_eq!(stat(&w, unavailable), 1);
-        let close = s.live_chunk(&b, &mut w, Dir::ToClient, Some(22), |_| None);
+        let close = chunk(&b, &mut w, &mut s);
         if when == "closed" {
             assert_eq!(close, None);
         } else {
@@ -248,14 +283,11 @@ fn a_claim_that_cannot_start_is_a_failure_and_a_gone_stream_is_forgotten() {
     let b = binding(json!({"single_use": true, "store": {"etcd": {"cluster": "etcd"}}}));
     let mut w = WorkerState::new(&b.config, MemoryKv::default(), 5, 0);
     let mut s = live_socket(&b, &mut w);
-    s.live_chunk(&b, &mut w, Dir::ToUpstream, Some(21), reauth(token("r4")));
+    reauth(&b, &mut w, &mut s, "r4");
     assert_eq!(send_claims(&b, &mut w, None), 1);
     assert_eq!(stat(&w, S::ReauthStoreFailed), 1);
-    assert_eq!(
-        s.live_chunk(&b, &mut w, Dir::ToClient, Some(22), |_| None),
-        None
-    );
-    s.live_chunk(&b, &mut w, Dir::ToUpstream, Some(22), reauth(token("r5")));
+    assert_eq!(chunk(&b, &mut w, &mut s), None);
+    reauth(&b, &mut w, &mut s, "r5");
     s.done(&mut w, 22);
     assert_eq!(send_claims(&b, &mut w, Some(13)), 0);
 }
