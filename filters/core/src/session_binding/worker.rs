@@ -178,6 +178,10 @@ pub struct Outgoing {
     pub request: Request,
 }
 
+/// The most re-auth claims a worker keeps waiting for etcd; past that a claim is handled as a
+/// store failure (`reauth.store_failed`, the socket stays open).
+pub const MAX_REAUTH_CLAIMS: usize = 4096;
+
 /// An in-band re-auth token's claim on etcd, sent from the root on the tick.
 #[derive(Debug)]
 struct ReauthClaim {
@@ -909,12 +913,18 @@ impl StreamState {
                             );
                             if checked.is_ok() && connect.jti.is_some() {
                                 w.next_claim += 1;
-                                w.reauth.push(ReauthClaim {
+                                let claim = ReauthClaim {
                                     id: w.next_claim,
                                     stream: self.id,
                                     connect,
                                     flow: None,
-                                });
+                                };
+                                if w.reauth.len() < MAX_REAUTH_CLAIMS {
+                                    w.reauth.push(claim);
+                                } else {
+                                    // etcd too slow for this many: as if it were away.
+                                    w.reauth_claimed(b, claim, Err(StoreError::Unavailable));
+                                }
                             }
                             checked
                         } else {

@@ -309,3 +309,15 @@ fn the_feed_answer_is_parsed_counted_and_logged() {
     assert!(matches!(&lines[..], [Line::Warn(l)] if l.contains("1 entries, 1 malformed")));
     assert!(w.revocations.as_ref().is_some_and(|r| r.ever_loaded));
 }
+
+#[test]
+fn past_the_claims_a_worker_keeps_a_reauth_claim_is_a_store_failure() {
+    let b = binding(json!({"single_use": true, "store": {"etcd": {"cluster": "etcd"}}}));
+    let mut w = WorkerState::new(&b.config, MemoryKv::default(), 5, 0);
+    let mut s = live_socket(&b, &mut w);
+    for i in 0..MAX_REAUTH_CLAIMS + 1 {
+        assert_eq!(reauth(&b, &mut w, &mut s, &format!("t{i}")), None);
+    }
+    assert_eq!(stat(&w, S::ReauthStoreFailed), 1);
+    assert_eq!(send_claims(&b, &mut w, Some(1)), MAX_REAUTH_CLAIMS);
+}
