@@ -1,5 +1,7 @@
 use super::*;
+use crate::pipeline::Handover;
 use crate::session_binding::store::MemoryKv;
+use crate::ws::Dir;
 use serde_json::json;
 
 const OK_TXN: &[u8] = br#"{"header":{"revision":"3"},"succeeded":true}"#;
