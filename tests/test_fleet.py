@@ -122,6 +122,49 @@ def test_a_connect_token_used_on_one_replica_is_refused_on_the_other(fleet, key,
     assert 1 <= len(leases) <= 3, leases
 
 
+def reauth_frame(token: str) -> str:
+    """jwt-auth's in-band re-auth frame (docs/jwt-auth.md, `reauth_type`)."""
+    return json.dumps({"type": "gatehouse.reauth", "token": token})
+
+
+def test_an_inband_reauth_token_used_on_one_replica_closes_a_socket_on_the_other(key, demo, envoy_factory, etcd):
+    """Issue 15: a single-use re-auth token jwt-auth accepted on a live socket is claimed in etcd
+    too (asynchronously, from the root tick: the socket goes on meanwhile), so the same token sent
+    on a socket of another replica closes that socket with 4401; a fresh one is accepted there."""
+    jwt_cfg = jwt_auth_config(key, sources=[{"websocket_protocol": {"prefix": "bearer."}}, {"authorization": {}}],
+                              session_claims=["sid", "sub"], reauth_type="gatehouse.reauth")
+    sb = sb_config(unique("gh-reauth") + "/")  # one prefix: both replicas share the keys
+    a, b = [Replica(envoy_factory(demo, jwt_auth=jwt_cfg, session_binding=sb, extra_clusters={"etcd": etcd.cluster()}))
+            for _ in range(2)]
+    sid = unique("call")
+
+    async def reauth(r: Replica, token: str):
+        """Send `token` in band on a fresh socket of `r`, then keep talking: None while the socket
+        stays open for 3 s, else its close code and reason."""
+        async with websockets.connect(r.url("/ws/once/x"), **r.kwargs(key.mint(sid=sid))) as ws:
+            await ws.send("hello")
+            assert await asyncio.wait_for(ws.recv(), 5) == "hello"
+            await ws.send(reauth_frame(token))
+            try:
+                for i in range(15):
+                    await ws.send(f"ping{i}")
+                    assert await asyncio.wait_for(ws.recv(), 5) == f"ping{i}"
+                    await asyncio.sleep(0.2)
+                return None
+            except websockets.ConnectionClosed:
+                return ws.close_code, ws.close_reason
+
+    reused, fresh = key.mint(sid=sid), key.mint(sid=sid)
+    before = b.stat("reauth.store_replay")
+    assert run(reauth(a, reused), 60) is None, "a fresh re-auth token keeps the socket"
+    assert wait_until(lambda: a.stat("reauth.store_claimed") >= 1, 5)
+    assert run(reauth(b, reused), 60) == (4401, "token reused")
+    assert b.stat("reauth.store_replay") == before + 1
+    assert b.stat("ws.closed.replay") >= 1
+    assert run(reauth(b, fresh), 60) is None, "a fresh re-auth token on the other replica is accepted"
+    assert wait_until(lambda: b.stat("reauth.store_claimed") >= 1, 5)
+
+
 def test_the_store_latency_is_a_histogram(fleet, key):
     a, _ = fleet
     assert outcome(a, "/ws/once/x", key.mint(jti=unique("jti")))[0] == "open"

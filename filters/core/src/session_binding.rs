@@ -11,7 +11,8 @@
 //!
 //! One job per file: `config` the raw and compiled configuration, `scope` the path templates,
 //! fingerprints and comparisons a binding checks, `decide` the request facts and the decisions;
-//! `metadata`, `revocation` and `store` as named.
+//! `metadata`, `revocation` and `store` as named; `worker` what each proxy-wasm callback does
+//! with the per-worker and per-stream state.
 
 mod config;
 mod decide;
@@ -19,6 +20,7 @@ pub mod metadata;
 pub mod revocation;
 mod scope;
 pub mod store;
+pub mod worker;
 
 pub use config::*;
 pub use decide::*;

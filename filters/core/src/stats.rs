@@ -362,6 +362,12 @@ pub enum SessionBindingStat {
     RevocationStaleServed,
     RevocationEntrySkipped,
     ReauthChecked,
+    /// Fleet store: an in-band re-auth token claimed on etcd.
+    ReauthStoreClaimed,
+    /// Fleet store: etcd says the in-band re-auth token was used before (the socket closes).
+    ReauthStoreReplay,
+    /// Fleet store: no usable answer for an in-band re-auth claim (the socket stays open).
+    ReauthStoreFailed,
     WsClosed(WsClose),
     Store(StoreStat),
 }
@@ -380,6 +386,9 @@ impl Stat for SessionBindingStat {
             RevocationStaleServed,
             RevocationEntrySkipped,
             ReauthChecked,
+            ReauthStoreClaimed,
+            ReauthStoreReplay,
+            ReauthStoreFailed,
         ]);
         all.extend(LIVE_CLOSES.map(|d| WsClosed(WsClose::Denied(d))));
         all.push(WsClosed(WsClose::ReauthUnreadable));
@@ -406,6 +415,9 @@ impl Stat for SessionBindingStat {
             RevocationStaleServed => "revocation.stale_served",
             RevocationEntrySkipped => "revocation.entry_skipped",
             ReauthChecked => "reauth.checked",
+            ReauthStoreClaimed => "reauth.store_claimed",
+            ReauthStoreReplay => "reauth.store_replay",
+            ReauthStoreFailed => "reauth.store_failed",
             WsClosed(c) => return format!("ws.closed.{}", c.reason()),
             Store(s) => return s.name(),
         }

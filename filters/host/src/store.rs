@@ -47,99 +47,13 @@ pub fn lease_id() -> i64 {
     gatehouse_core::store::socket_lease(b)
 }
 
-/// A connect waiting for the store: the flow and the call in flight.
-pub struct Asking {
-    pub flow: gatehouse_core::store::ConnectFlow,
-    token: u32,
-}
-
-/// Send a connect's claims (the stream then pauses), with the worker's socket `(lease, ttl)`;
-/// `Err` when the call cannot start.
-pub fn ask(
-    config: &StoreConfig,
-    connect: gatehouse_core::store::Connect,
-    (lease, ttl): (i64, u64),
-) -> Result<Asking, gatehouse_core::store::StoreError> {
-    let (flow, call, timeout) =
-        gatehouse_core::store::ConnectFlow::start(connect, config, lease, ttl, now_ms());
-    match send(config, &call, timeout) {
-        Some(token) => Ok(Asking { flow, token }),
-        None => Err(gatehouse_core::store::StoreError::Unavailable),
+/// A store call's answer; one longer than `cap` is refused unread (it reads as
+/// [`gatehouse_core::store::StoreError::TooLarge`]).
+pub fn response(body_size: usize, cap: Option<usize>) -> (u32, Vec<u8>) {
+    match cap {
+        Some(cap) if body_size > cap => (200, vec![0; cap + 1]),
+        _ => super::http_call_response(body_size),
     }
-}
-
-/// The answer to `token` for a connect: `None` while another call (a lease grant, the retry)
-/// is on its way, else the verdict.
-pub fn answered(
-    config: &StoreConfig,
-    asking: &mut Asking,
-    token: u32,
-    body_size: usize,
-) -> Option<Result<gatehouse_core::store::Claimed, gatehouse_core::store::StoreError>> {
-    use gatehouse_core::store::{Step, StoreError, MAX_ANSWER};
-    if token != asking.token {
-        return None;
-    }
-    // A huge answer is refused unread.
-    let (status, body) = if body_size > MAX_ANSWER {
-        (200, vec![0; MAX_ANSWER + 1])
-    } else {
-        super::http_call_response(body_size)
-    };
-    match asking.flow.answer(status, &body, now_ms()) {
-        Step::Done(result) => Some(result),
-        Step::Send(call, timeout) => match send(config, &call, timeout) {
-            Some(next) => {
-                asking.token = next;
-                None
-            }
-            None => Some(Err(StoreError::Unavailable)),
-        },
-    }
-}
-
-/// The root tick's store work: free closed sockets' slots, keep the socket lease alive.
-pub fn tick(
-    config: &StoreConfig,
-    sockets: &mut gatehouse_core::store::Sockets,
-    now: u64,
-    count: impl Fn(gatehouse_core::stats::StoreStat),
-) {
-    for (what, call) in sockets.due(&config.prefix, now) {
-        match send(config, &call, config.timeout_ms) {
-            Some(token) => sockets.sent(token, what),
-            None => {
-                count(gatehouse_core::stats::StoreStat::KeepaliveFailed);
-                sockets.not_sent(what);
-            }
-        }
-    }
-}
-
-/// A root call's answer: false when `token` is not the store's.
-pub fn root_answer(
-    config: &StoreConfig,
-    sockets: &mut gatehouse_core::store::Sockets,
-    token: u32,
-    body_size: usize,
-    count: impl Fn(gatehouse_core::stats::StoreStat),
-) -> bool {
-    let (status, body) = if body_size > gatehouse_core::store::MAX_ANSWER {
-        (200, vec![0; gatehouse_core::store::MAX_ANSWER + 1])
-    } else {
-        super::http_call_response(body_size)
-    };
-    let Some((stat, next)) = sockets.answer(&config.prefix, token, status, &body) else {
-        return false;
-    };
-    count(stat);
-    if let Some((what, call)) = next {
-        match send(config, &call, config.timeout_ms) {
-            Some(t) => sockets.sent(t, what),
-            None => sockets.not_sent(what),
-        }
-    }
-    true
 }
 
 /// The root tick with a store: every 250 ms, so a closed socket's slot is free well within a
@@ -176,11 +90,7 @@ pub fn deadlines_answer(
     now: u64,
     count: impl Fn(gatehouse_core::sessions::DeadlineStat, u64),
 ) -> bool {
-    let (status, body) = if body_size > gatehouse_core::store::MAX_ANSWER {
-        (200, vec![0; gatehouse_core::store::MAX_ANSWER + 1])
-    } else {
-        super::http_call_response(body_size)
-    };
+    let (status, body) = response(body_size, Some(gatehouse_core::store::MAX_ANSWER));
     match deadlines.answer(&config.prefix, token, status, &body, now) {
         Some((stat, n)) => {
             count(stat, n);
