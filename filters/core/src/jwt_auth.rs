@@ -12,12 +12,16 @@ mod config;
 mod decide;
 mod extract;
 mod jwks;
+mod notes;
+mod stream;
 mod verify;
 
 pub use config::*;
 pub use decide::*;
 pub use extract::*;
 pub use jwks::*;
+pub use notes::*;
+pub use stream::*;
 pub use verify::*;
 
 /// The filter-state property under which verified claims are published.
@@ -36,3 +40,6 @@ mod tests;
 
 #[cfg(test)]
 mod discovery_tests;
+
+#[cfg(test)]
+mod stream_tests;
