@@ -31,9 +31,4 @@ impl Notes {
     pub fn line(&mut self, line: Line) {
         self.lines.push(line);
     }
-
-    /// Whether `stat` was noted.
-    pub fn counted(&self, stat: JwtAuthStat) -> bool {
-        self.stats.iter().any(|(s, _)| *s == stat)
-    }
 }
