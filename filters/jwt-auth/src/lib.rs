@@ -26,12 +26,9 @@ struct Shared {
 impl Shared {
     /// Count and log what core noted (at the end of every callback that calls it).
     fn flush(&mut self) {
-        let counters = &self.counters;
-        self.auth
-            .notes
-            .stats
-            .drain(..)
-            .for_each(|(s, n)| counters.add(s, n));
+        for (stat, n) in self.auth.notes.stats.drain(..) {
+            self.counters.add(stat, n);
+        }
         for line in self.auth.notes.lines.drain(..) {
             match line {
                 Line::Info(m) => host::log(LogLevel::Info, NAME, &m),
