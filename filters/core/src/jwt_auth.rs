@@ -1,23 +1,31 @@
-//! jwt-auth: config (raw serde structs → compiled config) and the per-request decision.
+//! jwt-auth: config (raw serde structs → compiled config), the per-request decision, and what
+//! one stream and the root do with it.
 //!
-//! The shell gathers the request facts into [`Request`], calls [`JwtAuth::decide`] with `now`,
-//! and applies the [`Decision`]: header edits and filter state, a local reply, or a JWKS fetch
-//! after which it decides again.
+//! The shell reads the facts [`RequestFacts::read`] asks for and makes one call per callback:
+//! on [`AuthStream`] (request headers, the answer to its JWKS fetch, response headers, live
+//! chunks) and on [`JwtAuth`] (the root tick, the root's fetch answers). It applies what they
+//! return (header edits, filter state, a local reply, a call to start) and writes the stats and
+//! log lines they noted ([`Notes`]). [`JwtAuth::decide_at`] is the decision itself.
 //!
 //! One job per file: `config` the raw and compiled configuration, `extract` the credential
 //! locations and their stripping, `verify` the per-worker state and the token check, `jwks` the key
-//! fetches, `decide` the request facts and the decision.
+//! fetches, `decide` the request facts and the decision, `stream` one stream callback by
+//! callback, `notes` what the shell counts and logs.
 
 mod config;
 mod decide;
 mod extract;
 mod jwks;
+mod notes;
+mod stream;
 mod verify;
 
 pub use config::*;
 pub use decide::*;
 pub use extract::*;
 pub use jwks::*;
+pub use notes::*;
+pub use stream::*;
 pub use verify::*;
 
 /// The filter-state property under which verified claims are published.
@@ -36,3 +44,6 @@ mod tests;
 
 #[cfg(test)]
 mod discovery_tests;
+
+#[cfg(test)]
+mod stream_tests;

@@ -14,6 +14,7 @@
 //! of the one bucket already read (no index, no extra keys).
 
 use crate::buckets::{self, entries};
+use crate::kv::{self, Kv};
 
 /// Number of shared-data keys used.
 pub const BUCKETS: u32 = 256;
@@ -75,6 +76,21 @@ pub fn record(
     Some(buckets::write(&kept))
 }
 
+/// Record a fresh `deadline` for `session` at `now` where every worker's live sockets look for
+/// it (Envoy's shared data), with at most `per_subject` records of its subject per bucket.
+pub fn extend(kv: &mut impl Kv, session: &str, deadline: u64, now: u64, per_subject: usize) {
+    // Compare-and-swap: another worker may write the same bucket at the same moment.
+    kv::update(kv, &bucket_key(session), (), |bucket| {
+        (record(bucket, session, deadline, now, per_subject), ())
+    });
+}
+
+/// The latest deadline any worker recorded for `session`.
+pub fn deadline(kv: &impl Kv, session: &str) -> Option<u64> {
+    let (value, _) = kv.get(&bucket_key(session));
+    lookup(&value?, session)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Across replicas: session deadlines in the fleet store (`store`, docs/fleet.md). A worker keeps
 // what it must write and what it must ask; the root tick sends both in batches.
@@ -134,6 +150,19 @@ impl DeadlineStat {
             DeadlineStat::Error(e) => return format!("store.error.{}", e.reason()),
         };
         format!("store.{name}")
+    }
+
+    /// The warning a store outcome is logged with: every error but a missing lease, which is
+    /// routine (the first write of each minute grants it).
+    pub fn warning(self) -> Option<String> {
+        match self {
+            DeadlineStat::Error(StoreError::LeaseMissing) => None,
+            DeadlineStat::Error(e) => Some(format!(
+                "store: session deadlines: no usable answer ({}); live sockets stay open",
+                e.reason()
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -403,6 +432,41 @@ mod tests {
         assert_eq!(lookup(&big, "k0"), None);
         assert_eq!(lookup(b"garbage\xff\nno-number x", "garbage"), None);
         assert!(bucket_key("s1").starts_with("gatehouse.jwt_auth.sessions."));
+    }
+
+    #[test]
+    fn deadlines_in_shared_data_only_grow_and_are_read_by_session() {
+        let mut kv = crate::kv::MemoryKv::default();
+        assert_eq!(deadline(&kv, "u.s1"), None);
+        extend(&mut kv, "u.s1", 100, 10, 4);
+        extend(&mut kv, "u.s1", 90, 10, 4);
+        extend(&mut kv, "u.s2", 80, 10, 4);
+        assert_eq!(
+            deadline(&kv, "u.s1"),
+            Some(100),
+            "an older deadline never shortens"
+        );
+        assert_eq!(deadline(&kv, "u.s2"), Some(80));
+        // Already past: nothing recorded.
+        extend(&mut kv, "u.s3", 10, 10, 4);
+        assert_eq!(deadline(&kv, "u.s3"), None);
+    }
+
+    #[test]
+    fn store_errors_are_logged_except_a_missing_lease() {
+        assert_eq!(
+            DeadlineStat::Error(StoreError::LeaseMissing).warning(),
+            None
+        );
+        assert_eq!(DeadlineStat::Written.warning(), None);
+        let w = DeadlineStat::Error(StoreError::Unavailable)
+            .warning()
+            .unwrap();
+        assert!(
+            w.starts_with("store: session deadlines: no usable answer ("),
+            "{w}"
+        );
+        assert!(w.ends_with("); live sockets stay open"), "{w}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Key documents: the JWKS and OpenID discovery fetches, their answers, the refetch rate limit.
 
 use crate::jwt::KeySet;
+use crate::stats::JwtAuthStat;
 use serde::Deserialize;
 
 use super::*;
@@ -198,5 +199,128 @@ impl JwtAuth {
             None => true,
             Some(t) => now >= t.saturating_add(remote.min_refetch_seconds),
         }
+    }
+}
+
+/// Which fetch of a provider to start: [`JwtAuth::scheduled_fetch`] or [`JwtAuth::jwks_fetch`].
+type Which = fn(&JwtAuth, usize) -> Option<FetchRequest<'_>>;
+
+/// The root's fetches: the schedule of every remote JWKS (or discovery document), the answers,
+/// their log lines and stats.
+impl JwtAuth {
+    /// Whether any provider's keys are fetched (the root needs a tick then).
+    pub fn fetches_keys(&self) -> bool {
+        !self.fetches.is_empty()
+    }
+
+    /// The root tick at `now`: start every scheduled fetch that is due. `start` starts a `GET`:
+    /// the call's token, or `None` when the host cannot start it.
+    pub fn tick(&mut self, now: u64, mut start: impl FnMut(&FetchRequest<'_>) -> Option<u32>) {
+        for provider in self.fetches.due(now) {
+            self.note_fetch(provider, now);
+            match self.start(provider, Self::scheduled_fetch, &mut start) {
+                Some((call, doc)) => {
+                    self.fetches.started(provider, call);
+                    if doc == Doc::Discovery {
+                        self.discovering.push(call);
+                    }
+                }
+                None => self.fetches.not_started(provider, now),
+            }
+        }
+    }
+
+    /// The answer to root call `call` at `now`, when it is one of the root's fetches (`read`
+    /// reads its status and body only then): the document is loaded, the JWKS a discovery
+    /// document names is fetched next (as the same scheduled fetch), the schedule moves on.
+    pub fn fetch_answered(
+        &mut self,
+        call: u32,
+        now: u64,
+        read: impl FnOnce() -> (u32, Vec<u8>),
+        mut start: impl FnMut(&FetchRequest<'_>) -> Option<u32>,
+    ) {
+        let Some(provider) = self.fetches.in_flight(call) else {
+            return;
+        };
+        let (status, body) = read();
+        let doc = match self.discovering.iter().position(|&c| c == call) {
+            Some(i) => {
+                self.discovering.swap_remove(i);
+                Doc::Discovery
+            }
+            None => Doc::Jwks,
+        };
+        let ok = match self.load(provider, doc, status, &body) {
+            Fetched::Discovered { .. } => {
+                if let Some((next, _)) = self.start(provider, Self::jwks_fetch, &mut start) {
+                    self.fetches.started(provider, next);
+                    return;
+                }
+                false
+            }
+            Fetched::Keys { .. } => true,
+            Fetched::Failed(_) => false,
+        };
+        self.fetches.finished(call, ok, now);
+    }
+
+    /// Start the `which` fetch of `provider`; a call that cannot start is logged and counted as
+    /// a failed fetch.
+    fn start(
+        &mut self,
+        provider: usize,
+        which: Which,
+        start: &mut impl FnMut(&FetchRequest<'_>) -> Option<u32>,
+    ) -> Option<(u32, Doc)> {
+        let request = which(self, provider)?;
+        if let Some(call) = start(&request) {
+            return Some((call, request.doc));
+        }
+        let line = format!(
+            "cannot call cluster `{}` for the JWKS; retrying",
+            request.cluster
+        );
+        self.notes.line(Line::Warn(line));
+        self.notes.count(JwtAuthStat::JwksFetchFailed);
+        None
+    }
+
+    /// [`Self::apply_fetch`], with its log line and stats. A failed fetch or an unusable
+    /// document keeps the last good keys.
+    pub fn load(&mut self, provider: usize, doc: Doc, status: u32, body: &[u8]) -> Fetched {
+        let name = self
+            .config
+            .providers
+            .get(provider)
+            .map_or("?", |p| p.name.as_str())
+            .to_string();
+        let fetched = self.apply_fetch(provider, doc, status, body);
+        let notes = &mut self.notes;
+        match &fetched {
+            Fetched::Keys { count, skipped } => {
+                notes.line(Line::Info(format!(
+                    "provider {name}: JWKS loaded, {count} keys ({skipped} skipped)"
+                )));
+                notes.count(JwtAuthStat::JwksFetchOk);
+                // Keys refused for what they are (RSA under 2048 bits, `key_ops` without
+                // `verify`, `use` other than `sig`, unsupported types): one count each.
+                notes.add(JwtAuthStat::JwksKeySkipped, *skipped as u64);
+            }
+            Fetched::Discovered { jwks_uri } => notes.line(Line::Info(format!(
+                "provider {name}: discovery document loaded, jwks_uri {jwks_uri}"
+            ))),
+            Fetched::Failed(why) => {
+                let what = match doc {
+                    Doc::Jwks => "JWKS",
+                    Doc::Discovery => "discovery document",
+                };
+                notes.line(Line::Warn(format!(
+                    "provider {name}: {what} fetch failed ({why}); keeping the last good keys"
+                )));
+                notes.count(JwtAuthStat::JwksFetchFailed);
+            }
+        }
+        fetched
     }
 }

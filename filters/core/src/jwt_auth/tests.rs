@@ -9,22 +9,22 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-const NOW: u64 = 1_700_000_100;
-const ISS: &str = "https://issuer.test";
+pub(super) const NOW: u64 = 1_700_000_100;
+pub(super) const ISS: &str = "https://issuer.test";
 
-fn b64(data: &[u8]) -> String {
+pub(super) fn b64(data: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
-fn keypair() -> ed25519_dalek::SigningKey {
+pub(super) fn keypair() -> ed25519_dalek::SigningKey {
     ed25519_dalek::SigningKey::from_bytes(&[7; 32])
 }
 
-fn ed_jwk(kid: &str) -> Value {
+pub(super) fn ed_jwk(kid: &str) -> Value {
     json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(keypair().verifying_key().as_bytes())})
 }
 
-fn sign_ed(header: Value, claims: Value) -> String {
+pub(super) fn sign_ed(header: Value, claims: Value) -> String {
     let input = format!(
         "{}.{}",
         b64(header.to_string().as_bytes()),
@@ -45,18 +45,18 @@ fn sign_hs(secret: &[u8], header: Value, claims: Value) -> String {
     format!("{input}.{}", b64(&mac.finalize().into_bytes()))
 }
 
-fn claims() -> Value {
+pub(super) fn claims() -> Value {
     json!({"iss": ISS, "aud": "api", "sub": "alice", "iat": NOW - 100, "exp": NOW + 200, "scope": "phone:call read"})
 }
 
-fn token() -> String {
+pub(super) fn token() -> String {
     sign_ed(
         json!({"alg": "EdDSA", "kid": "ed1", "typ": "JWT"}),
         claims(),
     )
 }
 
-fn config(extra: Value) -> JwtAuth {
+pub(super) fn config(extra: Value) -> JwtAuth {
     let mut base = json!({
         "providers": [{"name": "main", "issuer": ISS, "audiences": ["api"], "jwks": {"inline": {"keys": [ed_jwk("ed1")]}}}],
         "clock_skew_seconds": 0,
@@ -69,11 +69,11 @@ fn config(extra: Value) -> JwtAuth {
     JwtAuth::new(JwtAuthConfig::compile(base.to_string().as_bytes()).unwrap())
 }
 
-fn bearer(t: &str) -> String {
+pub(super) fn bearer(t: &str) -> String {
     format!("Bearer {t}")
 }
 
-fn http<'a>(auth: Option<&'a str>) -> Request<'a> {
+pub(super) fn http<'a>(auth: Option<&'a str>) -> Request<'a> {
     Request {
         path: "/api/echo",
         host: "gw.test",
@@ -629,7 +629,7 @@ fn socket_terms_name_the_session_by_hash_and_bound_the_lifetime() {
     );
 }
 
-fn ws<'a>(protocols: &'a str) -> Request<'a> {
+pub(super) fn ws<'a>(protocols: &'a str) -> Request<'a> {
     Request {
         websocket: true,
         ws_key: Some("dGhlIHNhbXBsZSBub25jZQ=="),

@@ -2,16 +2,29 @@
 //! check of one token against a policy.
 
 use crate::cache::TokenCache;
+use crate::fetch::FetchSchedule;
 use crate::jwt::claims::check_audience;
 use crate::jwt::{Claims, Jws, KeySet, TokenError, TokenTimes};
+use crate::sessions::FleetDeadlines;
 use serde_json::Value;
 use std::sync::Arc;
 
 use super::*;
 
-/// Everything jwt-auth keeps per worker: the compiled config, the fetched keys, the cache.
+/// Everything jwt-auth keeps per worker: the compiled config, the fetched keys and when to fetch
+/// them, the cache, the session deadlines for the fleet store, and what the shell counts and
+/// logs next.
 pub struct JwtAuth {
     pub config: JwtAuthConfig,
+    /// When to fetch each provider's remote JWKS (or discovery document).
+    pub(super) fetches: FetchSchedule,
+    /// The root's calls in flight that fetch a discovery document (the others fetch a JWKS).
+    pub(super) discovering: Vec<u32>,
+    /// Session deadlines shared by every replica (`store`, docs/fleet.md): written and read on
+    /// the root tick, asked by live sockets at their local deadline.
+    pub deadlines: Option<FleetDeadlines>,
+    /// What the shell counts and logs at the end of the callback.
+    pub notes: Notes,
     pub(super) remote_keys: Vec<Option<KeySet>>,
     /// Per `jwks.discovery` provider, the JWKS its discovery document named last
     /// (`:authority`, path).
@@ -21,10 +34,29 @@ pub struct JwtAuth {
 }
 
 impl JwtAuth {
+    /// The worker's state for `config`, its "configured" line noted.
     pub fn new(config: JwtAuthConfig) -> Self {
         let n = config.providers.len();
+        let mut notes = Notes::default();
+        notes.line(Line::Info(format!(
+            "configured: {n} providers, {} rules",
+            config.rules.len()
+        )));
         Self {
             cache: TokenCache::new(config.cache_entries),
+            fetches: FetchSchedule::new(
+                config
+                    .providers
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, p)| Some((i, p.remote.as_ref()?.refresh_seconds))),
+            ),
+            discovering: Vec::new(),
+            deadlines: config
+                .store
+                .as_ref()
+                .map(|s| FleetDeadlines::new(s.when_unavailable)),
+            notes,
             config,
             remote_keys: vec![None; n],
             discovered: vec![None; n],
