@@ -223,6 +223,9 @@ pub struct FleetDeadlines {
     to_write: BTreeMap<String, u64>,
     /// When each session was last written (for [`WRITE_EVERY`]).
     written: BTreeMap<String, u64>,
+    /// The deadline etcd is known to hold for each session (a write it took): a request that
+    /// earns no later one writes nothing, so a cached token's warm path makes no store call.
+    stored: BTreeMap<String, u64>,
     asked: BTreeMap<String, Asked>,
     /// Leases to grant before writing again.
     grants: Vec<(i64, u64)>,
@@ -237,6 +240,7 @@ impl FleetDeadlines {
             when_unavailable,
             to_write: BTreeMap::new(),
             written: BTreeMap::new(),
+            stored: BTreeMap::new(),
             asked: BTreeMap::new(),
             grants: Vec::new(),
             away: false,
@@ -246,6 +250,9 @@ impl FleetDeadlines {
 
     /// A request the whole chain allowed earned `session` `deadline`: write it on a tick.
     pub fn extend(&mut self, session: &str, deadline: u64) {
+        if self.stored.get(session).is_some_and(|d| *d >= deadline) {
+            return;
+        }
         if let Some(d) = self.to_write.get_mut(session) {
             *d = (*d).max(deadline);
         } else if self.to_write.len() < MAX_TRACKED {
@@ -288,6 +295,10 @@ impl FleetDeadlines {
     pub fn due(&mut self, prefix: &str, now: u64) -> Vec<(DeadlineCall, Call)> {
         let mut calls = Vec::new();
         self.written.retain(|_, at| *at + WRITE_EVERY > now);
+        self.stored.retain(|_, d| *d > now);
+        let stored = &self.stored;
+        self.to_write
+            .retain(|s, d| stored.get(s).is_none_or(|known| *known < *d));
         self.asked
             .retain(|_, a| a.answer.is_none() || a.since + GRACE + 30 > now);
         let granting = self.busy(|c| matches!(c, DeadlineCall::Grant));
@@ -360,7 +371,15 @@ impl FleetDeadlines {
         let (_, what) = self.in_flight.swap_remove(at);
         Some(match what {
             DeadlineCall::Write(entries) => match store::read_write_answer(status, body) {
-                Ok(true) => (DeadlineStat::Written, entries.len() as u64),
+                Ok(true) => {
+                    for (s, d) in &entries {
+                        if self.stored.len() < MAX_TRACKED || self.stored.contains_key(s) {
+                            let known = self.stored.entry(s.clone()).or_insert(*d);
+                            *known = (*known).max(*d);
+                        }
+                    }
+                    (DeadlineStat::Written, entries.len() as u64)
+                }
                 Ok(false) => {
                     let mut grants: Vec<(i64, u64)> = entries
                         .iter()
@@ -555,6 +574,49 @@ mod tests {
             assert!(f.due(P, 11).is_empty());
             let calls = f.due(P, 10 + WRITE_EVERY);
             assert_eq!(calls[0].0, DeadlineCall::Write(vec![("u.s1".into(), 130)]));
+        }
+
+        #[test]
+        fn a_deadline_etcd_already_holds_is_not_written_again() {
+            // A cached token on every request earns the same deadline: written once, then
+            // never again (the warm path makes no store call), until a later one comes.
+            let mut f = FleetDeadlines::new(WhenUnavailable::Closed);
+            f.extend("u.s1", 100);
+            let (what, _) = f.due(P, 10).remove(0);
+            f.sent(1, what);
+            f.extend("u.s1", 100); // while the write is in flight
+            assert_eq!(
+                f.answer(P, 1, 200, OK, 10),
+                Some((DeadlineStat::Written, 1))
+            );
+            for t in 11..40 {
+                f.extend("u.s1", 100);
+                f.extend("u.s1", 90);
+                assert!(f.due(P, t).is_empty(), "written again at {t}");
+            }
+            f.extend("u.s1", 160);
+            let calls = f.due(P, 40);
+            assert_eq!(calls[0].0, DeadlineCall::Write(vec![("u.s1".into(), 160)]));
+            // Past its deadline the session is forgotten (bounded memory).
+            f.sent(2, calls[0].0.clone());
+            f.answer(P, 2, 200, OK, 40);
+            assert!(f.due(P, 161).is_empty());
+            assert!(f.stored.is_empty());
+        }
+
+        #[test]
+        fn a_failed_write_leaves_nothing_known() {
+            let mut f = FleetDeadlines::new(WhenUnavailable::Closed);
+            f.extend("u.s1", 100);
+            let (what, _) = f.due(P, 10).remove(0);
+            f.sent(1, what);
+            assert!(matches!(
+                f.answer(P, 1, 503, b"", 10),
+                Some((DeadlineStat::Error(_), 1))
+            ));
+            f.extend("u.s1", 100);
+            let calls = f.due(P, 10 + WRITE_EVERY);
+            assert_eq!(calls[0].0, DeadlineCall::Write(vec![("u.s1".into(), 100)]));
         }
 
         #[test]
