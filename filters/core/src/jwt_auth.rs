@@ -16,15 +16,16 @@ mod config;
 mod decide;
 mod extract;
 mod jwks;
-mod notes;
 mod stream;
 mod verify;
 
+pub use crate::notes::Line;
 pub use config::*;
 pub use decide::*;
 pub use extract::*;
 pub use jwks::*;
-pub use notes::*;
+/// What jwt-auth's core steps leave for the shell.
+pub type Notes = crate::notes::Notes<crate::stats::JwtAuthStat>;
 pub use stream::*;
 pub use verify::*;
 

@@ -13,6 +13,7 @@ pub mod jwt;
 pub mod jwt_auth;
 pub mod kv;
 pub mod log_limit;
+pub mod notes;
 pub mod origin;
 pub mod page_guard;
 pub mod path;

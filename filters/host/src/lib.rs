@@ -4,6 +4,7 @@
 //! "absent" / "not done", never to a panic.
 
 use gatehouse_core::log_limit::LogLimiter;
+use gatehouse_core::notes::{Line, Notes};
 use gatehouse_core::reply::{HeaderEdit, LocalReply, Refusal};
 use gatehouse_core::stats::Stat;
 use proxy_wasm::hostcalls;
@@ -404,6 +405,21 @@ impl<S: Stat> Counters<S> {
             };
             if done.is_err() {
                 failed("count a stat", &stat.name());
+            }
+        }
+    }
+
+    /// Count and log what a core step noted, in order, leaving `notes` empty (its buffers keep
+    /// their capacity). Lines go out under the counters' filter name.
+    pub fn write(&self, notes: &mut Notes<S>) {
+        for (stat, n) in notes.stats.drain(..) {
+            self.add(stat, n);
+        }
+        for line in notes.lines.drain(..) {
+            match line {
+                Line::Info(m) => log(LogLevel::Info, self.filter, &m),
+                Line::Warn(m) => log(LogLevel::Warn, self.filter, &m),
+                Line::Denial(m) => log_denial(self.filter, &m),
             }
         }
     }

@@ -24,6 +24,38 @@ pub struct Facts {
     clock: Option<Option<u64>>,
 }
 
+/// session-binding's request facts, from the pass's facts (read once per pass).
+impl gatehouse_core::session_binding::worker::RequestFacts for Facts {
+    fn header(&mut self, name: &str) -> Option<String> {
+        Facts::header(self, name)
+    }
+    fn peer(&mut self) -> Option<String> {
+        self.property(&["source", "address"])
+    }
+    fn random_id(&mut self) -> String {
+        crate::random_id()
+    }
+    fn now(&mut self) -> Option<u64> {
+        Facts::now(self)
+    }
+    fn now_ms(&mut self) -> u64 {
+        crate::store::now_ms()
+    }
+    fn filter_state(&mut self, name: &str) -> Option<Vec<u8>> {
+        crate::property_bytes(vec![name])
+    }
+    /// `jwt_authn`'s dynamic metadata entry: proxy-wasm returns the `metadata` property as a
+    /// serialized `envoy.config.core.v3.Metadata`; the core decodes it.
+    fn metadata(&mut self, key: &str) -> Option<gatehouse_core::jwt::Claims> {
+        let bytes = crate::property_bytes(vec!["metadata"])?;
+        gatehouse_core::session_binding::metadata::claims(
+            &bytes,
+            gatehouse_core::session_binding::JWT_AUTHN_NAMESPACE,
+            key,
+        )
+    }
+}
+
 impl Facts {
     /// A request header.
     pub fn header(&mut self, name: &str) -> Option<String> {

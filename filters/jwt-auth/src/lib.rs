@@ -3,8 +3,8 @@
 //! replies, calls) and writes the stats and log lines core noted. See docs/jwt-auth.md.
 
 use gatehouse_core::jwt_auth::{
-    Admit, AuthStream, Fact, FetchRequest, JwtAuth, JwtAuthConfig, Line, RequestFacts,
-    CLAIMS_PROPERTY, KID_PROPERTY, REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
+    Admit, AuthStream, Fact, FetchRequest, JwtAuth, JwtAuthConfig, RequestFacts, CLAIMS_PROPERTY,
+    KID_PROPERTY, REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
 };
 use gatehouse_core::{pipeline::Flow, sessions::DeadlineStat, stats::JwtAuthStat, ws::Dir};
 use gatehouse_host::{self as host, Body, Counters, PassState, Stage, StageRoot};
@@ -26,16 +26,7 @@ struct Shared {
 impl Shared {
     /// Count and log what core noted (at the end of every callback that calls it).
     fn flush(&mut self) {
-        for (stat, n) in self.auth.notes.stats.drain(..) {
-            self.counters.add(stat, n);
-        }
-        for line in self.auth.notes.lines.drain(..) {
-            match line {
-                Line::Info(m) => host::log(LogLevel::Info, NAME, &m),
-                Line::Warn(m) => host::log(LogLevel::Warn, NAME, &m),
-                Line::Denial(m) => host::log_denial(NAME, &m),
-            }
-        }
+        self.counters.write(&mut self.auth.notes);
     }
 }
 

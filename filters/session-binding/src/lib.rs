@@ -4,14 +4,11 @@
 //! calls to the revocation feed and the fleet store, close frames, stats and log lines. See
 //! docs/session-binding.md.
 
-mod metadata;
-
-use gatehouse_core::jwt::Claims;
 use gatehouse_core::pipeline::{self, Flow};
 use gatehouse_core::session_binding::worker::{
-    configured_line, ConnectStep, Line, Outgoing, Request, RequestFacts, StreamState, WorkerState,
+    configured_line, ConnectStep, Outgoing, Request, StreamState, WorkerState,
 };
-use gatehouse_core::session_binding::{SessionBinding, SessionBindingConfig, JWT_AUTHN_NAMESPACE};
+use gatehouse_core::session_binding::{SessionBinding, SessionBindingConfig};
 use gatehouse_core::stats::SessionBindingStat;
 use gatehouse_core::ws::{Dir, LiveSocket};
 use gatehouse_host::{self as host, Counters, PassState, Stage, StageRoot};
@@ -35,17 +32,7 @@ struct Shared {
 impl Shared {
     /// Count and log what the core left.
     fn flush(&self) {
-        let out = std::mem::take(&mut self.state.borrow_mut().out);
-        for (stat, n) in out.stats {
-            self.counters.add(stat, n);
-        }
-        for line in out.lines {
-            match line {
-                Line::Info(m) => host::log(LogLevel::Info, NAME, &m),
-                Line::Warn(m) => host::log(LogLevel::Warn, NAME, &m),
-                Line::Denial(m) => host::log_denial(NAME, &m),
-            }
-        }
+        self.counters.write(&mut self.state.borrow_mut().out);
     }
 
     /// Run a root callback's core step, send the calls it asks for and tell the core their
@@ -128,33 +115,6 @@ struct Stream {
     s: StreamState,
 }
 
-/// The request facts the core asks for, from the pass's facts (read once per pass).
-struct Reader<'a>(&'a mut host::Facts);
-
-impl RequestFacts for Reader<'_> {
-    fn header(&mut self, name: &str) -> Option<String> {
-        self.0.header(name)
-    }
-    fn peer(&mut self) -> Option<String> {
-        self.0.property(&["source", "address"])
-    }
-    fn random_id(&mut self) -> String {
-        host::random_id()
-    }
-    fn now(&mut self) -> Option<u64> {
-        self.0.now()
-    }
-    fn now_ms(&mut self) -> u64 {
-        host::store::now_ms()
-    }
-    fn filter_state(&mut self, name: &str) -> Option<Vec<u8>> {
-        host::property_bytes(vec![name])
-    }
-    fn metadata(&mut self, key: &str) -> Option<Claims> {
-        metadata::jwt_authn(JWT_AUTHN_NAMESPACE, key)
-    }
-}
-
 impl Stream {
     /// Call the core with this stream's and the worker's state, then count and log.
     fn core<T>(
@@ -195,9 +155,9 @@ impl Stage for Stream {
     fn request_headers(&mut self, pass: &mut PassState, _end_of_stream: bool) -> Flow {
         let (path, authority, route) = pass.facts.rule_target(&self.shared.binding.config.needs);
         let websocket = pass.facts.is_websocket();
-        let (h, mut facts) = (&pass.handover, Reader(&mut pass.facts));
+        let (h, facts) = (&pass.handover, &mut pass.facts);
         let target = (path.as_str(), authority.as_str(), route.as_deref());
-        let step = self.core(|s, b, w| s.request(b, w, target, websocket, h, &mut facts));
+        let step = self.core(|s, b, w| s.request(b, w, target, websocket, h, facts));
         self.apply(step)
     }
 
@@ -222,8 +182,8 @@ impl Stage for Stream {
         if !self.s.is_live() || pass.live.as_ref().is_none_or(LiveSocket::is_closing) {
             return size;
         }
-        let (h, mut facts) = (&mut pass.handover, Reader(&mut pass.facts));
-        let close = self.core(|s, b, w| s.live_chunk(b, w, dir, h, &mut facts));
+        let (h, facts) = (&mut pass.handover, &mut pass.facts);
+        let close = self.core(|s, b, w| s.live_chunk(b, w, dir, h, facts));
         if let (Some((code, reason)), Some(live)) = (close, pass.live.as_mut()) {
             live.close_with(code, reason);
         }

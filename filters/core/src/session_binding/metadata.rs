@@ -148,6 +148,15 @@ fn number(f: f64) -> Value {
     Number::from_f64(f).map_or(Value::Null, Value::Number)
 }
 
+/// `filter_metadata[namespace].fields[key]` of a serialized `Metadata` when it is a JSON object
+/// (native `jwt_authn`'s verified payload, `payload_in_metadata`).
+pub fn claims(metadata: &[u8], namespace: &str, key: &str) -> Option<crate::jwt::Claims> {
+    match lookup(metadata, namespace, key)? {
+        Value::Object(map) => Some(map),
+        _ => None,
+    }
+}
+
 /// `filter_metadata[namespace].fields[key]` of a serialized `Metadata`, as JSON.
 pub fn lookup(metadata: &[u8], namespace: &str, key: &str) -> Option<Value> {
     let mut r = Reader { buf: metadata };

@@ -23,31 +23,9 @@ use crate::store::{
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-/// A line for the shell to log under the filter's name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Line {
-    Info(String),
-    Warn(String),
-    /// A denial (logged through the bounded denial log).
-    Denial(String),
-}
-
-/// What callbacks left for the shell: stats to count (`(stat, n)`) and lines to log.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Out {
-    pub stats: Vec<(S, u64)>,
-    pub lines: Vec<Line>,
-}
-
-impl Out {
-    fn count(&mut self, stat: S) {
-        self.stats.push((stat, 1));
-    }
-
-    fn add(&mut self, stat: S, n: u64) {
-        self.stats.push((stat, n));
-    }
-}
+pub use crate::notes::Line;
+/// What session-binding's callbacks leave for the shell: stats to count and lines to log.
+pub type Out = crate::notes::Notes<S>;
 
 /// The one line logged when the filter is configured.
 pub fn configured_line(config: &SessionBindingConfig) -> String {
