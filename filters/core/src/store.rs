@@ -181,6 +181,16 @@ pub fn socket_lease(random: [u8; 8]) -> i64 {
     (i64::from_be_bytes(random) & i64::MAX).max(1)
 }
 
+/// A JSON object from its fields, moved in (no copy of nested values).
+fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::Object(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
 fn create_if_absent(key: &str) -> Value {
     json!({"key": b64(key), "target": "CREATE", "create_revision": "0"})
 }
@@ -234,19 +244,21 @@ impl Connect {
         self.jti.is_none() && self.slot.is_none()
     }
 
-    /// The slot chain from slot `n` on: the lowest free slot is taken.
-    fn chain(prefix: &str, s: &SlotClaim, n: u32, lease: i64) -> Value {
-        let key = slot_key(prefix, &s.owner, n);
-        let failure: Vec<Value> = if n + 1 < s.limit {
-            vec![json!({"request_txn": Self::chain(prefix, s, n + 1, lease)})]
-        } else {
-            vec![]
-        };
-        json!({
-            "compare": [create_if_absent(&key)],
-            "success": [put(&key, &s.slot, lease)],
-            "failure": failure,
-        })
+    /// The slot chain: the lowest free slot is taken. Built from the last slot up, each level
+    /// moved into the one above (`json!` would copy the whole subtree at every level: that made
+    /// a `limit: 8` connect cost ~180 µs natively).
+    fn chain(prefix: &str, s: &SlotClaim, lease: i64) -> Value {
+        let mut inner: Option<Value> = None;
+        for n in (0..s.limit.max(1)).rev() {
+            let key = slot_key(prefix, &s.owner, n);
+            let failure = inner.take().map(|t| vec![object([("request_txn", t)])]);
+            inner = Some(object([
+                ("compare", Value::Array(vec![create_if_absent(&key)])),
+                ("success", Value::Array(vec![put(&key, &s.slot, lease)])),
+                ("failure", Value::Array(failure.unwrap_or_default())),
+            ]));
+        }
+        inner.unwrap_or_else(|| object([]))
     }
 
     /// The one transaction of this connect.
@@ -254,17 +266,20 @@ impl Connect {
         let chain = self
             .slot
             .as_ref()
-            .map(|s| Self::chain(prefix, s, 0, sock_lease));
+            .map(|s| Self::chain(prefix, s, sock_lease));
         let body = match (&self.jti, chain) {
             (Some(j), chain) => {
                 let key = jti_key(prefix, &j.id);
                 let (lease, _) = jti_lease(prefix, j.until, self.now);
                 let mut success = vec![put(&key, "1", lease)];
-                success.extend(chain.map(|c| json!({ "request_txn": c })));
-                json!({"compare": [create_if_absent(&key)], "success": success})
+                success.extend(chain.map(|c| object([("request_txn", c)])));
+                object([
+                    ("compare", Value::Array(vec![create_if_absent(&key)])),
+                    ("success", Value::Array(success)),
+                ])
             }
             (None, Some(chain)) => chain,
-            (None, None) => json!({}),
+            (None, None) => object([]),
         };
         call(TXN, body)
     }
@@ -282,7 +297,7 @@ pub fn release(prefix: &str, slots: &[(String, u32, String)]) -> Call {
             }})
         })
         .collect();
-    call(TXN, json!({ "success": ops }))
+    call(TXN, object([("success", Value::Array(ops))]))
 }
 
 /// Put live sockets' slots back after their lease was lost (etcd was away longer than its
@@ -298,7 +313,7 @@ pub fn restore(prefix: &str, slots: &[(String, u32, String)], lease: i64) -> Cal
             }})
         })
         .collect();
-    call(TXN, json!({ "success": ops }))
+    call(TXN, object([("success", Value::Array(ops))]))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -630,7 +645,7 @@ pub fn write_deadlines(prefix: &str, entries: &[(String, u64)], now: u64) -> Cal
             }})
         })
         .collect();
-    call(TXN, json!({ "success": ops }))
+    call(TXN, object([("success", Value::Array(ops))]))
 }
 
 /// Read the sessions' deadlines in one transaction.
@@ -639,7 +654,7 @@ pub fn read_deadlines(prefix: &str, sessions: &[String]) -> Call {
         .iter()
         .map(|s| json!({"request_range": {"key": b64(&session_key(prefix, s))}}))
         .collect();
-    call(TXN, json!({ "success": ops }))
+    call(TXN, object([("success", Value::Array(ops))]))
 }
 
 /// A deadline write's answer: `Ok(true)` written, `Ok(false)` a lease was missing (grant the
