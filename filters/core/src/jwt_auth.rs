@@ -15,6 +15,7 @@
 mod config;
 mod decide;
 mod extract;
+mod fleet;
 mod jwks;
 mod stream;
 mod verify;

@@ -339,6 +339,11 @@ impl FleetDeadlines {
         calls
     }
 
+    /// Root call `token` is one of these (its answer goes to [`Self::answer`]).
+    pub fn waits_for(&self, token: u32) -> bool {
+        self.in_flight.iter().any(|(t, _)| *t == token)
+    }
+
     pub fn sent(&mut self, token: u32, what: DeadlineCall) {
         self.in_flight.push((token, what));
     }

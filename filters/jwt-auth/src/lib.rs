@@ -6,7 +6,7 @@ use gatehouse_core::jwt_auth::{
     Admit, AuthStream, Fact, FetchRequest, JwtAuth, JwtAuthConfig, RequestFacts, CLAIMS_PROPERTY,
     KID_PROPERTY, REAUTH_CLAIMS_PROPERTY, REAUTH_KID_PROPERTY,
 };
-use gatehouse_core::{pipeline::Flow, sessions::DeadlineStat, stats::JwtAuthStat, ws::Dir};
+use gatehouse_core::{pipeline::Flow, stats::JwtAuthStat, ws::Dir};
 use gatehouse_host::{self as host, Body, Counters, PassState, Stage, StageRoot};
 use proxy_wasm::types::LogLevel;
 use std::{cell::RefCell, rc::Rc};
@@ -28,14 +28,6 @@ impl Shared {
     fn flush(&mut self) {
         self.counters.write(&mut self.auth.notes);
     }
-}
-
-/// Count a fleet-store outcome `n` times, with its warning when it has one.
-fn count_store(counters: &Counters<JwtAuthStat>, stat: DeadlineStat, n: u64) {
-    if let Some(warning) = stat.warning() {
-        host::log(LogLevel::Warn, NAME, &warning);
-    }
-    counters.add(JwtAuthStat::Store(stat), n);
 }
 
 /// Start a JWKS (or discovery document) fetch: its call token.
@@ -70,26 +62,20 @@ impl StageRoot for Root {
         let Some(shared) = &self.0 else { return };
         let mut shared = shared.borrow_mut();
         let now = host::now_secs();
-        let Shared { auth, counters } = &mut *shared;
-        if let (Some(store), Some(deadlines)) = (&auth.config.store, auth.deadlines.as_mut()) {
-            host::store::deadlines_tick(store, deadlines, now, |s| count_store(counters, s, 1));
-        }
-        auth.tick(now, start);
+        shared.auth.store_tick(now, host::store::send);
+        shared.auth.tick(now, start);
         shared.flush();
     }
 
     fn call_answered(&mut self, token: u32, body_size: usize) {
         let Some(shared) = &self.0 else { return };
         let mut shared = shared.borrow_mut();
-        let Shared { auth, counters } = &mut *shared;
-        if let (Some(store), Some(deadlines)) = (&auth.config.store, auth.deadlines.as_mut()) {
-            let (now, count) = (host::now_secs(), |s, n| count_store(counters, s, n));
-            if host::store::deadlines_answer(store, deadlines, token, body_size, now, count) {
-                return;
-            }
+        let (auth, now) = (&mut shared.auth, host::now_secs());
+        let store_read = |cap| host::store::response(body_size, cap);
+        if !auth.store_answered(token, now, store_read) {
+            let read = || host::http_call_response(body_size);
+            auth.fetch_answered(token, now, read, start);
         }
-        let read = || host::http_call_response(body_size);
-        auth.fetch_answered(token, host::now_secs(), read, start);
         shared.flush();
     }
 

@@ -487,3 +487,34 @@ fn with_the_fleet_store_a_socket_at_its_local_deadline_asks_every_replica() {
     assert_eq!((l.is_closing(), l.deadline()), (false, NOW + 201));
     assert_eq!(stats(&mut auth), [Store(sessions::DeadlineStat::Held)]);
 }
+
+#[test]
+fn the_root_tick_sends_the_store_calls_and_notes_what_etcd_answers() {
+    use crate::store::StoreError;
+    let mut auth =
+        config(json!({"session_claims": ["sid"], "store": {"etcd": {"cluster": "etcd"}}}));
+    let mut kv = MemoryKv::default();
+    let _socket = live_upgrade(&mut auth, &mut kv);
+    stats(&mut auth);
+    lines(&mut auth);
+    // Envoy cannot start the write: counted and logged, and it waits for the next tick.
+    auth.store_tick(NOW, |_, _, _| None);
+    let unavailable = Store(sessions::DeadlineStat::Error(StoreError::Unavailable));
+    assert_eq!(stats(&mut auth), [unavailable]);
+    assert!(matches!(&lines(&mut auth)[..], [Line::Warn(w)] if w.contains("unavailable")));
+    // Sent with the store's timeout; an answer to another call is not the store's.
+    let mut sent = Vec::new();
+    auth.store_tick(NOW + sessions::WRITE_EVERY, |store, call, timeout| {
+        sent.push((store.cluster.clone(), call.path, timeout));
+        Some(5)
+    });
+    assert_eq!(sent, [("etcd".to_string(), "/v3/kv/txn", 250)]);
+    assert!(!auth.store_answered(6, NOW, |_| unreachable!("not read")));
+    let ok = br#"{"header":{"revision":"5"},"succeeded":true}"#.to_vec();
+    assert!(auth.store_answered(5, NOW, |cap| {
+        assert_eq!(cap, Some(crate::store::MAX_ANSWER));
+        (200, ok)
+    }));
+    assert_eq!(stats(&mut auth), [Store(sessions::DeadlineStat::Written)]);
+    assert!(lines(&mut auth).is_empty());
+}
